@@ -1,0 +1,205 @@
+"""HF checkpoints (config.json + safetensors, one file or sharded with an index) <-> r3jax params.
+
+`load` streams one tensor at a time from disk straight onto its device sharding, so a 7B
+checkpoint never needs a second full copy in host memory.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from r3jax import sharding as sharding_lib
+from r3jax.models.transformer import ModelConfig, init_params
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM"}
+
+
+class CheckpointError(ValueError):
+    """A HF checkpoint r3jax cannot read; the message names the file and tensor or field."""
+
+
+def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported "
+                              f"(supported: {', '.join(ARCHITECTURES)})")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
+    scaling = None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        scaling = tuple((k, float(rope[k])) for k in keys)
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        model_type=model_type, **overrides)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    hf = {
+        "architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": cfg.param_dtype,
+    }
+    if cfg.rope_scaling:
+        hf["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
+    if cfg.model_type == "llama":
+        hf["attention_bias"] = cfg.attention_bias
+    return hf
+
+
+def _tensor_map(cfg: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], Callable, Callable]]:
+    """(HF name, r3jax param path, HF -> r3jax, r3jax -> HF) for every tensor."""
+    def transpose(w):
+        return w.T
+
+    def into_heads(heads):
+        return lambda w: w.T.reshape(cfg.hidden_size, heads, cfg.head_dim)
+
+    def from_heads(w):
+        return w.reshape(cfg.hidden_size, -1).T
+
+    def bias_into_heads(heads):
+        return lambda b: b.reshape(heads, cfg.head_dim)
+
+    def flatten(b):
+        return b.reshape(-1)
+
+    def identity(w):
+        return w
+
+    yield "model.embed_tokens.weight", ("embed", "embedding"), identity, identity
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}", f"layers_{i}"
+        for name, heads in (("q_proj", cfg.num_heads), ("k_proj", cfg.num_kv_heads),
+                            ("v_proj", cfg.num_kv_heads)):
+            yield (f"{hf}.self_attn.{name}.weight", (ours, "attn", name, "kernel"),
+                   into_heads(heads), from_heads)
+            if cfg.attention_bias:
+                yield (f"{hf}.self_attn.{name}.bias", (ours, "attn", name, "bias"),
+                       bias_into_heads(heads), flatten)
+        yield (f"{hf}.self_attn.o_proj.weight", (ours, "attn", "o_proj", "kernel"),
+               lambda w: w.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size),
+               lambda w: w.reshape(-1, cfg.hidden_size).T)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            yield f"{hf}.mlp.{name}.weight", (ours, "mlp", name, "kernel"), transpose, transpose
+        yield f"{hf}.input_layernorm.weight", (ours, "input_norm", "scale"), identity, identity
+        yield (f"{hf}.post_attention_layernorm.weight", (ours, "post_attn_norm", "scale"),
+               identity, identity)
+    yield "model.norm.weight", ("final_norm", "scale"), identity, identity
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", ("lm_head", "kernel"), transpose, transpose
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file holding it."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                              "(only safetensors checkpoints are read)")
+    with safe_open(single, "numpy") as f:
+        return {name: single for name in f.keys()}
+
+
+def read_config(path: str, **overrides) -> ModelConfig:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.exists(config_file):
+        raise CheckpointError(f"{config_file}: not found")
+    with open(config_file) as f:
+        return config_from_hf(json.load(f), source=config_file, **overrides)
+
+
+def load(path: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -> tuple[ModelConfig, Any]:
+    """Reads a local HF directory into (config, params), each tensor placed on its sharding.
+
+    `config_overrides` set r3jax-only fields such as `param_dtype` and `dtype`.
+    """
+    cfg = read_config(path, **config_overrides)
+    mesh = mesh or sharding_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+    abstract = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    shardings = traverse_util.flatten_dict(sharding_lib.logical_shardings(abstract, mesh))
+    shapes = traverse_util.flatten_dict(jax.tree.map(lambda x: x.shape, nn.unbox(abstract)))
+    files = _tensor_files(path)
+    flat = {}
+    handles: dict[str, Any] = {}
+    try:
+        for hf_name, ours, to_ours, _ in _tensor_map(cfg):
+            if hf_name not in files:
+                raise CheckpointError(f"{path}: tensor {hf_name} is missing from the checkpoint")
+            file = files[hf_name]
+            if file not in handles:
+                handles[file] = safe_open(file, "numpy").__enter__()
+            host = to_ours(handles[file].get_tensor(hf_name)).astype(cfg.jnp_param_dtype)
+            if host.shape != shapes[ours]:
+                raise CheckpointError(f"{file}: tensor {hf_name} has shape {host.shape} after "
+                                      f"conversion, config.json implies {shapes[ours]}")
+            flat[ours] = jax.make_array_from_callback(host.shape, shardings[ours],
+                                                      lambda index, host=host: host[index])
+            del host
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    return cfg, traverse_util.unflatten_dict(flat)
+
+
+def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 30) -> None:
+    """Writes config.json and safetensors shards that `AutoModelForCausalLM.from_pretrained` reads."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config_to_hf(cfg), f, indent=2)
+    flat = traverse_util.flatten_dict(params)
+    # Shards are written as soon as they fill, so at most one shard sits in host memory.
+    written: list[tuple[str, list[str]]] = []
+    shard: dict[str, np.ndarray] = {}
+
+    def flush():
+        file = os.path.join(path, f"shard-{len(written):05d}.tmp")
+        save_file(shard, file, metadata={"format": "pt"})
+        written.append((file, list(shard)))
+        shard.clear()
+
+    for hf_name, ours, _, to_hf in _tensor_map(cfg):
+        tensor = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(flat[ours]))))
+        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
+            flush()
+        shard[hf_name] = tensor
+    flush()
+    if len(written) == 1:
+        os.replace(written[0][0], os.path.join(path, "model.safetensors"))
+        return
+    weight_map = {}
+    for i, (tmp, names) in enumerate(written):
+        file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(tmp, os.path.join(path, file))
+        weight_map.update({name: file for name in names})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)

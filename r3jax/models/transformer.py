@@ -1,0 +1,232 @@
+"""Llama-family decoder (Llama 2/3, Code Llama, Mistral, Qwen2) in flax.linen.
+
+The model is a pure function of its parameters:
+
+    logits, hidden, cache = Transformer(cfg).apply({'params': params}, tokens, positions, kv_mask,
+                                                   cache, cache_start)
+
+Batches are left-padded. `positions` count real tokens (cumulative sum of the attention mask
+minus one); `kv_mask` marks which key slots hold real tokens. A KV cache is a plain pytree
+(`init_cache`) whose slot s holds the key/value of the token at padded index s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF "llama3" rope scaling as a tuple of (key, value) pairs, so the config stays hashable.
+    rope_scaling: tuple | None = None
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    model_type: str = "llama"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kwargs) -> "ModelConfig":
+        return dataclasses.replace(self, **kwargs)
+
+    def num_params(self) -> int:
+        embed = self.vocab_size * self.hidden_size
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        layer = attn + mlp + 2 * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embed
+        return embed + self.num_layers * layer + self.hidden_size + head
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jnp.ndarray:
+    """Inverse frequencies `[head_dim // 2]`, with HF's "llama3" scaling when configured."""
+    exponents = jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    if not cfg.rope_scaling:
+        return inv_freq
+    scaling = dict(cfg.rope_scaling)
+    factor = scaling["factor"]
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
+    """Rotates `x [batch, seq, heads, head_dim]` by `positions [batch, seq]`.
+
+    HF's split-half layout: the first half of head_dim pairs with the second half.
+    """
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, head_dim/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict[str, jnp.ndarray]]:
+    """Empty KV cache: per layer `k`, `v` of shape `[batch, length, kv_heads, head_dim]`."""
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, cfg.jnp_dtype), "v": jnp.zeros(shape, cfg.jnp_dtype)}
+            for _ in range(cfg.num_layers)]
+
+
+def _param(init, *names):
+    return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", _param(nn.initializers.ones, "norm"),
+                           (self.cfg.hidden_size,), self.cfg.jnp_param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return (normed.astype(self.cfg.jnp_dtype) * scale.astype(self.cfg.jnp_dtype))
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    def _proj(self, name, heads, x):
+        cfg = self.cfg
+        return nn.DenseGeneral(
+            (heads, cfg.head_dim), use_bias=cfg.attention_bias, name=name,
+            dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+            kernel_init=_param(nn.initializers.normal(0.02), "embed", "heads", "head_dim"),
+            bias_init=_param(nn.initializers.zeros, "heads", "head_dim"))(x)
+
+    @nn.compact
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_start):
+        """x `[batch, seq, embed]`; kv_mask `[batch, keys]`; returns (`[batch, seq, embed]`, cache)."""
+        cfg = self.cfg
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(self._proj("q_proj", cfg.num_heads, x), positions, inv_freq)
+        k = apply_rope(self._proj("k_proj", cfg.num_kv_heads, x), positions, inv_freq)
+        v = self._proj("v_proj", cfg.num_kv_heads, x)
+        if layer_cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                                    cache_start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                                    cache_start, axis=1)
+            layer_cache = {"k": k, "v": v}
+        batch, seq = x.shape[:2]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        query_slots = cache_start + jnp.arange(seq)
+        key_slots = jnp.arange(k.shape[1])
+        allowed = (key_slots[None, :] <= query_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        out = nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
+            dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+            kernel_init=_param(nn.initializers.normal(0.02), "heads", "head_dim", "embed"))(out)
+        return out, layer_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    def _dense(self, name, features, axes, x):
+        cfg = self.cfg
+        return nn.Dense(features, use_bias=False, name=name, dtype=cfg.jnp_dtype,
+                        param_dtype=cfg.jnp_param_dtype,
+                        kernel_init=_param(nn.initializers.normal(0.02), *axes))(x)
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = self._dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), x)
+        up = self._dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), x)
+        return self._dense("down_proj", cfg.hidden_size, ("mlp", "embed"), nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_start):
+        attn_out, layer_cache = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="input_norm")(x), positions, kv_mask, layer_cache, cache_start)
+        x = x + attn_out
+        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
+        return x, layer_cache
+
+
+class Transformer(nn.Module):
+    """Returns (logits `[batch, seq, vocab]` float32, final hidden `[batch, seq, embed]`, cache)."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, kv_mask, cache=None, cache_start=0):
+        cfg = self.cfg
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed", dtype=cfg.jnp_dtype,
+                         param_dtype=cfg.jnp_param_dtype,
+                         embedding_init=_param(nn.initializers.normal(0.02), "vocab", "embed"))
+        x = embed(tokens)
+        new_cache = []
+        for i in range(cfg.num_layers):
+            x, layer_cache = DecoderLayer(cfg, name=f"layers_{i}")(
+                x, positions, kv_mask, None if cache is None else cache[i], cache_start)
+            new_cache.append(layer_cache)
+        hidden = RMSNorm(cfg, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(hidden)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head", dtype=cfg.jnp_dtype,
+                              param_dtype=cfg.jnp_param_dtype,
+                              kernel_init=_param(nn.initializers.normal(0.02), "embed", "vocab"))(hidden)
+        return logits.astype(jnp.float32), hidden, (None if cache is None else new_cache)
+
+
+def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
+    """Positions `[batch, seq]` that count real tokens; padding gets 0."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def forward(cfg: ModelConfig, params: Any, tokens: jnp.ndarray, attention_mask: jnp.ndarray):
+    """Full no-cache forward of a left-padded batch: (logits `[b, s, vocab]`, hidden `[b, s, embed]`)."""
+    logits, hidden, _ = Transformer(cfg).apply(
+        {"params": params}, tokens, positions_from_mask(attention_mask), attention_mask)
+    return logits, hidden
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
+    """Boxed (logically partitioned) params; see sharding.init_sharded for placed, plain params."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return Transformer(cfg).init(key, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))["params"]

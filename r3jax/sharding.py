@@ -1,0 +1,95 @@
+"""Device mesh, the one logical-axis rules table, and sharded initialisation.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`); `RULES` maps them onto the
+mesh axes `data`, `fsdp` and `tensor`. Batches are split over `data` x `fsdp`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh over (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if len(shape) != 3:
+        raise ValueError(f"mesh shape needs 3 sizes (data, fsdp, tensor), got {shape}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one size may be -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    # Auto axes: shardings come from jit in/out shardings and propagate, as the design asks.
+    return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Replicates any dimension the mesh axes do not divide (e.g. a vocabulary of 32001)."""
+    def fits(axes, size):
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        return size % int(np.prod([mesh.shape[a] for a in axes if a is not None])) == 0
+    return P(*[axes if axes is None or fits(axes, size) else None
+               for axes, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape)])
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree of boxed (logically partitioned) values or their abstract shapes."""
+    mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), RULES)
+    return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, _fit(spec, leaf.shape, mesh)),
+                        mesh_specs, nn.unbox(boxed_tree), is_leaf=lambda x: isinstance(x, P))
+
+
+def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh) -> tuple[Any, Any]:
+    """Runs `init_fn(key) -> boxed params` so each shard is created on its own device.
+
+    Returns (plain params, their NamedShardings); no device ever holds a full copy.
+    """
+    abstract = jax.eval_shape(init_fn, key)
+    shardings = logical_shardings(abstract, mesh)
+    params = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(key)
+    return params, shardings
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Shards the leading (batch) axis over data x fsdp, replicates the rest."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Places every array of a host batch with its leading axis split over data x fsdp."""
+    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """Multi-host start-up; a no-op for a single process. On TPU pods and SLURM, the arguments
+    may be None and JAX discovers them from the environment."""
+    if num_processes is not None and num_processes > 1:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
