@@ -1,0 +1,137 @@
+"""Rollouts: one jitted prefill plus a `lax.while_loop` decode over a KV cache.
+
+Log-probs. `Rollout.logprobs` are log-probs of the sampled tokens under
+`softmax(logits / temperature)`, before any top-k/top-p truncation (temperature 1 for greedy).
+The PPO side recomputes exactly this (`ppo.token_logprobs` divides by the same temperature), so
+the importance ratio starts at 1. With top-k or top-p the sampling distribution is the truncated
+one; the paper's recipe uses neither.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from r3jax.models.transformer import ModelConfig, Transformer, init_cache, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    min_prompt_bucket: int = 16
+
+
+class Rollout(NamedTuple):
+    """tokens `[batch, prompt + new]` (prompt left-padded to its bucket), attention_mask likewise,
+    logprobs `[batch, new]` float32, completion_mask `[batch, new]` (1 up to and including the
+    stop token), lengths `[batch]`."""
+    tokens: jnp.ndarray
+    attention_mask: jnp.ndarray
+    logprobs: jnp.ndarray
+    completion_mask: jnp.ndarray
+    lengths: jnp.ndarray
+
+    @property
+    def prompt_length(self) -> int:
+        return self.tokens.shape[1] - self.logprobs.shape[1]
+
+    @property
+    def completions(self) -> jnp.ndarray:
+        return self.tokens[:, self.prompt_length:]
+
+
+def prompt_bucket(length: int, minimum: int = 16) -> int:
+    """Prompt lengths round up to a power of two so a run compiles a handful of shapes."""
+    return max(minimum, 1 << math.ceil(math.log2(max(length, 1))))
+
+
+def filter_logits(logits: jnp.ndarray, top_k: int, top_p: float) -> jnp.ndarray:
+    """Sets logits `[batch, vocab]` outside the top-k / nucleus top-p to -inf."""
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def choose_tokens(logits: jnp.ndarray, key: jax.Array, settings: SamplingConfig):
+    """Next tokens `[batch]` and their log-probs (see the module docstring for which distribution)."""
+    if settings.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        scaled = logits / settings.temperature
+        logprobs = jax.nn.log_softmax(scaled, axis=-1)
+        tokens = jax.random.categorical(key, filter_logits(scaled, settings.top_k, settings.top_p))
+    return tokens.astype(jnp.int32), jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings"))
+def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, settings: SamplingConfig):
+    batch, prompt_len = prompt_tokens.shape
+    new = settings.max_new_tokens
+    model = Transformer(cfg)
+    kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, new), prompt_mask.dtype)], axis=1)
+    positions = positions_from_mask(prompt_mask)
+    logits, _, cache = model.apply({"params": params}, prompt_tokens, positions, kv_mask,
+                                   init_cache(cfg, batch, prompt_len + new), 0)
+    stop_ids = jnp.asarray(settings.stop_ids or (-1,), jnp.int32)
+
+    def cond(state):
+        step, done = state[0], state[4]
+        return (step < new) & ~jnp.all(done)
+
+    def body(state):
+        step, out_tokens, out_logprobs, out_mask, done, kv_mask, cache, last_logits, next_pos, key = state
+        key, sub = jax.random.split(key)
+        token, logprob = choose_tokens(last_logits, sub, settings)
+        alive = ~done
+        token = jnp.where(alive, token, settings.pad_id)
+        out_tokens = out_tokens.at[:, step].set(token)
+        out_logprobs = out_logprobs.at[:, step].set(jnp.where(alive, logprob, 0.0))
+        out_mask = out_mask.at[:, step].set(alive.astype(jnp.int32))
+        kv_mask = kv_mask.at[:, prompt_len + step].set(alive.astype(kv_mask.dtype))
+        done = done | jnp.isin(token, stop_ids)
+        logits, _, cache = model.apply({"params": params}, token[:, None], next_pos[:, None], kv_mask,
+                                       cache, prompt_len + step)
+        return (step + 1, out_tokens, out_logprobs, out_mask, done, kv_mask, cache, logits[:, 0],
+                next_pos + 1, key)
+
+    state = (jnp.int32(0), jnp.full((batch, new), settings.pad_id, jnp.int32),
+             jnp.zeros((batch, new), jnp.float32), jnp.zeros((batch, new), jnp.int32),
+             jnp.zeros((batch,), bool), kv_mask, cache, logits[:, -1], positions[:, -1] + 1, key)
+    _, out_tokens, out_logprobs, out_mask, *_ = jax.lax.while_loop(cond, body, state)
+    return Rollout(
+        tokens=jnp.concatenate([prompt_tokens, out_tokens], axis=1),
+        attention_mask=jnp.concatenate([prompt_mask.astype(jnp.int32), out_mask], axis=1),
+        logprobs=out_logprobs, completion_mask=out_mask, lengths=out_mask.sum(axis=1))
+
+
+def sample(params: Any, cfg: ModelConfig, prompt_tokens: jnp.ndarray, prompt_mask: jnp.ndarray,
+           key: jax.Array, settings: SamplingConfig) -> Rollout:
+    """Samples completions of left-padded prompts `[batch, prompt]` (every row needs one real token).
+
+    The prompt is left-padded further to its power-of-two bucket before the jitted call.
+    """
+    prompt_len = prompt_tokens.shape[1]
+    extra = prompt_bucket(prompt_len, settings.min_prompt_bucket) - prompt_len
+    if extra:
+        prompt_tokens = jnp.pad(prompt_tokens, ((0, 0), (extra, 0)), constant_values=settings.pad_id)
+        prompt_mask = jnp.pad(prompt_mask, ((0, 0), (extra, 0)))
+    return _generate(params, prompt_tokens, prompt_mask, key, cfg, settings)

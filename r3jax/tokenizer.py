@@ -1,0 +1,113 @@
+"""One tokenizer interface over HF tokenizer directories and SentencePiece `.model` files."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+
+class Tokenizer:
+    """encode/decode plus the special ids the sampler and trainers need."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    vocab_size: int
+    stop_ids: tuple[int, ...]
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def batch_encode(self, texts: Sequence[str], add_bos: bool = True, length: int | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded (tokens, mask), both `[batch, length]` int32; length defaults to the longest."""
+        return left_pad([self.encode(t, add_bos=add_bos) for t in texts], self.pad_id, length)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
+             ) -> tuple[np.ndarray, np.ndarray]:
+    length = length or max(len(r) for r in rows)
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        if len(row) > length:
+            raise ValueError(f"row {i} has {len(row)} tokens, more than the length {length}")
+        if row:
+            tokens[i, length - len(row):] = row
+            mask[i, length - len(row):] = 1
+    return tokens, mask
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file: str):
+        if not os.path.exists(model_file):
+            raise FileNotFoundError(f"{model_file}: SentencePiece model not found")
+        self.model_file = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.vocab_size = self.sp.get_piece_size()
+        self.stop_ids = (self.eos_id,)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return [self.bos_id] + ids if add_bos else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, path: str):
+        import transformers
+
+        self.tok = transformers.AutoTokenizer.from_pretrained(path)
+        self.bos_id = self.tok.bos_token_id
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(self.tok)
+        # Llama 3 ends chat turns with <|eot_id|> as well as EOS.
+        extra = [self.tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>")
+                 if t in self.tok.get_vocab()]
+        self.stop_ids = tuple(dict.fromkeys([self.eos_id, *extra]))
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load(path: str) -> Tokenizer:
+    """A `.model` file is SentencePiece; a directory is an HF tokenizer."""
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    if os.path.isdir(path):
+        return HFTokenizer(path)
+    raise FileNotFoundError(f"{path}: neither a SentencePiece .model file nor a tokenizer directory")
+
+
+def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int = 512) -> str:
+    """Trains a byte-fallback BPE SentencePiece model (digits split one per token) on `texts`.
+
+    Ids: pad 0, bos 1, eos 2, unk 3. Returns the path of the `.model` file.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        split_digits=True, byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        character_coverage=1.0, remove_extra_whitespaces=False, add_dummy_prefix=False,
+        user_defined_symbols=["\n"], normalization_rule_name="identity", hard_vocab_limit=False,
+        minloglevel=2)
+    path = model_prefix + ".model"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    return path

@@ -1,0 +1,104 @@
+"""Sampler: greedy vs full-forward argmax, log-probs vs teacher forcing, padding, stops, mesh."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import TINY, tiny_params
+from r3jax import models, sharding
+from r3jax.models.transformer import init_params
+from r3jax.sampling import SamplingConfig, sample
+from r3jax.tokenizer import left_pad
+
+PAD = 0
+full_logits = jax.jit(lambda p, t, m: models.logits(TINY, p, t, m))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return tiny_params(scale=8.0)
+
+
+def _prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [list(rng.integers(3, TINY.vocab_size, size=n)) for n in lengths]
+    tokens, mask = left_pad(rows, PAD)
+    return jnp.asarray(tokens), jnp.asarray(mask), rows
+
+
+def _teacher_forced_logprobs(params, rollout, temperature):
+    logits = models.logits(TINY, params, rollout.tokens, rollout.attention_mask)
+    p = rollout.prompt_length
+    logp = jax.nn.log_softmax(logits[:, p - 1:-1] / temperature, axis=-1)
+    return jnp.take_along_axis(logp, rollout.completions[..., None], axis=-1)[..., 0]
+
+
+def test_greedy_equals_full_forward_argmax(params):
+    tokens, mask, rows = _prompts([5, 9, 3])
+    rollout = sample(params, TINY, tokens, mask, jax.random.key(0),
+                     SamplingConfig(max_new_tokens=12, greedy=True, pad_id=PAD))
+    for row, prompt in enumerate(rows):
+        seq = list(prompt)
+        for _ in range(12):
+            # right-padded to one shape (one compile); causal attention ignores the padding
+            n = len(seq)
+            padded = jnp.asarray([seq + [PAD] * (32 - n)])
+            real = jnp.asarray([[1] * n + [0] * (32 - n)])
+            seq.append(int(jnp.argmax(full_logits(params, padded, real)[0, n - 1])))
+        np.testing.assert_array_equal(np.asarray(rollout.completions[row]), seq[len(prompt):])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_teacher_forced(params, temperature):
+    tokens, mask, _ = _prompts([4, 11, 7, 2])
+    rollout = sample(params, TINY, tokens, mask, jax.random.key(1),
+                     SamplingConfig(max_new_tokens=16, temperature=temperature, pad_id=PAD))
+    recomputed = _teacher_forced_logprobs(params, rollout, temperature)
+    m = np.asarray(rollout.completion_mask).astype(bool)
+    np.testing.assert_allclose(np.asarray(rollout.logprobs)[m], np.asarray(recomputed)[m], atol=1e-4)
+
+
+def test_left_padding_does_not_change_samples(params):
+    _, _, rows = _prompts([6])
+    settings = SamplingConfig(max_new_tokens=10, pad_id=PAD)
+    outs = []
+    for length in (6, 9, 13):  # all in the 16 bucket, so the random draws line up
+        tokens, mask = left_pad(rows * 2, PAD, length)
+        outs.append(sample(params, TINY, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(2), settings))
+    for other in outs[1:]:
+        np.testing.assert_array_equal(np.asarray(other.completions), np.asarray(outs[0].completions))
+        np.testing.assert_allclose(np.asarray(other.logprobs), np.asarray(outs[0].logprobs), atol=1e-5)
+
+
+def test_stopped_rows_stay_masked_and_rng_reproduces(params):
+    tokens, mask, _ = _prompts([5, 8, 3, 6], seed=3)
+    free = sample(params, TINY, tokens, mask, jax.random.key(4), SamplingConfig(max_new_tokens=20, pad_id=PAD))
+    stop = int(free.completions[0, 3])
+    settings = SamplingConfig(max_new_tokens=20, stop_ids=(stop,), pad_id=PAD)
+    first = sample(params, TINY, tokens, mask, jax.random.key(4), settings)
+    again = sample(params, TINY, tokens, mask, jax.random.key(4), settings)
+    np.testing.assert_array_equal(np.asarray(first.tokens), np.asarray(again.tokens))
+    completions, cmask = np.asarray(first.completions), np.asarray(first.completion_mask)
+    for row in range(4):
+        hits = np.flatnonzero(completions[row] == stop)
+        end = hits[0] + 1 if hits.size else 20
+        assert cmask[row, :end].all() and not cmask[row, end:].any()
+        assert (completions[row, end:] == PAD).all()
+        assert int(first.lengths[row]) == end
+    assert int(first.lengths[0]) <= 4
+
+
+def test_mesh_result_equals_single_device(params):
+    mesh = sharding.make_mesh((2, 2, 2))
+    shardings = sharding.logical_shardings(
+        jax.eval_shape(functools.partial(init_params, TINY), jax.random.key(0)), mesh)
+    sharded_params = jax.device_put(params, shardings)
+    tokens, mask, _ = _prompts([5, 9, 3, 7, 2, 6, 4, 8], seed=5)
+    settings = SamplingConfig(max_new_tokens=12, pad_id=PAD)
+    single = sample(params, TINY, tokens, mask, jax.random.key(6), settings)
+    tokens_s, mask_s = sharding.shard_batch((np.asarray(tokens), np.asarray(mask)), mesh)
+    multi = sample(sharded_params, TINY, tokens_s, mask_s, jax.random.key(6), settings)
+    np.testing.assert_array_equal(np.asarray(multi.tokens), np.asarray(single.tokens))
+    np.testing.assert_allclose(np.asarray(multi.logprobs), np.asarray(single.logprobs), atol=1e-5)
