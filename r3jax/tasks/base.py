@@ -1,0 +1,114 @@
+"""What every task shares: demonstrations, prompts, record reading with located errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+from r3jax.tasks.answers import Score
+
+DEFAULT_HEADER = ("Below is an instruction that describes a task. Write a response that appropriately "
+                  "completes the request.\n\n### Instruction:\n")
+RESPONSE_MARKER = "\n\n### Response:"
+
+
+def data_dir() -> str:
+    """Where the shared data lives: $R3JAX_DATA_DIR, default ../shared/data beside the project."""
+    default = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+    return os.path.abspath(os.environ.get("R3JAX_DATA_DIR", default))
+
+
+class RecordError(ValueError):
+    """A malformed data record; the message names the file and line (jsonl) or index (json)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Demonstration:
+    """A worked example. `rationale` starts with its separator ("\\n" per line, " " per word), so
+    `prompt(question) + rationale + final` is the exact SFT text; `final` holds the answer segment."""
+    id: str
+    question: str
+    rationale: str
+    final: str
+    answer: str
+    meta: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def response(self) -> str:
+        return self.rationale + self.final
+
+
+def read_records(path: str) -> Iterator[tuple[str, dict]]:
+    """(location, record) for a .jsonl (one object a line) or .json (a list of objects) file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise RecordError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                if not isinstance(record, dict):
+                    raise RecordError(f"{path}:{number}: expected a JSON object")
+                yield f"{path}:{number}", record
+            return
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as error:
+            raise RecordError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(records, list):
+        raise RecordError(f"{path}: expected a JSON list of records")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise RecordError(f"{path}[{index}]: expected a JSON object")
+        yield f"{path}[{index}]", record
+
+
+def field(record: dict, location: str, *names: str) -> Any:
+    """The first of `names` present in the record, else a RecordError naming them and the place."""
+    for name in names:
+        if name in record:
+            return record[name]
+    raise RecordError(f"{location}: missing field {' or '.join(repr(n) for n in names)}")
+
+
+class Task:
+    """A task: demonstrations per split, the paper's prompt, and completion scoring."""
+    name: str = ""
+    cut: str = "lines"  # how curriculum.cut_steps splits rationales: "lines" or "words"
+
+    def __init__(self, header: str = DEFAULT_HEADER, validation_size: int = 0, tfds: bool = False):
+        self.header = header
+        self.validation_size = validation_size
+        self.use_tfds = tfds
+
+    def load_split(self, split: str) -> list[Demonstration]:
+        raise NotImplementedError
+
+    def demonstrations(self, split: str) -> list[Demonstration]:
+        """`train`, `test`, or `validation` (the last `validation_size` training demonstrations,
+        which `train` then leaves out)."""
+        if split == "test":
+            return self.load_split("test")
+        if split not in ("train", "validation"):
+            raise ValueError(f"unknown split {split!r} (train, validation, test)")
+        train = self.load_split("train")
+        cut = len(train) - self.validation_size
+        return train[:cut] if split == "train" else train[cut:]
+
+    def prompt(self, question: str) -> str:
+        return self.header + question + RESPONSE_MARKER
+
+    def score(self, response: str, gold: str) -> Score:
+        """Scores a response: the start state's given steps plus the generated completion."""
+        raise NotImplementedError
+
+    def score_batch(self, responses: Sequence[str], golds: Sequence[str]) -> list[Score]:
+        return [self.score(r, g) for r, g in zip(responses, golds)]
+
+    def close(self) -> None:
+        """Releases worker processes, if the task has any."""

@@ -1,0 +1,67 @@
+"""Adversarial programs score 0 within their limits; the trainer process and machine stay unharmed."""
+import json
+import os
+import time
+
+import pytest
+
+from r3jax import tasks
+from r3jax.tasks.sandbox import Limits, Sandbox, run_program
+
+LIMITS = Limits(cpu_seconds=1, wall_seconds=3.0, memory_bytes=512 << 20, output_bytes=1 << 16)
+OUTSIDE = "/tmp/r3jax-sandbox-escape.txt"
+
+ADVERSARIAL = {
+    "infinite_loop": "def solution():\n    while True:\n        pass\n",
+    "sleep_forever": "import time\ndef solution():\n    time.sleep(60)\n    return 42\n",
+    "fork_bomb": "import os\ndef solution():\n    while True:\n        os.fork()\n",
+    "subprocess": "import subprocess\ndef solution():\n    return subprocess.call(['true'])\n",
+    "memory_bomb": "def solution():\n    x = [0] * (1 << 34)\n    return 42\n",
+    "deep_recursion": "def f(n):\n    return f(n + 1)\ndef solution():\n    return f(0)\n",
+    "recursion_limit": "import sys\ndef f(n):\n    return f(n + 1)\ndef solution():\n"
+                       "    sys.setrecursionlimit(10**8)\n    return f(0)\n",
+    "write_outside": f"def solution():\n    open({OUTSIDE!r}, 'w').write('x')\n    return 42\n",
+    "read_environment": "import os\ndef solution():\n    return float(os.environ['R3JAX_SECRET'])\n",
+    "kill_parent": "import os\ndef solution():\n    os.kill(os.getppid(), 9)\n    return 42\n",
+    "output_flood": "import os\ndef solution():\n    while True:\n        os.write(1, b'x' * 65536)\n",
+    "print_flood": "def solution():\n    while True:\n        print('y' * 10000)\n",
+    "ctypes_segfault": "import ctypes\ndef solution():\n    ctypes.string_at(0)\n    return 42\n",
+    "sys_exit": "import sys\ndef solution():\n    sys.exit(0)\n",
+    "os_exit": "import os\ndef solution():\n    os._exit(0)\n",
+    "missing_module": "import numpy_does_not_exist\ndef solution():\n    return 42\n",
+    "socket": "import socket\ndef solution():\n    socket.create_connection(('127.0.0.1', 22))\n    return 42\n",
+    "forge_result": "def solution():\n    print('\\n0000 {\"value\": 42}')\n    raise ValueError\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_program_scores_zero(name, monkeypatch):
+    monkeypatch.setenv("R3JAX_SECRET", "42")
+    task = tasks.get("gsm8k_pot", sandbox_workers=1, sandbox_limits=LIMITS)
+    start = time.monotonic()
+    assert task.score(ADVERSARIAL[name], "42").reward == 0.0
+    assert time.monotonic() - start < LIMITS.wall_seconds + 2
+    assert not os.path.exists(OUTSIDE)
+    assert run_program("def solution():\n    return 42\n", LIMITS) == 42.0  # still works after
+    task.close()
+
+
+def test_released_program_scores_one(data_dir):
+    path = os.path.join(data_dir, "r3_examples", "gsm8k_pot", "gsm8k_python_train_example.json")
+    records = json.load(open(path))[:8]
+    task = tasks.get("gsm8k_pot", sandbox_workers=4)
+    demos = task.demonstrations("train")[:8]
+    scores = task.score_batch([d.response for d in demos], [d.answer for d in demos])
+    assert [s.reward for s in scores] == [1.0] * 8
+    wrong = task.score(demos[0].response.replace("return result", "return result + 1"), demos[0].answer)
+    assert wrong.reward == 0.2 and records[0]["answer_value"] == demos[0].answer
+    task.close()
+
+
+def test_pool_runs_programs_in_parallel():
+    with Sandbox(workers=4, limits=LIMITS) as sandbox:
+        start = time.monotonic()
+        values = sandbox.run(["import time\ndef solution():\n    time.sleep(0.5)\n    return 1\n"] * 4)
+        elapsed = time.monotonic() - start
+    assert values == [1.0] * 4
+    assert elapsed < 1.9  # four half-second programs at once, not one after another

@@ -1,0 +1,107 @@
+"""Answer checking, task loaders, and the synthetic arith task."""
+import json
+import os
+
+import pytest
+
+from r3jax import tasks
+from r3jax.tasks import answers
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so 5 + 3 = 8\n#### 8", 8.0), ("#### $1,234.50", 1234.5), ("#### -7", -7.0),
+    ("#### 3/4", 0.75), ("#### 50%", 50.0), ("#### 72.", 72.0), ("#### 18 dollars", 18.0),
+    ("It is 4 * 3 = <<4*3=12>>12.\n#### 12", 12.0), ("#### <<2*3=6>>", None), ("no marker 42", None),
+    ("#### 1,000,000", 1e6), ("first #### 5 then #### 6", 6.0), ("#### \u22123", -3.0),
+])
+def test_extract_number_after_marker(text, expected):
+    assert answers.extract_number(text) == expected
+
+
+def test_extract_number_last_mode_skips_calculator_annotations():
+    assert answers.extract_number("4 * 3 = <<4*3=12>>12 apples, then 7", marker=None) == 7.0
+    assert answers.extract_number("total <<1+1=2>>", marker=None) is None
+
+
+def test_score_number_rule():
+    assert answers.score_number(18.0, 18.0, 0.2) == answers.Score(1.0, True, True)
+    assert answers.score_number(18.009, 18.0, 0.2).correct
+    assert answers.score_number(18.02, 18.0, 0.2) == answers.Score(0.2, False, True)
+    assert answers.score_number(None, 18.0, 0.2) == answers.Score(0.0, False, False)
+
+
+def test_extract_label_only_listed_options():
+    options = ("yes", "it is not possible to tell", "no")
+    assert answers.extract_label('so ### It is NOT possible  to tell.', "###", options) == options[1]
+    assert answers.extract_label("### no", "###", options) == "no"
+    assert answers.extract_label("### nope", "###", options) is None
+    assert answers.extract_label("### maybe", "###", options) is None
+    assert answers.extract_label("yes", "###", options) is None
+    assert answers.extract_label("### (B)", "###", ("A", "B", "C", "D")) == "B"
+
+
+def test_every_gsm8k_gold_rationale_scores_one(data_dir):
+    task = tasks.get("gsm8k")
+    demos = task.demonstrations("train") + task.demonstrations("test")
+    assert len(demos) == 7473 + 1319
+    for demo in demos:
+        response = demo.response
+        assert task.score(response, demo.answer).reward == 1.0, demo.id
+    wrong = demos[0].response.rsplit("####", 1)[0] + f"#### {float(demos[0].answer) + 3}"
+    assert task.score(wrong, demos[0].answer) == answers.Score(0.2, False, True)
+    assert task.score("I do not know.", demos[0].answer).reward == 0.0
+
+
+@pytest.mark.parametrize("name", ["svamp", "snli", "mnli", "race", "boardgameqa"])
+def test_released_tasks_score_their_own_demonstrations(name):
+    task = tasks.get(name)
+    for demo in task.demonstrations("train")[:200]:
+        assert task.score(demo.response, demo.answer).correct, demo.id
+    assert task.demonstrations("test")
+
+
+def test_malformed_record_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q", "answer": "x\\n#### 3"}\n{"question": "q2"\n')
+    with pytest.raises(tasks.RecordError, match=r"bad.jsonl:2"):
+        tasks.get("gsm8k", train_path=str(path)).demonstrations("train")
+    path.write_text('{"question": "q", "answer": "x\\n#### three"}\n')
+    with pytest.raises(tasks.RecordError, match=r"bad.jsonl:1: answer 'three' is not a number"):
+        tasks.get("gsm8k", train_path=str(path)).demonstrations("train")
+    listing = tmp_path / "bad.json"
+    listing.write_text(json.dumps([{"instruction": "i", "input": "", "output": "r ### yes"},
+                                   {"instruction": "i", "input": "", "output": "r ### perhaps"}]))
+    with pytest.raises(tasks.RecordError, match=r"bad.json\[1\]"):
+        tasks.get("snli", train_path=str(listing)).demonstrations("train")
+
+
+def test_validation_split_is_carved_from_train():
+    task = tasks.get("arith", num_train=50, validation_size=10)
+    train, validation = task.demonstrations("train"), task.demonstrations("validation")
+    assert len(train) == 40 and len(validation) == 10
+    assert not {d.id for d in train} & {d.id for d in validation}
+
+
+def test_arith_is_deterministic_and_gold_scores_one():
+    first = tasks.get("arith", seed=3, num_train=300, max_steps=8).demonstrations("train")
+    again = tasks.get("arith", seed=3, num_train=300, max_steps=8).demonstrations("train")
+    other = tasks.get("arith", seed=4, num_train=300, max_steps=8).demonstrations("train")
+    assert first == again and first != other
+    task = tasks.get("arith", seed=3)
+    steps = set()
+    for demo in first:
+        assert task.score(demo.response, demo.answer) == answers.Score(1.0, True, True)
+        lines = demo.rationale.strip().split("\n")
+        steps.add(len(lines))
+        assert len(lines) == dict(demo.meta)["num_steps"]
+        for line in lines:  # every line is a correct equation
+            lhs, rhs = line.split(" = ")
+            assert eval(lhs) == int(rhs)  # noqa: S307 -- our own generated arithmetic
+    assert steps == set(range(2, 9))
+
+
+def test_unknown_task_and_bad_options():
+    with pytest.raises(ValueError, match="unknown task 'gsm9k'"):
+        tasks.get("gsm9k")
+    with pytest.raises(ValueError, match="operations"):
+        tasks.get("arith", operations=("div",))
