@@ -71,7 +71,7 @@ def start_states(task: Task, demo: Demonstration, num_start_states: int | None) 
     return states
 
 
-def _epoch_order(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
+def epoch_order(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
     """Indices for `step`: consecutive batches walk fresh permutations of range(n), epoch by epoch."""
     positions = step * batch_size + np.arange(batch_size)
     epochs, offsets = positions // n, positions % n
@@ -87,9 +87,10 @@ class Curriculum:
                  stage_weights: Sequence[float] | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"curriculum strategy {strategy!r}: expected one of {STRATEGIES}")
-        if stage_unit not in ("steps", "epochs"):
-            raise ValueError(f"stage_unit {stage_unit!r}: expected 'steps' or 'epochs'")
+        if stage_unit not in ("steps", "epochs", "budget"):
+            raise ValueError(f"stage_unit {stage_unit!r}: expected 'steps', 'epochs' or 'budget'")
         self.strategy, self.batch_size, self.seed = strategy, batch_size, seed
+        self.stage_unit = stage_unit
         if strategy == "outcome":
             states = [s for s in states if s.stage == 0]
         self.states = list(states)
@@ -106,27 +107,30 @@ class Curriculum:
         self.stage_ends = np.cumsum([
             int(stage_length) if stage_unit == "steps"
             else max(1, math.ceil(stage_length * len(self.by_stage[s]) / batch_size))
-            for s in self.stages])
+            for s in self.stages])  # unused with stage_unit "budget"
 
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.states) / self.batch_size)
 
-    def stage_at(self, step: int) -> int | None:
-        """The stage a staged run trains on at `step` (the last stage continues to the end)."""
+    def stage_at(self, step: int, progress: float = 0.0) -> int | None:
+        """The stage a staged run trains on: by step, or with stage_unit "budget" by the fraction
+        of the token budget spent (`progress`), equal shares per stage. The last stage continues."""
         if self.strategy != "staged":
             return None
-        return self.stages[min(int(np.searchsorted(self.stage_ends, step, side="right")),
-                               len(self.stages) - 1)]
+        if self.stage_unit == "budget":
+            index = int(progress * len(self.stages))
+        else:
+            index = int(np.searchsorted(self.stage_ends, step, side="right"))
+        return self.stages[min(index, len(self.stages) - 1)]
 
-    def batch(self, step: int) -> list[StartState]:
+    def batch(self, step: int, progress: float = 0.0) -> list[StartState]:
         if self.strategy == "staged":
-            index = self.stages.index(self.stage_at(step))
-            start = 0 if index == 0 else int(self.stage_ends[index - 1])
-            pool = self.by_stage[self.stages[index]]
-            return [pool[i] for i in _epoch_order(self.seed + index, step - start, self.batch_size, len(pool))]
+            stage = self.stage_at(step, progress)
+            pool = self.by_stage[stage]
+            return [pool[i] for i in epoch_order(self.seed + stage, step, self.batch_size, len(pool))]
         if self.stage_weights is not None:
             counts = {stage: len(pool) for stage, pool in self.by_stage.items()}
             p = np.array([self.stage_weights[s.stage] / counts[s.stage] for s in self.states])
             rng = np.random.default_rng([self.seed, step])
             return [self.states[i] for i in rng.choice(len(self.states), self.batch_size, p=p / p.sum())]
-        return [self.states[i] for i in _epoch_order(self.seed, step, self.batch_size, len(self.states))]
+        return [self.states[i] for i in epoch_order(self.seed, step, self.batch_size, len(self.states))]

@@ -73,18 +73,20 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh
     return params, shardings
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Shards the leading (batch) axis over data x fsdp, replicates the rest."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+    """Shards the batch axis over data x fsdp, replicates the rest."""
+    spec = [None] * ndim
+    spec[batch_axis] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def shard_batch(tree: Any, mesh: Mesh) -> Any:
-    """Places every array of a host batch with its leading axis split over data x fsdp."""
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
+    """Places every array of a host batch with its batch axis split over data x fsdp."""
+    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), batch_axis)), tree)
 
 
 def initialize_distributed(coordinator: str | None, num_processes: int | None,

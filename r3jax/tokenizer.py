@@ -95,14 +95,14 @@ def load(path: str) -> Tokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int = 512) -> str:
-    """Trains a byte-fallback BPE SentencePiece model (digits split one per token) on `texts`.
+    """Trains a small BPE SentencePiece model (digits split one per token) on `texts`.
 
     Ids: pad 0, bos 1, eos 2, unk 3. Returns the path of the `.model` file.
     """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        split_digits=True, byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        split_digits=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
         character_coverage=1.0, remove_extra_whitespaces=False, add_dummy_prefix=False,
         user_defined_symbols=["\n"], normalization_rule_name="identity", hard_vocab_limit=False,
         minloglevel=2)

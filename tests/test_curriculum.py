@@ -89,6 +89,8 @@ def test_strategies(arith_states):
         assert {s.stage for s in staged.batch(step)} == {schedule[step]}
     by_epochs = curriculum.Curriculum(arith_states, "staged", batch_size=8, stage_length=1.0)
     assert by_epochs.stage_ends.tolist() == [8, 16, 24, 32]  # 60 states a stage -> 8 batches
+    by_budget = curriculum.Curriculum(arith_states, "staged", batch_size=8, stage_unit="budget")
+    assert [by_budget.stage_at(0, p) for p in (0.0, 0.24, 0.26, 0.6, 0.99, 1.5)] == [3, 3, 2, 1, 0, 0]
 
 
 def test_batches_depend_only_on_step(arith_states):

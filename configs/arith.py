@@ -1,0 +1,56 @@
+"""The embedded default: from-scratch SFT then R^3 on the synthetic `arith` task, on a CPU.
+
+    python -m r3jax.main --config=configs/arith.py
+"""
+from r3jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.task.name = "arith"
+    c.task.options.seed = 0
+    c.task.options.num_train = 4000
+    c.task.options.num_test = 400
+    c.task.options.min_steps = 2
+    c.task.options.max_steps = 6
+    c.task.options.max_value = 60
+    c.task.options.distractors = 1
+    c.task.options.partial_reward = 0.1
+    c.tokenizer.vocab_size = 160
+
+    c.model.hidden_size = 128
+    c.model.intermediate_size = 384
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.head_dim = 32
+    c.model.max_position_embeddings = 512
+    c.mesh = (1, 1, 1)
+
+    c.sft.steps = 600
+    c.sft.batch_size = 32
+    c.sft.lr = 1e-3
+    c.sft.warmup_steps = 30
+    c.sft.schedule = "cosine"
+    c.sft.max_length = 256
+    c.sft.eval_every = 200
+    c.sft.eval_examples = 100
+    c.sft.checkpoint_every = 200
+
+    c.rl.strategy = "mixed"
+    c.rl.num_start_states = 5
+    c.rl.steps = 100
+    c.rl.batch_size = 32
+    c.rl.lr = 2e-5
+    c.rl.kl_coef = 0.05
+    c.rl.vf_coef = 1.0
+    c.rl.max_new_tokens = 80
+    c.rl.max_prompt_length = 160
+    c.rl.eval_every = 25
+    c.rl.eval_examples = 100
+    c.rl.checkpoint_every = 25
+
+    c.eval.batch_size = 50
+    c.eval.max_new_tokens = 80
+    c.eval.num_examples = 400
+    return c

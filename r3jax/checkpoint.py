@@ -1,0 +1,52 @@
+"""Orbax checkpoints: asynchronous, keep-N, atomic; state pytree plus a JSON of host-side facts
+(step, tokens sampled, data position). RNG keys are derived from (seed, step), so the step is
+all a resumed run needs to draw the same data and samples."""
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
+        self.manager = ocp.CheckpointManager(
+            directory, item_names=("state", "meta"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                 enable_async_checkpointing=asynchronous))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+        """Restores onto the shardings and dtypes of `like` (arrays or ShapeDtypeStructs)."""
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class StopSignal:
+    """Set by SIGTERM (preemption) or SIGINT; loops save a checkpoint and return when set."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,126 @@
+"""Shared config pieces (ml_collections) and start-up validation.
+
+Every experiment file in configs/ starts from `base_config()` and changes what it needs. Bad values
+raise `ConfigError` with the key named; main.py turns that into one line and exit status 2.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+import numpy as np
+
+MODES = ("train", "sft", "rl", "eval", "compare")
+STRATEGIES = ("outcome", "staged", "mixed")
+ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mode = "train"  # train = SFT then R^3; sft; rl (from config.rl.init or this workdir's SFT); eval; compare
+
+    c.task = ml_collections.ConfigDict({"name": "arith", "options": ml_collections.ConfigDict()})
+
+    c.tokenizer = ml_collections.ConfigDict({
+        "path": "",        # .model (SentencePiece) or HF tokenizer dir; "" = model.path, else train one
+        "vocab_size": 256,  # for a SentencePiece model trained on the task's training text
+    })
+
+    c.model = ml_collections.ConfigDict({
+        "path": "",  # local HF checkpoint dir; "" = a from-scratch model of the shape below
+        "param_dtype": "float32", "dtype": "float32",
+        "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_layers": 4,
+        "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rope_theta": 10000.0,
+        "max_position_embeddings": 1024, "tie_word_embeddings": False,
+    })
+
+    c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+
+    c.sft = ml_collections.ConfigDict({
+        "steps": 1000, "batch_size": 32, "grad_accum": 1, "lr": 2e-5, "warmup_steps": 0,
+        "schedule": "linear", "weight_decay": 0.0, "grad_clip": 1.0, "max_length": 1024,
+        "eval_every": 0, "eval_examples": 200, "checkpoint_every": 500,
+    })
+
+    c.rl = ml_collections.ConfigDict({
+        "init": "",  # HF dir of the SFT model; "" = <workdir>/sft/best
+        "strategy": "mixed", "num_start_states": 5, "steps": 1000, "token_budget": 0,
+        "batch_size": 32, "lr": 3e-7, "critic_lr": 0.0, "separate_critic": False,
+        "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "grad_clip": 1.0,
+        "kl_coef": 0.05, "kl_mode": "reward", "gamma": 1.0, "lam": 0.95, "clip_ratio": 0.2,
+        "value_clip": 0.2, "vf_coef": 5.0, "entropy_coef": 0.0, "epochs": 2, "minibatches": 1,
+        "score_clip": 0.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 700,
+        "max_prompt_length": 512,
+        "stage_length": 1.0, "stage_unit": "epochs",  # staged: per stage; unit steps|epochs|budget
+        "stage_weights": (),  # mixed: optional weight per stage (stage 0 = the full task)
+        "eval_every": 0, "eval_examples": 200, "checkpoint_every": 50,
+    })
+
+    c.eval = ml_collections.ConfigDict({
+        "split": "test", "num_examples": 0, "batch_size": 32, "max_new_tokens": 700})
+
+    c.checkpoint = ml_collections.ConfigDict({"keep": 2})
+
+    c.compare = ml_collections.ConfigDict({
+        "seeds": (0, 1, 2), "arms": ("rl", "staged", "r3"),
+        "output": "bench/results/arith-compare.json"})
+    return c
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{key}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError naming the first bad key."""
+    from r3jax import tasks
+
+    _check(c.mode in MODES, "mode", f"{c.mode!r} is not one of {MODES}")
+    _check(c.task.name in tasks.REGISTRY, "task.name",
+           f"unknown task {c.task.name!r} (known: {', '.join(tasks.REGISTRY)})")
+    for key in ("train_path", "test_path"):
+        path = c.task.options.get(key)
+        _check(not path or os.path.exists(path), f"task.options.{key}", f"data file {path} not found")
+    if c.model.path:
+        _check(os.path.isdir(c.model.path), "model.path", f"model directory {c.model.path} not found")
+        _check(os.path.exists(os.path.join(c.model.path, "config.json")), "model.path",
+               f"{c.model.path} has no config.json")
+    if c.tokenizer.path:
+        _check(os.path.exists(c.tokenizer.path), "tokenizer.path", f"{c.tokenizer.path} not found")
+    if c.rl.init:
+        _check(os.path.isdir(c.rl.init), "rl.init", f"SFT checkpoint directory {c.rl.init} not found")
+    _check(c.rl.strategy in STRATEGIES, "rl.strategy", f"{c.rl.strategy!r} is not one of {STRATEGIES}")
+    _check(c.rl.kl_mode in ("reward", "loss"), "rl.kl_mode", f"{c.rl.kl_mode!r}: expected reward or loss")
+    _check(c.rl.stage_unit in ("steps", "epochs", "budget"), "rl.stage_unit",
+           f"{c.rl.stage_unit!r}: expected steps, epochs or budget")
+    _check(c.rl.stage_unit != "budget" or c.rl.token_budget > 0, "rl.stage_unit",
+           "'budget' needs rl.token_budget > 0")
+    _check(c.eval.split in ("train", "validation", "test"), "eval.split", f"{c.eval.split!r}")
+    for section in ("sft", "rl"):
+        _check(c[section].schedule in ("constant", "linear", "cosine"), f"{section}.schedule",
+               f"{c[section].schedule!r}: expected constant, linear or cosine")
+    for key in ("sft.batch_size", "sft.grad_accum", "rl.batch_size", "rl.epochs", "rl.minibatches",
+                "rl.max_new_tokens", "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep"):
+        section, name = key.split(".")
+        _check(c[section][name] > 0, key, f"must be positive, got {c[section][name]}")
+    for arm in c.compare.arms:
+        _check(arm in ARMS, "compare.arms", f"{arm!r} is not one of {tuple(ARMS)}")
+    _check(c.rl.batch_size % c.rl.minibatches == 0, "rl.minibatches",
+           f"{c.rl.minibatches} does not divide rl.batch_size {c.rl.batch_size}")
+    mesh = list(c.mesh)
+    _check(len(mesh) == 3 and mesh.count(-1) <= 1, "mesh", f"{tuple(mesh)}: need (data, fsdp, tensor)")
+    known = int(np.prod([m for m in mesh if m != -1]))
+    _check(num_devices % known == 0 and (-1 in mesh or known == num_devices), "mesh",
+           f"{tuple(mesh)} does not fit {num_devices} devices")
+    data_parallel = mesh[0] * mesh[1] if -1 not in mesh[:2] else num_devices // known * (
+        mesh[0] if mesh[0] != -1 else mesh[1])
+    for key in ("sft.batch_size", "rl.batch_size", "eval.batch_size"):
+        section, name = key.split(".")
+        _check(c[section][name] % data_parallel == 0, key,
+               f"{c[section][name]} is not a multiple of the data-parallel size {data_parallel}")

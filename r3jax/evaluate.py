@@ -1,0 +1,79 @@
+"""Generation from start states, and accuracy per task, per start stage and per reasoning length."""
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from r3jax import sharding
+from r3jax.curriculum import StartState, start_states
+from r3jax.models.transformer import ModelConfig
+from r3jax.sampling import Rollout, SamplingConfig, sample
+from r3jax.tasks.base import Task
+from r3jax.tokenizer import Tokenizer, left_pad
+
+
+def encode_prompts(tokenizer: Tokenizer, states: Sequence[StartState], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt tokens `[rows, length]` (BOS + prompt text); rows past the states repeat
+    the first one so the batch splits evenly over the mesh."""
+    encoded = [tokenizer.encode(s.prompt_text, add_bos=True) for s in states]
+    encoded += [encoded[0]] * (rows - len(encoded))
+    return left_pad(encoded, tokenizer.pad_id)
+
+
+def decode_completions(tokenizer: Tokenizer, rollout: Rollout, count: int) -> list[str]:
+    """The text of the first `count` completions, each cut after its stop token."""
+    completions = np.asarray(jax.device_get(rollout.completions))
+    mask = np.asarray(jax.device_get(rollout.completion_mask)).astype(bool)
+    stops = set(tokenizer.stop_ids)
+    return [tokenizer.decode([t for t in row[m] if t not in stops]) for row, m in zip(completions[:count], mask[:count])]
+
+
+def generate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, states: Sequence[StartState],
+             settings: SamplingConfig, key: jax.Array, mesh, rows: int = 0) -> tuple[Rollout, list[str]]:
+    """Samples one completion per start state, in a batch of at least `rows` rows (a fixed
+    batch shape means one compile) rounded up to a multiple of the data-parallel size."""
+    rows = max(rows, len(states))
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows += -rows % data_parallel
+    tokens, mask = sharding.shard_batch(encode_prompts(tokenizer, states, rows), mesh)
+    rollout = sample(params, model_cfg, tokens, mask, key, settings)
+    return rollout, decode_completions(tokenizer, rollout, len(states))
+
+
+def accuracy_report(states: Sequence[StartState], scores) -> dict[str, float]:
+    """accuracy and reward overall, per stage (`/stage_j`) and per reasoning length (`/steps_n`)."""
+    groups: dict[str, list] = collections.defaultdict(list)
+    for state, score in zip(states, scores):
+        keys = ["", f"/stage_{state.stage}"]
+        if "num_steps" in dict(state.demo.meta):
+            keys.append(f"/steps_{dict(state.demo.meta)['num_steps']}")
+        for key in keys:
+            groups[key].append(score)
+    report = {}
+    for key, group in sorted(groups.items()):
+        report[f"accuracy{key}"] = float(np.mean([s.correct for s in group]))
+        report[f"reward{key}"] = float(np.mean([s.reward for s in group]))
+    return report
+
+
+def evaluate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, task: Task, demos, mesh,
+             batch_size: int, max_new_tokens: int, desc: str = "eval") -> tuple[dict, list[dict]]:
+    """Greedy accuracy on the full task (start state k = 0). Returns (report, per-example records)."""
+    states = [start_states(task, demo, None)[0] for demo in demos]
+    settings = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, stop_ids=tokenizer.stop_ids,
+                              pad_id=tokenizer.pad_id)
+    scores, records = [], []
+    for start in tqdm(range(0, len(states), batch_size), desc=desc, leave=False):
+        chunk = states[start:start + batch_size]
+        _, texts = generate(params, model_cfg, tokenizer, chunk, settings, jax.random.key(0), mesh,
+                            rows=batch_size)
+        chunk_scores = task.score_batch([s.given + t for s, t in zip(chunk, texts)],
+                                        [s.demo.answer for s in chunk])
+        scores += chunk_scores
+        records += [{"id": s.demo.id, "completion": t, "answer": s.demo.answer, "correct": sc.correct}
+                    for s, t, sc in zip(chunk, texts, chunk_scores)]
+    return accuracy_report(states, scores), records

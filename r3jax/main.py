@@ -1,0 +1,76 @@
+"""CLI: python -m r3jax.main --config=configs/arith.py [--config.a.b=value ...] [--workdir=DIR] [--mode=M]
+
+Bad input (unknown key, wrong type, missing model or data file) prints one line naming it and
+exits with status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go "
+                               "(default: runs/<config name>)")
+_MODE = flags.DEFINE_string("mode", None, "overrides config.mode: train, sft, rl, eval, compare")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "multi-host: coordinator host:port")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse(argv: list[str]):
+    try:
+        flags.FLAGS(argv)
+        config = _CONFIG.value
+        if config is None:
+            fail("--config is required (e.g. --config=configs/arith.py)")
+        config.to_dict()  # a config file that failed to load raises here
+    except flags.Error as error:
+        fail(str(error))
+    except (AttributeError, KeyError, OSError, TypeError, ValueError) as error:
+        fail(str(error).strip("'\"").replace("\\n", " ").replace("\n", " "))
+    if _MODE.value:
+        config.mode = _MODE.value
+    return config
+
+
+def main(argv: list[str]) -> None:
+    config = parse(argv)
+    import jax
+
+    from r3jax import config as config_lib, sharding, tasks
+
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    workdir = _WORKDIR.value or os.path.join("runs", config_name)
+    try:
+        config_lib.validate(config, jax.device_count())
+        task = tasks.get(config.task.name, **config.task.options.to_dict())
+    except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
+        fail(str(error))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    mesh = sharding.make_mesh(config.mesh)
+    try:
+        if config.mode == "compare":
+            from r3jax.train import compare
+            result = compare.run(config, workdir, task, mesh)
+        else:
+            from r3jax.train import job
+            result = job.run(config, workdir, task, mesh)
+    finally:
+        task.close()
+    if result is None:
+        print(f"stopped by a signal; rerun with --workdir={workdir} to resume")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,117 @@
+"""The main job: tokenizer -> model -> SFT -> R^3 -> evaluation, results table and curves."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from r3jax import sharding, tokenizer as tokenizer_lib
+from r3jax.checkpoint import StopSignal
+from r3jax.evaluate import evaluate
+from r3jax.metrics import plot_curves, read_jsonl
+from r3jax.models import hf
+from r3jax.models.transformer import ModelConfig, init_params
+from r3jax.tasks import Task
+from r3jax.train import rl, sft
+
+DTYPES = ("param_dtype", "dtype")
+
+
+def build_tokenizer(config, task: Task, workdir: str) -> tokenizer_lib.Tokenizer:
+    """config.tokenizer.path, else the HF model's own tokenizer, else a SentencePiece model trained
+    on the task's training text and kept in the workdir."""
+    if config.tokenizer.path:
+        return tokenizer_lib.load(config.tokenizer.path)
+    if config.model.path:
+        return tokenizer_lib.load(config.model.path)
+    model_file = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(model_file):
+        texts = (task.prompt(d.question) + d.response for d in task.demonstrations("train"))
+        tokenizer_lib.train_sentencepiece(texts, model_file[:-len(".model")], config.tokenizer.vocab_size)
+    return tokenizer_lib.load(model_file)
+
+
+def scratch_model_config(config, vocab_size: int) -> ModelConfig:
+    m = config.model
+    return ModelConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                       num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                       head_dim=m.head_dim, rope_theta=m.rope_theta,
+                       max_position_embeddings=m.max_position_embeddings,
+                       tie_word_embeddings=m.tie_word_embeddings, model_type=m.model_type,
+                       param_dtype=m.param_dtype, dtype=m.dtype)
+
+
+def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> tuple[ModelConfig, Any]:
+    dtypes = {k: config.model[k] for k in DTYPES}
+    if config.model.path:
+        return hf.load(config.model.path, mesh, **dtypes)
+    model_cfg = scratch_model_config(config, tokenizer.vocab_size)
+    params, _ = sharding.init_sharded(lambda key: init_params(model_cfg, key), jax.random.key(config.seed), mesh)
+    return model_cfg, params
+
+
+def load_policy(path: str, config, mesh) -> tuple[ModelConfig, Any]:
+    return hf.load(path, mesh, **{k: config.model[k] for k in DTYPES})
+
+
+def write_results(workdir: str, rows: dict[str, dict], title: str) -> None:
+    """results.json, a markdown table and the curves PNGs in the workdir."""
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    keys = sorted({k for r in rows.values() for k in r if k.startswith("accuracy")},
+                  key=lambda k: (k != "accuracy", len(k), k))
+    lines = [f"# {title}", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys) + " |")
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    sft_log = read_jsonl(os.path.join(workdir, "sft", "sft.jsonl"))
+    if sft_log:
+        plot_curves(sft_log, os.path.join(workdir, "sft_curves.png"), ("loss", "eval/accuracy"), "SFT")
+
+
+def run(config, workdir: str, task: Task, mesh) -> dict | None:
+    """Modes train / sft / rl / eval. Returns the results rows, or None if stopped by a signal."""
+    os.makedirs(workdir, exist_ok=True)
+    stop = StopSignal()
+    tokenizer = build_tokenizer(config, task, workdir)
+    model_cfg, params = build_model(config, tokenizer, mesh)
+    test_demos = task.demonstrations(config.eval.split)
+    if config.eval.num_examples:
+        test_demos = test_demos[:config.eval.num_examples]
+    if config.mode == "eval":
+        report, records = evaluate(params, model_cfg, tokenizer, task, test_demos, mesh,
+                                   config.eval.batch_size, config.eval.max_new_tokens)
+        write_records(workdir, "eval", records)
+        write_results(workdir, {"model": report}, f"{task.name}: evaluation")
+        return {"model": report}
+    rows = {}
+    sft_dir = config.rl.init
+    if config.mode in ("train", "sft"):
+        sft_dir = sft.train(config, model_cfg, params, tokenizer, task, mesh, workdir, stop)
+        if sft_dir is None:
+            return None
+        model_cfg, params = load_policy(sft_dir, config, mesh)
+        rows["sft"], records = evaluate(params, model_cfg, tokenizer, task, test_demos, mesh,
+                                        config.eval.batch_size, config.eval.max_new_tokens, desc="SFT test")
+        write_records(workdir, "sft", records)
+    if config.mode in ("train", "rl"):
+        sft_dir = sft_dir or os.path.join(workdir, "sft", "best")
+        model_cfg, params = load_policy(sft_dir, config, mesh)
+        result = rl.train(config, model_cfg, params, tokenizer, task, mesh, os.path.join(workdir, "rl"), stop)
+        if result is None:
+            return None
+        rows[f"r3-{config.rl.strategy}"] = result["report"]
+        write_records(workdir, "rl", result["records"])
+        hf.save(os.path.join(workdir, "rl", "final"), model_cfg, result["params"])
+    stop.restore()
+    write_results(workdir, rows, f"{task.name}: test accuracy at start state k = 0 (greedy)")
+    return rows
+
+
+def write_records(workdir: str, name: str, records: list[dict]) -> None:
+    with open(os.path.join(workdir, f"{name}_predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)

@@ -1,0 +1,137 @@
+"""SFT warm-up: next-token loss on the response (rationale + answer + EOS), prompt masked.
+
+Gradient accumulation runs inside the one jitted step as a scan over microbatches that carries
+(loss sum, token count), so the loss is the exact token mean of the whole accumulated batch.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from r3jax import optim, sharding
+from r3jax.checkpoint import Checkpointer, StopSignal
+from r3jax.curriculum import epoch_order
+from r3jax.evaluate import evaluate
+from r3jax.metrics import MetricsWriter
+from r3jax.models import hf
+from r3jax.models.transformer import ModelConfig, forward
+from r3jax.tasks.base import Demonstration, Task
+from r3jax.tokenizer import Tokenizer, left_pad
+
+
+class SFTState(NamedTuple):
+    params: Any
+    opt_state: Any
+    step: jnp.ndarray
+
+
+def encode_example(tokenizer: Tokenizer, task: Task, demo: Demonstration) -> tuple[list[int], list[int]]:
+    """(tokens, loss mask): BOS + prompt (mask 0), then response + EOS (mask 1)."""
+    prompt = tokenizer.encode(task.prompt(demo.question), add_bos=True)
+    response = tokenizer.encode(demo.response) + [tokenizer.eos_id]
+    return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+
+def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, np.ndarray]:
+    """Left-padded `[batch, length]` arrays, length rounded up to a multiple of 32 (few compiles)."""
+    length = -(-max(len(tokens) for tokens, _ in examples) // 32) * 32
+    tokens, mask = left_pad([t for t, _ in examples], pad_id, length)
+    loss_mask, _ = left_pad([m for _, m in examples], 0, length)
+    return {"tokens": tokens, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def nll_sum(params, batch: dict, model_cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(summed next-token NLL over loss-masked targets, their count)."""
+    logits, _ = forward(model_cfg, params, batch["tokens"], batch["attention_mask"])
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    target_logp = jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return -(target_logp * mask).sum(), mask.sum()
+
+
+def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation):
+    """`step(state, batch [micro, accum, length]) -> (state, metrics)`, one jit, state donated."""
+    grad_fn = jax.value_and_grad(lambda p, b: nll_sum(p, b, model_cfg), has_aux=True)
+
+    def step(state: SFTState, batch: dict):
+        def accumulate(carry, microbatch):
+            grads, loss_sum, count = carry
+            (micro_loss, micro_count), micro_grads = grad_fn(state.params, microbatch)
+            return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        microbatches = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch)
+        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), microbatches)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads),
+                   "tokens": count}
+        return SFTState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def _batch_for_step(examples, step: int, c, seed: int, pad_id: int) -> dict[str, np.ndarray]:
+    size = c.batch_size * c.grad_accum
+    chosen = [examples[i] for i in epoch_order(seed, step, size, len(examples))]
+    batch = make_batch(chosen, pad_id)
+    return {k: v.reshape(c.batch_size, c.grad_accum, -1) for k, v in batch.items()}
+
+
+def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, task: Task, mesh,
+          workdir: str, stop: StopSignal) -> str | None:
+    """Runs (or resumes) SFT in `<workdir>/sft`. Returns the HF dir of the best model (by eval
+    accuracy, else the last), or None when stopped early by a signal."""
+    c = config.sft
+    out = os.path.join(workdir, "sft")
+    best_dir, last_dir = os.path.join(out, "best"), os.path.join(out, "last")
+    if os.path.exists(os.path.join(last_dir, "config.json")):
+        return best_dir
+    demos = task.demonstrations("train")
+    examples = [e for e in (encode_example(tokenizer, task, d) for d in demos) if len(e[0]) <= c.max_length]
+    if not examples:
+        raise ValueError(f"SFT: no training example fits sft.max_length={c.max_length}")
+    optimizer = optim.adamw(c.lr, c.warmup_steps, c.steps, c.schedule, c.weight_decay, c.grad_clip)
+    step_fn = make_train_step(model_cfg, optimizer)
+    state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
+    checkpointer = Checkpointer(os.path.join(out, "checkpoints"), keep=config.checkpoint.keep)
+    start, best = 0, {"accuracy": -1.0}
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(checkpointer.latest_step(), state)
+        start, best = meta["step"], meta["best"]
+    writer = MetricsWriter(out, "sft", resume_step=start)
+    eval_demos = task.demonstrations(config.eval.split)[:c.eval_examples]
+    bar = tqdm(range(start, c.steps), desc="SFT", initial=start, total=c.steps)
+    for step in bar:
+        batch = sharding.shard_batch(_batch_for_step(examples, step, c, config.seed, tokenizer.pad_id), mesh)
+        state, metrics = step_fn(state, batch)
+        record = {k: float(v) for k, v in metrics.items()}
+        done = step + 1
+        if c.eval_every and (done % c.eval_every == 0 or done == c.steps):
+            report, _ = evaluate(state.params, model_cfg, tokenizer, task, eval_demos, mesh,
+                                 config.eval.batch_size, config.eval.max_new_tokens, desc="SFT eval")
+            record.update({f"eval/{k}": v for k, v in report.items()})
+            if report["accuracy"] > best["accuracy"]:
+                best = {"accuracy": report["accuracy"], "step": done}
+                hf.save(best_dir, model_cfg, state.params)
+        writer.write(done, record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}",
+                        **({"acc": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
+        if done % c.checkpoint_every == 0 or stop.requested or done == c.steps:
+            checkpointer.save(done, state, {"step": done, "best": best})
+        if stop.requested:
+            break
+    checkpointer.close()
+    writer.close()
+    if stop.requested:
+        return None
+    hf.save(last_dir, model_cfg, state.params)
+    if best["accuracy"] < 0:
+        hf.save(best_dir, model_cfg, state.params)
+    return best_dir
