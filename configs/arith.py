@@ -13,7 +13,8 @@ def get_config():
     c.task.options.num_test = 400
     c.task.options.min_steps = 2
     c.task.options.max_steps = 6
-    c.task.options.max_value = 60
+    c.task.options.max_value = 50
+    c.task.options.max_operand = 9
     c.task.options.distractors = 1
     c.task.options.partial_reward = 0.1
     c.tokenizer.vocab_size = 160
@@ -41,7 +42,8 @@ def get_config():
     c.rl.num_start_states = 5
     c.rl.steps = 100
     c.rl.batch_size = 32
-    c.rl.lr = 2e-5
+    c.rl.lr = 3e-5
+    c.rl.critic_lr = 1e-3
     c.rl.kl_coef = 0.05
     c.rl.vf_coef = 1.0
     c.rl.max_new_tokens = 80

@@ -28,8 +28,13 @@ class Checkpointer:
         """Restores onto the shardings and dtypes of `like` (arrays or ShapeDtypeStructs)."""
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except ValueError as error:
+            raise ValueError(f"checkpoint {self.manager.directory}/{step} does not match this run's "
+                             f"model or optimizer (was the config changed? use a new --workdir): "
+                             f"{str(error).splitlines()[0]}") from None
         return restored.state, restored.meta
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict({
         "path": "",  # local HF checkpoint dir; "" = a from-scratch model of the shape below
+        "from_scratch": True,  # False: model.path is required
         "param_dtype": "float32", "dtype": "float32",
         "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_layers": 4,
         "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rope_theta": 10000.0,
@@ -50,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict({
         "init": "",  # HF dir of the SFT model; "" = <workdir>/sft/best
         "strategy": "mixed", "num_start_states": 5, "steps": 1000, "token_budget": 0,
-        "batch_size": 32, "lr": 3e-7, "critic_lr": 0.0, "separate_critic": False,
+        "batch_size": 32, "lr": 3e-7, "separate_critic": False,
+        "critic_lr": 0.0,  # value head (shared) or separate critic; 0 = rl.lr
         "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "grad_clip": 1.0,
         "kl_coef": 0.05, "kl_mode": "reward", "gamma": 1.0, "lam": 0.95, "clip_ratio": 0.2,
         "value_clip": 0.2, "vf_coef": 5.0, "entropy_coef": 0.0, "epochs": 2, "minibatches": 1,
@@ -87,6 +89,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for key in ("train_path", "test_path"):
         path = c.task.options.get(key)
         _check(not path or os.path.exists(path), f"task.options.{key}", f"data file {path} not found")
+    _check(c.model.path or c.model.from_scratch, "model.path",
+           "required by this config (a local HF checkpoint directory)")
     if c.model.path:
         _check(os.path.isdir(c.model.path), "model.path", f"model directory {c.model.path} not found")
         _check(os.path.exists(os.path.join(c.model.path, "config.json")), "model.path",

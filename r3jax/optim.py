@@ -27,11 +27,9 @@ def adamw(lr: float, warmup_steps: int = 0, total_steps: int = 1, kind: str = "c
     return optax.chain(*parts)
 
 
-def actor_critic(policy: optax.GradientTransformation, critic: optax.GradientTransformation | None,
+def actor_critic(policy: optax.GradientTransformation, critic: optax.GradientTransformation,
                  params: dict[str, Any]) -> optax.GradientTransformation:
-    """`critic` updates a separate critic ("critic" key) with its own settings; a shared value head
-    trains with the policy's optimizer."""
-    if critic is None or "critic" not in params:
-        return policy
+    """`policy` updates the policy (and, through the value loss, a shared backbone); `critic`
+    updates what only the critic owns: the separate critic, or the value head on the policy."""
     return optax.multi_transform({"policy": policy, "critic": critic},
-                                 {key: ("critic" if key == "critic" else "policy") for key in params})
+                                 {key: ("policy" if key == "policy" else "critic") for key in params})

@@ -105,3 +105,36 @@ def test_unknown_task_and_bad_options():
         tasks.get("gsm9k")
     with pytest.raises(ValueError, match="operations"):
         tasks.get("arith", operations=("div",))
+
+
+class _FakeTFDS:
+    """Stands in for tensorflow_datasets: `data_source` yields records in TFDS's feature layout
+    (bytes strings, int labels). tfds.testing.mock_data needs TensorFlow or TFDS's metadata files,
+    which a core install here does not have."""
+
+    RECORDS = {
+        "gsm8k": [{"question": b"Tom has 3 cats and gets 2 more. How many?", "answer": b"3 + 2 = 5\n#### 5"}],
+        "snli": [{"premise": b"A man sleeps.", "hypothesis": b"A person rests.", "label": 0},
+                 {"premise": b"A dog runs.", "hypothesis": b"A cat sits.", "label": 2},
+                 {"premise": b"Unlabelled.", "hypothesis": b"Skip me.", "label": -1}],
+        "race/high": [{"article": b"Ann went home.", "questions": [b"Where?", b"Who?"],
+                       "answers": [b"B", b"A"], "options": [[b"school", b"home", b"park", b"shop"],
+                                                           [b"Ann", b"Bob", b"Cy", b"Di"]]}],
+    }
+
+    def data_source(self, name, split):
+        return iter(self.RECORDS[name])
+
+
+def test_tfds_sources(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _FakeTFDS())
+    gsm = tasks.get("gsm8k", tfds=True).demonstrations("train")
+    assert gsm[0].answer == "5" and gsm[0].rationale == "\n3 + 2 = 5"
+    snli = tasks.get("snli", tfds=True).demonstrations("train")
+    assert [d.answer for d in snli] == ["yes", "no"] and "OPTIONS:" in snli[0].question
+    race = tasks.get("race", tfds=True).demonstrations("train")
+    assert [d.answer for d in race] == ["B", "A"] and "B: home" in race[0].question
+    with pytest.raises(ValueError, match="no TFDS source"):
+        tasks.get("boardgameqa", tfds=True).demonstrations("train")

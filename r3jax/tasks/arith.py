@@ -22,22 +22,22 @@ MULTIPLIERS = {2: "double", 3: "triple"}
 MARKER = "####"
 
 
-def _step(rng: random.Random, value: int, ops: tuple[str, ...], max_value: int):
+def _step(rng: random.Random, value: int, ops: tuple[str, ...], max_value: int, max_operand: int):
     """One operation on `value`: (sentence, rationale line, new value)."""
     choices = [op for op in ops if (op != "sub" or value > 1) and (op != "mul" or value * 2 <= max_value)
                and (op != "add" or value < max_value)]
     op = rng.choice(choices)
     if op == "add":
-        b = rng.randint(1, max_value - value)
+        b = rng.randint(1, min(max_operand, max_value - value))
         return f"They get {b} more.", f"{value} + {b} = {value + b}", value + b
     if op == "sub":
-        b = rng.randint(1, value - 1)
+        b = rng.randint(1, min(max_operand, value - 1))
         return f"They give away {b}.", f"{value} - {b} = {value - b}", value - b
     factor = rng.choice([f for f in MULTIPLIERS if value * f <= max_value])
     return f"They {MULTIPLIERS[factor]} them.", f"{value} * {factor} = {value * factor}", value * factor
 
 
-def problem(rng: random.Random, num_steps: int, max_value: int, ops: tuple[str, ...],
+def problem(rng: random.Random, num_steps: int, max_value: int, max_operand: int, ops: tuple[str, ...],
             distractors: int) -> tuple[str, list[str], int]:
     """(question, rationale lines, answer) with `num_steps` operations after the start value."""
     name, other = rng.sample(NAMES, 2)
@@ -45,7 +45,7 @@ def problem(rng: random.Random, num_steps: int, max_value: int, ops: tuple[str, 
     value = rng.randint(2, max_value // 2)
     sentences, lines = [f"{name} has {value} {item}."], []
     for _ in range(num_steps):
-        sentence, line, value = _step(rng, value, ops, max_value)
+        sentence, line, value = _step(rng, value, ops, max_value, max_operand)
         sentences.append(sentence)
         lines.append(line)
     for _ in range(distractors):
@@ -60,7 +60,7 @@ class ArithTask(Task):
     cut = "lines"
 
     def __init__(self, seed: int = 0, num_train: int = 4000, num_test: int = 500,
-                 min_steps: int = 2, max_steps: int = 6, max_value: int = 60,
+                 min_steps: int = 2, max_steps: int = 6, max_value: int = 50, max_operand: int = 9,
                  operations: tuple[str, ...] = OPERATIONS, distractors: int = 1,
                  partial_reward: float = 0.1, header: str = "", **base):
         super().__init__(header=header, **base)
@@ -72,7 +72,9 @@ class ArithTask(Task):
         if max_value < 8:
             raise ValueError(f"arith max_value {max_value}: needs to be at least 8")
         self.seed, self.sizes = seed, {"train": num_train, "test": num_test}
-        self.steps, self.max_value = (min_steps, max_steps), max_value
+        if max_operand < 1:
+            raise ValueError(f"arith max_operand {max_operand}: needs to be at least 1")
+        self.steps, self.max_value, self.max_operand = (min_steps, max_steps), max_value, max_operand
         self.operations, self.distractors = tuple(operations), distractors
         self.partial_reward = partial_reward
 
@@ -81,8 +83,8 @@ class ArithTask(Task):
         demos = []
         for i in range(self.sizes[split]):
             num_steps = rng.randint(*self.steps)
-            question, lines, value = problem(rng, num_steps, self.max_value, self.operations,
-                                             rng.randint(0, self.distractors))
+            question, lines, value = problem(rng, num_steps, self.max_value, self.max_operand,
+                                             self.operations, rng.randint(0, self.distractors))
             demos.append(Demonstration(f"arith-{split}-{i}", question, "".join("\n" + l for l in lines),
                                        f"\n{MARKER} {value}", str(value), (("num_steps", num_steps),)))
         return demos

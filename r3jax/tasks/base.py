@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
+from r3jax.tasks import tfds_source
 from r3jax.tasks.answers import Score
 
 DEFAULT_HEADER = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -39,22 +40,15 @@ class Demonstration:
         return self.rationale + self.final
 
 
-def read_records(path: str) -> Iterator[tuple[str, dict]]:
-    """(location, record) for a .jsonl (one object a line) or .json (a list of objects) file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: data file not found")
+def _parsed(path: str) -> Iterator[tuple[str, Any]]:
     with open(path) as f:
         if path.endswith(".jsonl"):
             for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise RecordError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict):
-                    raise RecordError(f"{path}:{number}: expected a JSON object")
-                yield f"{path}:{number}", record
+                if line.strip():
+                    try:
+                        yield f"{path}:{number}", json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise RecordError(f"{path}:{number}: not valid JSON ({error.msg})") from None
             return
         try:
             records = json.load(f)
@@ -62,10 +56,17 @@ def read_records(path: str) -> Iterator[tuple[str, dict]]:
             raise RecordError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
     if not isinstance(records, list):
         raise RecordError(f"{path}: expected a JSON list of records")
-    for index, record in enumerate(records):
+    yield from ((f"{path}[{index}]", record) for index, record in enumerate(records))
+
+
+def read_records(path: str) -> Iterator[tuple[str, dict]]:
+    """(location, record) for a .jsonl (one object a line) or .json (a list of objects) file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    for location, record in _parsed(path):
         if not isinstance(record, dict):
-            raise RecordError(f"{path}[{index}]: expected a JSON object")
-        yield f"{path}[{index}]", record
+            raise RecordError(f"{location}: expected a JSON object")
+        yield location, record
 
 
 def field(record: dict, location: str, *names: str) -> Any:
@@ -80,25 +81,39 @@ class Task:
     """A task: demonstrations per split, the paper's prompt, and completion scoring."""
     name: str = ""
     cut: str = "lines"  # how curriculum.cut_steps splits rationales: "lines" or "words"
+    paths: dict[str, str] = {}  # split -> local file
+    tfds_name: str | None = None
 
-    def __init__(self, header: str = DEFAULT_HEADER, validation_size: int = 0, tfds: bool = False):
+    def __init__(self, header: str = DEFAULT_HEADER, validation_size: int = 0, tfds: bool = False,
+                 limit: int = 0):
         self.header = header
         self.validation_size = validation_size
         self.use_tfds = tfds
+        self.limit = limit
+
+    def records(self, split: str) -> Iterator[tuple[str, dict]]:
+        """(location, raw record) from the local file of the split, or from TFDS."""
+        if not self.use_tfds:
+            return read_records(self.paths[split])
+        if not self.tfds_name:
+            raise ValueError(f"task {self.name}: no TFDS source; give train_path/test_path")
+        return tfds_source.records(self.tfds_name, split)
 
     def load_split(self, split: str) -> list[Demonstration]:
         raise NotImplementedError
 
     def demonstrations(self, split: str) -> list[Demonstration]:
         """`train`, `test`, or `validation` (the last `validation_size` training demonstrations,
-        which `train` then leaves out)."""
+        which `train` then leaves out); at most `limit` of them when a limit is set."""
         if split == "test":
-            return self.load_split("test")
-        if split not in ("train", "validation"):
+            demos = self.load_split("test")
+        elif split in ("train", "validation"):
+            train = self.load_split("train")
+            cut = len(train) - self.validation_size
+            demos = train[:cut] if split == "train" else train[cut:]
+        else:
             raise ValueError(f"unknown split {split!r} (train, validation, test)")
-        train = self.load_split("train")
-        cut = len(train) - self.validation_size
-        return train[:cut] if split == "train" else train[cut:]
+        return demos[:self.limit] if self.limit else demos
 
     def prompt(self, question: str) -> str:
         return self.header + question + RESPONSE_MARKER

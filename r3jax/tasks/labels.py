@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from r3jax.tasks import answers, tfds_source
+from r3jax.tasks import answers
 from r3jax.tasks.answers import Score
-from r3jax.tasks.base import Demonstration, RecordError, Task, data_dir, field, read_records
+from r3jax.tasks.base import Demonstration, RecordError, Task, data_dir, field
 
 NLI_OPTIONS = ("yes", "it is not possible to tell", "no")
 
@@ -35,13 +35,7 @@ class LabelTask(Task):
                              f" {self.marker} {gold}", gold)
 
     def load_split(self, split: str) -> list[Demonstration]:
-        if self.use_tfds:
-            if not self.tfds_name:
-                raise ValueError(f"task {self.name}: no TFDS source; give train_path/test_path")
-            source = tfds_source.records(self.tfds_name, split)
-        else:
-            source = read_records(self.paths[split])
-        return [self.demonstration(record, location) for location, record in source]
+        return [self.demonstration(record, location) for location, record in self.records(split)]
 
     def score(self, response: str, gold: str) -> Score:
         return answers.score_label(answers.extract_label(response, self.marker, self.options), gold)

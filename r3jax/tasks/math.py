@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from r3jax.tasks import answers, tfds_source
+from r3jax.tasks import answers
 from r3jax.tasks.answers import Score
-from r3jax.tasks.base import Demonstration, RecordError, Task, data_dir, field, read_records
+from r3jax.tasks.base import Demonstration, RecordError, Task, data_dir, field
 from r3jax.tasks.sandbox import Limits, Sandbox
 
 MARKER = "####"
@@ -60,13 +60,7 @@ class MathTask(Task):
         self._sandbox: Sandbox | None = None
 
     def load_split(self, split: str) -> list[Demonstration]:
-        if self.use_tfds:
-            if not self.tfds_name:
-                raise ValueError(f"task {self.name}: no TFDS source; give train_path/test_path")
-            source = tfds_source.records(self.tfds_name, split)
-        else:
-            source = read_records(self.paths[split])
-        return [math_demonstration(record, location, self.program) for location, record in source]
+        return [math_demonstration(record, location, self.program) for location, record in self.records(split)]
 
     @property
     def sandbox(self) -> Sandbox:

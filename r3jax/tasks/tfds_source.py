@@ -8,11 +8,13 @@ NLI_OPTIONS = "\n\nOPTIONS:\n- yes\n- it is not possible to tell\n- no"
 
 
 def _examples(name: str, split: str) -> Iterator[dict]:
+    """Random-access TFDS data source (array_record): reading needs no TensorFlow. The dataset
+    must be prepared in the TFDS data dir (`tfds build`), as TFDS always requires."""
     try:
         import tensorflow_datasets as tfds
     except ImportError:
         raise ImportError("TFDS sources need tensorflow-datasets: pip install 'r3jax[tfds]'") from None
-    for example in tfds.as_numpy(tfds.load(name, split=split)):
+    for example in tfds.data_source(name, split=split):
         yield {k: (v.decode() if isinstance(v, bytes) else v) for k, v in example.items()}
 
 

@@ -46,7 +46,11 @@ def scratch_model_config(config, vocab_size: int) -> ModelConfig:
 def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> tuple[ModelConfig, Any]:
     dtypes = {k: config.model[k] for k in DTYPES}
     if config.model.path:
-        return hf.load(config.model.path, mesh, **dtypes)
+        model_cfg, params = hf.load(config.model.path, mesh, **dtypes)
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but {config.model.path} has a "
+                             f"vocabulary of {model_cfg.vocab_size}")
+        return model_cfg, params
     model_cfg = scratch_model_config(config, tokenizer.vocab_size)
     params, _ = sharding.init_sharded(lambda key: init_params(model_cfg, key), jax.random.key(config.seed), mesh)
     return model_cfg, params

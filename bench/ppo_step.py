@@ -1,0 +1,79 @@
+"""Throughput of one `ppo_update` (the whole PPO step as one jit), next to its peer in the same run:
+a bare SFT-style training step (forward + backward + AdamW) on the same tokens.
+
+    python bench/ppo_step.py
+
+The PPO step does 2 reference/old forwards plus epochs x (forward + backward) of the policy with
+its value head, so its time over the bare step's shows the overhead of GAE, losses and the scans.
+Results: bench/results/ppo_step-<device>.json.
+"""
+from __future__ import annotations
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from common import machine, write
+from r3jax import optim, ppo
+from r3jax.models.transformer import ModelConfig, init_params
+from r3jax.models.value import actor_critic_params
+from r3jax.train.sft import SFTState, make_train_step
+
+SMALL = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
+                    num_kv_heads=4, head_dim=32, max_position_embeddings=1024)
+BATCH, PROMPT, NEW = 16, 64, 64
+
+
+def seconds_per_call(fn, repeats=3):
+    fn()  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main():
+    cfg = SMALL
+    key = jax.random.key(0)
+    tokens = jax.random.randint(key, (BATCH, PROMPT + NEW), 3, cfg.vocab_size)
+    rollout = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens),
+               "logprobs": jnp.zeros((BATCH, NEW)), "completion_mask": jnp.ones((BATCH, NEW), jnp.int32),
+               "scores": jax.random.uniform(key, (BATCH,))}
+    ppo_cfg = ppo.PPOConfig(epochs=2, minibatches=1)
+    optimizer = optim.adamw(1e-6)
+    reference = nn.unbox(init_params(cfg, key))
+    update = ppo.make_ppo_update(cfg, ppo_cfg, optimizer)
+    state = [ppo.init_state(actor_critic_params(cfg, nn.unbox(init_params(cfg, key)), False), optimizer)]
+
+    def ppo_call():
+        state[0], metrics = update(state[0], reference, rollout, key)
+        jax.block_until_ready(metrics)
+
+    sft_step = make_train_step(cfg, optimizer)
+    sft_params = nn.unbox(init_params(cfg, key))
+    sft_state = [SFTState(sft_params, optimizer.init(sft_params), jnp.zeros((), jnp.int32))]
+    sft_batch = {"tokens": tokens[:, None], "attention_mask": jnp.ones_like(tokens)[:, None],
+                 "loss_mask": jnp.ones_like(tokens)[:, None]}
+
+    def sft_call():
+        sft_state[0], metrics = sft_step(sft_state[0], sft_batch)
+        jax.block_until_ready(metrics)
+
+    ppo_s, sft_s = seconds_per_call(ppo_call), seconds_per_call(sft_call)
+    tokens_per_step = BATCH * (PROMPT + NEW)
+    result = {"benchmark": "one ppo_update vs one bare train step on the same batch", "model": cfg.__dict__,
+              "params": cfg.num_params(), "batch": BATCH, "prompt": PROMPT, "new_tokens": NEW,
+              "ppo_epochs": ppo_cfg.epochs, "machine": machine(),
+              "ppo_update_s": ppo_s, "ppo_tokens_per_s": tokens_per_step / ppo_s,
+              "train_step_s": sft_s, "train_step_tokens_per_s": tokens_per_step / sft_s,
+              "ppo_over_train_step": ppo_s / sft_s}
+    print({k: v for k, v in result.items() if k not in ("model", "machine")})
+    write("ppo_step", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The CLI end to end: bad input, the GSM8K recipe on a tiny HF Llama, exact resume after kills."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_hf_model
+from r3jax import tasks, tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "r3jax.main", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "r3jax.main", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_hf_model("llama", str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config=configs/arith.py", "--config.rl.klcoef=0.1"], "klcoef"),
+    (["--config=configs/arith.py", "--config.rl.kl_coef=abc"], "--config.rl.kl_coef"),
+    (["--config=configs/arith.py", "--config.sft.steps=1.5"], "--config.sft.steps"),
+    (["--config=configs/arith.py", "--config.rl.strategy=stagged"], "config.rl.strategy"),
+    (["--config=configs/nope.py"], "nope.py"),
+    (["--config=configs/arith.py", "--config.model.path=/nonexistent/llama"], "/nonexistent/llama"),
+    (["--config=configs/gsm8k.py"], "config.model.path"),
+    (["--config=configs/gsm8k.py", "--config.model.path={hf}",
+      "--config.task.options.train_path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
+    (["--config=configs/arith.py", "--config.mesh=(3,1,1)"], "config.mesh"),
+])
+def test_bad_input_exits_2_naming_it(args, named, hf_dir):
+    result = run_cli(*[a.format(hf=hf_dir) for a in args], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and named in last, last
+    assert "Traceback" not in result.stderr
+
+
+def test_gsm8k_recipe_on_tiny_hf_llama(tmp_path, data_dir):
+    task = tasks.get("gsm8k", limit=64)
+    texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")]
+    tok_file = tokenizer.train_sentencepiece(texts, str(tmp_path / "tok"), vocab_size=300)
+    model_dir = tmp_path / "model"
+    make_hf_model("llama", str(model_dir), vocab_size=tokenizer.load(tok_file).vocab_size,
+                  max_position_embeddings=1024)
+    workdir = tmp_path / "run"
+    result = run_cli(
+        "--config=configs/gsm8k.py", f"--config.model.path={model_dir}", f"--config.tokenizer.path={tok_file}",
+        f"--workdir={workdir}", "--config.task.options.limit=32", "--config.sft.steps=2",
+        "--config.sft.batch_size=8", "--config.rl.steps=2", "--config.rl.batch_size=8",
+        "--config.eval.batch_size=8", "--config.eval.num_examples=8", "--config.sft.eval_examples=8",
+        "--config.rl.max_new_tokens=24", "--config.eval.max_new_tokens=24", "--config.rl.max_prompt_length=512")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rl_log = [json.loads(line) for line in open(workdir / "rl" / "rl.jsonl")]
+    assert [r["step"] for r in rl_log] == [1, 2]
+    for key in ("reward", "accuracy", "kl", "clip_frac", "value_explained_variance", "entropy",
+                "response_length", "sample_tokens_per_s", "time/update_s"):
+        assert all(np.isfinite(r[key]) for r in rl_log), key
+    results = json.load(open(workdir / "results.json"))
+    assert set(results) == {"sft", "r3-mixed"} and 0.0 <= results["r3-mixed"]["accuracy"] <= 1.0
+    saved = json.load(open(workdir / "config.json"))
+    assert saved["rl"]["kl_coef"] == 0.05 and saved["task"]["options"]["limit"] == 32
+    assert (workdir / "rl" / "final" / "model.safetensors").exists()
+
+
+TINY_RUN = ["--config=configs/arith.py", "--config.task.options.num_train=200",
+            "--config.task.options.num_test=16", "--config.task.options.max_steps=3",
+            "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+            "--config.model.num_layers=2", "--config.model.head_dim=8", "--config.sft.steps=4",
+            "--config.sft.eval_every=0", "--config.rl.steps=10", "--config.rl.batch_size=8",
+            "--config.rl.max_new_tokens=24", "--config.rl.eval_every=0", "--config.rl.checkpoint_every=2",
+            "--config.eval.batch_size=16", "--config.eval.max_new_tokens=24", "--config.eval.num_examples=16"]
+TIMING = ("time/", "sample_tokens_per_s")
+
+
+def _rl_log(workdir):
+    path = os.path.join(workdir, "rl", "rl.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _wait_for_step(proc, workdir, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(_rl_log(workdir)) >= step:
+            return
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    raise TimeoutError(f"RL step {step} not reached")
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    result = run_cli(*TINY_RUN, f"--workdir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    resumed = str(tmp_path / "resumed")
+    proc = start_cli(*TINY_RUN, f"--workdir={resumed}")
+    _wait_for_step(proc, resumed, 3)
+    proc.send_signal(signal.SIGTERM)  # preemption: saves and exits cleanly
+    assert proc.wait(timeout=120) == 0
+    stopped_at = len(_rl_log(resumed))
+    assert stopped_at < 10
+    assert os.path.isdir(os.path.join(resumed, "rl", "checkpoints", str(stopped_at)))
+
+    proc = start_cli(*TINY_RUN, f"--workdir={resumed}")
+    _wait_for_step(proc, resumed, stopped_at + 3)
+    proc.kill()  # SIGKILL: no chance to save; resumes from the last finished checkpoint
+    proc.wait()
+
+    result = run_cli(*TINY_RUN, f"--workdir={resumed}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = _rl_log(reference), _rl_log(resumed)
+    assert [r["step"] for r in got] == list(range(1, 11))
+    for want, have in zip(expected, got):
+        for key, value in want.items():
+            if not key.startswith(TIMING):
+                assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (want["step"], key)
+    assert json.load(open(reference / "results.json")) == json.load(open(os.path.join(resumed, "results.json")))
