@@ -9,7 +9,7 @@ from configs import arith
 def get_config():
     c = arith.get_config()
     c.mode = "compare"
-    c.rl.token_budget = 150_000
+    c.rl.token_budget = 50_000
     c.rl.steps = 10_000  # the budget ends each run
     c.rl.stage_unit = "budget"  # staged: equal shares of the budget per stage, easiest first
     c.rl.eval_every = 0

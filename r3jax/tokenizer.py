@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+
+SENTENCEPIECE_FILE = "tokenizer.model"
 
 
 class Tokenizer:
@@ -22,6 +26,10 @@ class Tokenizer:
         raise NotImplementedError
 
     def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str) -> None:
+        """Writes the tokenizer into a model directory, where `load(directory)` finds it."""
         raise NotImplementedError
 
     def batch_encode(self, texts: Sequence[str], add_bos: bool = True, length: int | None = None,
@@ -62,6 +70,10 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        shutil.copyfile(self.model_file, os.path.join(directory, SENTENCEPIECE_FILE))
+
 
 class HFTokenizer(Tokenizer):
     def __init__(self, path: str):
@@ -84,12 +96,20 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def save(self, directory: str) -> None:
+        self.tok.save_pretrained(directory)
+
 
 def load(path: str) -> Tokenizer:
-    """A `.model` file is SentencePiece; a directory is an HF tokenizer."""
+    """A `.model` file is SentencePiece; a directory holds an HF tokenizer, or only a
+    SentencePiece `tokenizer.model` (as r3jax writes next to from-scratch models)."""
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
     if os.path.isdir(path):
+        hf_files = ("tokenizer.json", "tokenizer_config.json")
+        if not any(os.path.exists(os.path.join(path, f)) for f in hf_files) and \
+                os.path.exists(os.path.join(path, SENTENCEPIECE_FILE)):
+            return SentencePieceTokenizer(os.path.join(path, SENTENCEPIECE_FILE))
         return HFTokenizer(path)
     raise FileNotFoundError(f"{path}: neither a SentencePiece .model file nor a tokenizer directory")
 

@@ -135,3 +135,25 @@ def test_killed_run_resumes_exactly(tmp_path):
             if not key.startswith(TIMING):
                 assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (want["step"], key)
     assert json.load(open(reference / "results.json")) == json.load(open(os.path.join(resumed, "results.json")))
+
+
+FAST_DEFAULT = ["--config=configs/arith.py", "--config.task.options.num_train=1500",
+                "--config.task.options.num_test=64", "--config.sft.steps=160", "--config.sft.eval_every=0",
+                "--config.rl.steps=24", "--config.rl.batch_size=16", "--config.rl.eval_every=0",
+                "--config.eval.num_examples=64", "--config.eval.batch_size=32"]
+
+
+def test_embedded_default_fast(tmp_path):
+    """The README's main job with a reduced budget: numbers come out and RL reward rises."""
+    result = run_cli(*FAST_DEFAULT, f"--workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = _rl_log(str(tmp_path))
+    rewards = np.array([r["reward"] for r in log])
+    assert len(rewards) == 24 and all("accuracy" in r and "accuracy/stage_0" in r for r in log)
+    assert rewards[-8:].mean() > rewards[:8].mean(), rewards
+    results = json.load(open(tmp_path / "results.json"))
+    assert set(results) == {"sft", "r3-mixed"}
+    for row in results.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and "accuracy/steps_2" in row
+    for name in ("results.md", "sft_curves.png", "rl/rl_curves.png", "sft/best/model.safetensors"):
+        assert (tmp_path / name).exists(), name

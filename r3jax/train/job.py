@@ -20,12 +20,11 @@ DTYPES = ("param_dtype", "dtype")
 
 
 def build_tokenizer(config, task: Task, workdir: str) -> tokenizer_lib.Tokenizer:
-    """config.tokenizer.path, else the HF model's own tokenizer, else a SentencePiece model trained
-    on the task's training text and kept in the workdir."""
-    if config.tokenizer.path:
-        return tokenizer_lib.load(config.tokenizer.path)
-    if config.model.path:
-        return tokenizer_lib.load(config.model.path)
+    """config.tokenizer.path, else the one beside the model (config.model.path, or the SFT model
+    config.rl.init), else a SentencePiece model trained on the task's training text."""
+    for path in (config.tokenizer.path, config.model.path, config.rl.init):
+        if path:
+            return tokenizer_lib.load(path)
     model_file = os.path.join(workdir, "tokenizer.model")
     if not os.path.exists(model_file):
         texts = (task.prompt(d.question) + d.response for d in task.demonstrations("train"))
@@ -110,7 +109,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
             return None
         rows[f"r3-{config.rl.strategy}"] = result["report"]
         write_records(workdir, "rl", result["records"])
-        hf.save(os.path.join(workdir, "rl", "final"), model_cfg, result["params"])
+        sft.export(os.path.join(workdir, "rl", "final"), model_cfg, result["params"], tokenizer)
     stop.restore()
     write_results(workdir, rows, f"{task.name}: test accuracy at start state k = 0 (greedy)")
     return rows

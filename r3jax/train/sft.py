@@ -38,6 +38,12 @@ def encode_example(tokenizer: Tokenizer, task: Task, demo: Demonstration) -> tup
     return prompt + response, [0] * len(prompt) + [1] * len(response)
 
 
+def export(path: str, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer) -> None:
+    """An HF model directory with its tokenizer, loadable by r3jax and by transformers."""
+    hf.save(path, model_cfg, params)
+    tokenizer.save(path)
+
+
 def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, np.ndarray]:
     """Left-padded `[batch, length]` arrays, length rounded up to a multiple of 32 (few compiles)."""
     length = -(-max(len(tokens) for tokens, _ in examples) // 32) * 32
@@ -119,7 +125,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
             record.update({f"eval/{k}": v for k, v in report.items()})
             if report["accuracy"] > best["accuracy"]:
                 best = {"accuracy": report["accuracy"], "step": done}
-                hf.save(best_dir, model_cfg, state.params)
+                export(best_dir, model_cfg, state.params, tokenizer)
         writer.write(done, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}",
                         **({"acc": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
@@ -131,7 +137,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
     writer.close()
     if stop.requested:
         return None
-    hf.save(last_dir, model_cfg, state.params)
+    export(last_dir, model_cfg, state.params, tokenizer)
     if best["accuracy"] < 0:
-        hf.save(best_dir, model_cfg, state.params)
+        export(best_dir, model_cfg, state.params, tokenizer)
     return best_dir

@@ -1,0 +1,56 @@
+"""Tokenizers: SentencePiece training, HF directories, left padding, save/load beside a model."""
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+
+from r3jax import tasks, tokenizer
+
+
+@pytest.fixture(scope="module")
+def sp_file(tmp_path_factory):
+    task = tasks.get("arith", num_train=300)
+    texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")]
+    return tokenizer.train_sentencepiece(texts, str(tmp_path_factory.mktemp("sp") / "tok"), vocab_size=120)
+
+
+def test_sentencepiece_roundtrip_and_digits(sp_file):
+    tok = tokenizer.load(sp_file)
+    text = "Mia has 17 pens.\n\n### Response:\n17 + 5 = 22\n#### 22"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.stop_ids == (2,)
+    pieces = [tok.sp.id_to_piece(i) for i in tok.encode("1234")]
+    assert [p for p in pieces if p != "\u2581"] == ["1", "2", "3", "4"]  # one token per digit
+
+
+def test_batch_encode_left_pads(sp_file):
+    tok = tokenizer.load(sp_file)
+    tokens, mask = tok.batch_encode(["Mia has 3 pens.", "Leo"])
+    assert tokens.shape == mask.shape and tokens[0, 0] == tok.bos_id
+    assert mask[1].tolist() == [0] * (mask.shape[1] - mask[1].sum()) + [1] * mask[1].sum()
+    assert (tokens[mask == 0] == tok.pad_id).all()
+    with pytest.raises(ValueError, match="more than the length"):
+        tokenizer.left_pad([[1, 2, 3]], 0, 2)
+
+
+def test_save_beside_model_and_hf_directories(sp_file, tmp_path):
+    tok = tokenizer.load(sp_file)
+    tok.save(str(tmp_path / "model"))
+    again = tokenizer.load(str(tmp_path / "model"))
+    assert isinstance(again, tokenizer.SentencePieceTokenizer)
+    assert again.encode("17 + 5 = 22") == tok.encode("17 + 5 = 22")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(["Mia has 3 pens.", "Leo has 17 cups."] * 20, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                         pad_token="<pad>", unk_token="<unk>").save_pretrained(str(tmp_path / "hf"))
+    loaded = tokenizer.load(str(tmp_path / "hf"))
+    assert isinstance(loaded, tokenizer.HFTokenizer)
+    ids = loaded.encode("Mia has 3 pens.", add_bos=True)
+    assert ids[0] == loaded.bos_id and loaded.decode(ids) == "Mia has 3 pens."
+    with pytest.raises(FileNotFoundError):
+        tokenizer.load(str(tmp_path / "missing.model"))
