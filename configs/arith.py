@@ -26,7 +26,7 @@ def get_config():
     c.model.num_kv_heads = 2
     c.model.head_dim = 32
     c.model.max_position_embeddings = 512
-    c.mesh = (1, 1, 1)
+    c.mesh = (-1, 1, 1)
 
     c.sft.steps = 600
     c.sft.batch_size = 32
@@ -42,7 +42,7 @@ def get_config():
     c.rl.num_start_states = 5
     c.rl.steps = 100
     c.rl.batch_size = 32
-    c.rl.lr = 3e-5
+    c.rl.lr = 3e-6
     # A separate critic: on this tiny from-scratch model a value head sharing the policy's backbone
     # pulled the backbone towards value regression and cost k = 0 accuracy (README, Results).
     c.rl.separate_critic = True

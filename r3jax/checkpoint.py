@@ -3,6 +3,7 @@
 all a resumed run needs to draw the same data and samples."""
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -13,7 +14,7 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
         self.manager = ocp.CheckpointManager(
-            directory, item_names=("state", "meta"),
+            os.path.abspath(directory), item_names=("state", "meta"),  # orbax needs absolute paths
             options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                                  enable_async_checkpointing=asynchronous))
 

@@ -13,15 +13,17 @@ from conftest import make_hf_model
 from r3jax import tasks, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The CLI runs on this machine's one CPU device, not the 8 simulated ones of the mesh tests.
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "r3jax.main", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def run_cli(*args, timeout=600, env=ENV, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "r3jax.main", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
 
 
 def start_cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "r3jax.main", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "r3jax.main", *args], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -43,6 +45,7 @@ def hf_dir(tmp_path_factory):
     (["--config=configs/gsm8k.py", "--config.model.path={hf}",
       "--config.task.options.train_path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
     (["--config=configs/arith.py", "--config.mesh=(3,1,1)"], "config.mesh"),
+    (["--config=configs/arith.py", "--config.rl.batch_size=0"], "config.rl.batch_size"),
 ])
 def test_bad_input_exits_2_naming_it(args, named, hf_dir):
     result = run_cli(*[a.format(hf=hf_dir) for a in args], timeout=120)
@@ -65,7 +68,8 @@ def test_gsm8k_recipe_on_tiny_hf_llama(tmp_path, data_dir):
         f"--workdir={workdir}", "--config.task.options.limit=32", "--config.sft.steps=2",
         "--config.sft.batch_size=8", "--config.rl.steps=2", "--config.rl.batch_size=8",
         "--config.eval.batch_size=8", "--config.eval.num_examples=8", "--config.sft.eval_examples=8",
-        "--config.rl.max_new_tokens=24", "--config.eval.max_new_tokens=24", "--config.rl.max_prompt_length=512")
+        "--config.rl.max_new_tokens=24", "--config.eval.max_new_tokens=24", "--config.rl.max_prompt_length=512",
+        env=dict(os.environ))  # the recipe's FSDP mesh over 8 simulated devices
     assert result.returncode == 0, result.stderr[-3000:]
     rl_log = [json.loads(line) for line in open(workdir / "rl" / "rl.jsonl")]
     assert [r["step"] for r in rl_log] == [1, 2]
@@ -137,7 +141,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert json.load(open(reference / "results.json")) == json.load(open(os.path.join(resumed, "results.json")))
 
 
-FAST_DEFAULT = ["--config=configs/arith.py", "--config.task.options.num_train=1500",
+FAST_DEFAULT = [f"--config={ROOT}/configs/arith.py", "--config.task.options.num_train=1500",
                 "--config.task.options.num_test=64", "--config.sft.steps=160", "--config.sft.eval_every=0",
                 "--config.rl.steps=24", "--config.rl.batch_size=16", "--config.rl.eval_every=0",
                 "--config.eval.num_examples=64", "--config.eval.batch_size=32"]
@@ -145,8 +149,9 @@ FAST_DEFAULT = ["--config=configs/arith.py", "--config.task.options.num_train=15
 
 def test_embedded_default_fast(tmp_path):
     """The README's main job with a reduced budget: numbers come out and RL reward rises."""
-    result = run_cli(*FAST_DEFAULT, f"--workdir={tmp_path}")
+    result = run_cli(*FAST_DEFAULT, "--workdir=run", cwd=tmp_path)  # a relative workdir, as users type
     assert result.returncode == 0, result.stderr[-3000:]
+    tmp_path = tmp_path / "run"
     log = _rl_log(str(tmp_path))
     rewards = np.array([r["reward"] for r in log])
     assert len(rewards) == 24 and all("accuracy" in r and "accuracy/stage_0" in r for r in log)
