@@ -6,6 +6,7 @@ import pytest
 
 from r3jax import tasks
 from r3jax.tasks import answers
+from r3jax.tasks.base import RecordError
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -107,34 +108,43 @@ def test_unknown_task_and_bad_options():
         tasks.get("arith", operations=("div",))
 
 
-class _FakeTFDS:
-    """Stands in for tensorflow_datasets: `data_source` yields records in TFDS's feature layout
-    (bytes strings, int labels). tfds.testing.mock_data needs TensorFlow or TFDS's metadata files,
-    which a core install here does not have."""
-
-    RECORDS = {
-        "gsm8k": [{"question": b"Tom has 3 cats and gets 2 more. How many?", "answer": b"3 + 2 = 5\n#### 5"}],
-        "snli": [{"premise": b"A man sleeps.", "hypothesis": b"A person rests.", "label": 0},
-                 {"premise": b"A dog runs.", "hypothesis": b"A cat sits.", "label": 2},
-                 {"premise": b"Unlabelled.", "hypothesis": b"Skip me.", "label": -1}],
-        "race/high": [{"article": b"Ann went home.", "questions": [b"Where?", b"Who?"],
-                       "answers": [b"B", b"A"], "options": [[b"school", b"home", b"park", b"shop"],
-                                                           [b"Ann", b"Bob", b"Cy", b"Di"]]}],
-    }
-
-    def data_source(self, name, split):
-        return iter(self.RECORDS[name])
+TFDS_RECORDS = {  # in TFDS's feature layout: bytes strings, int labels, nested sequences
+    "gsm8k": [{"question": b"Tom has 3 cats and gets 2 more. How many?", "answer": b"3 + 2 = 5\n#### 5"}],
+    "snli": [{"premise": b"A man sleeps.", "hypothesis": b"A person rests.", "label": 0},
+             {"premise": b"A dog runs.", "hypothesis": b"A cat sits.", "label": 2},
+             {"premise": b"Unlabelled.", "hypothesis": b"Skip me.", "label": -1}],
+    "race/high": [{"article": b"Ann went home.", "questions": [b"Where?", b"Who?"],
+                   "answers": [b"B", b"A"], "options": [[b"school", b"home", b"park", b"shop"],
+                                                       [b"Ann", b"Bob", b"Cy", b"Di"]]}],
+}
 
 
-def test_tfds_sources(monkeypatch):
-    import sys
+def _tfds_records(builder, split, **kwargs):
+    config = builder.builder_config
+    return TFDS_RECORDS[f"{builder.name}/{config.name}" if config else builder.name]
 
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _FakeTFDS())
-    gsm = tasks.get("gsm8k", tfds=True).demonstrations("train")
+
+def test_tfds_sources_read_through_tfds_data_source():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(as_data_source_fn=_tfds_records):
+        gsm = tasks.get("gsm8k", tfds=True).demonstrations("train")
+        snli = tasks.get("snli", tfds=True).demonstrations("train")
+        race = tasks.get("race", tfds=True).demonstrations("train")
     assert gsm[0].answer == "5" and gsm[0].rationale == "\n3 + 2 = 5"
-    snli = tasks.get("snli", tfds=True).demonstrations("train")
     assert [d.answer for d in snli] == ["yes", "no"] and "OPTIONS:" in snli[0].question
-    race = tasks.get("race", tfds=True).demonstrations("train")
     assert [d.answer for d in race] == ["B", "A"] and "B: home" in race[0].question
     with pytest.raises(ValueError, match="no TFDS source"):
         tasks.get("boardgameqa", tfds=True).demonstrations("train")
+
+
+def test_tfds_random_mock_data_gives_located_errors():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=4):
+        mnli = tasks.get("mnli", tfds=True).demonstrations("test")
+        with pytest.raises(RecordError, match=r"tfds:gsm8k/train\[0\]"):
+            tasks.get("gsm8k", tfds=True).demonstrations("train")  # random text has no '####'
+        with pytest.raises(RecordError, match=r"tfds:race/middle/train\[0\.0\]"):
+            tasks.get("race", level="middle", tfds=True).demonstrations("train")
+    assert len(mnli) == 4 and all(d.answer in ("yes", "no", "it is not possible to tell") for d in mnli)

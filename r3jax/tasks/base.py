@@ -6,7 +6,6 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
-from r3jax.tasks import tfds_source
 from r3jax.tasks.answers import Score
 
 DEFAULT_HEADER = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -97,6 +96,8 @@ class Task:
             return read_records(self.paths[split])
         if not self.tfds_name:
             raise ValueError(f"task {self.name}: no TFDS source; give train_path/test_path")
+        from r3jax.tasks import tfds_source  # its module needs this one's RecordError
+
         return tfds_source.records(self.tfds_name, split)
 
     def load_split(self, split: str) -> list[Demonstration]:

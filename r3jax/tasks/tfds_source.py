@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from r3jax.tasks.base import RecordError
+
 NLI_LABELS = {0: "yes", 1: "it is not possible to tell", 2: "no"}
 NLI_OPTIONS = "\n\nOPTIONS:\n- yes\n- it is not possible to tell\n- no"
 
@@ -12,6 +14,7 @@ def _examples(name: str, split: str) -> Iterator[dict]:
     must be prepared in the TFDS data dir (`tfds build`), as TFDS always requires."""
     try:
         import tensorflow_datasets as tfds
+        import tensorflow_datasets.text  # noqa: F401  registers gsm8k and multi_nli when TensorFlow is absent
     except ImportError:
         raise ImportError("TFDS sources need tensorflow-datasets: pip install 'r3jax[tfds]'") from None
     for example in tfds.data_source(name, split=split):
@@ -39,6 +42,8 @@ def records(name: str, split: str) -> Iterator[tuple[str, dict]]:
     elif name.startswith("race/"):
         for i, ex in enumerate(_examples(name, split)):
             for j, (question, answer, options) in enumerate(zip(ex["questions"], ex["answers"], ex["options"])):
+                if len(options) != 4:
+                    raise RecordError(f"tfds:{name}/{split}[{i}.{j}]: expected 4 options, got {len(options)}")
                 letters = "\n".join(f"{'ABCD'[k]}: {_text(o)}" for k, o in enumerate(options))
                 instruction = (f"Read the article and select the best answer.\nArticle: {ex['article']}\n"
                                f"Question: {_text(question)}\nOptions: {letters}")
