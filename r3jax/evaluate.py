@@ -32,15 +32,22 @@ def decode_completions(tokenizer: Tokenizer, rollout: Rollout, count: int) -> li
     return [tokenizer.decode([t for t in row[m] if t not in stops]) for row, m in zip(completions[:count], mask[:count])]
 
 
-def generate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, states: Sequence[StartState],
-             settings: SamplingConfig, key: jax.Array, mesh, rows: int = 0) -> tuple[Rollout, list[str]]:
-    """Samples one completion per start state, in a batch of at least `rows` rows (a fixed
-    batch shape means one compile) rounded up to a multiple of the data-parallel size."""
+def dispatch_sampling(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, states: Sequence[StartState],
+                      settings: SamplingConfig, key: jax.Array, mesh, rows: int = 0) -> Rollout:
+    """Queues sampling of one completion per start state and returns without waiting for the
+    device. The batch has at least `rows` rows (a fixed batch shape means one compile), rounded
+    up to a multiple of the data-parallel size."""
     rows = max(rows, len(states))
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     rows += -rows % data_parallel
     tokens, mask = sharding.shard_batch(encode_prompts(tokenizer, states, rows), mesh)
-    rollout = sample(params, model_cfg, tokens, mask, key, settings)
+    return sample(params, model_cfg, tokens, mask, key, settings)
+
+
+def generate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, states: Sequence[StartState],
+             settings: SamplingConfig, key: jax.Array, mesh, rows: int = 0) -> tuple[Rollout, list[str]]:
+    """Samples one completion per start state: the rollout and the completions' text."""
+    rollout = dispatch_sampling(params, model_cfg, tokenizer, states, settings, key, mesh, rows)
     return rollout, decode_completions(tokenizer, rollout, len(states))
 
 
@@ -67,13 +74,23 @@ def evaluate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, task: Ta
     settings = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, stop_ids=tokenizer.stop_ids,
                               pad_id=tokenizer.pad_id)
     scores, records = [], []
-    for start in tqdm(range(0, len(states), batch_size), desc=desc, leave=False):
-        chunk = states[start:start + batch_size]
-        _, texts = generate(params, model_cfg, tokenizer, chunk, settings, jax.random.key(0), mesh,
-                            rows=batch_size)
+
+    def score_chunk(chunk: Sequence[StartState], rollout: Rollout) -> None:
+        texts = decode_completions(tokenizer, rollout, len(chunk))
         chunk_scores = task.score_batch([s.given + t for s, t in zip(chunk, texts)],
                                         [s.demo.answer for s in chunk])
-        scores += chunk_scores
-        records += [{"id": s.demo.id, "completion": t, "answer": s.demo.answer, "correct": sc.correct}
-                    for s, t, sc in zip(chunk, texts, chunk_scores)]
+        scores.extend(chunk_scores)
+        records.extend({"id": s.demo.id, "completion": t, "answer": s.demo.answer, "correct": sc.correct}
+                       for s, t, sc in zip(chunk, texts, chunk_scores))
+
+    pending = None
+    for start in tqdm(range(0, len(states), batch_size), desc=desc, leave=False):
+        chunk = states[start:start + batch_size]
+        rollout = dispatch_sampling(params, model_cfg, tokenizer, chunk, settings, jax.random.key(0), mesh,
+                                    rows=batch_size)
+        if pending:  # the host scores the previous chunk while the device decodes this one
+            score_chunk(*pending)
+        pending = (chunk, rollout)
+    if pending:
+        score_chunk(*pending)
     return accuracy_report(states, scores), records

@@ -38,6 +38,7 @@ def plot(summary: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     arms = summary["arms"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -49,6 +50,7 @@ def plot(summary: dict, path: str) -> None:
     for name in names:
         steps = sorted(arms[name]["by_steps"], key=int)
         right.plot([int(s) for s in steps], [arms[name]["by_steps"][s] for s in steps], marker="o", label=name)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("reasoning steps in the problem")
     right.set_ylabel("accuracy")
     right.set_title("accuracy by chain length")
