@@ -163,3 +163,40 @@ def test_embedded_default_fast(tmp_path):
         assert 0.0 <= row["accuracy"] <= 1.0 and "accuracy/steps_2" in row
     for name in ("results.md", "sft_curves.png", "rl/rl_curves.png", "sft/best/model.safetensors"):
         assert (tmp_path / name).exists(), name
+
+
+def test_compare_mode_writes_the_comparison(tmp_path):
+    """The paper's comparison at toy scale: every arm from one SFT model under one token budget,
+    results in the documented shape; a rerun reuses the finished arms."""
+    output = tmp_path / "compare.json"
+    args = [f"--config={ROOT}/configs/arith_compare.py", f"--workdir={tmp_path / 'run'}",
+            "--config.task.options.num_train=300", "--config.task.options.num_test=16",
+            "--config.sft.steps=20", "--config.sft.eval_every=0", "--config.rl.token_budget=400",
+            "--config.rl.batch_size=8", "--config.eval.num_examples=16", "--config.eval.batch_size=16",
+            "--config.compare.seeds=(0,)", f"--config.compare.output={output}"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(output))
+    assert set(summary["arms"]) == {"sft", "rl", "staged", "r3"} and "machine" in summary
+    assert summary["budget"]["sampled_tokens"] == 400
+    for name, arm in summary["arms"].items():
+        assert {"mean", "std", "seeds", "by_steps"} <= set(arm), name
+        assert arm["mean"] == pytest.approx(np.mean(arm["seeds"]))
+        assert set(arm["by_steps"]) <= {"2", "3", "4", "5", "6"} and arm["by_steps"]
+        if name != "sft":
+            assert all(tokens >= 400 for tokens in arm["tokens_sampled"]), name
+    assert output.with_suffix(".png").exists()
+    again = run_cli(*args)  # every arm's report.json exists: nothing is trained twice
+    assert again.returncode == 0 and "RL " not in again.stderr
+    assert json.load(open(output))["arms"] == summary["arms"]
+
+
+@pytest.mark.slow
+def test_embedded_default_full(tmp_path):
+    """The README's main command as documented (about 12 minutes on the 2-core CPU)."""
+    result = run_cli(f"--config={ROOT}/configs/arith.py", "--workdir=run", cwd=tmp_path, timeout=2400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.load(open(tmp_path / "run" / "results.json"))
+    assert results["sft"]["accuracy"] > 0.2  # from scratch; 0.287 measured
+    assert results["r3-mixed"]["steps"] == 100
+    assert abs(results["r3-mixed"]["accuracy"] - results["sft"]["accuracy"]) < 0.1

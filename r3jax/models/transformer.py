@@ -95,8 +95,8 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) ->
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict[str, jnp.ndarray]]:
-    """Empty KV cache: per layer `k`, `v` of shape `[batch, length, kv_heads, head_dim]`."""
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    """Empty KV cache: per layer `k`, `v` of shape `[batch, kv_heads, length, head_dim]`."""
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     return [{"k": jnp.zeros(shape, cfg.jnp_dtype), "v": jnp.zeros(shape, cfg.jnp_dtype)}
             for _ in range(cfg.num_layers)]
 
@@ -134,24 +134,26 @@ class Attention(nn.Module):
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(self._proj("q_proj", cfg.num_heads, x), positions, inv_freq)
-        k = apply_rope(self._proj("k_proj", cfg.num_kv_heads, x), positions, inv_freq)
-        v = self._proj("v_proj", cfg.num_kv_heads, x)
+        # keys and values as [batch, kv_heads, keys, head_dim], the cache's layout: each decode
+        # step then reads the cache as it lies, with no transposed copy of it
+        k = apply_rope(self._proj("k_proj", cfg.num_kv_heads, x), positions, inv_freq).transpose(0, 2, 1, 3)
+        v = self._proj("v_proj", cfg.num_kv_heads, x).transpose(0, 2, 1, 3)
         if layer_cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                    cache_start, axis=1)
+                                                    cache_start, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                    cache_start, axis=1)
+                                                    cache_start, axis=2)
             layer_cache = {"k": k, "v": v}
         batch, seq = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        scores = jnp.einsum("bqkgd,bksd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
         query_slots = cache_start + jnp.arange(seq)
-        key_slots = jnp.arange(k.shape[1])
+        key_slots = jnp.arange(k.shape[2])
         allowed = (key_slots[None, :] <= query_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        out = jnp.einsum("bkgqs,bksd->bqkgd", probs, v).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
             dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
