@@ -45,10 +45,18 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """The records of a metrics log ([] when it does not exist yet)."""
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return records
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -86,3 +94,32 @@ def plot_curves(records: Iterable[dict], path: str, prefixes: Iterable[str] = ("
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Curves on demand, also of a run still in progress:
+    `python -m r3jax.metrics runs/arith/rl/rl.jsonl [--out FILE.png] [--keys reward accuracy kl]`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m r3jax.metrics", description=main.__doc__)
+    parser.add_argument("log", help="a metrics .jsonl file written by a run")
+    parser.add_argument("--out", help="PNG path (default: next to the log, <name>_curves.png)")
+    parser.add_argument("--keys", nargs="+", default=["reward", "accuracy"],
+                        help="one panel per metric prefix, e.g. reward accuracy kl entropy")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.log):
+        print(f"error: {args.log}: no such metrics file", file=sys.stderr)
+        return 2
+    try:
+        records = read_jsonl(args.log)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.splitext(args.log)[0] + "_curves.png"
+    print(plot_curves(records, out, args.keys, title=os.path.basename(args.log)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

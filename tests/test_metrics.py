@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from r3jax import config as config_lib
+from r3jax import config as config_lib, metrics
 from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
 
 
@@ -36,3 +36,19 @@ def test_validate_names_the_key():
     c.compare.arms = ("rl", "ppo")
     with pytest.raises(config_lib.ConfigError, match="config.compare.arms"):
         config_lib.validate(c, num_devices=1)
+
+
+def test_curves_on_demand_cli(tmp_path, capsys):
+    writer = MetricsWriter(str(tmp_path), "rl")
+    for step in range(1, 4):
+        writer.write(step, {"reward": step / 10, "kl": 0.01 * step})
+    writer.close()
+    log = str(tmp_path / "rl.jsonl")
+    assert metrics.main([log, "--keys", "reward", "kl"]) == 0
+    assert os.path.getsize(tmp_path / "rl_curves.png") > 1000
+    assert metrics.main([str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such metrics file" in capsys.readouterr().err
+    with open(log, "a") as f:
+        f.write('{"step": 4, "rew\n')
+    assert metrics.main([log]) == 2
+    assert "rl.jsonl:4: not valid JSON" in capsys.readouterr().err
