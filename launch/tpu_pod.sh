@@ -8,4 +8,4 @@ set -euo pipefail
 REPO=${REPO:-~/r3jax}
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   cd $REPO && pip install -q -r requirements.txt 'jax[tpu]==0.10.2' && pip install -q --no-deps -e . &&
-  python -m r3jax.main $*"
+  python -m r3jax.main --distributed $*"

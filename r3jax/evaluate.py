@@ -26,8 +26,8 @@ def encode_prompts(tokenizer: Tokenizer, states: Sequence[StartState], rows: int
 
 def decode_completions(tokenizer: Tokenizer, rollout: Rollout, count: int) -> list[str]:
     """The text of the first `count` completions, each cut after its stop token."""
-    completions = np.asarray(jax.device_get(rollout.completions))
-    mask = np.asarray(jax.device_get(rollout.completion_mask)).astype(bool)
+    completions = sharding.to_host(rollout.completions)
+    mask = sharding.to_host(rollout.completion_mask).astype(bool)
     stops = set(tokenizer.stop_ids)
     return [tokenizer.decode([t for t in row[m] if t not in stops]) for row, m in zip(completions[:count], mask[:count])]
 
@@ -84,7 +84,7 @@ def evaluate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, task: Ta
                        for s, t, sc in zip(chunk, texts, chunk_scores))
 
     pending = None
-    for start in tqdm(range(0, len(states), batch_size), desc=desc, leave=False):
+    for start in tqdm(range(0, len(states), batch_size), desc=desc, leave=False, disable=not sharding.is_primary()):
         chunk = states[start:start + batch_size]
         rollout = dispatch_sampling(params, model_cfg, tokenizer, chunk, settings, jax.random.key(0), mesh,
                                     rows=batch_size)

@@ -15,6 +15,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go "
                                "(default: runs/<config name>)")
 _MODE = flags.DEFINE_string("mode", None, "overrides config.mode: train, sft, rl, eval, compare")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "multi-host: join the other processes (TPU pods "
+                                 "and SLURM discover the rest; elsewhere give the three flags below)")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "multi-host: coordinator host:port")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -47,7 +49,8 @@ def main(argv: list[str]) -> None:
 
     from r3jax import config as config_lib, sharding, tasks
 
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", config_name)
     try:
@@ -56,8 +59,9 @@ def main(argv: list[str]) -> None:
     except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
         fail(str(error))
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if sharding.is_primary():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     mesh = sharding.make_mesh(config.mesh)
     try:
         if config.mode == "compare":

@@ -17,13 +17,19 @@ class MetricsWriter:
     """Appends `{"step": s, ...}` lines to `<workdir>/<name>.jsonl` and TensorBoard scalars.
 
     On resume from `resume_step`, lines past it are dropped so the log matches the checkpoint.
+    In a multi-host run only process 0 writes; the others keep the path and write nothing.
     """
 
     def __init__(self, workdir: str, name: str, resume_step: int | None = None):
         from tensorboardX import SummaryWriter
 
-        os.makedirs(workdir, exist_ok=True)
+        from r3jax.sharding import is_primary
+
         self.path = os.path.join(workdir, f"{name}.jsonl")
+        self.active = is_primary()
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
         kept = [r for r in read_jsonl(self.path) if resume_step is not None and r["step"] <= resume_step]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -32,6 +38,8 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict) -> dict:
         record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+        if not self.active:
+            return record
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         for key, value in record.items():
@@ -40,6 +48,8 @@ class MetricsWriter:
         return record
 
     def close(self) -> None:
+        if not self.active:
+            return
         self.file.close()
         self.tensorboard.close()
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -89,9 +90,31 @@ def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
     return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x), batch_axis)), tree)
 
 
-def initialize_distributed(coordinator: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-    """Multi-host start-up; a no-op for a single process. On TPU pods and SLURM, the arguments
-    may be None and JAX discovers them from the environment."""
-    if num_processes is not None and num_processes > 1:
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array as numpy on this process, gathered from the other hosts when it is
+    sharded over devices this process cannot address (multi-host)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files: logs, results, plots, exported models.
+    Multi-host runs need a workdir on a filesystem every host sees."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process gets here (a no-op for a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def initialize_distributed(enabled: bool, coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Multi-host start-up when `enabled` or a coordinator / several processes are given; a no-op
+    otherwise. On TPU pods and under SLURM the arguments may stay None: JAX discovers them."""
+    if not (enabled or coordinator or (num_processes or 1) > 1):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; others ignore it
+    jax.distributed.initialize(coordinator, num_processes, process_id)

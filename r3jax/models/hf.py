@@ -172,10 +172,13 @@ def load(path: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -
 
 
 def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes config.json and safetensors shards that `AutoModelForCausalLM.from_pretrained` reads."""
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg), f, indent=2)
+    """Writes config.json and safetensors shards that `AutoModelForCausalLM.from_pretrained` reads.
+    Multi-host: every process must call it (each tensor is gathered); process 0 writes."""
+    writer = sharding_lib.is_primary()
+    if writer:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config_to_hf(cfg), f, indent=2)
     flat = traverse_util.flatten_dict(params)
     # Shards are written as soon as they fill, so at most one shard sits in host memory.
     written: list[tuple[str, list[str]]] = []
@@ -188,10 +191,14 @@ def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 3
         shard.clear()
 
     for hf_name, ours, _, to_hf in _tensor_map(cfg):
-        tensor = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(flat[ours]))))
+        tensor = np.ascontiguousarray(to_hf(sharding_lib.to_host(flat[ours])))
+        if not writer:
+            continue
         if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
             flush()
         shard[hf_name] = tensor
+    if not writer:
+        return
     flush()
     if len(written) == 1:
         os.replace(written[0][0], os.path.join(path, "model.safetensors"))

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 
+from r3jax import sharding
 from r3jax.checkpoint import StopSignal
 from r3jax.config import ARMS
 from r3jax.evaluate import evaluate
@@ -79,16 +80,19 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         for seed in config.compare.seeds:
             run_dir = os.path.join(workdir, "compare", f"{arm}-seed{seed}")
             done_file = os.path.join(run_dir, "report.json")
-            if not os.path.exists(done_file):
-                model_cfg, policy = job.load_policy(sft_dir, config, mesh)
-                result = rl.train(config, model_cfg, policy, tokenizer, task, mesh, run_dir, stop,
-                                  strategy=ARMS[arm], seed=seed)
-                if result is None:
-                    return None
+            if os.path.exists(done_file):
+                with open(done_file) as f:
+                    reports.append(json.load(f))
+                continue
+            model_cfg, policy = job.load_policy(sft_dir, config, mesh)
+            result = rl.train(config, model_cfg, policy, tokenizer, task, mesh, run_dir, stop,
+                              strategy=ARMS[arm], seed=seed)
+            if result is None:
+                return None
+            reports.append(result["report"])
+            if sharding.is_primary():
                 with open(done_file, "w") as f:
                     json.dump(result["report"], f, indent=2)
-            with open(done_file) as f:
-                reports.append(json.load(f))
         arms[arm] = summarise(reports)
     stop.restore()
     summary = {"arms": arms,
@@ -97,6 +101,8 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
                "sft_checkpoint": "one SFT model shared by all arms; its std is 0 by construction",
                "test_examples": len(test_demos), "machine": machine(),
                "command": "python -m r3jax.main " + " ".join(sys.argv[1:])}
+    if not sharding.is_primary():
+        return summary
     output = config.compare.output
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:

@@ -26,9 +26,10 @@ def build_tokenizer(config, task: Task, workdir: str) -> tokenizer_lib.Tokenizer
         if path:
             return tokenizer_lib.load(path)
     model_file = os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(model_file):
+    if not os.path.exists(model_file) and sharding.is_primary():
         texts = (task.prompt(d.question) + d.response for d in task.demonstrations("train"))
         tokenizer_lib.train_sentencepiece(texts, model_file[:-len(".model")], config.tokenizer.vocab_size)
+    sharding.barrier("tokenizer")
     return tokenizer_lib.load(model_file)
 
 
@@ -60,7 +61,9 @@ def load_policy(path: str, config, mesh) -> tuple[ModelConfig, Any]:
 
 
 def write_results(workdir: str, rows: dict[str, dict], title: str) -> None:
-    """results.json, a markdown table and the curves PNGs in the workdir."""
+    """results.json, a markdown table and the curves PNGs in the workdir (process 0 only)."""
+    if not sharding.is_primary():
+        return
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(rows, f, indent=2)
     keys = sorted({k for r in rows.values() for k in r if k.startswith("accuracy")},
@@ -116,5 +119,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
 
 
 def write_records(workdir: str, name: str, records: list[dict]) -> None:
+    if not sharding.is_primary():
+        return
     with open(os.path.join(workdir, f"{name}_predictions.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

@@ -11,10 +11,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
-from r3jax import curriculum, optim, ppo
+from r3jax import curriculum, optim, ppo, sharding
 from r3jax.checkpoint import Checkpointer, StopSignal
 from r3jax.evaluate import accuracy_report, evaluate, generate
 from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
@@ -80,7 +79,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     base_key = jax.random.key(seed)
     budget = c.token_budget
     bar = tqdm(total=budget or c.steps, initial=min(tokens_sampled if budget else step, budget or c.steps),
-               desc=f"RL {strategy}", unit="tok" if budget else "step")
+               desc=f"RL {strategy}", unit="tok" if budget else "step", disable=not sharding.is_primary())
     while step < c.steps and (not budget or tokens_sampled < budget) and not stop.requested:
         step_key = jax.random.fold_in(base_key, step)
         sample_key, update_key = jax.random.split(step_key)
@@ -101,7 +100,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         record = {k: float(v) for k, v in update_metrics.items()}  # waits for the update
         updated = time.perf_counter()
 
-        new_tokens = int(np.asarray(rollout.lengths).sum())
+        new_tokens = int(sharding.to_host(rollout.lengths).sum())
         tokens_sampled += new_tokens
         step += 1
         record.update(_host_metrics(batch_states, scores))
@@ -127,8 +126,9 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         checkpointer.save(step, state, {"step": step, "tokens_sampled": tokens_sampled})
     checkpointer.close()
     writer.close()
-    plot_curves(read_jsonl(writer.path), os.path.join(workdir, "rl_curves.png"),
-                title=f"R^3 {strategy} on {task.name}")
+    if sharding.is_primary():
+        plot_curves(read_jsonl(writer.path), os.path.join(workdir, "rl_curves.png"),
+                    title=f"R^3 {strategy} on {task.name}")
     if not finished:
         return None
     test_demos = task.demonstrations(config.eval.split)

@@ -41,7 +41,9 @@ def encode_example(tokenizer: Tokenizer, task: Task, demo: Demonstration) -> tup
 def export(path: str, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer) -> None:
     """An HF model directory with its tokenizer, loadable by r3jax and by transformers."""
     hf.save(path, model_cfg, params)
-    tokenizer.save(path)
+    if sharding.is_primary():
+        tokenizer.save(path)
+    sharding.barrier(f"export {path}")
 
 
 def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, np.ndarray]:
@@ -113,7 +115,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
         start, best = meta["step"], meta["best"]
     writer = MetricsWriter(out, "sft", resume_step=start)
     eval_demos = task.demonstrations(config.eval.split)[:c.eval_examples]
-    bar = tqdm(range(start, c.steps), desc="SFT", initial=start, total=c.steps)
+    bar = tqdm(range(start, c.steps), desc="SFT", initial=start, total=c.steps, disable=not sharding.is_primary())
     for step in bar:
         batch = sharding.shard_batch(_batch_for_step(examples, step, c, config.seed, tokenizer.pad_id), mesh)
         state, metrics = step_fn(state, batch)

@@ -1,0 +1,55 @@
+"""Multi-host: the main job as two processes over loopback (gloo), 2 CPU devices each, parameters
+FSDP-sharded across both; it must give the run one process on 4 devices gives."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from test_main import ENV, ROOT, _rl_log
+
+TINY_JOB = [f"--config={ROOT}/configs/arith.py", "--config.mesh=(1,-1,1)",
+            "--config.task.options.num_train=200", "--config.task.options.num_test=8",
+            "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
+            "--config.model.num_layers=2", "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
+            "--config.model.head_dim=16", "--config.sft.steps=6", "--config.sft.batch_size=8",
+            "--config.sft.eval_every=0", "--config.sft.checkpoint_every=3", "--config.rl.steps=3",
+            "--config.rl.batch_size=8", "--config.rl.max_new_tokens=24", "--config.rl.eval_every=0",
+            "--config.eval.num_examples=8", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24"]
+
+
+def _env(devices: int) -> dict:
+    return {**ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    single = tmp_path / "single"
+    one = subprocess.run([sys.executable, "-m", "r3jax.main", *TINY_JOB, f"--workdir={single}"],
+                         cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, f"--workdir={multi}",
+                               f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    assert "RL mixed" in outputs[0][1] and "RL mixed" not in outputs[1][1]  # one progress bar
+
+    assert json.load(open(multi / "results.json")) == json.load(open(single / "results.json"))
+    for want, have in zip(_rl_log(str(single)), _rl_log(str(multi)), strict=True):
+        assert have["reward"] == want["reward"] and have["response_length"] == want["response_length"]
+        assert have["loss"] == pytest.approx(want["loss"], rel=1e-3, abs=1e-5)
+    exported = sorted(os.listdir(multi / "rl" / "final"))
+    assert "model.safetensors" in exported and "tokenizer.model" in exported
