@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r3jax.models.transformer import ModelConfig, Transformer, init_cache, positions_from_mask
+from r3jax.models.transformer import DECODE_BLOCK, ModelConfig, Transformer, init_cache, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +87,11 @@ def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, se
     batch, prompt_len = prompt_tokens.shape
     new = settings.max_new_tokens
     model = Transformer(cfg)
-    kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((batch, new), prompt_mask.dtype)], axis=1)
+    cache_len = -(-(prompt_len + new) // DECODE_BLOCK) * DECODE_BLOCK  # whole blocks; the tail stays masked
+    kv_mask = jnp.pad(prompt_mask, ((0, 0), (0, cache_len - prompt_len)))
     positions = positions_from_mask(prompt_mask)
     logits, _, cache = model.apply({"params": params}, prompt_tokens, positions, kv_mask,
-                                   init_cache(cfg, batch, prompt_len + new), 0)
+                                   init_cache(cfg, batch, cache_len), 0)
     stop_ids = jnp.asarray(settings.stop_ids or (-1,), jnp.int32)
 
     def cond(state):

@@ -101,6 +101,58 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict[str, jnp.
             for _ in range(cfg.num_layers)]
 
 
+DECODE_BLOCK = 64  # cache slots a one-token decode step reads at a time; see decode_attention
+
+
+def attention(q, k, v, kv_mask, cache_start) -> jnp.ndarray:
+    """Causal attention of queries at slots `cache_start + [0, seq)` over every key slot.
+
+    q `[batch, seq, kv_heads, groups, head_dim]`, k/v `[batch, kv_heads, keys, head_dim]`,
+    kv_mask `[batch, keys]`; returns `[batch, seq, kv_heads, groups, head_dim]`.
+    """
+    scores = jnp.einsum("bqkgd,bksd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    query_slots = cache_start + jnp.arange(q.shape[1])
+    key_slots = jnp.arange(k.shape[2])
+    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgqs,bksd->bqkgd", probs, v)
+
+
+def decode_attention(q, k, v, kv_mask, cache_start) -> jnp.ndarray:
+    """One query per row at slot `cache_start`, reading only the cache blocks up to it.
+
+    A fixed-size cache holds `max_new_tokens` slots that are still empty for most of the decode;
+    attending over the filled blocks alone (online softmax, as in flash decoding) keeps each step's
+    cache reads proportional to the tokens so far. Shapes as in `attention` with seq = 1.
+    """
+    batch, _, kv_heads, groups, head_dim = q.shape
+    keys = k.shape[2]
+    block = DECODE_BLOCK if keys % DECODE_BLOCK == 0 else keys
+    query = q[:, 0].astype(jnp.float32) / math.sqrt(head_dim)  # [batch, kv_heads, groups, head_dim]
+
+    def read_block(i, carry):
+        running_max, denominator, numerator = carry
+        start = i * block
+        k_block = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2).astype(jnp.float32)
+        v_block = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2).astype(jnp.float32)
+        slots = start + jnp.arange(block)
+        allowed = jax.lax.dynamic_slice_in_dim(kv_mask, start, block, axis=1).astype(bool) & (slots <= cache_start)
+        scores = jnp.einsum("bkgd,bksd->bkgs", query, k_block)
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        weights = jnp.where(allowed[:, None, None], jnp.exp(scores - new_max[..., None]), 0.0)
+        rescale = jnp.exp(running_max - new_max)
+        return (new_max, denominator * rescale + weights.sum(axis=-1),
+                numerator * rescale[..., None] + jnp.einsum("bkgs,bksd->bkgd", weights, v_block))
+
+    init = (jnp.full((batch, kv_heads, groups), jnp.finfo(jnp.float32).min),
+            jnp.zeros((batch, kv_heads, groups)), jnp.zeros((batch, kv_heads, groups, head_dim)))
+    filled_blocks = cache_start // block + 1
+    _, denominator, numerator = jax.lax.fori_loop(0, filled_blocks, read_block, init)
+    return (numerator / denominator[..., None]).astype(q.dtype)[:, None]
+
+
 def _param(init, *names):
     return nn.with_logical_partitioning(init, names)
 
@@ -147,13 +199,8 @@ class Attention(nn.Module):
         batch, seq = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bqkgd,bksd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        query_slots = cache_start + jnp.arange(seq)
-        key_slots = jnp.arange(k.shape[2])
-        allowed = (key_slots[None, :] <= query_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
-        out = jnp.einsum("bkgqs,bksd->bqkgd", probs, v).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        attend = decode_attention if layer_cache is not None and seq == 1 else attention
+        out = attend(q, k, v, kv_mask, cache_start).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
             dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
