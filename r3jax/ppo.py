@@ -162,7 +162,8 @@ def prepare(params, ref_params, rollout: dict, model_cfg: ModelConfig, cfg: PPOC
     metrics = {"score": rollout["scores"].mean(), "kl": kl.sum(1).mean(),
                "sampler_kl": masked_mean(rollout["logprobs"] - old_logp, mask),
                "value_explained_variance": explained_variance(old_values, returns, mask),
-               "response_length": mask.sum(1).mean(), "return": masked_mean(returns, mask)}
+               "response_length": mask.sum(1).mean(), "return": masked_mean(returns, mask),
+               "rows/kl": kl.sum(1), "rows/response_length": mask.sum(1)}  # [batch]: per stage on the host
     return jax.lax.stop_gradient(batch), metrics
 
 

@@ -156,6 +156,8 @@ def test_embedded_default_fast(tmp_path):
     log = _rl_log(str(tmp_path))
     rewards = np.array([r["reward"] for r in log])
     assert len(rewards) == 24 and all("accuracy" in r and "accuracy/stage_0" in r for r in log)
+    logged = set().union(*log)
+    assert all(f"{name}/stage_{k}" in logged for name in ("reward", "kl", "response_length") for k in range(5))
     assert rewards[-8:].mean() > rewards[:8].mean(), rewards
     results = json.load(open(tmp_path / "results.json"))
     assert set(results) == {"sft", "r3-mixed"}

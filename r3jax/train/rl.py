@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from r3jax import curriculum, optim, ppo, sharding
@@ -43,9 +44,16 @@ def build_curriculum(c, task: Task, tokenizer: Tokenizer, strategy: str, seed: i
                                  tuple(c.stage_weights) or None)
 
 
-def _host_metrics(states, scores) -> dict[str, float]:
-    report = accuracy_report(states, scores)
-    return {k: v for k, v in report.items() if "/steps_" not in k}
+def _host_metrics(states, scores, row_metrics: dict[str, np.ndarray]) -> dict[str, float]:
+    """Reward and accuracy, and the update's per-row metrics (`rows/<name>`, `[rows]`), overall
+    and per start stage."""
+    report = {k: v for k, v in accuracy_report(states, scores).items() if "/steps_" not in k}
+    stages = np.asarray([s.stage for s in states])
+    for name, values in row_metrics.items():
+        values = values[:len(states)]  # rows past the states only fill the batch
+        for stage in np.unique(stages):
+            report[f"{name}/stage_{stage}"] = float(values[stages == stage].mean())
+    return report
 
 
 def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, task: Task, mesh,
@@ -97,13 +105,15 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
                  "logprobs": rollout.logprobs, "completion_mask": rollout.completion_mask,
                  "scores": jnp.asarray([s.reward for s in scores], jnp.float32)}
         state, update_metrics = update(state, reference, batch, update_key)
-        record = {k: float(v) for k, v in update_metrics.items()}  # waits for the update
+        update_metrics = {k: sharding.to_host(v) for k, v in update_metrics.items()}  # waits for the update
+        rows = {k.removeprefix("rows/"): v for k, v in update_metrics.items() if k.startswith("rows/")}
+        record = {k: float(v) for k, v in update_metrics.items() if not k.startswith("rows/")}
         updated = time.perf_counter()
 
         new_tokens = int(sharding.to_host(rollout.lengths).sum())
         tokens_sampled += new_tokens
         step += 1
-        record.update(_host_metrics(batch_states, scores))
+        record.update(_host_metrics(batch_states, scores, rows))
         record.update({"tokens_sampled": tokens_sampled, "time/sample_s": sampled - started,
                        "time/reward_s": scored - sampled, "time/update_s": updated - scored,
                        "sample_tokens_per_s": new_tokens / max(sampled - started, 1e-9)})
