@@ -15,8 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from common import machine, write
+from common import write
 from r3jax import optim, ppo
+from r3jax.metrics import machine_info
 from r3jax.models.transformer import ModelConfig, init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.train.sft import SFTState, make_train_step
@@ -67,7 +68,7 @@ def main():
     tokens_per_step = BATCH * (PROMPT + NEW)
     result = {"benchmark": "one ppo_update vs one bare train step on the same batch", "model": cfg.__dict__,
               "params": cfg.num_params(), "batch": BATCH, "prompt": PROMPT, "new_tokens": NEW,
-              "ppo_epochs": ppo_cfg.epochs, "machine": machine(),
+              "ppo_epochs": ppo_cfg.epochs, "machine": machine_info(),
               "ppo_update_s": ppo_s, "ppo_tokens_per_s": tokens_per_step / ppo_s,
               "train_step_s": sft_s, "train_step_tokens_per_s": tokens_per_step / sft_s,
               "ppo_over_train_step": ppo_s / sft_s}

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import machine, write
+from common import write
 from r3jax import models
+from r3jax.metrics import machine_info
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, init_params
 from r3jax.sampling import SamplingConfig, sample
@@ -108,7 +109,7 @@ def main():
             print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
     write("sampler", {"benchmark": "greedy decode tokens/s, prompt 32 tokens", "model": cfg.__dict__,
-                      "params": cfg.num_params(), "machine": machine(),
+                      "params": cfg.num_params(), "machine": machine_info(),
                       "naive_note": f"naive (no KV cache) skipped where batch x new_tokens > {NAIVE_MAX_TOKENS}",
                       "rows": rows})
 

@@ -11,8 +11,9 @@ import argparse
 import os
 import time
 
-from common import machine, write
+from common import write
 from r3jax import tasks
+from r3jax.metrics import machine_info
 from r3jax.tasks.sandbox import Limits, Sandbox
 
 
@@ -39,7 +40,7 @@ def main():
         rows.append({"workers": workers, "programs_per_s": rate, "correct": correct, "programs": len(programs)})
         print(rows[-1], flush=True)
     write("sandbox", {"benchmark": "released GSM8K P-CoT programs through r3jax.tasks.sandbox",
-                      "machine": machine(), "rows": rows,
+                      "machine": machine_info(), "rows": rows,
                       "speedup_n_vs_1": rows[1]["programs_per_s"] / rows[0]["programs_per_s"]})
 
 

@@ -9,6 +9,31 @@ from typing import Iterable
 import numpy as np
 
 
+def machine_info() -> dict:
+    """Where a result was measured: host, devices and library versions."""
+    import platform
+    import sys
+
+    import flax
+    import jax
+    import optax
+
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "device": jax.devices()[0].device_kind,
+            "device_count": jax.device_count(), "process_count": jax.process_count(),
+            "python": sys.version.split()[0], "jax": jax.__version__, "flax": flax.__version__,
+            "optax": optax.__version__}
+    try:
+        import torch
+        import transformers
+
+        info.update(torch=torch.__version__, transformers=transformers.__version__,
+                    torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    return info
+
+
 def _scalar(value) -> float:
     return float(np.asarray(value))
 

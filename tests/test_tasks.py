@@ -1,6 +1,5 @@
 """Answer checking, task loaders, and the synthetic arith task."""
 import json
-import os
 
 import pytest
 

@@ -1,5 +1,4 @@
 """Tokenizers: SentencePiece training, HF directories, left padding, save/load beside a model."""
-import numpy as np
 import pytest
 import tokenizers
 import transformers

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 
-import jax
 import numpy as np
 
 from r3jax import sharding
 from r3jax.checkpoint import StopSignal
 from r3jax.config import ARMS
 from r3jax.evaluate import evaluate
+from r3jax.metrics import machine_info
 from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
-            "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-            "jax": jax.__version__, "python": sys.version.split()[0]}
 
 
 def summarise(reports: list[dict]) -> dict:
@@ -99,7 +92,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
                "budget": {"sampled_tokens": config.rl.token_budget, "max_rl_steps": config.rl.steps,
                           "prompts_per_step": config.rl.batch_size},
                "sft_checkpoint": "one SFT model shared by all arms; its std is 0 by construction",
-               "test_examples": len(test_demos), "machine": machine(),
+               "test_examples": len(test_demos), "machine": machine_info(),
                "command": "python -m r3jax.main " + " ".join(sys.argv[1:])}
     if not sharding.is_primary():
         return summary
