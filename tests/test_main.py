@@ -11,6 +11,7 @@ import pytest
 
 from conftest import make_hf_model
 from r3jax import tasks, tokenizer
+from r3jax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The CLI runs on this machine's one CPU device, not the 8 simulated ones of the mesh tests.
@@ -94,11 +95,7 @@ TIMING = ("time/", "sample_tokens_per_s")
 
 
 def _rl_log(workdir):
-    path = os.path.join(workdir, "rl", "rl.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(workdir, "rl", "rl.jsonl"))
 
 
 def _wait_for_step(proc, workdir, step, timeout=300):

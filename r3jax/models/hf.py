@@ -191,9 +191,10 @@ def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 3
         shard.clear()
 
     for hf_name, ours, _, to_hf in _tensor_map(cfg):
-        tensor = np.ascontiguousarray(to_hf(sharding_lib.to_host(flat[ours])))
+        host = sharding_lib.to_host(flat[ours])  # a collective across hosts: every process gathers
         if not writer:
             continue
+        tensor = np.ascontiguousarray(to_hf(host))
         if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
             flush()
         shard[hf_name] = tensor
