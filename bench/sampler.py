@@ -1,5 +1,7 @@
 """Decode throughput: r3jax's sampler vs HF `generate` (PyTorch) on the same weights vs a naive
-JAX decode without a KV cache, measured in one run.
+JAX decode without a KV cache, measured in one run, next to the time of the decode's weight GEMMs
+alone, prefill included (no attention, norms or sampling): a bound on what any fp32 decode of this
+model reaches with XLA's GEMMs on this machine.
 
     python bench/sampler.py [--quick]
 
@@ -68,6 +70,45 @@ def naive_decode(params, cfg, tokens, new_tokens):
     return timed(run)
 
 
+def decode_matrices(cfg, params):
+    """Per layer the 2-D `[in, out]` weight matrices a token is multiplied by, and the LM head."""
+    layers = []
+    for i in range(cfg.num_layers):
+        attn, mlp = params[f"layers_{i}"]["attn"], params[f"layers_{i}"]["mlp"]
+        layer = {name: attn[name]["kernel"].reshape(cfg.hidden_size, -1) for name in ("q_proj", "k_proj", "v_proj")}
+        layer["o_proj"] = attn["o_proj"]["kernel"].reshape(-1, cfg.hidden_size)
+        layer.update({name: mlp[name]["kernel"] for name in ("gate_proj", "up_proj", "down_proj")})
+        layers.append(layer)
+    head = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    return layers, head
+
+
+def _gemm_pass(layers, head, x):
+    """One forward's weight GEMMs in the model's data flow, x `[..., embed]`; k/v and the logits
+    feed row reductions so that no GEMM is dead code."""
+    for w in layers:
+        kv = (x @ w["k_proj"]).sum(-1, keepdims=True) + (x @ w["v_proj"]).sum(-1, keepdims=True)
+        x = x + (x @ w["q_proj"]) @ w["o_proj"] + kv
+        x = x + (jax.nn.silu(x @ w["gate_proj"]) * (x @ w["up_proj"])) @ w["down_proj"]
+    return x + (x @ head).max(-1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames="new_tokens")
+def _gemms_only(layers, head, prompt_hidden, new_tokens):
+    """The weight GEMMs of a prefill over prompt_hidden `[batch, prompt, embed]` and of `new_tokens`
+    decode steps, and nothing else."""
+    last = _gemm_pass(layers, head, prompt_hidden)[:, -1]
+    return jax.lax.fori_loop(0, new_tokens, lambda _, x: _gemm_pass(layers, head, x), last)
+
+
+def gemms_only(params, cfg, batch, new_tokens):
+    layers, head = decode_matrices(cfg, params)
+    prompt_hidden = jnp.full((batch, PROMPT, cfg.hidden_size), 0.01, jnp.float32)
+    run = lambda: jax.block_until_ready(_gemms_only(layers, head, prompt_hidden, new_tokens))
+    run()
+    return timed(run, 2)
+
+
 def hf_decode(model, tokens, new_tokens):
     import torch
 
@@ -100,17 +141,23 @@ def main():
             ours = r3jax_decode(params, cfg, tokens, mask, new_tokens)
             theirs = hf_decode(hf_model, tokens, new_tokens)
             naive = naive_decode(params, cfg, tokens, new_tokens) if produced <= NAIVE_MAX_TOKENS else None
+            gemms = gemms_only(params, cfg, batch, new_tokens)
             row = {"batch": batch, "new_tokens": new_tokens, "r3jax_tokens_per_s": produced / ours,
                    "hf_tokens_per_s": produced / theirs,
                    "naive_tokens_per_s": None if naive is None else produced / naive,
+                   "gemms_only_tokens_per_s": produced / gemms,
                    "speedup_vs_hf": theirs / ours,
-                   "speedup_vs_naive": None if naive is None else naive / ours}
+                   "speedup_vs_naive": None if naive is None else naive / ours,
+                   "gemms_only_speedup_vs_hf": theirs / gemms}
             rows.append(row)
             print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
     write("sampler", {"benchmark": "greedy decode tokens/s, prompt 32 tokens", "model": cfg.__dict__,
                       "params": cfg.num_params(), "machine": machine_info(),
                       "naive_note": f"naive (no KV cache) skipped where batch x new_tokens > {NAIVE_MAX_TOKENS}",
+                      "gemms_only_note": "the prefill's and decode steps' weight GEMMs alone under XLA (no "
+                                         "attention, norms, sampling): the speedup over HF that a decode costing "
+                                         "nothing else would reach",
                       "rows": rows})
 
 
