@@ -64,7 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
     })
 
     c.eval = ml_collections.ConfigDict({
-        "split": "test", "num_examples": 0, "batch_size": 32, "max_new_tokens": 700})
+        "split": "test", "num_examples": 0, "batch_size": 32, "max_new_tokens": 700,
+        # maj_k > 0: the final evaluations also vote over maj_k samples at `temperature` per problem
+        "maj_k": 0, "temperature": 1.0})
 
     c.checkpoint = ml_collections.ConfigDict({"keep": 2})
 
@@ -106,6 +108,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(c.rl.stage_unit != "budget" or c.rl.token_budget > 0, "rl.stage_unit",
            "'budget' needs rl.token_budget > 0")
     _check(c.eval.split in ("train", "validation", "test"), "eval.split", f"{c.eval.split!r}")
+    _check(c.eval.maj_k >= 0, "eval.maj_k", f"must be 0 (greedy only) or a sample count, got {c.eval.maj_k}")
+    _check(c.eval.temperature > 0, "eval.temperature", f"must be positive, got {c.eval.temperature}")
     for section in ("sft", "rl"):
         _check(c[section].schedule in ("constant", "linear", "cosine"), f"{section}.schedule",
                f"{c[section].schedule!r}: expected constant, linear or cosine")

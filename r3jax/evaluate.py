@@ -12,6 +12,7 @@ from r3jax import sharding
 from r3jax.curriculum import StartState, start_states
 from r3jax.models.transformer import ModelConfig
 from r3jax.sampling import Rollout, SamplingConfig, sample
+from r3jax.tasks.answers import majority
 from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer, left_pad
 
@@ -68,29 +69,44 @@ def accuracy_report(states: Sequence[StartState], scores) -> dict[str, float]:
 
 
 def evaluate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, task: Task, demos, mesh,
-             batch_size: int, max_new_tokens: int, desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Greedy accuracy on the full task (start state k = 0). Returns (report, per-example records)."""
+             batch_size: int, max_new_tokens: int, desc: str = "eval", maj_k: int = 0,
+             temperature: float = 1.0) -> tuple[dict, list[dict]]:
+    """Accuracy on the full task (start state k = 0): greedy, or with `maj_k` > 0 the majority
+    answer of `maj_k` completions sampled at `temperature` (the report then also holds
+    `sample_accuracy`, the mean over single samples). Returns (report, per-example records)."""
     states = [start_states(task, demo, None)[0] for demo in demos]
-    settings = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, stop_ids=tokenizer.stop_ids,
+    samples = maj_k or 1
+    settings = SamplingConfig(max_new_tokens=max_new_tokens, greedy=not maj_k,
+                              temperature=temperature if maj_k else 1.0, stop_ids=tokenizer.stop_ids,
                               pad_id=tokenizer.pad_id)
-    scores, records = [], []
+    rows = [state for state in states for _ in range(samples)]  # a problem's samples are adjacent
+    texts, predictions = [], []
 
-    def score_chunk(chunk: Sequence[StartState], rollout: Rollout) -> None:
-        texts = decode_completions(tokenizer, rollout, len(chunk))
-        chunk_scores = task.score_batch([s.given + t for s, t in zip(chunk, texts)],
-                                        [s.demo.answer for s in chunk])
-        scores.extend(chunk_scores)
-        records.extend({"id": s.demo.id, "completion": t, "answer": s.demo.answer, "correct": sc.correct}
-                       for s, t, sc in zip(chunk, texts, chunk_scores))
+    def read_chunk(chunk: Sequence[StartState], rollout: Rollout) -> None:
+        chunk_texts = decode_completions(tokenizer, rollout, len(chunk))
+        texts.extend(chunk_texts)
+        predictions.extend(task.answers([s.given + t for s, t in zip(chunk, chunk_texts)]))
 
     pending = None
-    for start in tqdm(range(0, len(states), batch_size), desc=desc, leave=False, disable=not sharding.is_primary()):
-        chunk = states[start:start + batch_size]
-        rollout = dispatch_sampling(params, model_cfg, tokenizer, chunk, settings, jax.random.key(0), mesh,
-                                    rows=batch_size)
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=not sharding.is_primary()):
+        chunk = rows[start:start + batch_size]
+        rollout = dispatch_sampling(params, model_cfg, tokenizer, chunk, settings,
+                                    jax.random.fold_in(jax.random.key(0), start), mesh, rows=batch_size)
         if pending:  # the host scores the previous chunk while the device decodes this one
-            score_chunk(*pending)
+            read_chunk(*pending)
         pending = (chunk, rollout)
     if pending:
-        score_chunk(*pending)
-    return accuracy_report(states, scores), records
+        read_chunk(*pending)
+
+    scores, records = [], []
+    for i, state in enumerate(states):
+        votes = predictions[i * samples:(i + 1) * samples]
+        score = task.score_answer(majority(votes), state.demo.answer)
+        scores.append(score)
+        records.append({"id": state.demo.id, "completions": texts[i * samples:(i + 1) * samples],
+                        "predictions": votes, "answer": state.demo.answer, "correct": score.correct})
+    report = accuracy_report(states, scores)
+    if maj_k:
+        report["sample_accuracy"] = float(np.mean([task.score_answer(p, s.demo.answer).correct
+                                                   for p, s in zip(predictions, rows)]))
+    return report, records

@@ -47,6 +47,7 @@ def hf_dir(tmp_path_factory):
       "--config.task.options.train_path=/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
     (["--config=configs/arith.py", "--config.mesh=(3,1,1)"], "config.mesh"),
     (["--config=configs/arith.py", "--config.rl.batch_size=0"], "config.rl.batch_size"),
+    (["--config=configs/arith.py", "--config.eval.maj_k=-1"], "config.eval.maj_k"),
 ])
 def test_bad_input_exits_2_naming_it(args, named, hf_dir):
     result = run_cli(*[a.format(hf=hf_dir) for a in args], timeout=120)
@@ -70,7 +71,7 @@ def test_gsm8k_recipe_on_tiny_hf_llama(tmp_path, data_dir):
         "--config.sft.batch_size=8", "--config.rl.steps=2", "--config.rl.batch_size=8",
         "--config.eval.batch_size=8", "--config.eval.num_examples=8", "--config.sft.eval_examples=8",
         "--config.rl.max_new_tokens=24", "--config.eval.max_new_tokens=24", "--config.rl.max_prompt_length=512",
-        env=dict(os.environ))  # the recipe's FSDP mesh over 8 simulated devices
+        "--config.eval.maj_k=3", env=dict(os.environ))  # the recipe's FSDP mesh over 8 simulated devices
     assert result.returncode == 0, result.stderr[-3000:]
     rl_log = [json.loads(line) for line in open(workdir / "rl" / "rl.jsonl")]
     assert [r["step"] for r in rl_log] == [1, 2]
@@ -78,7 +79,10 @@ def test_gsm8k_recipe_on_tiny_hf_llama(tmp_path, data_dir):
                 "response_length", "sample_tokens_per_s", "time/update_s"):
         assert all(np.isfinite(r[key]) for r in rl_log), key
     results = json.load(open(workdir / "results.json"))
-    assert set(results) == {"sft", "r3-mixed"} and 0.0 <= results["r3-mixed"]["accuracy"] <= 1.0
+    assert set(results) == {"sft", "sft maj@3", "r3-mixed", "r3-mixed maj@3"}
+    assert 0.0 <= results["r3-mixed"]["accuracy"] <= 1.0 and 0.0 <= results["sft maj@3"]["sample_accuracy"] <= 1.0
+    voted = [json.loads(line) for line in open(workdir / "r3-mixed_maj3_predictions.jsonl")]
+    assert len(voted) == 8 and all(len(r["completions"]) == len(r["predictions"]) == 3 for r in voted)
     saved = json.load(open(workdir / "config.json"))
     assert saved["rl"]["kl_coef"] == 0.05 and saved["task"]["options"]["limit"] == 32
     assert (workdir / "rl" / "final" / "model.safetensors").exists()

@@ -30,6 +30,13 @@ def test_score_number_rule():
     assert answers.score_number(None, 18.0, 0.2) == answers.Score(0.0, False, False)
 
 
+def test_majority_vote():
+    assert answers.majority([1.0, 2.0, 2.004, None, None, None]) == 2.0  # no answer never wins
+    assert answers.majority([3.0, 5.0]) == 3.0  # a tie goes to the first seen
+    assert answers.majority([None, float("nan")]) is None
+    assert answers.majority(["no", "yes", "yes"]) == "yes"
+
+
 def test_extract_label_only_listed_options():
     options = ("yes", "it is not possible to tell", "no")
     assert answers.extract_label('so ### It is NOT possible  to tell.', "###", options) == options[1]

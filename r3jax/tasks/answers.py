@@ -76,3 +76,19 @@ def score_label(pred: str | None, gold: str) -> Score:
         return Score(0.0, False, False)
     correct = _normalise(pred) == _normalise(gold)
     return Score(float(correct), correct, True)
+
+
+def majority(values: Sequence) -> float | str | None:
+    """The most common answer among `values` (None, no answer, never wins; None if all are).
+    Numbers within TOLERANCE of each other count as one answer; ties go to the one seen first."""
+    counts: dict = {}
+    first: dict = {}
+    for value in values:
+        if value is None or value != value:
+            continue
+        key = round(value / TOLERANCE) if isinstance(value, float) else value
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, value)
+    if not counts:
+        return None
+    return first[max(counts, key=counts.get)]

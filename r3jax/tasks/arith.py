@@ -10,6 +10,7 @@ chain length, which is what makes outcome-only exploration hard.
 from __future__ import annotations
 
 import random
+from typing import Sequence
 
 from r3jax.tasks import answers
 from r3jax.tasks.answers import Score
@@ -89,6 +90,8 @@ class ArithTask(Task):
                                        f"\n{MARKER} {value}", str(value), (("num_steps", num_steps),)))
         return demos
 
-    def score(self, response: str, gold: str) -> Score:
-        return answers.score_number(answers.extract_number(response, MARKER), float(gold),
-                                    self.partial_reward)
+    def answers(self, responses: Sequence[str]) -> list[float | None]:
+        return [answers.extract_number(r, MARKER) for r in responses]
+
+    def score_answer(self, answer: float | None, gold: str) -> Score:
+        return answers.score_number(answer, float(gold), self.partial_reward)

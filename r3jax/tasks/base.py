@@ -119,12 +119,19 @@ class Task:
     def prompt(self, question: str) -> str:
         return self.header + question + RESPONSE_MARKER
 
-    def score(self, response: str, gold: str) -> Score:
-        """Scores a response: the start state's given steps plus the generated completion."""
+    def answers(self, responses: Sequence[str]) -> list:
+        """The answer each response gives (a response: the start state's given steps plus the
+        generated completion), None where it gives none; what scoring and maj@k voting compare."""
+        raise NotImplementedError
+
+    def score_answer(self, answer, gold: str) -> Score:
         raise NotImplementedError
 
     def score_batch(self, responses: Sequence[str], golds: Sequence[str]) -> list[Score]:
-        return [self.score(r, g) for r, g in zip(responses, golds)]
+        return [self.score_answer(a, g) for a, g in zip(self.answers(responses), golds)]
+
+    def score(self, response: str, gold: str) -> Score:
+        return self.score_batch([response], [gold])[0]
 
     def close(self) -> None:
         """Releases worker processes, if the task has any."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 from r3jax.tasks import answers
 from r3jax.tasks.answers import Score
@@ -37,8 +38,11 @@ class LabelTask(Task):
     def load_split(self, split: str) -> list[Demonstration]:
         return [self.demonstration(record, location) for location, record in self.records(split)]
 
-    def score(self, response: str, gold: str) -> Score:
-        return answers.score_label(answers.extract_label(response, self.marker, self.options), gold)
+    def answers(self, responses: Sequence[str]) -> list[str | None]:
+        return [answers.extract_label(r, self.marker, self.options) for r in responses]
+
+    def score_answer(self, answer: str | None, gold: str) -> Score:
+        return answers.score_label(answer, gold)
 
 
 def _paths(folder: str, train: str, test: str, train_path: str | None, test_path: str | None):

@@ -68,17 +68,14 @@ class MathTask(Task):
             self._sandbox = Sandbox(self.sandbox_workers, self.sandbox_limits)
         return self._sandbox
 
-    def score(self, response: str, gold: str) -> Score:
-        return self.score_batch([response], [gold])[0]
-
-    def score_batch(self, responses: Sequence[str], golds: Sequence[str]) -> list[Score]:
+    def answers(self, responses: Sequence[str]) -> list[float | None]:
+        """P-CoT: what each program returns when run in the sandbox; CoT: the number after the marker."""
         if self.program:
-            values = self.sandbox.run(responses)
-            preds = [v if isinstance(v, float) else None for v in values]
-        else:
-            preds = [answers.extract_number(r, self.answer_marker) for r in responses]
-        return [answers.score_number(p, float(answers.parse_number(g)), self.partial_reward)
-                for p, g in zip(preds, golds)]
+            return [v if isinstance(v, float) else None for v in self.sandbox.run(responses)]
+        return [answers.extract_number(r, self.answer_marker) for r in responses]
+
+    def score_answer(self, answer: float | None, gold: str) -> Score:
+        return answers.score_number(answer, float(answers.parse_number(gold)), self.partial_reward)
 
     def close(self) -> None:
         if self._sandbox is not None:

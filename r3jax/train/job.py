@@ -79,6 +79,21 @@ def write_results(workdir: str, rows: dict[str, dict], title: str) -> None:
         plot_curves(sft_log, os.path.join(workdir, "sft_curves.png"), ("loss", "eval/accuracy"), "SFT")
 
 
+def test_rows(name: str, report: dict, records: list[dict], params: Any, model_cfg: ModelConfig,
+              tokenizer: tokenizer_lib.Tokenizer, task: Task, test_demos, mesh, config, workdir: str) -> dict:
+    """The results rows of one model: its greedy `report`, and with config.eval.maj_k its maj@k
+    evaluation. Writes the predictions of each."""
+    write_records(workdir, name, records)
+    rows = {name: report}
+    k = config.eval.maj_k
+    if k:
+        rows[f"{name} maj@{k}"], maj_records = evaluate(
+            params, model_cfg, tokenizer, task, test_demos, mesh, config.eval.batch_size,
+            config.eval.max_new_tokens, desc=f"{name} maj@{k}", maj_k=k, temperature=config.eval.temperature)
+        write_records(workdir, f"{name}_maj{k}", maj_records)
+    return rows
+
+
 def run(config, workdir: str, task: Task, mesh) -> dict | None:
     """Modes train / sft / rl / eval. Returns the results rows, or None if stopped by a signal."""
     os.makedirs(workdir, exist_ok=True)
@@ -91,9 +106,10 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     if config.mode == "eval":
         report, records = evaluate(params, model_cfg, tokenizer, task, test_demos, mesh,
                                    config.eval.batch_size, config.eval.max_new_tokens)
-        write_records(workdir, "eval", records)
-        write_results(workdir, {"model": report}, f"{task.name}: evaluation")
-        return {"model": report}
+        rows = test_rows("model", report, records, params, model_cfg, tokenizer, task, test_demos, mesh,
+                         config, workdir)
+        write_results(workdir, rows, f"{task.name}: evaluation")
+        return rows
     rows = {}
     sft_dir = config.rl.init
     if config.mode in ("train", "sft"):
@@ -101,20 +117,21 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         if sft_dir is None:
             return None
         model_cfg, params = load_policy(sft_dir, config, mesh)
-        rows["sft"], records = evaluate(params, model_cfg, tokenizer, task, test_demos, mesh,
-                                        config.eval.batch_size, config.eval.max_new_tokens, desc="SFT test")
-        write_records(workdir, "sft", records)
+        report, records = evaluate(params, model_cfg, tokenizer, task, test_demos, mesh,
+                                   config.eval.batch_size, config.eval.max_new_tokens, desc="SFT test")
+        rows.update(test_rows("sft", report, records, params, model_cfg, tokenizer, task, test_demos, mesh,
+                              config, workdir))
     if config.mode in ("train", "rl"):
         sft_dir = sft_dir or os.path.join(workdir, "sft", "best")
         model_cfg, params = load_policy(sft_dir, config, mesh)
         result = rl.train(config, model_cfg, params, tokenizer, task, mesh, os.path.join(workdir, "rl"), stop)
         if result is None:
             return None
-        rows[f"r3-{config.rl.strategy}"] = result["report"]
-        write_records(workdir, "rl", result["records"])
+        rows.update(test_rows(f"r3-{config.rl.strategy}", result["report"], result["records"], result["params"],
+                              model_cfg, tokenizer, task, test_demos, mesh, config, workdir))
         sft.export(os.path.join(workdir, "rl", "final"), model_cfg, result["params"], tokenizer)
     stop.restore()
-    write_results(workdir, rows, f"{task.name}: test accuracy at start state k = 0 (greedy)")
+    write_results(workdir, rows, f"{task.name}: test accuracy at start state k = 0 (greedy unless maj@k)")
     return rows
 
 
