@@ -5,6 +5,9 @@ a bare SFT-style training step (forward + backward + AdamW) on the same tokens.
 
 The PPO step does 2 reference/old forwards plus epochs x (forward + backward) of the policy with
 its value head, so its time over the bare step's shows the overhead of GAE, losses and the scans.
+The same update with the LM head chunked over completion positions (`rl.logits_chunk`) is timed
+beside it, and both are compiled at Llama-2's 32,000-token vocabulary to read XLA's temporary
+memory, where the `[batch, positions, vocab]` logits dominate.
 Results: bench/results/ppo_step-<device>.json.
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ from r3jax.train.sft import SFTState, make_train_step
 SMALL = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
                     num_kv_heads=4, head_dim=32, max_position_embeddings=1024)
 BATCH, PROMPT, NEW = 16, 64, 64
+CHUNK = 16
+LARGE_VOCAB = 32000
 
 
 def seconds_per_call(fn, repeats=3):
@@ -37,22 +42,46 @@ def seconds_per_call(fn, repeats=3):
     return min(times)
 
 
-def main():
-    cfg = SMALL
-    key = jax.random.key(0)
+def make_rollout(cfg, key):
     tokens = jax.random.randint(key, (BATCH, PROMPT + NEW), 3, cfg.vocab_size)
-    rollout = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens),
-               "logprobs": jnp.zeros((BATCH, NEW)), "completion_mask": jnp.ones((BATCH, NEW), jnp.int32),
-               "scores": jax.random.uniform(key, (BATCH,))}
-    ppo_cfg = ppo.PPOConfig(epochs=2, minibatches=1)
-    optimizer = optim.adamw(1e-6)
+    return {"tokens": tokens, "attention_mask": jnp.ones_like(tokens),
+            "logprobs": jnp.zeros((BATCH, NEW)), "completion_mask": jnp.ones((BATCH, NEW), jnp.int32),
+            "scores": jax.random.uniform(key, (BATCH,))}
+
+
+def ppo_caller(cfg, ppo_cfg, optimizer, key):
+    """A no-argument call of one compiled PPO update (the state carried along, as in training)."""
+    rollout = make_rollout(cfg, key)
     reference = nn.unbox(init_params(cfg, key))
     update = ppo.make_ppo_update(cfg, ppo_cfg, optimizer)
     state = [ppo.init_state(actor_critic_params(cfg, nn.unbox(init_params(cfg, key)), False), optimizer)]
 
-    def ppo_call():
+    def call():
         state[0], metrics = update(state[0], reference, rollout, key)
         jax.block_until_ready(metrics)
+
+    return call
+
+
+def temp_bytes(cfg, ppo_cfg, optimizer, key) -> int:
+    """XLA's temporary memory for one PPO update, compiled from shapes alone."""
+    params = jax.eval_shape(lambda k: actor_critic_params(cfg, nn.unbox(init_params(cfg, k)), False), key)
+    state = jax.eval_shape(lambda p: ppo.init_state(p, optimizer), params)
+    update = ppo.make_ppo_update(cfg, ppo_cfg, optimizer)
+    rollout = jax.eval_shape(lambda k: make_rollout(cfg, k), key)
+    compiled = update.lower(state, params["policy"], rollout, key).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def main():
+    cfg = SMALL
+    key = jax.random.key(0)
+    tokens = make_rollout(cfg, key)["tokens"]
+    ppo_cfg = ppo.PPOConfig(epochs=2, minibatches=1)
+    chunked_cfg = ppo.PPOConfig(epochs=2, minibatches=1, logits_chunk=CHUNK)
+    optimizer = optim.adamw(1e-6)
+    ppo_call = ppo_caller(cfg, ppo_cfg, optimizer, key)
+    chunked_call = ppo_caller(cfg, chunked_cfg, optimizer, key)
 
     sft_step = make_train_step(cfg, optimizer)
     sft_params = nn.unbox(init_params(cfg, key))
@@ -64,14 +93,20 @@ def main():
         sft_state[0], metrics = sft_step(sft_state[0], sft_batch)
         jax.block_until_ready(metrics)
 
-    ppo_s, sft_s = seconds_per_call(ppo_call), seconds_per_call(sft_call)
+    ppo_s, sft_s, chunked_s = seconds_per_call(ppo_call), seconds_per_call(sft_call), seconds_per_call(chunked_call)
+    large = cfg.replace(vocab_size=LARGE_VOCAB)
+    plain_bytes, chunked_bytes = (temp_bytes(large, c, optimizer, key) for c in (ppo_cfg, chunked_cfg))
     tokens_per_step = BATCH * (PROMPT + NEW)
     result = {"benchmark": "one ppo_update vs one bare train step on the same batch", "model": cfg.__dict__,
               "params": cfg.num_params(), "batch": BATCH, "prompt": PROMPT, "new_tokens": NEW,
               "ppo_epochs": ppo_cfg.epochs, "machine": machine_info(),
               "ppo_update_s": ppo_s, "ppo_tokens_per_s": tokens_per_step / ppo_s,
               "train_step_s": sft_s, "train_step_tokens_per_s": tokens_per_step / sft_s,
-              "ppo_over_train_step": ppo_s / sft_s}
+              "ppo_over_train_step": ppo_s / sft_s,
+              "logits_chunk": CHUNK, "ppo_update_chunked_s": chunked_s, "chunked_over_plain": chunked_s / ppo_s,
+              "large_vocab": LARGE_VOCAB, "large_vocab_temp_bytes": plain_bytes,
+              "large_vocab_chunked_temp_bytes": chunked_bytes,
+              "large_vocab_temp_ratio": chunked_bytes / plain_bytes}
     print({k: v for k, v in result.items() if k not in ("model", "machine")})
     write("ppo_step", result)
 

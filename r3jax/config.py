@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
         "value_clip": 0.2, "vf_coef": 5.0, "entropy_coef": 0.0, "epochs": 2, "minibatches": 1,
         "score_clip": 0.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 700,
         "max_prompt_length": 512,
+        "logits_chunk": 0,  # completion positions per LM-head call in the PPO loss (memory); 0 = all
         "stage_length": 1.0, "stage_unit": "epochs",  # staged: per stage; unit steps|epochs|budget
         "stage_weights": (),  # mixed: optional weight per stage (stage 0 = the full task)
         "eval_every": 0, "eval_examples": 200, "checkpoint_every": 50,
@@ -108,6 +109,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(c.rl.stage_unit != "budget" or c.rl.token_budget > 0, "rl.stage_unit",
            "'budget' needs rl.token_budget > 0")
     _check(c.eval.split in ("train", "validation", "test"), "eval.split", f"{c.eval.split!r}")
+    _check(c.rl.logits_chunk >= 0, "rl.logits_chunk", f"must be 0 (all at once) or positive, got {c.rl.logits_chunk}")
     _check(c.eval.maj_k >= 0, "eval.maj_k", f"must be 0 (greedy only) or a sample count, got {c.eval.maj_k}")
     _check(c.eval.temperature > 0, "eval.temperature", f"must be positive, got {c.eval.temperature}")
     for section in ("sft", "rl"):

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from r3jax.models.transformer import ModelConfig, forward
-from r3jax.models.value import logits_and_values
+from r3jax.models.transformer import ModelConfig, forward, head_logits
+from r3jax.models.value import hidden_and_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     score_clip: float = 0.0  # 0: off; the non-math recipe clips rewards to +-5
     max_log_ratio: float = 20.0
+    logits_chunk: int = 0  # completion positions per LM-head call in completion_logprobs; 0: all
 
 
 class PPOState(NamedTuple):
@@ -51,15 +52,42 @@ def masked_whiten(x: jnp.ndarray, mask: jnp.ndarray, eps: float = 1e-8) -> jnp.n
     return (x - mean) * jax.lax.rsqrt(var + eps) * mask
 
 
-def token_logprobs(logits: jnp.ndarray, tokens: jnp.ndarray, num_new: int, temperature: float):
-    """Log-probs `[batch, new]` of the completion tokens under softmax(logits / temperature), the
+def token_logprobs(logits: jnp.ndarray, targets: jnp.ndarray, temperature: float):
+    """Log-probs of `targets [batch, n]` under softmax(logits `[batch, n, vocab]` / temperature), the
     distribution the sampler reports; and the entropy of that distribution per position."""
-    prompt_len = tokens.shape[1] - num_new
-    scaled = logits[:, prompt_len - 1:-1].astype(jnp.float32) / temperature
-    logp_all = jax.nn.log_softmax(scaled, axis=-1)
-    logp = jnp.take_along_axis(logp_all, tokens[:, prompt_len:, None], axis=-1)[..., 0]
+    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
     entropy = -(jnp.exp(logp_all) * logp_all).sum(-1)
     return logp, entropy
+
+
+def completion_logprobs(model_cfg: ModelConfig, policy_params: Any, hidden: jnp.ndarray, tokens: jnp.ndarray,
+                        num_new: int, temperature: float, chunk: int = 0):
+    """`token_logprobs` of the completion tokens (the last `num_new` of `tokens [batch, seq]`) from
+    the final hidden states `[batch, seq, embed]`: `[batch, new]` log-probs and entropies.
+
+    The LM head runs only at completion positions, `chunk` of them at a time (0: all at once),
+    each chunk rematerialised in the backward pass, so at most `[batch, chunk, vocab]` logits live
+    at once instead of `[batch, seq, vocab]`.
+    """
+    prompt_len = tokens.shape[1] - num_new
+    states, targets = hidden[:, prompt_len - 1:-1], tokens[:, prompt_len:]
+    if not chunk or chunk >= num_new:
+        return token_logprobs(head_logits(model_cfg, policy_params, states), targets, temperature)
+    pad = -num_new % chunk
+    states = jnp.pad(states, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    batch, num_chunks = states.shape[0], states.shape[1] // chunk
+
+    @jax.checkpoint
+    def one_chunk(_, chunk_inputs):
+        chunk_states, chunk_targets = chunk_inputs
+        return None, token_logprobs(head_logits(model_cfg, policy_params, chunk_states), chunk_targets, temperature)
+
+    by_chunk = lambda x: x.reshape(batch, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+    _, (logp, entropy) = jax.lax.scan(one_chunk, None, (by_chunk(states), by_chunk(targets)))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :num_new]
+    return unchunk(logp), unchunk(entropy)
 
 
 def gae(rewards: jnp.ndarray, values: jnp.ndarray, mask: jnp.ndarray, gamma: float, lam: float):
@@ -125,8 +153,9 @@ def minibatch_loss(params, batch, model_cfg: ModelConfig, cfg: PPOConfig):
     """Total loss of one minibatch and its metrics."""
     num_new = batch["completion_mask"].shape[1]
     mask = batch["completion_mask"].astype(jnp.float32)
-    logits, values = logits_and_values(model_cfg, params, batch["tokens"], batch["attention_mask"])
-    logp, entropy = token_logprobs(logits, batch["tokens"], num_new, cfg.temperature)
+    hidden, values = hidden_and_values(model_cfg, params, batch["tokens"], batch["attention_mask"])
+    logp, entropy = completion_logprobs(model_cfg, params["policy"], hidden, batch["tokens"], num_new,
+                                        cfg.temperature, cfg.logits_chunk)
     values = values[:, -num_new - 1:-1]
     pg_loss, clip_frac = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask,
                                      cfg.clip_ratio, cfg.max_log_ratio)
@@ -145,10 +174,12 @@ def prepare(params, ref_params, rollout: dict, model_cfg: ModelConfig, cfg: PPOC
     """Old and reference log-probs, values, rewards, GAE and whitened advantages (no gradients)."""
     num_new = rollout["completion_mask"].shape[1]
     mask = rollout["completion_mask"].astype(jnp.float32)
-    logits, values = logits_and_values(model_cfg, params, rollout["tokens"], rollout["attention_mask"])
-    old_logp, _ = token_logprobs(logits, rollout["tokens"], num_new, cfg.temperature)
-    ref_logits, _ = forward(model_cfg, ref_params, rollout["tokens"], rollout["attention_mask"])
-    ref_logp, _ = token_logprobs(ref_logits, rollout["tokens"], num_new, cfg.temperature)
+    hidden, values = hidden_and_values(model_cfg, params, rollout["tokens"], rollout["attention_mask"])
+    old_logp, _ = completion_logprobs(model_cfg, params["policy"], hidden, rollout["tokens"], num_new,
+                                      cfg.temperature, cfg.logits_chunk)
+    _, ref_hidden = forward(model_cfg, ref_params, rollout["tokens"], rollout["attention_mask"], with_head=False)
+    ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rollout["tokens"], num_new,
+                                      cfg.temperature, cfg.logits_chunk)
     old_values = values[:, -num_new - 1:-1] * mask
     rewards = per_token_rewards(rollout["scores"], old_logp, ref_logp, mask, cfg)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)

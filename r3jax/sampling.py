@@ -2,7 +2,7 @@
 
 Log-probs. `Rollout.logprobs` are log-probs of the sampled tokens under
 `softmax(logits / temperature)`, before any top-k/top-p truncation (temperature 1 for greedy).
-The PPO side recomputes exactly this (`ppo.token_logprobs` divides by the same temperature), so
+The PPO side recomputes exactly this (`ppo.completion_logprobs` divides by the same temperature), so
 the importance ratio starts at 1. With top-k or top-p the sampling distribution is the truncated
 one; the paper's recipe uses neither.
 """

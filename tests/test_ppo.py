@@ -1,4 +1,5 @@
 """PPO: GAE against numpy, losses against a hand-worked case, one compiled update, learning."""
+import dataclasses
 import functools
 
 import jax
@@ -165,3 +166,45 @@ def test_sharded_update_equals_single_device():
         np.testing.assert_allclose(float(multi[name]), float(single[name]), atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
                  multi_state.params, single_state.params)
+
+
+def _completion_inputs(num_new=7):
+    tokens = jax.random.randint(jax.random.key(5), (3, 12), 3, TINY.vocab_size)
+    return tokens, jnp.ones_like(tokens), num_new
+
+
+@pytest.mark.parametrize("chunk", [0, 3, 7])
+def test_completion_logprobs_match_full_logits_and_chunks_keep_gradients(chunk):
+    from r3jax.models.transformer import forward
+
+    params, (tokens, mask, num_new) = tiny_params(), _completion_inputs()
+    logits, hidden = forward(TINY, params, tokens, mask)
+    scaled = jax.nn.log_softmax(logits[:, -num_new - 1:-1] / 0.7, axis=-1)
+    expected = jnp.take_along_axis(scaled, tokens[:, -num_new:, None], axis=-1)[..., 0]
+    logp, entropy = ppo.completion_logprobs(TINY, params, hidden, tokens, num_new, 0.7, chunk)
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(expected), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(entropy), np.asarray(-(jnp.exp(scaled) * scaled).sum(-1)), atol=1e-5)
+
+    def weighted(p, chunk_size):
+        _, h = forward(TINY, p, tokens, mask, with_head=False)
+        lp, ent = ppo.completion_logprobs(TINY, p, h, tokens, num_new, 0.7, chunk_size)
+        return (lp * jnp.arange(num_new)).sum() + ent.sum()
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+                 jax.grad(weighted)(params, chunk), jax.grad(weighted)(params, 0))
+
+
+def test_update_with_chunked_logits_equals_unchunked():
+    params = actor_critic_params(TINY, tiny_params(), separate_critic=False)
+    optimizer = optim.adamw(1e-3)
+    batch = _toy_batch(params, jax.random.key(6))
+    results = []
+    for chunk in (0, 4):
+        update = ppo.make_ppo_update(TINY, dataclasses.replace(PPO_CFG, logits_chunk=chunk), optimizer)
+        results.append(update(ppo.init_state(jax.tree.map(jnp.copy, params), optimizer), tiny_params(), batch,
+                              jax.random.key(7)))
+    (plain_state, plain), (chunked_state, chunked) = results
+    for name in ("loss", "kl", "pg_loss", "vf_loss", "entropy"):
+        np.testing.assert_allclose(float(chunked[name]), float(plain[name]), atol=1e-5, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+                 chunked_state.params, plain_state.params)

@@ -237,16 +237,28 @@ class DecoderLayer(nn.Module):
         return x, layer_cache
 
 
+def _embed_layer(cfg: ModelConfig, name: str | None = None) -> nn.Embed:
+    return nn.Embed(cfg.vocab_size, cfg.hidden_size, name=name, dtype=cfg.jnp_dtype,
+                    param_dtype=cfg.jnp_param_dtype,
+                    embedding_init=_param(nn.initializers.normal(0.02), "vocab", "embed"))
+
+
+def _lm_head_layer(cfg: ModelConfig, name: str | None = None) -> nn.Dense:
+    return nn.Dense(cfg.vocab_size, use_bias=False, name=name, dtype=cfg.jnp_dtype,
+                    param_dtype=cfg.jnp_param_dtype,
+                    kernel_init=_param(nn.initializers.normal(0.02), "embed", "vocab"))
+
+
 class Transformer(nn.Module):
-    """Returns (logits `[batch, seq, vocab]` float32, final hidden `[batch, seq, embed]`, cache)."""
+    """Returns (logits `[batch, seq, vocab]` float32, final hidden `[batch, seq, embed]`, cache);
+    logits are None with `with_head=False` (see `head_logits`)."""
     cfg: ModelConfig
+    with_head: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions, kv_mask, cache=None, cache_start=0):
         cfg = self.cfg
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed", dtype=cfg.jnp_dtype,
-                         param_dtype=cfg.jnp_param_dtype,
-                         embedding_init=_param(nn.initializers.normal(0.02), "vocab", "embed"))
+        embed = _embed_layer(cfg, name="embed")
         x = embed(tokens)
         new_cache = []
         for i in range(cfg.num_layers):
@@ -254,13 +266,21 @@ class Transformer(nn.Module):
                 x, positions, kv_mask, None if cache is None else cache[i], cache_start)
             new_cache.append(layer_cache)
         hidden = RMSNorm(cfg, name="final_norm")(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(hidden)
-        else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, name="lm_head", dtype=cfg.jnp_dtype,
-                              param_dtype=cfg.jnp_param_dtype,
-                              kernel_init=_param(nn.initializers.normal(0.02), "embed", "vocab"))(hidden)
-        return logits.astype(jnp.float32), hidden, (None if cache is None else new_cache)
+        new_cache = None if cache is None else new_cache
+        if not self.with_head:
+            return None, hidden, new_cache
+        logits = embed.attend(hidden) if cfg.tie_word_embeddings else _lm_head_layer(cfg, name="lm_head")(hidden)
+        return logits.astype(jnp.float32), hidden, new_cache
+
+
+def head_logits(cfg: ModelConfig, params: Any, hidden: jnp.ndarray) -> jnp.ndarray:
+    """The model's own output layer alone: logits `[..., vocab]` (float32) of final hidden states
+    `[..., embed]`, for callers that want logits at a few positions at a time."""
+    if cfg.tie_word_embeddings:
+        logits = _embed_layer(cfg).apply({"params": params["embed"]}, hidden, method="attend")
+    else:
+        logits = _lm_head_layer(cfg).apply({"params": params["lm_head"]}, hidden)
+    return logits.astype(jnp.float32)
 
 
 def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
@@ -268,9 +288,11 @@ def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def forward(cfg: ModelConfig, params: Any, tokens: jnp.ndarray, attention_mask: jnp.ndarray):
-    """Full no-cache forward of a left-padded batch: (logits `[b, s, vocab]`, hidden `[b, s, embed]`)."""
-    logits, hidden, _ = Transformer(cfg).apply(
+def forward(cfg: ModelConfig, params: Any, tokens: jnp.ndarray, attention_mask: jnp.ndarray,
+            with_head: bool = True):
+    """Full no-cache forward of a left-padded batch: (logits `[b, s, vocab]`, hidden `[b, s, embed]`);
+    logits None with `with_head=False`."""
+    logits, hidden, _ = Transformer(cfg, with_head).apply(
         {"params": params}, tokens, positions_from_mask(attention_mask), attention_mask)
     return logits, hidden
 

@@ -32,11 +32,12 @@ def head_values(head: dict[str, jnp.ndarray], hidden: jnp.ndarray) -> jnp.ndarra
     return hidden.astype(jnp.float32) @ head["kernel"] + head["bias"]
 
 
-def logits_and_values(cfg: ModelConfig, params: dict[str, Any], tokens: jnp.ndarray,
+def hidden_and_values(cfg: ModelConfig, params: dict[str, Any], tokens: jnp.ndarray,
                       attention_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(logits `[b, s, vocab]`, values `[b, s]`) of actor-critic params."""
-    logits, hidden = forward(cfg, params["policy"], tokens, attention_mask)
+    """(the policy's final hidden states `[b, s, embed]`, values `[b, s]`) of actor-critic params;
+    the policy's logits are left to the caller (`ppo.completion_logprobs`)."""
+    _, hidden = forward(cfg, params["policy"], tokens, attention_mask, with_head=False)
     if "critic" in params:
-        _, critic_hidden = forward(cfg, params["critic"]["backbone"], tokens, attention_mask)
-        return logits, head_values(params["critic"]["value_head"], critic_hidden)
-    return logits, head_values(params["value_head"], hidden)
+        _, critic_hidden = forward(cfg, params["critic"]["backbone"], tokens, attention_mask, with_head=False)
+        return hidden, head_values(params["critic"]["value_head"], critic_hidden)
+    return hidden, head_values(params["value_head"], hidden)

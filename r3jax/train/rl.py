@@ -29,7 +29,7 @@ def ppo_config(c) -> ppo.PPOConfig:
     return ppo.PPOConfig(kl_coef=c.kl_coef, kl_mode=c.kl_mode, gamma=c.gamma, lam=c.lam,
                          clip_ratio=c.clip_ratio, value_clip=c.value_clip, vf_coef=c.vf_coef,
                          entropy_coef=c.entropy_coef, epochs=c.epochs, minibatches=c.minibatches,
-                         temperature=c.temperature, score_clip=c.score_clip)
+                         temperature=c.temperature, score_clip=c.score_clip, logits_chunk=c.logits_chunk)
 
 
 def build_curriculum(c, task: Task, tokenizer: Tokenizer, strategy: str, seed: int) -> curriculum.Curriculum:
