@@ -53,6 +53,7 @@ def get_config():
     c.rl.temperature = 1.0
     c.rl.max_new_tokens = 700
     c.rl.max_prompt_length = 512
+    c.rl.logits_chunk = 128  # 64 x 128 x 32000 fp32 logits per chunk instead of 64 x 700 x 32000
     c.rl.separate_critic = False
     c.rl.eval_every = 500
     c.rl.eval_examples = 300
