@@ -7,7 +7,6 @@ import os
 import jax
 
 
-
 def device_name() -> str:
     device = jax.devices()[0]
     return "cpu" if device.platform == "cpu" else device.device_kind.lower().replace(" ", "-")

@@ -24,7 +24,7 @@ from common import write
 from r3jax import models
 from r3jax.metrics import machine_info
 from r3jax.models import hf
-from r3jax.models.transformer import ModelConfig, init_params
+from r3jax.models.transformer import ModelConfig, head_logits, init_params
 from r3jax.sampling import SamplingConfig, sample
 
 SMALL = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
@@ -70,8 +70,8 @@ def naive_decode(params, cfg, tokens, new_tokens):
     return timed(run)
 
 
-def decode_matrices(cfg, params):
-    """Per layer the 2-D `[in, out]` weight matrices a token is multiplied by, and the LM head."""
+def layer_matrices(cfg, params):
+    """Per layer the 2-D `[in, out]` weight matrices a token is multiplied by."""
     layers = []
     for i in range(cfg.num_layers):
         attn, mlp = params[f"layers_{i}"]["attn"], params[f"layers_{i}"]["mlp"]
@@ -79,32 +79,31 @@ def decode_matrices(cfg, params):
         layer["o_proj"] = attn["o_proj"]["kernel"].reshape(-1, cfg.hidden_size)
         layer.update({name: mlp[name]["kernel"] for name in ("gate_proj", "up_proj", "down_proj")})
         layers.append(layer)
-    head = params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
-    return layers, head
+    return layers
 
 
-def _gemm_pass(layers, head, x):
+def _gemm_pass(cfg, params, layers, x):
     """One forward's weight GEMMs in the model's data flow, x `[..., embed]`; k/v and the logits
     feed row reductions so that no GEMM is dead code."""
     for w in layers:
         kv = (x @ w["k_proj"]).sum(-1, keepdims=True) + (x @ w["v_proj"]).sum(-1, keepdims=True)
         x = x + (x @ w["q_proj"]) @ w["o_proj"] + kv
         x = x + (jax.nn.silu(x @ w["gate_proj"]) * (x @ w["up_proj"])) @ w["down_proj"]
-    return x + (x @ head).max(-1, keepdims=True)
+    return x + head_logits(cfg, params, x).max(-1, keepdims=True)
 
 
-@functools.partial(jax.jit, static_argnames="new_tokens")
-def _gemms_only(layers, head, prompt_hidden, new_tokens):
+@functools.partial(jax.jit, static_argnames=("cfg", "new_tokens"))
+def _gemms_only(params, layers, prompt_hidden, cfg, new_tokens):
     """The weight GEMMs of a prefill over prompt_hidden `[batch, prompt, embed]` and of `new_tokens`
     decode steps, and nothing else."""
-    last = _gemm_pass(layers, head, prompt_hidden)[:, -1]
-    return jax.lax.fori_loop(0, new_tokens, lambda _, x: _gemm_pass(layers, head, x), last)
+    last = _gemm_pass(cfg, params, layers, prompt_hidden)[:, -1]
+    return jax.lax.fori_loop(0, new_tokens, lambda _, x: _gemm_pass(cfg, params, layers, x), last)
 
 
 def gemms_only(params, cfg, batch, new_tokens):
-    layers, head = decode_matrices(cfg, params)
+    layers = layer_matrices(cfg, params)
     prompt_hidden = jnp.full((batch, PROMPT, cfg.hidden_size), 0.01, jnp.float32)
-    run = lambda: jax.block_until_ready(_gemms_only(layers, head, prompt_hidden, new_tokens))
+    run = lambda: jax.block_until_ready(_gemms_only(params, layers, prompt_hidden, cfg, new_tokens))
     run()
     return timed(run, 2)
 
