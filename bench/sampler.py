@@ -3,10 +3,14 @@ JAX decode without a KV cache, measured in one run, next to the time of the deco
 alone, prefill included (no attention, norms or sampling): a bound on what any fp32 decode of this
 model reaches with XLA's GEMMs on this machine.
 
-    python bench/sampler.py [--quick]
+    python bench/sampler.py [--quick] [--floor]
 
 Greedy decoding of exactly `new_tokens` tokens (no stop ids), prompts of 32 tokens. JAX numbers
 exclude compilation (one warm-up call per shape). Results: bench/results/sampler-<device>.json.
+
+`--floor` also times one decode step at batch 64 against its floor, the fewest bytes a step must
+move over the measured memory bandwidth (and the fewest FLOPs over the measured matmul rate):
+a ~1B Llama in bf16 on an accelerator, the small fp32 model on a CPU.
 """
 from __future__ import annotations
 
@@ -42,11 +46,11 @@ def timed(fn, repeats: int = 1) -> float:
     return best
 
 
-def r3jax_decode(params, cfg, tokens, mask, new_tokens):
+def r3jax_decode(params, cfg, tokens, mask, new_tokens, repeats=2):
     settings = SamplingConfig(max_new_tokens=new_tokens, greedy=True, pad_id=0, min_prompt_bucket=PROMPT)
     run = lambda: jax.block_until_ready(sample(params, cfg, tokens, mask, jax.random.key(0), settings).tokens)
     run()  # compile
-    return timed(run, 2)
+    return timed(run, repeats)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "new_tokens"))
@@ -108,31 +112,129 @@ def gemms_only(params, cfg, batch, new_tokens):
     return timed(run, 2)
 
 
-def hf_decode(model, tokens, new_tokens):
-    import torch
-
-    ids = torch.tensor(np.asarray(tokens))
-    run = lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        run()  # warm-up
-        return timed(run)
-
-
-def main():
+def load_hf(path, dtype):
+    """The exported model in PyTorch, on the GPU when JAX runs on one."""
     import torch
     import transformers
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only")
-    args = parser.parse_args()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model.to("cuda") if jax.default_backend() == "gpu" and torch.cuda.is_available() else model
+
+
+def hf_decode(model, tokens, new_tokens, repeats=1):
+    import torch
+
+    ids = torch.tensor(np.asarray(tokens), device=model.device)
+
+    def run():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        run()  # warm-up
+        return timed(run, repeats)
+
+
+# TinyLlama-1.1B's shape
+ONE_B = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                    num_kv_heads=4, head_dim=64, max_position_embeddings=2048, param_dtype="bfloat16",
+                    dtype="bfloat16")
+FLOOR_BATCH, FLOOR_PROMPT = 64, 128
+FLOOR_LENGTHS = (64, 192)  # two decode lengths: their time difference over 128 steps is one step's time
+
+
+def memory_bandwidth(nbytes: int) -> float:
+    """Bytes/s through device memory: the faster of an in-place (donated) scaling of a random float32
+    array, counting bytes read plus written, and a sum over it (a fresh output buffer would time
+    the host's page faults on a CPU)."""
+    scale = jax.jit(lambda x: x * 1.0000001, donate_argnums=0)
+    total = jax.jit(jnp.sum)
+    state = [jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)]
+
+    def scale_in_place():
+        state[0] = jax.block_until_ready(scale(state[0]))
+
+    read = lambda: jax.block_until_ready(total(state[0]))
+    scale_in_place(), read()
+    return max(2 * nbytes / timed(scale_in_place, 5), nbytes / timed(read, 5))
+
+
+def matmul_rate(n: int, dtype) -> float:
+    """FLOP/s of an n x n x n matmul on random inputs."""
+    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    run = lambda: jax.block_until_ready(matmul(a, b))
+    run()
+    return 2 * n ** 3 / timed(run, 5)
+
+
+def step_minimum(cfg, params, batch, cached):
+    """(bytes, FLOPs) one decode step needs at least when it reads `cached` KV entries: each weight
+    read once (of an untied embedding only the batch's rows), the cache read, one entry written."""
+    embedding = params["embed"]["embedding"]
+    matrix_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    matrix_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    if not cfg.tie_word_embeddings:
+        matrix_bytes -= embedding.nbytes - batch * cfg.hidden_size * embedding.dtype.itemsize
+        matrix_params -= embedding.size
+    kv_entry = cfg.num_layers * 2 * batch * cfg.num_kv_heads * cfg.head_dim * cfg.jnp_dtype.itemsize
+    attention_flops = 4 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * cached
+    return matrix_bytes + kv_entry * (cached + 1), 2 * batch * matrix_params + attention_flops
+
+
+def decode_floor(on_accelerator: bool) -> dict:
+    """One decode step's time at batch 64 (r3jax reading the KV cache in blocks as by default and in
+    one pass, and HF), against the time its minimum bytes take at the measured bandwidth and its
+    minimum FLOPs at the measured matmul rate."""
+    import torch
+
+    cfg = ONE_B if on_accelerator else SMALL
+    params = jax.jit(lambda key: nn.unbox(init_params(cfg, key)))(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(3), (FLOOR_BATCH, FLOOR_PROMPT), 3, cfg.vocab_size)
+    mask = jnp.ones_like(tokens)
+    short, long = FLOOR_LENGTHS
+
+    def r3jax_step(model_cfg):
+        return (r3jax_decode(params, model_cfg, tokens, mask, long, 3)
+                - r3jax_decode(params, model_cfg, tokens, mask, short, 3)) / (long - short)
+
+    ours = r3jax_step(cfg)
+    ours_whole_cache = r3jax_step(cfg.replace(decode_block=0))
+    with tempfile.TemporaryDirectory() as path:
+        hf.save(path, cfg, params)
+        hf_model = load_hf(path, getattr(torch, cfg.dtype))
+    theirs = (hf_decode(hf_model, tokens, long, 3) - hf_decode(hf_model, tokens, short, 3)) / (long - short)
+    del hf_model
+    bandwidth = memory_bandwidth((2 << 30) if on_accelerator else (256 << 20))
+    rate = matmul_rate(8192 if on_accelerator else 1024, cfg.jnp_dtype)
+    # decode step i reads the prompt's and i + 1 completion tokens' KV entries
+    step_bytes, step_flops = np.mean([step_minimum(cfg, params, FLOOR_BATCH, FLOOR_PROMPT + i + 1)
+                                       for i in range(short, long)], axis=0)
+    memory_floor, compute_floor = step_bytes / bandwidth, step_flops / rate
+    floor = max(memory_floor, compute_floor)
+    return {"model": cfg.__dict__, "params": cfg.num_params(), "batch": FLOOR_BATCH, "prompt": FLOOR_PROMPT,
+            "steps_timed": f"decode of {long} minus decode of {short} new tokens, over {long - short}",
+            "memory_bandwidth_gb_per_s": bandwidth / 1e9, "matmul_tflop_per_s": rate / 1e12,
+            "step_bytes": float(step_bytes), "step_flops": float(step_flops),
+            "memory_floor_ms": float(memory_floor) * 1e3, "compute_floor_ms": float(compute_floor) * 1e3,
+            "r3jax_step_ms": ours * 1e3, "r3jax_whole_cache_step_ms": ours_whole_cache * 1e3,
+            "hf_step_ms": theirs * 1e3, "r3jax_over_floor": float(ours / floor),
+            "r3jax_whole_cache_over_floor": float(ours_whole_cache / floor), "hf_over_floor": float(theirs / floor)}
+
+
+def throughput_rows(batches) -> list[dict]:
+    import torch
+
     cfg = SMALL
     params = nn.unbox(init_params(cfg, jax.random.key(0)))
     with tempfile.TemporaryDirectory() as path:
         hf.save(path, cfg, params)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        hf_model = load_hf(path, torch.float32)
     rows = []
-    for batch in ([1, 8] if args.quick else [1, 8, 32, 128]):
+    for batch in batches:
         tokens = jax.random.randint(jax.random.key(batch), (batch, PROMPT), 3, cfg.vocab_size)
         mask = jnp.ones_like(tokens)
         for new_tokens in (64, 256):
@@ -149,15 +251,32 @@ def main():
                    "speedup_vs_naive": None if naive is None else naive / ours,
                    "gemms_only_speedup_vs_hf": theirs / gemms}
             rows.append(row)
-            print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
-    write("sampler", {"benchmark": "greedy decode tokens/s, prompt 32 tokens", "model": cfg.__dict__,
-                      "params": cfg.num_params(), "machine": machine_info(),
-                      "naive_note": f"naive (no KV cache) skipped where batch x new_tokens > {NAIVE_MAX_TOKENS}",
-                      "gemms_only_note": "the prefill's and decode steps' weight GEMMs alone under XLA (no "
-                                         "attention, norms, sampling): the speedup over HF that a decode costing "
-                                         "nothing else would reach",
-                      "rows": rows})
+            print(_line(row), flush=True)
+    return rows
+
+
+def _line(row: dict) -> str:
+    return " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                    if not isinstance(v, dict))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only")
+    parser.add_argument("--floor", action="store_true", help="also time a decode step against its floor")
+    args = parser.parse_args()
+    rows = throughput_rows([1, 8] if args.quick else [1, 8, 32, 128])
+    payload = {"benchmark": "greedy decode tokens/s, prompt 32 tokens", "model": SMALL.__dict__,
+               "params": SMALL.num_params(), "machine": machine_info(),
+               "naive_note": f"naive (no KV cache) skipped where batch x new_tokens > {NAIVE_MAX_TOKENS}",
+               "gemms_only_note": "the prefill's and decode steps' weight GEMMs alone under XLA (no "
+                                  "attention, norms, sampling): the speedup over HF that a decode costing "
+                                  "nothing else would reach",
+               "rows": rows}
+    if args.floor:
+        payload["decode_floor"] = decode_floor(jax.default_backend() != "cpu")
+        print(_line(payload["decode_floor"]), flush=True)
+    write("sampler", payload)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ raise `ConfigError` with the key named; main.py turns that into one line and exi
 """
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
@@ -43,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
 
     c.sft = ml_collections.ConfigDict({
-        "steps": 1000, "batch_size": 32, "grad_accum": 1, "lr": 2e-5, "warmup_steps": 0,
+        "steps": 1000, "data_epochs": 0.0,  # data_epochs > 0: that many passes over the data instead
+        "batch_size": 32, "grad_accum": 1, "lr": 2e-5, "warmup_steps": 0,
         "schedule": "linear", "weight_decay": 0.0, "grad_clip": 1.0, "max_length": 1024,
         "eval_every": 0, "eval_examples": 200, "checkpoint_every": 500,
     })
@@ -51,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict({
         "init": "",  # HF dir of the SFT model; "" = <workdir>/sft/best
         "strategy": "mixed", "num_start_states": 5, "steps": 1000, "token_budget": 0,
+        "data_epochs": 0.0,  # > 0: that many passes over the start states instead of `steps`
         "batch_size": 32, "lr": 3e-7, "separate_critic": False,
         "critic_lr": 0.0,  # value head (shared) or separate critic; 0 = rl.lr
         "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "grad_clip": 1.0,
@@ -75,6 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
         "seeds": (0, 1, 2), "arms": ("rl", "staged", "r3"),
         "output": "bench/results/arith-compare.json"})
     return c
+
+
+def training_steps(section: ml_collections.ConfigDict, num_examples: int, examples_per_step: int) -> int:
+    """`section.steps`, or with `section.data_epochs` > 0 the steps of that many passes over the data."""
+    if section.data_epochs > 0:
+        return max(1, math.ceil(section.data_epochs * num_examples / examples_per_step))
+    return section.steps
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -113,6 +123,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(c.eval.maj_k >= 0, "eval.maj_k", f"must be 0 (greedy only) or a sample count, got {c.eval.maj_k}")
     _check(c.eval.temperature > 0, "eval.temperature", f"must be positive, got {c.eval.temperature}")
     for section in ("sft", "rl"):
+        _check(c[section].data_epochs >= 0, f"{section}.data_epochs",
+               f"must be 0 (use {section}.steps) or a number of passes, got {c[section].data_epochs}")
         _check(c[section].schedule in ("constant", "linear", "cosine"), f"{section}.schedule",
                f"{c[section].schedule!r}: expected constant, linear or cosine")
     for key in ("sft.batch_size", "sft.grad_accum", "rl.batch_size", "rl.epochs", "rl.minibatches",

@@ -35,7 +35,9 @@ def parse(argv: list[str]):
             fail("--config is required (e.g. --config=configs/arith.py)")
         config.to_dict()  # a config file that failed to load raises here
     except flags.Error as error:
-        fail(str(error))
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        # an exception inside a config file comes wrapped with its traceback: keep the flag and the cause
+        fail(f"{lines[0]} {lines[-1]}" if "Traceback" in str(error) else " ".join(lines))
     except (AttributeError, KeyError, OSError, TypeError, ValueError) as error:
         fail(str(error).strip("'\"").replace("\\n", " ").replace("\n", " "))
     if _MODE.value:

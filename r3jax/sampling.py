@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r3jax.models.transformer import DECODE_BLOCK, ModelConfig, Transformer, init_cache, positions_from_mask
+from r3jax.models.transformer import ModelConfig, Transformer, init_cache, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,8 @@ def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, se
     batch, prompt_len = prompt_tokens.shape
     new = settings.max_new_tokens
     model = Transformer(cfg)
-    cache_len = -(-(prompt_len + new) // DECODE_BLOCK) * DECODE_BLOCK  # whole blocks; the tail stays masked
+    block = cfg.decode_block or 1
+    cache_len = -(-(prompt_len + new) // block) * block  # whole blocks; the tail stays masked
     kv_mask = jnp.pad(prompt_mask, ((0, 0), (0, cache_len - prompt_len)))
     positions = positions_from_mask(prompt_mask)
     logits, _, cache = model.apply({"params": params}, prompt_tokens, positions, kv_mask,

@@ -1,6 +1,7 @@
 """The CLI end to end: bad input, the GSM8K recipe on a tiny HF Llama, exact resume after kills."""
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_model
-from r3jax import tasks, tokenizer
+from r3jax import config as config_lib, curriculum, tasks, tokenizer
 from r3jax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,8 @@ def hf_dir(tmp_path_factory):
     (["--config=configs/arith.py", "--config.mesh=(3,1,1)"], "config.mesh"),
     (["--config=configs/arith.py", "--config.rl.batch_size=0"], "config.rl.batch_size"),
     (["--config=configs/arith.py", "--config.eval.maj_k=-1"], "config.eval.maj_k"),
+    (["--config=configs/arith.py", "--config.rl.data_epochs=-1"], "config.rl.data_epochs"),
+    (["--config=configs/paper.py:gsm9k"], "configs/paper.py:gsm9k"),
 ])
 def test_bad_input_exits_2_naming_it(args, named, hf_dir):
     result = run_cli(*[a.format(hf=hf_dir) for a in args], timeout=120)
@@ -67,12 +70,14 @@ def test_gsm8k_recipe_on_tiny_hf_llama(tmp_path, data_dir):
     workdir = tmp_path / "run"
     result = run_cli(
         "--config=configs/gsm8k.py", f"--config.model.path={model_dir}", f"--config.tokenizer.path={tok_file}",
-        f"--workdir={workdir}", "--config.task.options.limit=32", "--config.sft.steps=2",
-        "--config.sft.batch_size=8", "--config.rl.steps=2", "--config.rl.batch_size=8",
+        # passes over the data: 0.5 x 32 demonstrations / 8 = 2 SFT steps; 0.1 x ~160 start states / 8 = 2 RL steps
+        f"--workdir={workdir}", "--config.task.options.limit=32", "--config.sft.data_epochs=0.5",
+        "--config.sft.batch_size=8", "--config.rl.data_epochs=0.1", "--config.rl.batch_size=8",
         "--config.eval.batch_size=8", "--config.eval.num_examples=8", "--config.sft.eval_examples=8",
         "--config.rl.max_new_tokens=24", "--config.eval.max_new_tokens=24", "--config.rl.max_prompt_length=512",
         "--config.eval.maj_k=3", env=dict(os.environ))  # the recipe's FSDP mesh over 8 simulated devices
     assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(str(workdir / "sft" / "sft.jsonl"))] == [1, 2]
     rl_log = [json.loads(line) for line in open(workdir / "rl" / "rl.jsonl")]
     assert [r["step"] for r in rl_log] == [1, 2]
     for key in ("reward", "accuracy", "kl", "clip_frac", "value_explained_variance", "entropy",
@@ -86,6 +91,26 @@ def test_gsm8k_recipe_on_tiny_hf_llama(tmp_path, data_dir):
     saved = json.load(open(workdir / "config.json"))
     assert saved["rl"]["kl_coef"] == 0.05 and saved["task"]["options"]["limit"] == 32
     assert (workdir / "rl" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("task_name", ["gsm8k", "gsm8k_pot", "svamp", "svamp_pot", "snli", "mnli", "race",
+                                       "boardgameqa"])
+def test_paper_recipe_validates_and_builds_its_start_states(task_name, hf_dir, data_dir):
+    config = runpy.run_path(os.path.join(ROOT, "configs", "paper.py"))["get_config"](task_name)
+    config.model.path = hf_dir
+    config_lib.validate(config, num_devices=8)
+    task = tasks.get(config.task.name, **config.task.options.to_dict())
+    demos = task.demonstrations("train")[:12]
+    states = [s for d in demos for s in curriculum.start_states(task, d, config.rl.num_start_states)]
+    assert [s.stage for s in states] == [0, 1, 2, 3, 4] * len(demos)
+    assert all(s.prompt_text + s.target == task.prompt(d.question) + d.response
+               for s, d in zip(states, np.repeat(demos, 5)))
+    assert [score.reward for score in task.score_batch([d.response for d in demos[:3]],
+                                                       [d.answer for d in demos[:3]])] == [1.0] * 3
+    task.close()
+    # 60 start states, batch 64: 50 epochs (math) = 3,000 states = 46.9 -> 47 steps; 5 epochs -> 5 steps
+    rl_steps = config_lib.training_steps(config.rl, len(states), config.rl.batch_size)
+    assert rl_steps == (5 if task_name in ("snli", "mnli", "race", "boardgameqa") else 47)
 
 
 TINY_RUN = ["--config=configs/arith.py", "--config.task.options.num_train=200",

@@ -50,10 +50,11 @@ def test_greedy_equals_full_forward_argmax(params):
         np.testing.assert_array_equal(np.asarray(rollout.completions[row]), seq[len(prompt):])
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_equal_teacher_forced(params, temperature):
+# decode_block 8: the 32-slot cache is read in 4 blocks (online softmax); 0: in one pass
+@pytest.mark.parametrize("temperature, decode_block", [(1.0, 64), (0.7, 64), (1.0, 8), (1.0, 0)])
+def test_logprobs_equal_teacher_forced(params, temperature, decode_block):
     tokens, mask, _ = _prompts([4, 11, 7, 2])
-    rollout = sample(params, TINY, tokens, mask, jax.random.key(1),
+    rollout = sample(params, TINY.replace(decode_block=decode_block), tokens, mask, jax.random.key(1),
                      SamplingConfig(max_new_tokens=16, temperature=temperature, pad_id=PAD))
     recomputed = _teacher_forced_logprobs(params, rollout, temperature)
     m = np.asarray(rollout.completion_mask).astype(bool)

@@ -39,6 +39,9 @@ class ModelConfig:
     model_type: str = "llama"
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # Cache slots a one-token decode step reads at a time (see decode_attention); 0 reads the whole
+    # cache in one pass. An execution choice, not part of the checkpoint.
+    decode_block: int = 64
 
     @property
     def jnp_dtype(self):
@@ -101,9 +104,6 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict[str, jnp.
             for _ in range(cfg.num_layers)]
 
 
-DECODE_BLOCK = 64  # cache slots a one-token decode step reads at a time; see decode_attention
-
-
 def attention(q, k, v, kv_mask, cache_start) -> jnp.ndarray:
     """Causal attention of queries at slots `cache_start + [0, seq)` over every key slot.
 
@@ -119,8 +119,8 @@ def attention(q, k, v, kv_mask, cache_start) -> jnp.ndarray:
     return jnp.einsum("bkgqs,bksd->bqkgd", probs, v)
 
 
-def decode_attention(q, k, v, kv_mask, cache_start) -> jnp.ndarray:
-    """One query per row at slot `cache_start`, reading only the cache blocks up to it.
+def decode_attention(q, k, v, kv_mask, cache_start, block: int) -> jnp.ndarray:
+    """One query per row at slot `cache_start`, reading only the cache blocks of `block` slots up to it.
 
     A fixed-size cache holds `max_new_tokens` slots that are still empty for most of the decode;
     attending over the filled blocks alone (online softmax, as in flash decoding) keeps each step's
@@ -128,7 +128,7 @@ def decode_attention(q, k, v, kv_mask, cache_start) -> jnp.ndarray:
     """
     batch, _, kv_heads, groups, head_dim = q.shape
     keys = k.shape[2]
-    block = DECODE_BLOCK if keys % DECODE_BLOCK == 0 else keys
+    block = block if keys % block == 0 else keys
     query = q[:, 0].astype(jnp.float32) / math.sqrt(head_dim)  # [batch, kv_heads, groups, head_dim]
 
     def read_block(i, carry):
@@ -199,8 +199,11 @@ class Attention(nn.Module):
         batch, seq = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
-        attend = decode_attention if layer_cache is not None and seq == 1 else attention
-        out = attend(q, k, v, kv_mask, cache_start).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        if layer_cache is not None and seq == 1 and cfg.decode_block:
+            out = decode_attention(q, k, v, kv_mask, cache_start, cfg.decode_block)
+        else:
+            out = attention(q, k, v, kv_mask, cache_start)
+        out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
             dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from r3jax import curriculum, optim, ppo, sharding
+from r3jax import config as config_lib, curriculum, optim, ppo, sharding
 from r3jax.checkpoint import Checkpointer, StopSignal
 from r3jax.evaluate import accuracy_report, evaluate, generate
 from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
@@ -68,7 +68,10 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     schedule = build_curriculum(c, task, tokenizer, strategy, seed)
     reference = jax.tree.map(jnp.copy, policy)  # own buffers: the training state is donated
     params = actor_critic_params(model_cfg, policy, c.separate_critic)
-    total_updates = c.steps * c.epochs * c.minibatches
+    steps = config_lib.training_steps(c, len(schedule.states), c.batch_size)
+    if c.data_epochs:
+        print(f"RL: {c.data_epochs:g} epochs over {len(schedule.states):,} start states = {steps:,} steps")
+    total_updates = steps * c.epochs * c.minibatches
     policy_opt = optim.adamw(c.lr, c.warmup_steps, total_updates, c.schedule, c.weight_decay, c.grad_clip)
     critic_opt = optim.adamw(c.critic_lr or c.lr, c.warmup_steps, total_updates, c.schedule,
                              c.weight_decay, c.grad_clip)
@@ -86,9 +89,9 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     eval_demos = task.demonstrations(config.eval.split)[:c.eval_examples]
     base_key = jax.random.key(seed)
     budget = c.token_budget
-    bar = tqdm(total=budget or c.steps, initial=min(tokens_sampled if budget else step, budget or c.steps),
+    bar = tqdm(total=budget or steps, initial=min(tokens_sampled if budget else step, budget or steps),
                desc=f"RL {strategy}", unit="tok" if budget else "step", disable=not sharding.is_primary())
-    while step < c.steps and (not budget or tokens_sampled < budget) and not stop.requested:
+    while step < steps and (not budget or tokens_sampled < budget) and not stop.requested:
         step_key = jax.random.fold_in(base_key, step)
         sample_key, update_key = jax.random.split(step_key)
         progress = tokens_sampled / budget if budget else 0.0

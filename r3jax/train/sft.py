@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from r3jax import optim, sharding
+from r3jax import config as config_lib, optim, sharding
 from r3jax.checkpoint import Checkpointer, StopSignal
 from r3jax.curriculum import epoch_order
 from r3jax.evaluate import evaluate
@@ -105,7 +105,10 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
     examples = [e for e in (encode_example(tokenizer, task, d) for d in demos) if len(e[0]) <= c.max_length]
     if not examples:
         raise ValueError(f"SFT: no training example fits sft.max_length={c.max_length}")
-    optimizer = optim.adamw(c.lr, c.warmup_steps, c.steps, c.schedule, c.weight_decay, c.grad_clip)
+    steps = config_lib.training_steps(c, len(examples), c.batch_size * c.grad_accum)
+    if c.data_epochs:
+        print(f"SFT: {c.data_epochs:g} epochs over {len(examples):,} examples = {steps:,} steps")
+    optimizer = optim.adamw(c.lr, c.warmup_steps, steps, c.schedule, c.weight_decay, c.grad_clip)
     step_fn = make_train_step(model_cfg, optimizer)
     state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
     checkpointer = Checkpointer(os.path.join(out, "checkpoints"), keep=config.checkpoint.keep)
@@ -115,13 +118,13 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
         start, best = meta["step"], meta["best"]
     writer = MetricsWriter(out, "sft", resume_step=start)
     eval_demos = task.demonstrations(config.eval.split)[:c.eval_examples]
-    bar = tqdm(range(start, c.steps), desc="SFT", initial=start, total=c.steps, disable=not sharding.is_primary())
+    bar = tqdm(range(start, steps), desc="SFT", initial=start, total=steps, disable=not sharding.is_primary())
     for step in bar:
         batch = sharding.shard_batch(_batch_for_step(examples, step, c, config.seed, tokenizer.pad_id), mesh)
         state, metrics = step_fn(state, batch)
         record = {k: float(v) for k, v in metrics.items()}
         done = step + 1
-        if c.eval_every and (done % c.eval_every == 0 or done == c.steps):
+        if c.eval_every and (done % c.eval_every == 0 or done == steps):
             report, _ = evaluate(state.params, model_cfg, tokenizer, task, eval_demos, mesh,
                                  config.eval.batch_size, config.eval.max_new_tokens, desc="SFT eval")
             record.update({f"eval/{k}": v for k, v in report.items()})
@@ -131,7 +134,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
         writer.write(done, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}",
                         **({"acc": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
-        if done % c.checkpoint_every == 0 or stop.requested or done == c.steps:
+        if done % c.checkpoint_every == 0 or stop.requested or done == steps:
             checkpointer.save(done, state, {"step": done, "best": best})
         if stop.requested:
             break
