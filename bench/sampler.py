@@ -157,7 +157,8 @@ def memory_bandwidth(nbytes: int) -> float:
         state[0] = jax.block_until_ready(scale(state[0]))
 
     read = lambda: jax.block_until_ready(total(state[0]))
-    scale_in_place(), read()
+    scale_in_place()  # compile both
+    read()
     return max(2 * nbytes / timed(scale_in_place, 5), nbytes / timed(read, 5))
 
 
@@ -197,22 +198,22 @@ def decode_floor(on_accelerator: bool) -> dict:
     mask = jnp.ones_like(tokens)
     short, long = FLOOR_LENGTHS
 
-    def r3jax_step(model_cfg):
-        return (r3jax_decode(params, model_cfg, tokens, mask, long, 3)
-                - r3jax_decode(params, model_cfg, tokens, mask, short, 3)) / (long - short)
+    def per_step(decode) -> float:
+        """Seconds per decode step of `decode(new_tokens) -> seconds`, prefill and overhead cancelled."""
+        return (decode(long) - decode(short)) / (long - short)
 
-    ours = r3jax_step(cfg)
-    ours_whole_cache = r3jax_step(cfg.replace(decode_block=0))
+    ours = per_step(lambda n: r3jax_decode(params, cfg, tokens, mask, n, 3))
+    ours_whole_cache = per_step(lambda n: r3jax_decode(params, cfg.replace(decode_block=0), tokens, mask, n, 3))
     with tempfile.TemporaryDirectory() as path:
         hf.save(path, cfg, params)
         hf_model = load_hf(path, getattr(torch, cfg.dtype))
-    theirs = (hf_decode(hf_model, tokens, long, 3) - hf_decode(hf_model, tokens, short, 3)) / (long - short)
+    theirs = per_step(functools.partial(hf_decode, hf_model, tokens, repeats=3))
     del hf_model
     bandwidth = memory_bandwidth((2 << 30) if on_accelerator else (256 << 20))
     rate = matmul_rate(8192 if on_accelerator else 1024, cfg.jnp_dtype)
-    # decode step i reads the prompt's and i + 1 completion tokens' KV entries
-    step_bytes, step_flops = np.mean([step_minimum(cfg, params, FLOOR_BATCH, FLOOR_PROMPT + i + 1)
-                                       for i in range(short, long)], axis=0)
+    # decode step i reads the prompt's and i + 1 completion tokens' KV entries; bytes and FLOPs are
+    # linear in that count, so the mean timed step is the step at its mean over i in [short, long)
+    step_bytes, step_flops = step_minimum(cfg, params, FLOOR_BATCH, FLOOR_PROMPT + (short + long + 1) / 2)
     memory_floor, compute_floor = step_bytes / bandwidth, step_flops / rate
     floor = max(memory_floor, compute_floor)
     return {"model": cfg.__dict__, "params": cfg.num_params(), "batch": FLOOR_BATCH, "prompt": FLOOR_PROMPT,

@@ -22,12 +22,12 @@ from r3jax.config import base_config
 
 PARTIAL_REWARD = {"gsm8k": 0.2, "gsm8k_pot": 0.2, "svamp": 0.1, "svamp_pot": 0.1}
 LABEL_TASKS = ("snli", "mnli", "race", "boardgameqa")
+TASKS = (*PARTIAL_REWARD, *LABEL_TASKS)
 
 
 def get_config(task: str = "gsm8k"):
-    if task not in (*PARTIAL_REWARD, *LABEL_TASKS):
-        raise ValueError(f"configs/paper.py:{task}: unknown task "
-                         f"(known: {', '.join((*PARTIAL_REWARD, *LABEL_TASKS))})")
+    if task not in TASKS:
+        raise ValueError(f"configs/paper.py:{task}: unknown task (known: {', '.join(TASKS)})")
     c = base_config()
     c.task.name = task
     c.task.options.train_path = ""  # "" = the task's file under $R3JAX_DATA_DIR
