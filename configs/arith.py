@@ -9,7 +9,8 @@ def get_config():
     c = base_config()
     c.task.name = "arith"
     c.task.options.seed = 0
-    c.task.options.num_train = 4000
+    c.task.options.num_train = 4200
+    c.task.options.validation_size = 200  # the last 200: model selection; SFT and RL train on 4,000
     c.task.options.num_test = 400
     c.task.options.min_steps = 2
     c.task.options.max_steps = 6

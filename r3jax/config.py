@@ -13,6 +13,7 @@ import numpy as np
 
 MODES = ("train", "sft", "rl", "eval", "compare")
 STRATEGIES = ("outcome", "staged", "mixed")
+DTYPES = ("float32", "bfloat16")
 ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed"}
 
 
@@ -35,7 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({
         "path": "",  # local HF checkpoint dir; "" = a from-scratch model of the shape below
         "from_scratch": True,  # False: model.path is required
-        "param_dtype": "float32", "dtype": "float32",
+        # param_dtype: the trainable weights and optimizer moments (master weights: float32 to
+        # train; bfloat16 weights lose updates smaller than their spacing); dtype: what the
+        # matmuls compute in (bfloat16 on accelerators); export_dtype: exported HF weights ("" =
+        # param_dtype). The frozen RL reference is kept in dtype.
+        "param_dtype": "float32", "dtype": "float32", "export_dtype": "",
         "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_layers": 4,
         "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rope_theta": 10000.0,
         "max_position_embeddings": 1024, "tie_word_embeddings": False,
@@ -97,6 +102,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     from r3jax import tasks
 
     _check(c.mode in MODES, "mode", f"{c.mode!r} is not one of {MODES}")
+    for key in ("param_dtype", "dtype", "export_dtype"):
+        _check(c.model[key] in DTYPES or (key == "export_dtype" and not c.model[key]), f"model.{key}",
+               f"{c.model[key]!r} is not one of {DTYPES}")
+    _check(c.mode == "eval" or c.model.param_dtype == "float32", "model.param_dtype",
+           f"{c.model.param_dtype} master weights lose updates smaller than their spacing; train with "
+           "float32 and set model.dtype=bfloat16 to compute in bfloat16")
     _check(c.task.name in tasks.REGISTRY, "task.name",
            f"unknown task {c.task.name!r} (known: {', '.join(tasks.REGISTRY)})")
     for key in ("train_path", "test_path"):
@@ -119,6 +130,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(c.rl.stage_unit != "budget" or c.rl.token_budget > 0, "rl.stage_unit",
            "'budget' needs rl.token_budget > 0")
     _check(c.eval.split in ("train", "validation", "test"), "eval.split", f"{c.eval.split!r}")
+    _check(c.task.options.get("validation_size", 0) >= 0, "task.options.validation_size",
+           f"must be a count or a fraction of the training data, got {c.task.options.get('validation_size')}")
+    _check(c.task.options.get("validation_size", 0) > 0 or not (c.sft.eval_every or c.rl.eval_every
+                                                                or c.eval.split == "validation"),
+           "task.options.validation_size", "model selection (sft.eval_every, rl.eval_every) and "
+           "eval.split=validation read a validation split carved from train: set it above 0")
     _check(c.rl.logits_chunk >= 0, "rl.logits_chunk", f"must be 0 (all at once) or positive, got {c.rl.logits_chunk}")
     _check(c.eval.maj_k >= 0, "eval.maj_k", f"must be 0 (greedy only) or a sample count, got {c.eval.maj_k}")
     _check(c.eval.temperature > 0, "eval.temperature", f"must be positive, got {c.eval.temperature}")

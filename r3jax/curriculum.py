@@ -40,7 +40,10 @@ def cut_steps(rationale: str, mode: str, num_chunks: int = 5) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class StartState:
-    """`prompt_text + target` is the demonstration's full SFT text. `stage` 0 is the full task."""
+    """`prompt_text + target` is the demonstration's full SFT text. `stage` 0 is the full task.
+
+    `prompt_tokens` (set by `rollout.tokenize_states`) are the SFT sequence's tokens up to the end
+    of `given`; until then they are empty."""
     demo: Demonstration
     k: int
     num_steps: int
@@ -48,6 +51,7 @@ class StartState:
     given: str
     prompt_text: str
     target: str
+    prompt_tokens: tuple[int, ...] = ()
 
 
 def start_ks(num_steps: int, num_start_states: int | None) -> list[int]:

@@ -1,4 +1,4 @@
-"""Generation from start states, and accuracy per task, per start stage and per reasoning length."""
+"""Accuracy per task, per start stage and per reasoning length: greedy, or majority over samples."""
 from __future__ import annotations
 
 import collections
@@ -11,45 +11,11 @@ from tqdm import tqdm
 from r3jax import sharding
 from r3jax.curriculum import StartState, start_states
 from r3jax.models.transformer import ModelConfig
-from r3jax.sampling import Rollout, SamplingConfig, sample
+from r3jax.rollout import decode_completions, dispatch_sampling, tokenize_states
+from r3jax.sampling import Rollout, SamplingConfig
 from r3jax.tasks.answers import majority
 from r3jax.tasks.base import Task
-from r3jax.tokenizer import Tokenizer, left_pad
-
-
-def encode_prompts(tokenizer: Tokenizer, states: Sequence[StartState], rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prompt tokens `[rows, length]` (BOS + prompt text); rows past the states repeat
-    the first one so the batch splits evenly over the mesh."""
-    encoded = [tokenizer.encode(s.prompt_text, add_bos=True) for s in states]
-    encoded += [encoded[0]] * (rows - len(encoded))
-    return left_pad(encoded, tokenizer.pad_id)
-
-
-def decode_completions(tokenizer: Tokenizer, rollout: Rollout, count: int) -> list[str]:
-    """The text of the first `count` completions, each cut after its stop token."""
-    completions = sharding.to_host(rollout.completions)
-    mask = sharding.to_host(rollout.completion_mask).astype(bool)
-    stops = set(tokenizer.stop_ids)
-    return [tokenizer.decode([t for t in row[m] if t not in stops]) for row, m in zip(completions[:count], mask[:count])]
-
-
-def dispatch_sampling(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, states: Sequence[StartState],
-                      settings: SamplingConfig, key: jax.Array, mesh, rows: int = 0) -> Rollout:
-    """Queues sampling of one completion per start state and returns without waiting for the
-    device. The batch has at least `rows` rows (a fixed batch shape means one compile), rounded
-    up to a multiple of the data-parallel size."""
-    rows = max(rows, len(states))
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows += -rows % data_parallel
-    tokens, mask = sharding.shard_batch(encode_prompts(tokenizer, states, rows), mesh)
-    return sample(params, model_cfg, tokens, mask, key, settings)
-
-
-def generate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, states: Sequence[StartState],
-             settings: SamplingConfig, key: jax.Array, mesh, rows: int = 0) -> tuple[Rollout, list[str]]:
-    """Samples one completion per start state: the rollout and the completions' text."""
-    rollout = dispatch_sampling(params, model_cfg, tokenizer, states, settings, key, mesh, rows)
-    return rollout, decode_completions(tokenizer, rollout, len(states))
+from r3jax.tokenizer import Tokenizer
 
 
 def accuracy_report(states: Sequence[StartState], scores) -> dict[str, float]:
@@ -74,7 +40,7 @@ def evaluate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, task: Ta
     """Accuracy on the full task (start state k = 0): greedy, or with `maj_k` > 0 the majority
     answer of `maj_k` completions sampled at `temperature` (the report then also holds
     `sample_accuracy`, the mean over single samples). Returns (report, per-example records)."""
-    states = [start_states(task, demo, None)[0] for demo in demos]
+    states = tokenize_states(tokenizer, task, [start_states(task, demo, None)[0] for demo in demos])
     samples = maj_k or 1
     settings = SamplingConfig(max_new_tokens=max_new_tokens, greedy=not maj_k,
                               temperature=temperature if maj_k else 1.0, stop_ids=tokenizer.stop_ids,
@@ -90,7 +56,7 @@ def evaluate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, task: Ta
     pending = None
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=not sharding.is_primary()):
         chunk = rows[start:start + batch_size]
-        rollout = dispatch_sampling(params, model_cfg, tokenizer, chunk, settings,
+        rollout = dispatch_sampling(params, model_cfg, chunk, settings,
                                     jax.random.fold_in(jax.random.key(0), start), mesh, rows=batch_size)
         if pending:  # the host scores the previous chunk while the device decodes this one
             read_chunk(*pending)

@@ -5,6 +5,7 @@ exits with status 2.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
@@ -27,6 +28,53 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def _config_file(argv: list[str]) -> str | None:
+    """The --config flag's value as given, `path[:argument]`."""
+    value = None
+    for i, arg in enumerate(argv):  # the last one counts, as in absl
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _config_keys(config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in config.items():
+        keys.append(prefix + name)
+        if hasattr(value, "items"):
+            keys += _config_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def _explain_override_failure(argv: list[str]) -> str | None:
+    """One line for the commonest failures to load: a missing config file, an unknown key."""
+    value = _config_file(argv)
+    if value is None:
+        return None
+    path, _, argument = value.partition(":")
+    if not os.path.exists(path):
+        return f"--config: config file {path} not found"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("r3jax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config(argument) if argument else module.get_config()
+    except Exception:  # the config file itself is broken: absl's own message says how
+        return None
+    known = _config_keys(config)
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.0)
+                return f"--config.{key}: unknown config key in {path} (closest known: {', '.join(close)})"
+    return None
+
+
 def parse(argv: list[str]):
     try:
         flags.FLAGS(argv)
@@ -35,11 +83,14 @@ def parse(argv: list[str]):
             fail("--config is required (e.g. --config=configs/arith.py)")
         config.to_dict()  # a config file that failed to load raises here
     except flags.Error as error:
+        explained = _explain_override_failure(argv)
+        if explained:
+            fail(explained)
         lines = [line for line in str(error).splitlines() if line.strip()]
         # an exception inside a config file comes wrapped with its traceback: keep the flag and the cause
         fail(f"{lines[0]} {lines[-1]}" if "Traceback" in str(error) else " ".join(lines))
     except (AttributeError, KeyError, OSError, TypeError, ValueError) as error:
-        fail(str(error).strip("'\"").replace("\\n", " ").replace("\n", " "))
+        fail(_explain_override_failure(argv) or str(error).strip("'\"").replace("\\n", " ").replace("\n", " "))
     if _MODE.value:
         config.mode = _MODE.value
     return config

@@ -1,30 +1,41 @@
-"""Optimizers for SFT and PPO: AdamW, warmup then constant/linear/cosine decay, global-norm clip."""
+"""Optimizers for SFT and PPO: AdamW at the peak learning rate with global-norm clipping, and the
+learning-rate schedule as a multiplier the trainer passes into each jitted step.
+
+The schedule is a function of the run's progress, not of the optimizer's update count, so a run
+whose length is a token budget (an unknown number of steps) still decays to its end.
+"""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optax
 
-
-def schedule(lr: float, warmup_steps: int, total_steps: int, kind: str) -> optax.Schedule:
-    if kind == "constant":
-        decay = optax.constant_schedule(lr)
-    elif kind == "linear":
-        decay = optax.linear_schedule(lr, 0.0, max(1, total_steps - warmup_steps))
-    elif kind == "cosine":
-        decay = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup_steps))
-    else:
-        raise ValueError(f"schedule {kind!r}: expected constant, linear or cosine")
-    if not warmup_steps:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+SCHEDULES = ("constant", "linear", "cosine")
 
 
-def adamw(lr: float, warmup_steps: int = 0, total_steps: int = 1, kind: str = "constant",
-          weight_decay: float = 0.0, grad_clip: float | None = 1.0) -> optax.GradientTransformation:
+def lr_scale(kind: str, warmup_steps: int, step: int, progress: float) -> float:
+    """The learning rate's fraction of its peak for training step `step` (0-based) when a
+    fraction `progress` of the run (steps, or tokens of a budget) is done: a linear warm-up over
+    `warmup_steps`, times constant, linear or cosine decay to 0 at the end of the run."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
+    if kind not in decay:
+        raise ValueError(f"schedule {kind!r}: expected one of {SCHEDULES}")
+    return warm * decay[kind]
+
+
+def adamw(lr: float, weight_decay: float = 0.0, grad_clip: float | None = 1.0) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-    parts.append(optax.adamw(schedule(lr, warmup_steps, total_steps, kind), weight_decay=weight_decay))
+    parts.append(optax.adamw(lr, weight_decay=weight_decay))
     return optax.chain(*parts)
+
+
+def scaled(updates: Any, scale) -> Any:
+    """Updates times the schedule's multiplier (AdamW's step, weight decay included, is linear in
+    the learning rate)."""
+    return optax.tree.scale(scale, updates)
 
 
 def actor_critic(policy: optax.GradientTransformation, critic: optax.GradientTransformation,

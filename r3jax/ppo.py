@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from r3jax import optim
 from r3jax.models.transformer import ModelConfig, forward, head_logits
 from r3jax.models.value import hidden_and_values
 
@@ -199,11 +200,12 @@ def prepare(params, ref_params, rollout: dict, model_cfg: ModelConfig, cfg: PPOC
 
 
 def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.GradientTransformation,
-                    ) -> Callable[[PPOState, Any, dict, jax.Array], tuple[PPOState, dict]]:
-    """`update(state, ref_params, rollout, key) -> (state, metrics)`, one jitted call with the
-    state donated: prepare, then `lax.scan` over epochs x minibatches of clipped PPO steps."""
+                    ) -> Callable[..., tuple[PPOState, dict]]:
+    """`update(state, ref_params, rollout, key, lr_scale=1.0) -> (state, metrics)`, one jitted call
+    with the state donated: prepare, then `lax.scan` over epochs x minibatches of clipped PPO
+    steps, each optimizer step scaled by `lr_scale` (the schedule's multiplier for this RL step)."""
 
-    def update(state: PPOState, ref_params, rollout: dict, key: jax.Array):
+    def update(state: PPOState, ref_params, rollout: dict, key: jax.Array, lr_scale=1.0):
         batch, metrics = prepare(state.params, ref_params, rollout, model_cfg, cfg)
         size = batch["tokens"].shape[0]
         if size % cfg.minibatches:
@@ -214,6 +216,7 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
             params, opt_state = carry
             grads, step_metrics = grad_fn(params, minibatch, model_cfg, cfg)
             updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates = optim.scaled(updates, lr_scale)
             step_metrics["grad_norm"] = optax.tree.norm(grads)
             return (optax.apply_updates(params, updates), opt_state), step_metrics
 

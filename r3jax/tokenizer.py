@@ -13,6 +13,25 @@ import sentencepiece as spm
 SENTENCEPIECE_FILE = "tokenizer.model"
 
 
+Span = tuple[int, int]  # (begin, end) characters of a token in the text it was encoded from
+
+# Encoded before a text to get the tokens the text has where it follows other text: no dummy-prefix
+# space (SentencePiece, Llama's HF tokenizers) and no merge with a previous character. Byte 0
+# occurs in no training text, so no tokenizer merges it with what follows.
+_CONTINUATION_SENTINEL = "\x00"
+
+
+def tokens_within(spans: Sequence[Span], chars: int) -> int:
+    """How many leading tokens lie wholly within the first `chars` characters of their text.
+
+    A token that straddles the boundary is left out, and so are the byte tokens of a character
+    that byte fallback splits (they share its span)."""
+    for i, (begin, end) in enumerate(spans):
+        if end > chars or begin >= chars:
+            return i
+    return len(spans)
+
+
 class Tokenizer:
     """encode/decode plus the special ids the sampler and trainers need."""
 
@@ -24,6 +43,19 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         raise NotImplementedError
+
+    def encode_with_spans(self, text: str) -> tuple[list[int], list[Span]]:
+        """Token ids of `text` (no BOS) and each token's character span in it."""
+        raise NotImplementedError
+
+    def encode_continuation(self, text: str) -> tuple[list[int], list[Span]]:
+        """The ids and character spans of `text` encoded as the continuation of other text (no
+        dummy-prefix space): what SFT trains on after a prompt, cut into start states by span."""
+        ids, spans = self.encode_with_spans(_CONTINUATION_SENTINEL + text)
+        skip = tokens_within(spans, 1)
+        if skip == len(ids) or spans[skip][0] != 1:  # the sentinel merged with the text: no prefix to drop
+            return self.encode_with_spans(text)
+        return ids[skip:], [(begin - 1, end - 1) for begin, end in spans[skip:]]
 
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
@@ -67,6 +99,14 @@ class SentencePieceTokenizer(Tokenizer):
         ids = self.sp.encode(text)
         return [self.bos_id] + ids if add_bos else ids
 
+    def encode_with_spans(self, text: str) -> tuple[list[int], list[Span]]:
+        pieces = self.sp.encode(text, return_type="proto").pieces
+        # SentencePiece reports byte offsets; char_starts[c] is the byte where character c begins
+        char_starts = np.cumsum([0] + [len(ch.encode()) for ch in text])
+        begins = np.searchsorted(char_starts, [p.begin for p in pieces], side="right") - 1
+        ends = np.searchsorted(char_starts, [p.end for p in pieces], side="left")
+        return [p.id for p in pieces], [(int(b), int(e)) for b, e in zip(begins, ends)]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
@@ -92,6 +132,13 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False)
         return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
+
+    def encode_with_spans(self, text: str) -> tuple[list[int], list[Span]]:
+        if not self.tok.is_fast:
+            raise ValueError(f"{self.tok.name_or_path}: token-exact start states need a fast tokenizer "
+                             "(tokenizer.json); save it with transformers to convert")
+        encoded = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoded["input_ids"], [tuple(span) for span in encoded["offset_mapping"]]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)

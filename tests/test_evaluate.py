@@ -10,7 +10,8 @@ import pytest
 from helpers import TINY, tiny_params
 from r3jax import sharding, tasks, tokenizer
 from r3jax.curriculum import start_states
-from r3jax.evaluate import evaluate, generate
+from r3jax.evaluate import evaluate
+from r3jax.rollout import generate, tokenize_states
 from r3jax.sampling import SamplingConfig
 
 
@@ -34,7 +35,7 @@ def test_pipelined_records_match_their_own_chunks(setup):
     settings = SamplingConfig(max_new_tokens=12, greedy=True, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     expected = []
     for start in range(0, len(demos), 4):
-        chunk = [start_states(task, d, None)[0] for d in demos[start:start + 4]]
+        chunk = tokenize_states(tok, task, [start_states(task, d, None)[0] for d in demos[start:start + 4]])
         expected += generate(params, cfg, tok, chunk, settings, jax.random.key(0), mesh, rows=4)[1]
     assert [r["completions"] for r in records] == [[t] for t in expected]
     assert len(set(expected)) > 1  # the random model writes different text per problem

@@ -114,6 +114,7 @@ def test_paper_recipe_validates_and_builds_its_start_states(task_name, hf_dir, d
 
 
 TINY_RUN = ["--config=configs/arith.py", "--config.task.options.num_train=200",
+            "--config.task.options.validation_size=16",
             "--config.task.options.num_test=16", "--config.task.options.max_steps=3",
             "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
             "--config.model.num_layers=2", "--config.model.head_dim=8", "--config.sft.steps=4",
@@ -199,6 +200,8 @@ def test_compare_mode_writes_the_comparison(tmp_path):
     output = tmp_path / "compare.json"
     args = [f"--config={ROOT}/configs/arith_compare.py", f"--workdir={tmp_path / 'run'}",
             "--config.task.options.num_train=300", "--config.task.options.num_test=16",
+            "--config.task.options.validation_size=16", "--config.rl.schedule=linear",
+            "--config.rl.max_new_tokens=24",
             "--config.sft.steps=20", "--config.sft.eval_every=0", "--config.rl.token_budget=400",
             "--config.rl.batch_size=8", "--config.eval.num_examples=16", "--config.eval.batch_size=16",
             "--config.compare.seeds=(0,)", f"--config.compare.output={output}"]
@@ -213,6 +216,10 @@ def test_compare_mode_writes_the_comparison(tmp_path):
         assert set(arm["by_steps"]) <= {"2", "3", "4", "5", "6"} and arm["by_steps"]
         if name != "sft":
             assert all(tokens >= 400 for tokens in arm["tokens_sampled"]), name
+    for arm in ("rl", "staged", "r3"):  # the linear schedule decays with the budget, not rl.steps
+        log = read_jsonl(str(tmp_path / "run" / "compare" / f"{arm}-seed0" / "rl.jsonl"))
+        spent_before = [0] + [r["tokens_sampled"] for r in log[:-1]]
+        assert len(log) >= 3 and [r["lr"] for r in log] == pytest.approx([3e-6 * (1 - t / 400) for t in spent_before])
     assert output.with_suffix(".png").exists()
     again = run_cli(*args)  # every arm's report.json exists: nothing is trained twice
     assert again.returncode == 0 and "RL " not in again.stderr

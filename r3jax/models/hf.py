@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
@@ -55,7 +56,7 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
         model_type=model_type, **overrides)
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
+def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     hf = {
         "architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -63,7 +64,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_position_embeddings, "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": cfg.param_dtype,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": dtype,
     }
     if cfg.rope_scaling:
         hf["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
@@ -171,14 +172,16 @@ def load(path: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -
     return cfg, traverse_util.unflatten_dict(flat)
 
 
-def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes config.json and safetensors shards that `AutoModelForCausalLM.from_pretrained` reads.
-    Multi-host: every process must call it (each tensor is gathered); process 0 writes."""
+def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 30, dtype: str = "") -> None:
+    """Writes config.json and safetensors shards that `AutoModelForCausalLM.from_pretrained` reads,
+    tensors in `dtype` ("" = cfg.param_dtype). Multi-host: every process must call it (each tensor
+    is gathered); process 0 writes."""
+    dtype = dtype or cfg.param_dtype
     writer = sharding_lib.is_primary()
     if writer:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config_to_hf(cfg), f, indent=2)
+            json.dump(config_to_hf(cfg, dtype), f, indent=2)
     flat = traverse_util.flatten_dict(params)
     # Shards are written as soon as they fill, so at most one shard sits in host memory.
     written: list[tuple[str, list[str]]] = []
@@ -194,7 +197,7 @@ def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 3
         host = sharding_lib.to_host(flat[ours])  # a collective across hosts: every process gathers
         if not writer:
             continue
-        tensor = np.ascontiguousarray(to_hf(host))
+        tensor = np.ascontiguousarray(to_hf(host).astype(jnp.dtype(dtype)))
         if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
             flush()
         shard[hf_name] = tensor

@@ -12,6 +12,7 @@ minus one); `kv_mask` marks which key slots hold real tokens. A KV cache is a pl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -37,6 +38,8 @@ class ModelConfig:
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     model_type: str = "llama"
+    # Mixed precision: trainable weights (and so the optimizer moments) are stored in param_dtype,
+    # float32 master weights for training; every matmul computes in dtype (bfloat16 on accelerators).
     param_dtype: str = "float32"
     dtype: str = "float32"
     # Cache slots a one-token decode step reads at a time (see decode_attention); 0 reads the whole
@@ -298,6 +301,13 @@ def forward(cfg: ModelConfig, params: Any, tokens: jnp.ndarray, attention_mask: 
     logits, hidden, _ = Transformer(cfg, with_head).apply(
         {"params": params}, tokens, positions_from_mask(attention_mask), attention_mask)
     return logits, hidden
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def compute_copy(cfg: ModelConfig, params: Any) -> Any:
+    """A copy of `params` in the compute dtype (`cfg.dtype`), in new buffers: the frozen reference,
+    and the weights the sampler reads (one cast per RL step instead of one per decoded token)."""
+    return jax.tree.map(lambda p: jnp.array(p, dtype=cfg.jnp_dtype, copy=True), params)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> Any:

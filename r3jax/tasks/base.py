@@ -83,7 +83,7 @@ class Task:
     paths: dict[str, str] = {}  # split -> local file
     tfds_name: str | None = None
 
-    def __init__(self, header: str = DEFAULT_HEADER, validation_size: int = 0, tfds: bool = False,
+    def __init__(self, header: str = DEFAULT_HEADER, validation_size: float = 0, tfds: bool = False,
                  limit: int = 0):
         self.header = header
         self.validation_size = validation_size
@@ -104,13 +104,18 @@ class Task:
         raise NotImplementedError
 
     def demonstrations(self, split: str) -> list[Demonstration]:
-        """`train`, `test`, or `validation` (the last `validation_size` training demonstrations,
-        which `train` then leaves out); at most `limit` of them when a limit is set."""
+        """`train`, `test`, or `validation`: the last `validation_size` training demonstrations (a
+        fraction of them if below 1), which `train` then leaves out; at most `limit` of them when
+        a limit is set."""
         if split == "test":
             demos = self.load_split("test")
         elif split in ("train", "validation"):
             train = self.load_split("train")
-            cut = len(train) - self.validation_size
+            size = round(len(train) * self.validation_size) if self.validation_size < 1 else int(self.validation_size)
+            if size >= len(train):
+                raise ValueError(f"task {self.name}: validation_size {self.validation_size} leaves none of the "
+                                 f"{len(train)} training demonstrations to train on")
+            cut = len(train) - size
             demos = train[:cut] if split == "train" else train[cut:]
         else:
             raise ValueError(f"unknown split {split!r} (train, validation, test)")

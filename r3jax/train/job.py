@@ -129,7 +129,8 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
             return None
         rows.update(test_rows(f"r3-{config.rl.strategy}", result["report"], result["records"], result["params"],
                               model_cfg, tokenizer, task, test_demos, mesh, config, workdir))
-        sft.export(os.path.join(workdir, "rl", "final"), model_cfg, result["params"], tokenizer)
+        sft.export(os.path.join(workdir, "rl", "final"), model_cfg, result["params"], tokenizer,
+                   config.model.export_dtype)
     stop.restore()
     write_results(workdir, rows, f"{task.name}: test accuracy at start state k = 0 (greedy unless maj@k)")
     return rows

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from r3jax import config as config_lib, curriculum, optim, ppo, sharding
+from r3jax import config as config_lib, curriculum, optim, ppo, rollout as rollout_lib, sharding
 from r3jax.checkpoint import Checkpointer, StopSignal
-from r3jax.evaluate import accuracy_report, evaluate, generate
+from r3jax.evaluate import accuracy_report, evaluate
 from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
-from r3jax.models.transformer import ModelConfig
+from r3jax.models.transformer import ModelConfig, compute_copy
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import SamplingConfig
 from r3jax.tasks.base import Task
@@ -34,9 +34,9 @@ def ppo_config(c) -> ppo.PPOConfig:
 
 def build_curriculum(c, task: Task, tokenizer: Tokenizer, strategy: str, seed: int) -> curriculum.Curriculum:
     """Start states of the training demonstrations; prompts longer than rl.max_prompt_length are left out."""
-    states = [s for demo in task.demonstrations("train")
-              for s in curriculum.start_states(task, demo, c.num_start_states or None)]
-    fitting = [s for s in states if len(tokenizer.encode(s.prompt_text)) + 1 <= c.max_prompt_length]
+    states = rollout_lib.tokenize_states(tokenizer, task, [
+        s for demo in task.demonstrations("train") for s in curriculum.start_states(task, demo, c.num_start_states or None)])
+    fitting = [s for s in states if len(s.prompt_tokens) <= c.max_prompt_length]
     if len(fitting) < len(states):
         print(f"RL: left out {len(states) - len(fitting)} of {len(states)} start states longer than "
               f"rl.max_prompt_length={c.max_prompt_length}")
@@ -66,15 +66,13 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     seed = config.seed if seed is None else seed
     os.makedirs(workdir, exist_ok=True)
     schedule = build_curriculum(c, task, tokenizer, strategy, seed)
-    reference = jax.tree.map(jnp.copy, policy)  # own buffers: the training state is donated
+    reference = compute_copy(model_cfg, policy)  # own buffers: the training state is donated
     params = actor_critic_params(model_cfg, policy, c.separate_critic)
     steps = config_lib.training_steps(c, len(schedule.states), c.batch_size)
     if c.data_epochs:
         print(f"RL: {c.data_epochs:g} epochs over {len(schedule.states):,} start states = {steps:,} steps")
-    total_updates = steps * c.epochs * c.minibatches
-    policy_opt = optim.adamw(c.lr, c.warmup_steps, total_updates, c.schedule, c.weight_decay, c.grad_clip)
-    critic_opt = optim.adamw(c.critic_lr or c.lr, c.warmup_steps, total_updates, c.schedule,
-                             c.weight_decay, c.grad_clip)
+    policy_opt = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
+    critic_opt = optim.adamw(c.critic_lr or c.lr, c.weight_decay, c.grad_clip)
     optimizer = optim.actor_critic(policy_opt, critic_opt, params)
     update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
     state = ppo.init_state(params, optimizer)
@@ -86,7 +84,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         state, meta = checkpointer.restore(checkpointer.latest_step(), state)
         step, tokens_sampled = meta["step"], meta["tokens_sampled"]
     writer = MetricsWriter(workdir, "rl", resume_step=step)
-    eval_demos = task.demonstrations(config.eval.split)[:c.eval_examples]
+    eval_demos = task.demonstrations("validation")[:c.eval_examples]
     base_key = jax.random.key(seed)
     budget = c.token_budget
     bar = tqdm(total=budget or steps, initial=min(tokens_sampled if budget else step, budget or steps),
@@ -94,12 +92,12 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     while step < steps and (not budget or tokens_sampled < budget) and not stop.requested:
         step_key = jax.random.fold_in(base_key, step)
         sample_key, update_key = jax.random.split(step_key)
-        progress = tokens_sampled / budget if budget else 0.0
+        progress = tokens_sampled / budget if budget else step / steps
         batch_states = schedule.batch(step, progress)
 
         started = time.perf_counter()
-        rollout, texts = generate(state.params["policy"], model_cfg, tokenizer, batch_states, settings,
-                                  sample_key, mesh)
+        rollout, texts = rollout_lib.generate(compute_copy(model_cfg, state.params["policy"]), model_cfg,
+                                              tokenizer, batch_states, settings, sample_key, mesh)
         sampled = time.perf_counter()
         scores = task.score_batch([s.given + t for s, t in zip(batch_states, texts)],
                                   [s.demo.answer for s in batch_states])
@@ -107,7 +105,8 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         batch = {"tokens": rollout.tokens, "attention_mask": rollout.attention_mask,
                  "logprobs": rollout.logprobs, "completion_mask": rollout.completion_mask,
                  "scores": jnp.asarray([s.reward for s in scores], jnp.float32)}
-        state, update_metrics = update(state, reference, batch, update_key)
+        lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
+        state, update_metrics = update(state, reference, batch, update_key, lr_scale)
         update_metrics = {k: sharding.to_host(v) for k, v in update_metrics.items()}  # waits for the update
         rows = {k.removeprefix("rows/"): v for k, v in update_metrics.items() if k.startswith("rows/")}
         record = {k: float(v) for k, v in update_metrics.items() if not k.startswith("rows/")}
@@ -117,7 +116,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         tokens_sampled += new_tokens
         step += 1
         record.update(_host_metrics(batch_states, scores, rows))
-        record.update({"tokens_sampled": tokens_sampled, "time/sample_s": sampled - started,
+        record.update({"tokens_sampled": tokens_sampled, "lr": c.lr * lr_scale, "time/sample_s": sampled - started,
                        "time/reward_s": scored - sampled, "time/update_s": updated - scored,
                        "sample_tokens_per_s": new_tokens / max(sampled - started, 1e-9)})
         if strategy == "staged":

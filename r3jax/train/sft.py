@@ -21,7 +21,8 @@ from r3jax.evaluate import evaluate
 from r3jax.metrics import MetricsWriter
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, forward
-from r3jax.tasks.base import Demonstration, Task
+from r3jax.rollout import encode_demo, sft_example
+from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer, left_pad
 
 
@@ -31,16 +32,10 @@ class SFTState(NamedTuple):
     step: jnp.ndarray
 
 
-def encode_example(tokenizer: Tokenizer, task: Task, demo: Demonstration) -> tuple[list[int], list[int]]:
-    """(tokens, loss mask): BOS + prompt (mask 0), then response + EOS (mask 1)."""
-    prompt = tokenizer.encode(task.prompt(demo.question), add_bos=True)
-    response = tokenizer.encode(demo.response) + [tokenizer.eos_id]
-    return prompt + response, [0] * len(prompt) + [1] * len(response)
-
-
-def export(path: str, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer) -> None:
-    """An HF model directory with its tokenizer, loadable by r3jax and by transformers."""
-    hf.save(path, model_cfg, params)
+def export(path: str, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, dtype: str = "") -> None:
+    """An HF model directory with its tokenizer, loadable by r3jax and by transformers; weights in
+    `dtype` ("" = the params' own)."""
+    hf.save(path, model_cfg, params, dtype=dtype)
     if sharding.is_primary():
         tokenizer.save(path)
     sharding.barrier(f"export {path}")
@@ -64,10 +59,11 @@ def nll_sum(params, batch: dict, model_cfg: ModelConfig) -> tuple[jnp.ndarray, j
 
 
 def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation):
-    """`step(state, batch [micro, accum, length]) -> (state, metrics)`, one jit, state donated."""
+    """`step(state, batch [micro, accum, length], lr_scale) -> (state, metrics)`, one jit, state
+    donated; `lr_scale` is the schedule's multiplier of the optimizer's peak learning rate."""
     grad_fn = jax.value_and_grad(lambda p, b: nll_sum(p, b, model_cfg), has_aux=True)
 
-    def step(state: SFTState, batch: dict):
+    def step(state: SFTState, batch: dict, lr_scale):
         def accumulate(carry, microbatch):
             grads, loss_sum, count = carry
             (micro_loss, micro_count), micro_grads = grad_fn(state.params, microbatch)
@@ -80,6 +76,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         metrics = {"loss": loss_sum / jnp.maximum(count, 1.0), "grad_norm": optax.tree.norm(grads),
                    "tokens": count}
+        updates = optim.scaled(updates, lr_scale)
         return SFTState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
 
     return jax.jit(step, donate_argnums=0)
@@ -94,21 +91,22 @@ def _batch_for_step(examples, step: int, c, seed: int, pad_id: int) -> dict[str,
 
 def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, task: Task, mesh,
           workdir: str, stop: StopSignal) -> str | None:
-    """Runs (or resumes) SFT in `<workdir>/sft`. Returns the HF dir of the best model (by eval
-    accuracy, else the last), or None when stopped early by a signal."""
+    """Runs (or resumes) SFT in `<workdir>/sft`. Returns the HF dir of the best model (by accuracy
+    on the validation split, else the last), or None when stopped early by a signal."""
     c = config.sft
     out = os.path.join(workdir, "sft")
     best_dir, last_dir = os.path.join(out, "best"), os.path.join(out, "last")
     if os.path.exists(os.path.join(last_dir, "config.json")):
         return best_dir
     demos = task.demonstrations("train")
-    examples = [e for e in (encode_example(tokenizer, task, d) for d in demos) if len(e[0]) <= c.max_length]
+    examples = [e for e in (sft_example(encode_demo(tokenizer, task, d), tokenizer.eos_id) for d in demos)
+                if len(e[0]) <= c.max_length]
     if not examples:
         raise ValueError(f"SFT: no training example fits sft.max_length={c.max_length}")
     steps = config_lib.training_steps(c, len(examples), c.batch_size * c.grad_accum)
     if c.data_epochs:
         print(f"SFT: {c.data_epochs:g} epochs over {len(examples):,} examples = {steps:,} steps")
-    optimizer = optim.adamw(c.lr, c.warmup_steps, steps, c.schedule, c.weight_decay, c.grad_clip)
+    optimizer = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
     step_fn = make_train_step(model_cfg, optimizer)
     state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
     checkpointer = Checkpointer(os.path.join(out, "checkpoints"), keep=config.checkpoint.keep)
@@ -117,12 +115,13 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
         state, meta = checkpointer.restore(checkpointer.latest_step(), state)
         start, best = meta["step"], meta["best"]
     writer = MetricsWriter(out, "sft", resume_step=start)
-    eval_demos = task.demonstrations(config.eval.split)[:c.eval_examples]
+    eval_demos = task.demonstrations("validation")[:c.eval_examples]  # model selection never reads test
     bar = tqdm(range(start, steps), desc="SFT", initial=start, total=steps, disable=not sharding.is_primary())
     for step in bar:
         batch = sharding.shard_batch(_batch_for_step(examples, step, c, config.seed, tokenizer.pad_id), mesh)
-        state, metrics = step_fn(state, batch)
-        record = {k: float(v) for k, v in metrics.items()}
+        lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, step / steps)
+        state, metrics = step_fn(state, batch, lr_scale)
+        record = {k: float(v) for k, v in metrics.items()} | {"lr": c.lr * lr_scale}
         done = step + 1
         if c.eval_every and (done % c.eval_every == 0 or done == steps):
             report, _ = evaluate(state.params, model_cfg, tokenizer, task, eval_demos, mesh,
@@ -130,7 +129,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
             record.update({f"eval/{k}": v for k, v in report.items()})
             if report["accuracy"] > best["accuracy"]:
                 best = {"accuracy": report["accuracy"], "step": done}
-                export(best_dir, model_cfg, state.params, tokenizer)
+                export(best_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
         writer.write(done, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}",
                         **({"acc": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
@@ -142,7 +141,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
     writer.close()
     if stop.requested:
         return None
-    export(last_dir, model_cfg, state.params, tokenizer)
+    export(last_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
     if best["accuracy"] < 0:
-        export(best_dir, model_cfg, state.params, tokenizer)
+        export(best_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
     return best_dir
