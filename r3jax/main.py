@@ -109,6 +109,7 @@ def main(argv: list[str]) -> None:
     try:
         config_lib.validate(config, jax.device_count())
         task = tasks.get(config.task.name, **config.task.options.to_dict())
+        task.demonstrations("train")  # reads the data now: a bad file or split fails here, in one line
     except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
         fail(str(error))
     os.makedirs(workdir, exist_ok=True)
