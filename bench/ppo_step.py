@@ -8,6 +8,9 @@ its value head, so its time over the bare step's shows the overhead of GAE, loss
 The same update with the LM head chunked over completion positions (`rl.logits_chunk`) is timed
 beside it, and both are compiled at Llama-2's 32,000-token vocabulary to read XLA's temporary
 memory, where the `[batch, positions, vocab]` logits dominate.
+The update is also timed per advantage estimator on the same batch, in the same run: PPO with
+a value head on the policy (the paper's), PPO with a separate critic, and critic-free GRPO
+(groups of 4), so the cost of a critic shows as a ratio.
 Results: bench/results/ppo_step-<device>.json.
 """
 from __future__ import annotations
@@ -49,12 +52,17 @@ def make_rollout(cfg, key):
             "scores": jax.random.uniform(key, (BATCH,))}
 
 
-def ppo_caller(cfg, ppo_cfg, optimizer, key):
+CRITICS = {"gae_value_head": ("gae", False), "gae_separate_critic": ("gae", True), "grpo": ("grpo", False)}
+
+
+def ppo_caller(cfg, ppo_cfg, optimizer, key, separate_critic=False):
     """A no-argument call of one compiled PPO update (the state carried along, as in training)."""
     rollout = make_rollout(cfg, key)
     reference = nn.unbox(init_params(cfg, key))
     update = ppo.make_ppo_update(cfg, ppo_cfg, optimizer)
-    state = [ppo.init_state(actor_critic_params(cfg, nn.unbox(init_params(cfg, key)), False), optimizer)]
+    params = actor_critic_params(cfg, nn.unbox(init_params(cfg, key)), separate_critic,
+                                 critic=ppo_cfg.estimator == "gae")
+    state = [ppo.init_state(params, optimizer)]
 
     def call():
         state[0], metrics = update(state[0], reference, rollout, key)
@@ -90,10 +98,15 @@ def main():
                  "loss_mask": jnp.ones_like(tokens)[:, None]}
 
     def sft_call():
-        sft_state[0], metrics = sft_step(sft_state[0], sft_batch)
+        sft_state[0], metrics = sft_step(sft_state[0], sft_batch, 1.0)
         jax.block_until_ready(metrics)
 
     ppo_s, sft_s, chunked_s = seconds_per_call(ppo_call), seconds_per_call(sft_call), seconds_per_call(chunked_call)
+    by_estimator = {}
+    for name, (estimator, separate) in CRITICS.items():
+        estimator_cfg = ppo.PPOConfig(epochs=2, minibatches=1, estimator=estimator,
+                                      group_size=1 if estimator == "gae" else 4)
+        by_estimator[name] = seconds_per_call(ppo_caller(cfg, estimator_cfg, optimizer, key, separate))
     large = cfg.replace(vocab_size=LARGE_VOCAB)
     plain_bytes, chunked_bytes = (temp_bytes(large, c, optimizer, key) for c in (ppo_cfg, chunked_cfg))
     tokens_per_step = BATCH * (PROMPT + NEW)
@@ -103,6 +116,8 @@ def main():
               "ppo_update_s": ppo_s, "ppo_tokens_per_s": tokens_per_step / ppo_s,
               "train_step_s": sft_s, "train_step_tokens_per_s": tokens_per_step / sft_s,
               "ppo_over_train_step": ppo_s / sft_s,
+              "update_s_by_estimator": by_estimator,
+              "over_gae_value_head": {k: v / by_estimator["gae_value_head"] for k, v in by_estimator.items()},
               "logits_chunk": CHUNK, "ppo_update_chunked_s": chunked_s, "chunked_over_plain": chunked_s / ppo_s,
               "large_vocab": LARGE_VOCAB, "large_vocab_temp_bytes": plain_bytes,
               "large_vocab_chunked_temp_bytes": chunked_bytes,

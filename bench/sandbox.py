@@ -1,4 +1,5 @@
-"""Sandboxed program execution: programs per second with 1 worker and with N workers, in one run.
+"""Sandboxed program execution: programs per second under bubblewrap against the plain limited
+process (the executor without OS isolation), with 1 worker and with N workers, in one run.
 
     python bench/sandbox.py [--programs 64] [--workers 4]
 
@@ -8,20 +9,21 @@ bench/results/sandbox-<device>.json.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import time
 
 from common import write
 from r3jax import tasks
 from r3jax.metrics import machine_info
-from r3jax.tasks.sandbox import Limits, Sandbox
+from r3jax.tasks.sandbox import Limits, probe_bwrap, run_program
 
 
-def programs_per_second(programs, workers: int) -> tuple[float, list]:
-    with Sandbox(workers=workers, limits=Limits()) as sandbox:
-        sandbox.run(programs[:workers])  # warm the pool's threads
+def programs_per_second(programs, workers: int, bwrap: str | None) -> tuple[float, list]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda code: run_program(code, Limits(), bwrap), programs[:workers]))  # warm up
         start = time.perf_counter()
-        values = sandbox.run(programs)
+        values = list(pool.map(lambda code: run_program(code, Limits(), bwrap), programs))
         return len(programs) / (time.perf_counter() - start), values
 
 
@@ -30,18 +32,25 @@ def main():
     parser.add_argument("--programs", type=int, default=64)
     parser.add_argument("--workers", type=int, default=max(2, os.cpu_count() or 2))
     args = parser.parse_args()
+    bwrap, reason = probe_bwrap()
+    if bwrap is None:
+        raise SystemExit(f"bubblewrap cannot isolate programs here: {reason}")
     task = tasks.get("gsm8k_pot")
     demos = task.demonstrations("train")[:args.programs]
     programs = [d.response for d in demos]
     rows = []
     for workers in (1, args.workers):
-        rate, values = programs_per_second(programs, workers)
-        correct = sum(isinstance(v, float) and abs(v - float(d.answer)) <= 1e-2 for v, d in zip(values, demos))
-        rows.append({"workers": workers, "programs_per_s": rate, "correct": correct, "programs": len(programs)})
-        print(rows[-1], flush=True)
+        for isolation, binary in (("process", None), ("bubblewrap", bwrap)):
+            rate, values = programs_per_second(programs, workers, binary)
+            correct = sum(isinstance(v, float) and abs(v - float(d.answer)) <= 1e-2 for v, d in zip(values, demos))
+            rows.append({"isolation": isolation, "workers": workers, "programs_per_s": rate, "correct": correct,
+                         "programs": len(programs)})
+            print(rows[-1], flush=True)
+    rate = {(r["isolation"], r["workers"]): r["programs_per_s"] for r in rows}
     write("sandbox", {"benchmark": "released GSM8K P-CoT programs through r3jax.tasks.sandbox",
-                      "machine": machine_info(), "rows": rows,
-                      "speedup_n_vs_1": rows[1]["programs_per_s"] / rows[0]["programs_per_s"]})
+                      "machine": machine_info(), "bwrap": bwrap, "rows": rows,
+                      "bubblewrap_over_process": {w: rate["bubblewrap", w] / rate["process", w]
+                                                  for w in (1, args.workers)}})
 
 
 if __name__ == "__main__":

@@ -15,5 +15,7 @@ def get_config():
     c.rl.eval_every = 0
     c.compare.seeds = (0, 1, 2)
     c.compare.arms = ("rl", "staged", "r3")
+    c.compare.estimators = ("gae", "grpo")  # PPO with a critic (the paper's) and critic-free GRPO
+    c.compare.group_size = 4
     c.compare.output = "bench/results/arith-compare.json"
     return c

@@ -62,7 +62,16 @@ def base_config() -> ml_collections.ConfigDict:
         "batch_size": 32, "lr": 3e-7, "separate_critic": False,
         "critic_lr": 0.0,  # value head (shared) or separate critic; 0 = rl.lr
         "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "grad_clip": 1.0,
-        "kl_coef": 0.05, "kl_mode": "reward", "gamma": 1.0, "lam": 0.95, "clip_ratio": 0.2,
+        "kl_coef": 0.05, "kl_mode": "reward",
+        # gae: PPO with a critic (the paper's); grpo, drgrpo, rloo, reinforce_pp: critic-free, over
+        # group_size completions per start state
+        "estimator": "gae", "group_size": 1,
+        "loss_agg": "token_mean",  # token_mean, seq_mean_token_mean, seq_mean_token_sum_norm
+        "dynamic_sampling": False,  # drop groups with all-equal rewards, sample more (DAPO)
+        "max_sampling_rounds": 3,  # dynamic sampling: batches sampled at most per step
+        "critic_warmup_steps": 0,  # gae: steps that train only the critic
+        "missing_eos_penalty": 0.0,  # subtracted from the score of a completion cut off before a stop
+        "gamma": 1.0, "lam": 0.95, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
         "value_clip": 0.2, "vf_coef": 5.0, "entropy_coef": 0.0, "epochs": 2, "minibatches": 1,
         "score_clip": 0.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 700,
         "max_prompt_length": 512,
@@ -81,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.compare = ml_collections.ConfigDict({
         "seeds": (0, 1, 2), "arms": ("rl", "staged", "r3"),
+        # each arm once per estimator; critic-free ones sample group_size completions per start state
+        "estimators": ("gae",), "group_size": 4,
         "output": "bench/results/arith-compare.json"})
     return c
 
@@ -100,6 +111,7 @@ def _check(condition: bool, key: str, message: str) -> None:
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first bad key."""
     from r3jax import tasks
+    from r3jax.ppo import ESTIMATORS, LOSS_AGGREGATIONS
 
     _check(c.mode in MODES, "mode", f"{c.mode!r} is not one of {MODES}")
     for key in ("param_dtype", "dtype", "export_dtype"):
@@ -125,6 +137,21 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(os.path.isdir(c.rl.init), "rl.init", f"SFT checkpoint directory {c.rl.init} not found")
     _check(c.rl.strategy in STRATEGIES, "rl.strategy", f"{c.rl.strategy!r} is not one of {STRATEGIES}")
     _check(c.rl.kl_mode in ("reward", "loss"), "rl.kl_mode", f"{c.rl.kl_mode!r}: expected reward or loss")
+    _check(c.rl.estimator in ESTIMATORS, "rl.estimator", f"{c.rl.estimator!r} is not one of {ESTIMATORS}")
+    _check(c.rl.loss_agg in LOSS_AGGREGATIONS, "rl.loss_agg", f"{c.rl.loss_agg!r} is not one of {LOSS_AGGREGATIONS}")
+    _check(c.rl.group_size >= (1 if c.rl.estimator == "gae" else 2), "rl.group_size",
+           f"{c.rl.group_size}: rl.estimator={c.rl.estimator} needs at least "
+           f"{1 if c.rl.estimator == 'gae' else 2} completions per start state")
+    _check(c.rl.batch_size % c.rl.group_size == 0, "rl.group_size",
+           f"{c.rl.group_size} does not divide rl.batch_size {c.rl.batch_size} (rows = start states x group)")
+    _check(not c.rl.dynamic_sampling or c.rl.group_size >= 2, "rl.dynamic_sampling",
+           "needs rl.group_size >= 2: it drops groups whose rewards are all equal")
+    _check(c.rl.max_sampling_rounds >= 1, "rl.max_sampling_rounds", f"must be at least 1, got {c.rl.max_sampling_rounds}")
+    for key in ("clip_ratio_low", "clip_ratio_high", "critic_warmup_steps", "missing_eos_penalty"):
+        _check(c.rl[key] >= 0, f"rl.{key}", f"must be non-negative, got {c.rl[key]}")
+    _check(c.rl.clip_ratio_low < 1, "rl.clip_ratio_low", f"must be below 1, got {c.rl.clip_ratio_low}")
+    _check(c.rl.critic_warmup_steps == 0 or c.rl.estimator == "gae", "rl.critic_warmup_steps",
+           f"rl.estimator={c.rl.estimator} has no critic to warm up")
     _check(c.rl.stage_unit in ("steps", "epochs", "budget"), "rl.stage_unit",
            f"{c.rl.stage_unit!r}: expected steps, epochs or budget")
     _check(c.rl.stage_unit != "budget" or c.rl.token_budget > 0, "rl.stage_unit",
@@ -150,6 +177,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(c[section][name] > 0, key, f"must be positive, got {c[section][name]}")
     for arm in c.compare.arms:
         _check(arm in ARMS, "compare.arms", f"{arm!r} is not one of {tuple(ARMS)}")
+    for estimator in c.compare.estimators:
+        _check(estimator in ESTIMATORS, "compare.estimators", f"{estimator!r} is not one of {ESTIMATORS}")
+    _check(c.compare.group_size >= 2 and c.rl.batch_size % c.compare.group_size == 0, "compare.group_size",
+           f"{c.compare.group_size}: needs at least 2 completions per start state, dividing rl.batch_size")
     _check(c.rl.batch_size % c.rl.minibatches == 0, "rl.minibatches",
            f"{c.rl.minibatches} does not divide rl.batch_size {c.rl.batch_size}")
     mesh = list(c.mesh)

@@ -6,6 +6,7 @@ exits with status 2.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import sys
 
@@ -101,6 +102,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from r3jax import config as config_lib, sharding, tasks
+    from r3jax.tasks.sandbox import IsolationError
 
     sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
@@ -110,12 +112,15 @@ def main(argv: list[str]) -> None:
         config_lib.validate(config, jax.device_count())
         task = tasks.get(config.task.name, **config.task.options.to_dict())
         task.demonstrations("train")  # reads the data now: a bad file or split fails here, in one line
-    except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
+        runtime = task.runtime_info()
+    except (config_lib.ConfigError, ValueError, FileNotFoundError, IsolationError) as error:
         fail(str(error))
+    for key, value in runtime.items():
+        print(f"{key}: {value}")
     os.makedirs(workdir, exist_ok=True)
     if sharding.is_primary():
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+            json.dump({**json.loads(config.to_json_best_effort()), "runtime": runtime}, f, indent=2)
     mesh = sharding.make_mesh(config.mesh)
     try:
         if config.mode == "compare":

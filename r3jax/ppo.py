@@ -1,8 +1,13 @@
 """PPO for R^3 as pure functions, and `make_ppo_update`: the whole update as one jitted call.
 
 Conventions: a rollout batch holds `tokens` and `attention_mask` `[batch, prompt + new]`, the
-sampler's `logprobs` and the `completion_mask` `[batch, new]`, and `scores` `[batch]` from the
-host. Values and log-probs at completion position t are those of the state before token t.
+sampler's `logprobs` and the `completion_mask` `[batch, new]`, `scores` `[batch]` from the host,
+and optionally `row_mask` `[batch]` (0 for rows that only pad the batch). Values and log-probs at
+completion position t are those of the state before token t.
+
+Advantage estimators: `gae` (PPO with a critic, the paper's) or a critic-free group estimator
+(`grpo`, `drgrpo`, `rloo`, `reinforce_pp`) over the `group_size` adjacent samples of each start
+state. Either way the per-token KL penalty (kl_mode "reward") enters as a reward on each token.
 """
 from __future__ import annotations
 
@@ -18,13 +23,21 @@ from r3jax.models.transformer import ModelConfig, forward, head_logits
 from r3jax.models.value import hidden_and_values
 
 
+ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     kl_coef: float = 0.05
     kl_mode: str = "reward"  # "reward": -beta*(logp - logp_ref) per token; "loss": k3 term in the loss
+    estimator: str = "gae"
+    group_size: int = 1  # samples per start state, adjacent in the batch (>= 2 for group estimators)
+    loss_agg: str = "token_mean"  # how the policy loss averages over tokens and sequences
     gamma: float = 1.0
     lam: float = 0.95
-    clip_ratio: float = 0.2
+    clip_ratio_low: float = 0.2  # the ratio is clipped to [1 - low, 1 + high] (DAPO: high > low)
+    clip_ratio_high: float = 0.2
     value_clip: float = 0.2
     vf_coef: float = 5.0
     entropy_coef: float = 0.0
@@ -115,8 +128,6 @@ def per_token_rewards(scores, logprobs, ref_logprobs, mask, cfg: PPOConfig) -> j
     """`-beta * (logp - logp_ref)` on every completion token (kl_mode "reward"), plus the score on
     the last one. `[batch, new]`."""
     mask = mask.astype(jnp.float32)
-    if cfg.score_clip:
-        scores = jnp.clip(scores, -cfg.score_clip, cfg.score_clip)
     last = jax.nn.one_hot(mask.sum(1).astype(jnp.int32) - 1, mask.shape[1])
     rewards = scores[:, None] * last
     if cfg.kl_mode == "reward":
@@ -124,13 +135,67 @@ def per_token_rewards(scores, logprobs, ref_logprobs, mask, cfg: PPOConfig) -> j
     return rewards * mask
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_ratio, max_log_ratio):
-    """Clipped surrogate; returns (loss, clip fraction)."""
+def group_advantages(scores: jnp.ndarray, group_size: int, estimator: str, row_mask: jnp.ndarray | None = None,
+                     eps: float = 1e-6) -> jnp.ndarray:
+    """Per-sequence advantages `[batch]` of `scores [batch]`, whose groups of `group_size` samples
+    of one start state are adjacent. `row_mask [batch]` is 0 on rows that only pad the batch
+    (whole groups); they get 0.
+
+    grpo: (r - group mean) / (group std + eps), the unbiased std as TRL and verl take it;
+    drgrpo: r - group mean; rloo: r - mean of the group's other samples; reinforce_pp (the
+    REINFORCE++ baseline): r - group mean, then whitened over the batch's real rows.
+    """
+    if estimator not in ESTIMATORS[1:]:
+        raise ValueError(f"estimator {estimator!r}: expected one of {ESTIMATORS[1:]}")
+    row_mask = jnp.ones_like(scores) if row_mask is None else row_mask.astype(jnp.float32)
+    groups = scores.astype(jnp.float32).reshape(-1, group_size)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    if estimator == "grpo":
+        std = jnp.sqrt((centred ** 2).sum(axis=1, keepdims=True) / (group_size - 1))
+        advantages = centred / (std + eps)
+    elif estimator == "rloo":
+        advantages = centred * group_size / (group_size - 1)
+    else:
+        advantages = centred
+    advantages = advantages.reshape(-1) * row_mask
+    if estimator == "reinforce_pp":
+        mean = masked_mean(advantages, row_mask)
+        std = jnp.sqrt(masked_mean((advantages - mean) ** 2, row_mask))
+        advantages = (advantages - mean) / (std + eps) * row_mask
+    return advantages
+
+
+def aggregate(values: jnp.ndarray, mask: jnp.ndarray, mode: str) -> jnp.ndarray:
+    """A scalar from per-token `values [batch, new]`: `token_mean` over every token of the batch
+    (DAPO), `seq_mean_token_mean` (each sequence's token mean, then the mean over sequences: the
+    R^3/ReFT code, GRPO), or `seq_mean_token_sum_norm` (each sequence's token sum over the constant
+    `new`, then the mean: Dr.GRPO). Rows with no tokens do not count."""
+    if mode == "token_mean":
+        return masked_mean(values, mask)
+    row_tokens = mask.sum(axis=1)
+    row_sums = (values * mask).sum(axis=1)
+    rows = (row_tokens > 0).astype(jnp.float32)
+    if mode == "seq_mean_token_mean":
+        return masked_mean(row_sums / jnp.maximum(row_tokens, 1.0), rows)
+    if mode == "seq_mean_token_sum_norm":
+        return masked_mean(row_sums / mask.shape[1], rows)
+    raise ValueError(f"loss_agg {mode!r}: expected one of {LOSS_AGGREGATIONS}")
+
+
+def clipped_surrogate(logp, old_logp, advantages, clip_low: float, clip_high: float, max_log_ratio: float):
+    """Per-token clipped surrogate loss `[batch, new]` with the ratio clipped to
+    [1 - clip_low, 1 + clip_high], and where the clip was active (1.0) or not."""
     ratio = jnp.exp(jnp.clip(logp - old_logp, -max_log_ratio, max_log_ratio))
     unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).astype(jnp.float32), mask)
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return jnp.maximum(unclipped, clipped), (clipped > unclipped).astype(jnp.float32)
+
+
+def policy_loss(logp, old_logp, advantages, mask, cfg: PPOConfig):
+    """The clipped surrogate aggregated by `cfg.loss_agg`; returns (loss, clip fraction)."""
+    per_token, clipped = clipped_surrogate(logp, old_logp, advantages, cfg.clip_ratio_low, cfg.clip_ratio_high,
+                                           cfg.max_log_ratio)
+    return aggregate(per_token, mask, cfg.loss_agg), masked_mean(clipped, mask)
 
 
 def value_loss(values, old_values, returns, mask, value_clip):
@@ -150,62 +215,81 @@ def explained_variance(values, returns, mask):
         masked_mean((returns - masked_mean(returns, mask)) ** 2, mask) + 1e-8)
 
 
-def minibatch_loss(params, batch, model_cfg: ModelConfig, cfg: PPOConfig):
-    """Total loss of one minibatch and its metrics."""
+def minibatch_loss(params, batch, model_cfg: ModelConfig, cfg: PPOConfig, policy_weight=1.0):
+    """Total loss of one minibatch and its metrics. `policy_weight` 0 leaves only the critic's
+    loss (critic warm-up)."""
     num_new = batch["completion_mask"].shape[1]
     mask = batch["completion_mask"].astype(jnp.float32)
     hidden, values = hidden_and_values(model_cfg, params, batch["tokens"], batch["attention_mask"])
     logp, entropy = completion_logprobs(model_cfg, params["policy"], hidden, batch["tokens"], num_new,
                                         cfg.temperature, cfg.logits_chunk)
-    values = values[:, -num_new - 1:-1]
-    pg_loss, clip_frac = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask,
-                                     cfg.clip_ratio, cfg.max_log_ratio)
-    vf_loss = value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip)
+    pg_loss, clip_frac = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg)
     mean_entropy = masked_mean(entropy, mask)
-    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
+    loss = policy_weight * (pg_loss - cfg.entropy_coef * mean_entropy)
     kl_loss = masked_mean(k3_kl(logp, batch["ref_logprobs"]), mask)
     if cfg.kl_mode == "loss":
-        loss = loss + cfg.kl_coef * kl_loss
-    metrics = {"loss": loss, "pg_loss": pg_loss, "vf_loss": vf_loss, "clip_frac": clip_frac,
-               "entropy": mean_entropy, "approx_kl": masked_mean(batch["old_logprobs"] - logp, mask)}
+        loss = loss + policy_weight * cfg.kl_coef * kl_loss
+    metrics = {"pg_loss": pg_loss, "clip_frac": clip_frac, "entropy": mean_entropy,
+               "approx_kl": masked_mean(batch["old_logprobs"] - logp, mask)}
+    if values is not None:
+        metrics["vf_loss"] = value_loss(values[:, -num_new - 1:-1], batch["old_values"], batch["returns"], mask,
+                                        cfg.value_clip)
+        loss = loss + cfg.vf_coef * metrics["vf_loss"]
+    metrics["loss"] = loss
     return loss, metrics
 
 
+def _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg: PPOConfig):
+    """(advantages, returns) `[batch, new]`: GAE over the critic's values, or a group estimator's
+    per-sequence advantage plus the KL penalty still to come on each token."""
+    if cfg.estimator == "gae":
+        advantages, returns = gae(per_token_rewards(scores, old_logp, ref_logp, mask, cfg), old_values, mask,
+                                  cfg.gamma, cfg.lam)
+        return (masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages), returns
+    sequence = group_advantages(scores, cfg.group_size, cfg.estimator, row_mask)
+    # with no values and gamma = lambda = 1, GAE is the return to go: the sequence's advantage
+    # (a reward on its last token) plus the per-token KL penalties from here on
+    advantages, _ = gae(per_token_rewards(sequence, old_logp, ref_logp, mask, cfg), jnp.zeros_like(mask),
+                        mask, 1.0, 1.0)
+    return advantages, advantages
+
+
 def prepare(params, ref_params, rollout: dict, model_cfg: ModelConfig, cfg: PPOConfig) -> tuple[dict, dict]:
-    """Old and reference log-probs, values, rewards, GAE and whitened advantages (no gradients)."""
+    """Old and reference log-probs, values, rewards and advantages (no gradients)."""
     num_new = rollout["completion_mask"].shape[1]
     mask = rollout["completion_mask"].astype(jnp.float32)
+    row_mask = rollout.get("row_mask", jnp.ones_like(rollout["scores"])).astype(jnp.float32)
     hidden, values = hidden_and_values(model_cfg, params, rollout["tokens"], rollout["attention_mask"])
     old_logp, _ = completion_logprobs(model_cfg, params["policy"], hidden, rollout["tokens"], num_new,
                                       cfg.temperature, cfg.logits_chunk)
     _, ref_hidden = forward(model_cfg, ref_params, rollout["tokens"], rollout["attention_mask"], with_head=False)
     ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rollout["tokens"], num_new,
                                       cfg.temperature, cfg.logits_chunk)
-    old_values = values[:, -num_new - 1:-1] * mask
-    rewards = per_token_rewards(rollout["scores"], old_logp, ref_logp, mask, cfg)
-    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+    old_values = jnp.zeros_like(mask) if values is None else values[:, -num_new - 1:-1] * mask
+    scores = jnp.clip(rollout["scores"], -cfg.score_clip, cfg.score_clip) if cfg.score_clip else rollout["scores"]
+    advantages, returns = _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg)
     batch = {"tokens": rollout["tokens"], "attention_mask": rollout["attention_mask"],
              "completion_mask": rollout["completion_mask"], "old_logprobs": old_logp,
              "ref_logprobs": ref_logp, "old_values": old_values, "advantages": advantages,
              "returns": returns}
     kl = (old_logp - ref_logp) * mask
-    metrics = {"score": rollout["scores"].mean(), "kl": kl.sum(1).mean(),
+    metrics = {"score": masked_mean(rollout["scores"], row_mask), "kl": masked_mean(kl.sum(1), row_mask),
                "sampler_kl": masked_mean(rollout["logprobs"] - old_logp, mask),
-               "value_explained_variance": explained_variance(old_values, returns, mask),
-               "response_length": mask.sum(1).mean(), "return": masked_mean(returns, mask),
+               "response_length": masked_mean(mask.sum(1), row_mask), "return": masked_mean(returns, mask),
                "rows/kl": kl.sum(1), "rows/response_length": mask.sum(1)}  # [batch]: per stage on the host
+    if values is not None:
+        metrics["value_explained_variance"] = explained_variance(old_values, returns, mask)
     return jax.lax.stop_gradient(batch), metrics
 
 
 def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.GradientTransformation,
                     ) -> Callable[..., tuple[PPOState, dict]]:
-    """`update(state, ref_params, rollout, key, lr_scale=1.0) -> (state, metrics)`, one jitted call
-    with the state donated: prepare, then `lax.scan` over epochs x minibatches of clipped PPO
-    steps, each optimizer step scaled by `lr_scale` (the schedule's multiplier for this RL step)."""
+    """`update(state, ref_params, rollout, key, lr_scale=1.0, policy_weight=1.0) -> (state,
+    metrics)`, one jitted call with the state donated: prepare, then `lax.scan` over epochs x
+    minibatches of clipped PPO steps. `lr_scale` is the schedule's multiplier for this RL step;
+    `policy_weight` 0 keeps the policy where it is and trains only the critic (warm-up)."""
 
-    def update(state: PPOState, ref_params, rollout: dict, key: jax.Array, lr_scale=1.0):
+    def update(state: PPOState, ref_params, rollout: dict, key: jax.Array, lr_scale=1.0, policy_weight=1.0):
         batch, metrics = prepare(state.params, ref_params, rollout, model_cfg, cfg)
         size = batch["tokens"].shape[0]
         if size % cfg.minibatches:
@@ -214,9 +298,10 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
 
         def minibatch_step(carry, minibatch):
             params, opt_state = carry
-            grads, step_metrics = grad_fn(params, minibatch, model_cfg, cfg)
+            grads, step_metrics = grad_fn(params, minibatch, model_cfg, cfg, policy_weight)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             updates = optim.scaled(updates, lr_scale)
+            updates = {**updates, "policy": optim.scaled(updates["policy"], policy_weight)}
             step_metrics["grad_norm"] = optax.tree.norm(grads)
             return (optax.apply_updates(params, updates), opt_state), step_metrics
 

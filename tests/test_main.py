@@ -138,13 +138,18 @@ def _wait_for_step(proc, workdir, step, timeout=300):
     raise TimeoutError(f"RL step {step} not reached")
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+DYNAMIC_GRPO = ["--config.rl.estimator=grpo", "--config.rl.group_size=2", "--config.rl.dynamic_sampling=True",
+                "--config.rl.max_sampling_rounds=2"]
+
+
+@pytest.mark.parametrize("extra", [[], DYNAMIC_GRPO], ids=["gae", "grpo-dynamic-sampling"])
+def test_killed_run_resumes_exactly(tmp_path, extra):
     reference = tmp_path / "uninterrupted"
-    result = run_cli(*TINY_RUN, f"--workdir={reference}")
+    result = run_cli(*TINY_RUN, *extra, f"--workdir={reference}")
     assert result.returncode == 0, result.stderr[-3000:]
 
     resumed = str(tmp_path / "resumed")
-    proc = start_cli(*TINY_RUN, f"--workdir={resumed}")
+    proc = start_cli(*TINY_RUN, *extra, f"--workdir={resumed}")
     _wait_for_step(proc, resumed, 3)
     proc.send_signal(signal.SIGTERM)  # preemption: saves and exits cleanly
     assert proc.wait(timeout=120) == 0
@@ -152,14 +157,16 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert stopped_at < 10
     assert os.path.isdir(os.path.join(resumed, "rl", "checkpoints", str(stopped_at)))
 
-    proc = start_cli(*TINY_RUN, f"--workdir={resumed}")
+    proc = start_cli(*TINY_RUN, *extra, f"--workdir={resumed}")
     _wait_for_step(proc, resumed, stopped_at + 3)
     proc.kill()  # SIGKILL: no chance to save; resumes from the last finished checkpoint
     proc.wait()
 
-    result = run_cli(*TINY_RUN, f"--workdir={resumed}")
+    result = run_cli(*TINY_RUN, *extra, f"--workdir={resumed}")
     assert result.returncode == 0, result.stderr[-3000:]
     expected, got = _rl_log(reference), _rl_log(resumed)
+    if extra:  # dynamic sampling did drop groups and sample again, so data positions ran ahead of steps
+        assert sum(r["dropped_groups"] for r in expected) > 0 and max(r["sampling_rounds"] for r in expected) == 2
     assert [r["step"] for r in got] == list(range(1, 11))
     for want, have in zip(expected, got):
         for key, value in want.items():
@@ -204,11 +211,13 @@ def test_compare_mode_writes_the_comparison(tmp_path):
             "--config.rl.max_new_tokens=24",
             "--config.sft.steps=20", "--config.sft.eval_every=0", "--config.rl.token_budget=400",
             "--config.rl.batch_size=8", "--config.eval.num_examples=16", "--config.eval.batch_size=16",
-            "--config.compare.seeds=(0,)", f"--config.compare.output={output}"]
+            "--config.compare.seeds=(0,)", "--config.compare.estimators=('gae','grpo')",
+            f"--config.compare.output={output}"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.load(open(output))
-    assert set(summary["arms"]) == {"sft", "rl", "staged", "r3"} and "machine" in summary
+    assert set(summary["arms"]) == {"sft", "rl", "staged", "r3", "rl-grpo", "staged-grpo", "r3-grpo"}
+    assert "machine" in summary and summary["arms"]["r3-grpo"]["group_size"] == 4
     assert summary["budget"]["sampled_tokens"] == 400
     for name, arm in summary["arms"].items():
         assert {"mean", "std", "seeds", "by_steps"} <= set(arm), name

@@ -67,7 +67,7 @@ def test_losses_match_hand_worked_example():
     old = jnp.zeros((1, 4))
     adv = jnp.array([[1.0, -2.0, 0.5, 5.0]])
     mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
-    loss, clip_frac = ppo.policy_loss(logp, old, adv, mask, 0.2, 20.0)
+    loss, clip_frac = ppo.policy_loss(logp, old, adv, mask, ppo.PPOConfig(clip_ratio_low=0.2, clip_ratio_high=0.2))
     # token 1: max(-1.105, -1.105) = -1.105 (not clipped)
     # token 2: max(2*0.607, 2*0.8) = 1.6 (clipped); token 3: max(-0.675, -0.6) = -0.6 (clipped)
     expected = (-np.exp(0.1) + 1.6 - 0.6) / 3
@@ -92,9 +92,12 @@ TARGET = 7
 PPO_CFG = ppo.PPOConfig(kl_coef=0.0, epochs=2, minibatches=2, vf_coef=0.5)
 
 
-def _toy_batch(params, key, batch=16):
+def _toy_batch(params, key, batch=16, group_size=1):
+    """Sampled completions of random prompts (each repeated `group_size` times, adjacent), scored
+    by the fraction of TARGET tokens."""
     rng = np.random.default_rng(0)
-    tokens, mask = left_pad([list(rng.integers(3, TINY.vocab_size, size=n)) for n in rng.integers(2, 6, batch)], 0)
+    prompts = [list(rng.integers(3, TINY.vocab_size, size=n)) for n in rng.integers(2, 6, batch // group_size)]
+    tokens, mask = left_pad([p for p in prompts for _ in range(group_size)], 0)
     rollout = sample(params["policy"], TINY, jnp.asarray(tokens), jnp.asarray(mask), key,
                      SamplingConfig(max_new_tokens=6, pad_id=0))
     hits = (rollout.completions == TARGET) * rollout.completion_mask
@@ -142,27 +145,64 @@ def test_ppo_raises_reward_on_toy_task(separate_critic):
     assert abs(float(metrics["sampler_kl"])) < 1e-3  # sampler and trainer agree on log-probs
 
 
-def test_sharded_update_equals_single_device():
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_update_raises_reward_on_toy_task(estimator):
+    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=4, loss_agg="seq_mean_token_mean")
+    params = actor_critic_params(TINY, tiny_params(), separate_critic=False, critic=False)
+    assert set(params) == {"policy"}
+    optimizer = optim.adamw(3e-3)
+    update = ppo.make_ppo_update(TINY, cfg, optimizer)
+    state = ppo.init_state(params, optimizer)
+    reference = tiny_params()
+    key = jax.random.key(1)
+    scores = []
+    for _ in range(30):
+        key, sample_key, update_key = jax.random.split(key, 3)
+        batch = _toy_batch(state.params, sample_key, group_size=4)
+        scores.append(float(batch["scores"].mean()))
+        state, metrics = update(state, reference, batch, update_key)
+    assert np.mean(scores[:3]) < 0.1
+    assert np.mean(scores[-3:]) > 0.5, scores
+    assert "vf_loss" not in metrics and "value_explained_variance" not in metrics
+
+
+def test_critic_warmup_moves_only_the_critic():
+    params = actor_critic_params(TINY, tiny_params(), separate_critic=True)
+    optimizer = optim.adamw(1e-3)
+    update = ppo.make_ppo_update(TINY, PPO_CFG, optimizer)
+    before = jax.tree.map(np.array, params)  # copies: the state is donated
+    batch = {**_toy_batch(params, jax.random.key(2)), "scores": jnp.linspace(0.0, 1.0, 16)}
+    state, _ = update(ppo.init_state(params, optimizer), tiny_params(), batch, jax.random.key(3), 1.0, 0.0)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params["policy"]), before["policy"])
+    moved = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), state.params["critic"], before["critic"])
+    assert all(jax.tree.leaves(moved["value_head"])) and all(jax.tree.leaves(moved["backbone"]["layers_0"]))
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_sharded_update_equals_single_device(estimator):
     mesh = sharding.make_mesh((2, 2, 2))
-    params = actor_critic_params(TINY, tiny_params(), separate_critic=False)
+    critic = estimator == "gae"
+    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=1 if critic else 4)
+    params = actor_critic_params(TINY, tiny_params(), separate_critic=False, critic=critic)
     ref = tiny_params()
     optimizer = optim.adamw(1e-3)
-    batch = _toy_batch(params, jax.random.key(3))
+    batch = _toy_batch(params, jax.random.key(3), group_size=cfg.group_size)
     policy_shardings = sharding.logical_shardings(
         jax.eval_shape(functools.partial(init_params, TINY), jax.random.key(0)), mesh)
-    shardings = {"policy": policy_shardings, "value_head": jax.tree.map(lambda _: sharding.replicated(mesh),
-                                                                       params["value_head"])}
+    shardings = {"policy": policy_shardings}
+    if critic:
+        shardings["value_head"] = jax.tree.map(lambda _: sharding.replicated(mesh), params["value_head"])
     sharded_params = jax.device_put(params, shardings)
     sharded_ref = jax.device_put(ref, policy_shardings)
     sharded_batch = sharding.shard_batch(jax.tree.map(np.asarray, batch), mesh)
-    single_state, single = ppo.make_ppo_update(TINY, PPO_CFG, optimizer)(
+    single_state, single = ppo.make_ppo_update(TINY, cfg, optimizer)(
         ppo.init_state(jax.tree.map(jnp.copy, params), optimizer), ref, batch, jax.random.key(4))
     state = ppo.init_state(sharded_params, optimizer)
-    multi_state, multi = ppo.make_ppo_update(TINY, PPO_CFG, optimizer)(state, sharded_ref, sharded_batch,
-                                                                      jax.random.key(4))
+    multi_state, multi = ppo.make_ppo_update(TINY, cfg, optimizer)(state, sharded_ref, sharded_batch,
+                                                                  jax.random.key(4))
     assert multi_state.params["policy"]["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == \
         jax.sharding.PartitionSpec("fsdp", "tensor")
-    for name in ("loss", "kl", "score", "pg_loss", "vf_loss"):
+    for name in ("loss", "kl", "score", "pg_loss", *(("vf_loss",) if critic else ())):
         np.testing.assert_allclose(float(multi[name]), float(single[name]), atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
                  multi_state.params, single_state.params)

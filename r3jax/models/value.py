@@ -3,6 +3,7 @@ backbone of its own. Actor-critic params are one pytree:
 
     shared:   {"policy": transformer params, "value_head": {"kernel", "bias"}}
     separate: {"policy": ..., "critic": {"backbone": transformer params, "value_head": ...}}
+    none:     {"policy": ...} (critic-free estimators)
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ def init_value_head(cfg: ModelConfig) -> dict[str, jnp.ndarray]:
     return {"kernel": jnp.zeros((cfg.hidden_size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
 
 
-def actor_critic_params(cfg: ModelConfig, policy: Any, separate_critic: bool) -> dict[str, Any]:
-    """Starts the critic from the policy (a copy of its backbone when `separate_critic`)."""
+def actor_critic_params(cfg: ModelConfig, policy: Any, separate_critic: bool, critic: bool = True) -> dict[str, Any]:
+    """Starts the critic from the policy (a copy of its backbone when `separate_critic`); no
+    critic at all when `critic` is False."""
+    if not critic:
+        return {"policy": policy}
     head = init_value_head(cfg)
     if separate_critic:
         return {"policy": policy, "critic": {"backbone": jax.tree.map(jnp.copy, policy), "value_head": head}}
@@ -34,9 +38,11 @@ def head_values(head: dict[str, jnp.ndarray], hidden: jnp.ndarray) -> jnp.ndarra
 
 def hidden_and_values(cfg: ModelConfig, params: dict[str, Any], tokens: jnp.ndarray,
                       attention_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(the policy's final hidden states `[b, s, embed]`, values `[b, s]`) of actor-critic params;
-    the policy's logits are left to the caller (`ppo.completion_logprobs`)."""
+    """(the policy's final hidden states `[b, s, embed]`, values `[b, s]` or None without a critic)
+    of actor-critic params; the policy's logits are left to the caller (`ppo.completion_logprobs`)."""
     _, hidden = forward(cfg, params["policy"], tokens, attention_mask, with_head=False)
+    if "value_head" not in params and "critic" not in params:
+        return hidden, None
     if "critic" in params:
         _, critic_hidden = forward(cfg, params["critic"]["backbone"], tokens, attention_mask, with_head=False)
         return hidden, head_values(params["critic"]["value_head"], critic_hidden)

@@ -1,8 +1,9 @@
 """Runs one untrusted program in its own process; started by sandbox.py as `python -I -S`.
 
-Reads a nonce from stdin, executes program.py from its working directory with an audit hook that
-refuses processes, signals, sockets, native code and writes outside that directory, calls
-`solution()`, and prints `<nonce> <json value>` as the last line of its stdout.
+Reads a nonce line and then the program from stdin, executes it in its working directory with an
+audit hook that refuses processes, signals, sockets, native code and writes outside that
+directory, calls `solution()`, and prints `<nonce> <json value>` as the last line of its stdout.
+Under bubblewrap this hook is the second layer; the namespaces are the boundary.
 """
 import json
 import os
@@ -54,8 +55,7 @@ def _jsonable(value):
 
 def main():
     nonce = sys.stdin.readline().strip()
-    with open(os.path.join(WORKDIR, "program.py")) as f:
-        code = f.read()
+    code = sys.stdin.read()
     result_fd = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)

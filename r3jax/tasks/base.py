@@ -138,5 +138,10 @@ class Task:
     def score(self, response: str, gold: str) -> Score:
         return self.score_batch([response], [gold])[0]
 
+    def runtime_info(self) -> dict[str, str]:
+        """What a run should record about how this task executes (e.g. the sandbox's isolation);
+        starts what it reports on, so a problem shows at start-up."""
+        return {}
+
     def close(self) -> None:
         """Releases worker processes, if the task has any."""

@@ -49,7 +49,8 @@ class MathTask(Task):
 
     def __init__(self, name: str, train_path: str, test_path: str, partial_reward: float,
                  program: bool = False, cut: str = "lines", answer_marker: str | None = MARKER,
-                 sandbox_workers: int = 4, sandbox_limits: Limits = Limits(), tfds_name: str | None = None, **base):
+                 sandbox_workers: int = 4, sandbox_limits: Limits = Limits(), require_isolation: bool = False,
+                 tfds_name: str | None = None, **base):
         super().__init__(**base)
         self.name, self.cut, self.program = name, cut, program
         self.paths = {"train": train_path, "test": test_path}
@@ -57,6 +58,7 @@ class MathTask(Task):
         self.answer_marker = answer_marker
         self.tfds_name = tfds_name
         self.sandbox_workers, self.sandbox_limits = sandbox_workers, sandbox_limits
+        self.require_isolation = require_isolation
         self._sandbox: Sandbox | None = None
 
     def load_split(self, split: str) -> list[Demonstration]:
@@ -65,8 +67,11 @@ class MathTask(Task):
     @property
     def sandbox(self) -> Sandbox:
         if self._sandbox is None:
-            self._sandbox = Sandbox(self.sandbox_workers, self.sandbox_limits)
+            self._sandbox = Sandbox(self.sandbox_workers, self.sandbox_limits, self.require_isolation)
         return self._sandbox
+
+    def runtime_info(self) -> dict[str, str]:
+        return {"sandbox": self.sandbox.isolation} if self.program else {}
 
     def answers(self, responses: Sequence[str]) -> list[float | None]:
         """P-CoT: what each program returns when run in the sandbox; CoT: the number after the marker."""

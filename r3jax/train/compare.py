@@ -2,6 +2,7 @@
 and R^3 (mixed), several seeds each; accuracy at k = 0 overall and by number of reasoning steps."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -38,7 +39,8 @@ def plot(summary: dict, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(arms)
     left.bar(names, [arms[n]["mean"] for n in names], yerr=[arms[n]["std"] for n in names], capsize=6,
-             color=["#999999", "#5b8bd0", "#e3a33b", "#3aa45b"][:len(names)])
+             color=[f"C{i}" for i in range(len(names))])
+    left.tick_params(axis="x", labelrotation=30)
     left.set_ylabel("test accuracy (k = 0, greedy)")
     left.set_title("mean ± std over seeds")
     for name in names:
@@ -68,17 +70,21 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     sft_report, _ = evaluate(policy, model_cfg, tokenizer, task, test_demos, mesh, config.eval.batch_size,
                              config.eval.max_new_tokens, desc="SFT test")
     arms = {"sft": summarise([sft_report])}
-    for arm in config.compare.arms:
+    for estimator, arm in itertools.product(config.compare.estimators, config.compare.arms):
+        name = arm if estimator == "gae" else f"{arm}-{estimator}"
+        arm_config = config.copy_and_resolve_references()
+        arm_config.rl.estimator = estimator
+        arm_config.rl.group_size = 1 if estimator == "gae" else config.compare.group_size
         reports = []
         for seed in config.compare.seeds:
-            run_dir = os.path.join(workdir, "compare", f"{arm}-seed{seed}")
+            run_dir = os.path.join(workdir, "compare", f"{name}-seed{seed}")
             done_file = os.path.join(run_dir, "report.json")
             if os.path.exists(done_file):
                 with open(done_file) as f:
                     reports.append(json.load(f))
                 continue
             model_cfg, policy = job.load_policy(sft_dir, config, mesh)
-            result = rl.train(config, model_cfg, policy, tokenizer, task, mesh, run_dir, stop,
+            result = rl.train(arm_config, model_cfg, policy, tokenizer, task, mesh, run_dir, stop,
                               strategy=ARMS[arm], seed=seed)
             if result is None:
                 return None
@@ -86,7 +92,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
             if sharding.is_primary():
                 with open(done_file, "w") as f:
                     json.dump(result["report"], f, indent=2)
-        arms[arm] = summarise(reports)
+        arms[name] = summarise(reports) | {"estimator": estimator, "group_size": arm_config.rl.group_size}
     stop.restore()
     summary = {"arms": arms,
                "budget": {"sampled_tokens": config.rl.token_budget, "max_rl_steps": config.rl.steps,

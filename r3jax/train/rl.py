@@ -5,12 +5,13 @@ step, so a run restored from its checkpoint continues exactly as an uninterrupte
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -21,13 +22,30 @@ from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from r3jax.models.transformer import ModelConfig, compute_copy
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import SamplingConfig
+from r3jax.curriculum import StartState
+from r3jax.tasks.answers import Score
 from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer
 
 
+ROLLOUT_FIELDS = ("tokens", "attention_mask", "logprobs", "completion_mask")
+
+
+class Collected(NamedTuple):
+    """The rows of one update, gathered on the host over one or more sampling rounds."""
+    states: list[StartState]         # [kept rows] the start state of each real row
+    scores: list[Score]              # [kept rows]
+    batch: dict[str, np.ndarray]     # ROLLOUT_FIELDS, scores and row_mask, `[batch, ...]`, padded
+    new_tokens: int                  # tokens sampled in all rounds, kept or not
+    rounds: int
+    dropped_groups: int              # groups left out because their rewards were all equal
+    equal_groups: dict[int, float]   # per stage: fraction of sampled groups with all-equal rewards
+
+
 def ppo_config(c) -> ppo.PPOConfig:
-    return ppo.PPOConfig(kl_coef=c.kl_coef, kl_mode=c.kl_mode, gamma=c.gamma, lam=c.lam,
-                         clip_ratio=c.clip_ratio, value_clip=c.value_clip, vf_coef=c.vf_coef,
+    return ppo.PPOConfig(kl_coef=c.kl_coef, kl_mode=c.kl_mode, estimator=c.estimator, group_size=c.group_size,
+                         loss_agg=c.loss_agg, gamma=c.gamma, lam=c.lam, clip_ratio_low=c.clip_ratio_low,
+                         clip_ratio_high=c.clip_ratio_high, value_clip=c.value_clip, vf_coef=c.vf_coef,
                          entropy_coef=c.entropy_coef, epochs=c.epochs, minibatches=c.minibatches,
                          temperature=c.temperature, score_clip=c.score_clip, logits_chunk=c.logits_chunk)
 
@@ -40,8 +58,82 @@ def build_curriculum(c, task: Task, tokenizer: Tokenizer, strategy: str, seed: i
     if len(fitting) < len(states):
         print(f"RL: left out {len(states) - len(fitting)} of {len(states)} start states longer than "
               f"rl.max_prompt_length={c.max_prompt_length}")
-    return curriculum.Curriculum(fitting, strategy, c.batch_size, seed, c.stage_length, c.stage_unit,
-                                 tuple(c.stage_weights) or None)
+    return curriculum.Curriculum(fitting, strategy, c.batch_size // c.group_size, seed, c.stage_length,
+                                 c.stage_unit, tuple(c.stage_weights) or None)
+
+
+def _left_pad_to(array: np.ndarray, width: int, value: int) -> np.ndarray:
+    return np.pad(array, ((0, 0), (width - array.shape[1], 0)), constant_values=value)
+
+
+def assemble(parts: list[dict[str, np.ndarray]], rows: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One update batch of exactly `rows` rows from the kept rows of several rounds: prompts
+    left-padded to the widest round, then rows that copy the first and are masked out (no
+    completion tokens, row_mask 0), so the update keeps one compiled batch shape."""
+    width = max(part["tokens"].shape[1] for part in parts)
+    batch = {key: np.concatenate([_left_pad_to(p[key], width, pad_id if key == "tokens" else 0)
+                                  if key in ("tokens", "attention_mask") else p[key] for p in parts])[:rows]
+             for key in parts[0]}
+    missing = rows - len(batch["scores"])
+    if missing:
+        filler = {key: np.repeat(value[:1], missing, axis=0) for key, value in batch.items()}
+        filler["completion_mask"][:] = 0
+        filler["row_mask"][:] = 0
+        filler["scores"][:] = 0
+        batch = {key: np.concatenate([batch[key], filler[key]]) for key in batch}
+    return batch
+
+
+def truncated(completions: np.ndarray, lengths: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
+    """`[rows]` True where a completion `[rows, new]` ran out of tokens before a stop token."""
+    last = completions[np.arange(len(lengths)), np.maximum(lengths - 1, 0)]
+    return (lengths == 0) | ~np.isin(last, stop_ids)
+
+
+def collect(c, schedule: curriculum.Curriculum, task: Task, tokenizer: Tokenizer, model_cfg: ModelConfig,
+            sampling_params: Any, settings: SamplingConfig, base_key: jax.Array, mesh, data_position: int,
+            progress: float) -> tuple[Collected, int]:
+    """Samples `rl.group_size` completions of each start state of the curriculum's batch at
+    `data_position` and scores them. With `rl.dynamic_sampling`, groups whose rewards are all
+    equal are dropped and further batches are sampled, up to `rl.max_sampling_rounds`, until the
+    batch is full. Returns the rows and the next data position."""
+    group = c.group_size
+    rounds_allowed = c.max_sampling_rounds if c.dynamic_sampling else 1
+    states, scores, parts = [], [], []
+    new_tokens = rounds = dropped = 0
+    equal_by_stage: dict[int, list[bool]] = collections.defaultdict(list)
+    while rounds < rounds_allowed and len(states) < c.batch_size:
+        round_states = [s for s in schedule.batch(data_position, progress) for _ in range(group)]
+        sample_key, _ = jax.random.split(jax.random.fold_in(base_key, data_position))
+        rollout, texts = rollout_lib.generate(sampling_params, model_cfg, tokenizer, round_states, settings,
+                                              sample_key, mesh)
+        round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
+                                        [s.demo.answer for s in round_states])
+        host = {key: sharding.to_host(getattr(rollout, key))[:len(round_states)] for key in ROLLOUT_FIELDS}
+        lengths = sharding.to_host(rollout.lengths)[:len(round_states)]
+        rewards = np.array([s.reward for s in round_scores], np.float32)
+        if c.missing_eos_penalty:
+            rewards -= c.missing_eos_penalty * truncated(sharding.to_host(rollout.completions)[:len(round_states)],
+                                                         lengths, settings.stop_ids)
+        new_tokens += int(lengths.sum())
+        data_position += 1
+        rounds += 1
+        equal = (rewards.reshape(-1, group) == rewards.reshape(-1, group)[:, :1]).all(axis=1)
+        for start, is_equal in zip(round_states[::group], equal):
+            equal_by_stage[start.stage].append(bool(is_equal))
+        keep = np.repeat(~equal if c.dynamic_sampling else np.ones_like(equal), group)
+        dropped += int((equal & c.dynamic_sampling).sum())
+        kept_rows = np.flatnonzero(keep)[:c.batch_size - len(states)]
+        if not len(kept_rows):
+            continue
+        part = {key: value[kept_rows] for key, value in host.items()}
+        part.update(scores=rewards[kept_rows], row_mask=np.ones(len(kept_rows), np.float32))
+        parts.append(part)
+        states += [round_states[i] for i in kept_rows]
+        scores += [dataclasses.replace(round_scores[i], reward=float(rewards[i])) for i in kept_rows]
+    batch = assemble(parts, c.batch_size, settings.pad_id) if parts else None
+    return Collected(states, scores, batch, new_tokens, rounds, dropped,
+                     {stage: float(np.mean(flags)) for stage, flags in equal_by_stage.items()}), data_position
 
 
 def _host_metrics(states, scores, row_metrics: dict[str, np.ndarray]) -> dict[str, float]:
@@ -56,6 +148,11 @@ def _host_metrics(states, scores, row_metrics: dict[str, np.ndarray]) -> dict[st
     return report
 
 
+def meta(step: int, tokens_sampled: int, data_position: int) -> dict[str, int]:
+    """What a checkpoint stores beside the state so a resumed run continues exactly."""
+    return {"step": step, "tokens_sampled": tokens_sampled, "data_position": data_position}
+
+
 def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, task: Task, mesh,
           workdir: str, stop: StopSignal, strategy: str | None = None, seed: int | None = None,
           ) -> dict[str, Any] | None:
@@ -67,8 +164,8 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     os.makedirs(workdir, exist_ok=True)
     schedule = build_curriculum(c, task, tokenizer, strategy, seed)
     reference = compute_copy(model_cfg, policy)  # own buffers: the training state is donated
-    params = actor_critic_params(model_cfg, policy, c.separate_critic)
-    steps = config_lib.training_steps(c, len(schedule.states), c.batch_size)
+    params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
+    steps = config_lib.training_steps(c, len(schedule.states), c.batch_size // c.group_size)
     if c.data_epochs:
         print(f"RL: {c.data_epochs:g} epochs over {len(schedule.states):,} start states = {steps:,} steps")
     policy_opt = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
@@ -79,10 +176,11 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     settings = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                               top_p=c.top_p, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    step, tokens_sampled = 0, 0
+    step, tokens_sampled, data_position = 0, 0, 0
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(checkpointer.latest_step(), state)
-        step, tokens_sampled = meta["step"], meta["tokens_sampled"]
+        state, restored = checkpointer.restore(checkpointer.latest_step(), state)
+        step, tokens_sampled = restored["step"], restored["tokens_sampled"]
+        data_position = restored.get("data_position", step)  # curriculum batches consumed, > step with dynamic sampling
     writer = MetricsWriter(workdir, "rl", resume_step=step)
     eval_demos = task.demonstrations("validation")[:c.eval_examples]
     base_key = jax.random.key(seed)
@@ -90,35 +188,34 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     bar = tqdm(total=budget or steps, initial=min(tokens_sampled if budget else step, budget or steps),
                desc=f"RL {strategy}", unit="tok" if budget else "step", disable=not sharding.is_primary())
     while step < steps and (not budget or tokens_sampled < budget) and not stop.requested:
-        step_key = jax.random.fold_in(base_key, step)
-        sample_key, update_key = jax.random.split(step_key)
+        _, update_key = jax.random.split(jax.random.fold_in(base_key, step))
         progress = tokens_sampled / budget if budget else step / steps
-        batch_states = schedule.batch(step, progress)
-
         started = time.perf_counter()
-        rollout, texts = rollout_lib.generate(compute_copy(model_cfg, state.params["policy"]), model_cfg,
-                                              tokenizer, batch_states, settings, sample_key, mesh)
+        collected, data_position = collect(c, schedule, task, tokenizer, model_cfg,
+                                           compute_copy(model_cfg, state.params["policy"]), settings, base_key,
+                                           mesh, data_position, progress)
         sampled = time.perf_counter()
-        scores = task.score_batch([s.given + t for s, t in zip(batch_states, texts)],
-                                  [s.demo.answer for s in batch_states])
-        scored = time.perf_counter()
-        batch = {"tokens": rollout.tokens, "attention_mask": rollout.attention_mask,
-                 "logprobs": rollout.logprobs, "completion_mask": rollout.completion_mask,
-                 "scores": jnp.asarray([s.reward for s in scores], jnp.float32)}
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
-        state, update_metrics = update(state, reference, batch, update_key, lr_scale)
-        update_metrics = {k: sharding.to_host(v) for k, v in update_metrics.items()}  # waits for the update
-        rows = {k.removeprefix("rows/"): v for k, v in update_metrics.items() if k.startswith("rows/")}
-        record = {k: float(v) for k, v in update_metrics.items() if not k.startswith("rows/")}
+        record = {}
+        if collected.batch is not None:  # else every sampled group had equal rewards: nothing to learn
+            policy_weight = 0.0 if step < c.critic_warmup_steps else 1.0
+            state, update_metrics = update(state, reference, sharding.shard_batch(collected.batch, mesh),
+                                           update_key, lr_scale, policy_weight)
+            update_metrics = {k: sharding.to_host(v) for k, v in update_metrics.items()}  # waits for the update
+            rows = {k.removeprefix("rows/"): v for k, v in update_metrics.items() if k.startswith("rows/")}
+            record = {k: float(v) for k, v in update_metrics.items() if not k.startswith("rows/")}
+            record.update(_host_metrics(collected.states, collected.scores, rows))
         updated = time.perf_counter()
 
-        new_tokens = int(sharding.to_host(rollout.lengths).sum())
-        tokens_sampled += new_tokens
+        tokens_sampled += collected.new_tokens
         step += 1
-        record.update(_host_metrics(batch_states, scores, rows))
+        record.update({f"equal_groups/stage_{stage}": fraction for stage, fraction in collected.equal_groups.items()})
         record.update({"tokens_sampled": tokens_sampled, "lr": c.lr * lr_scale, "time/sample_s": sampled - started,
-                       "time/reward_s": scored - sampled, "time/update_s": updated - scored,
-                       "sample_tokens_per_s": new_tokens / max(sampled - started, 1e-9)})
+                       "time/update_s": updated - sampled,
+                       "sample_tokens_per_s": collected.new_tokens / max(sampled - started, 1e-9)})
+        if c.dynamic_sampling:
+            record.update({"sampling_rounds": collected.rounds, "dropped_groups": collected.dropped_groups,
+                           "kept_rows": len(collected.states)})
         if strategy == "staged":
             record["stage"] = schedule.stage_at(step - 1, progress)
         if c.eval_every and step % c.eval_every == 0:
@@ -126,16 +223,16 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
                                  config.eval.batch_size, config.eval.max_new_tokens, desc="RL eval")
             record.update({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k})
         writer.write(step, record)
-        bar.update(new_tokens if budget else 1)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
-                        kl=f"{record['kl']:.3f}",
-                        **({"eval": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
+        bar.update(collected.new_tokens if budget else 1)
+        bar.set_postfix({name: f"{record[key]:.3f}" for name, key in
+                         (("reward", "reward"), ("acc", "accuracy"), ("kl", "kl"), ("eval", "eval/accuracy"))
+                         if key in record})
         if step % c.checkpoint_every == 0 or stop.requested:
-            checkpointer.save(step, state, {"step": step, "tokens_sampled": tokens_sampled})
+            checkpointer.save(step, state, meta(step, tokens_sampled, data_position))
     bar.close()
     finished = not stop.requested
     if finished and checkpointer.latest_step() != step:
-        checkpointer.save(step, state, {"step": step, "tokens_sampled": tokens_sampled})
+        checkpointer.save(step, state, meta(step, tokens_sampled, data_position))
     checkpointer.close()
     writer.close()
     if sharding.is_primary():

@@ -1,0 +1,88 @@
+"""The RL step's sampling side in-process: groups per start state, dynamic sampling that keeps the
+batch shape and never keeps an all-equal group, the missing-EOS penalty."""
+import dataclasses
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import TINY, tiny_params
+from r3jax import config as config_lib, sharding, tasks, tokenizer
+from r3jax.sampling import SamplingConfig
+from r3jax.tasks.answers import Score
+from r3jax.train import rl
+
+
+class CoinTask(tasks.get("arith").__class__):
+    """arith with a reward that is a fixed coin flip per completion text, so groups mix."""
+
+    def score_batch(self, responses, golds):
+        return [Score(float(zlib.crc32(r.encode()) % 3 == 0), False, True) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    task = CoinTask(num_train=64, num_test=8)
+    texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")]
+    tok = tokenizer.load(tokenizer.train_sentencepiece(
+        texts, str(tmp_path_factory.mktemp("sp") / "tok"), vocab_size=TINY.vocab_size))
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
+    return task, tok, cfg, tiny_params(cfg, scale=3.0)
+
+
+def _rl_config(**overrides):
+    c = config_lib.base_config().rl
+    c.update(dict(batch_size=8, group_size=4, estimator="grpo", max_new_tokens=6, max_prompt_length=160))
+    c.update(overrides)
+    return c
+
+
+def _collect(setup, c, data_position=0):
+    task, tok, cfg, params = setup
+    schedule = rl.build_curriculum(c, task, tok, "mixed", seed=0)
+    settings = SamplingConfig(max_new_tokens=c.max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    return rl.collect(c, schedule, task, tok, cfg, params, settings, jax.random.key(0), mesh, data_position, 0.0)
+
+
+def test_groups_are_adjacent_samples_of_one_start_state(setup):
+    collected, position = _collect(setup, _rl_config())
+    assert position == 1 and collected.rounds == 1 and len(collected.states) == 8
+    assert [s.prompt_tokens for s in collected.states[:4]] == [collected.states[0].prompt_tokens] * 4
+    assert collected.states[3].prompt_tokens != collected.states[4].prompt_tokens
+    assert collected.batch["tokens"].shape[0] == 8 and collected.batch["row_mask"].sum() == 8
+
+
+def test_dynamic_sampling_keeps_the_shape_and_drops_every_equal_group(setup):
+    plain, _ = _collect(setup, _rl_config(batch_size=16, group_size=2))
+    c = _rl_config(batch_size=16, group_size=2, dynamic_sampling=True, max_sampling_rounds=3)
+    collected, position = _collect(setup, c)
+    assert position == collected.rounds > 1  # equal groups were dropped, so it sampled more
+    assert collected.dropped_groups > 0 and sum(collected.equal_groups.values()) > 0
+    batch = collected.batch
+    assert all(v.shape[0] == 16 for v in batch.values())
+    real = batch["row_mask"].astype(bool)
+    assert real.sum() == len(collected.states) and (real[:real.sum()]).all()
+    groups = batch["scores"][real].reshape(-1, 2)
+    assert (groups[:, 0] != groups[:, 1]).all()  # no kept group has all-equal rewards
+    assert (batch["completion_mask"][~real] == 0).all() and (batch["scores"][~real] == 0).all()
+    # the first round is the plain batch: its unequal groups are the first rows kept
+    plain_groups = plain.batch["scores"].reshape(-1, 2)
+    first = plain_groups[plain_groups[:, 0] != plain_groups[:, 1]]
+    np.testing.assert_array_equal(groups[:len(first)], first)
+
+
+def test_missing_eos_penalty_hits_only_truncated_completions(setup):
+    plain, _ = _collect(setup, _rl_config())
+    penalised, _ = _collect(setup, _rl_config(missing_eos_penalty=0.5))
+    lengths = plain.batch["completion_mask"].sum(1)
+    last = plain.batch["tokens"][np.arange(8), plain.batch["tokens"].shape[1] - 6 + np.maximum(lengths - 1, 0)]
+    cut_off = ~np.isin(last, setup[1].stop_ids)
+    assert cut_off.any()
+    np.testing.assert_allclose(penalised.batch["scores"], plain.batch["scores"] - 0.5 * cut_off)
+
+
+def test_truncated_hand_worked():
+    completions = np.array([[5, 2, 0], [5, 6, 7], [0, 0, 0]])
+    assert rl.truncated(completions, np.array([2, 3, 0]), (2,)).tolist() == [False, True, True]
