@@ -89,10 +89,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict({"keep": 2})
 
     c.compare = ml_collections.ConfigDict({
-        "seeds": (0, 1, 2), "arms": ("rl", "staged", "r3"),
-        # each arm once per estimator; critic-free ones sample group_size completions per start state
-        "estimators": ("gae",), "group_size": 4,
-        "output": "bench/results/arith-compare.json"})
+        # arms: a strategy (rl = outcome only, staged, r3 = mixed), with -<estimator> for a
+        # critic-free one (r3-grpo), which samples group_size completions per start state
+        "seeds": (0, 1, 2), "arms": ("rl", "staged", "r3"), "group_size": 4,
+        "continued_sft": True,  # the SFT-continued control arm: as many SFT updates as R^3 gets
+        "continued_lr": 1e-4,
+        "samples": 4, "sample_problems": 500,  # sampled accuracy and pass@k: samples per problem, problems
+        "output": ""})  # "" = <workdir>/compare.json
     return c
 
 
@@ -176,9 +179,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         section, name = key.split(".")
         _check(c[section][name] > 0, key, f"must be positive, got {c[section][name]}")
     for arm in c.compare.arms:
-        _check(arm in ARMS, "compare.arms", f"{arm!r} is not one of {tuple(ARMS)}")
-    for estimator in c.compare.estimators:
-        _check(estimator in ESTIMATORS, "compare.estimators", f"{estimator!r} is not one of {ESTIMATORS}")
+        strategy, _, estimator = arm.partition("-")
+        _check(strategy in ARMS and (not estimator or estimator in ESTIMATORS), "compare.arms",
+               f"{arm!r}: expected one of {tuple(ARMS)}, optionally with -<estimator> ({', '.join(ESTIMATORS)})")
+    _check(c.compare.samples >= 0 and c.compare.sample_problems >= 0, "compare.samples",
+           "samples per problem and problems for sampled metrics must be non-negative")
     _check(c.compare.group_size >= 2 and c.rl.batch_size % c.compare.group_size == 0, "compare.group_size",
            f"{c.compare.group_size}: needs at least 2 completions per start state, dividing rl.batch_size")
     _check(c.rl.batch_size % c.rl.minibatches == 0, "rl.minibatches",

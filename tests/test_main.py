@@ -211,20 +211,28 @@ def test_compare_mode_writes_the_comparison(tmp_path):
             "--config.rl.max_new_tokens=24",
             "--config.sft.steps=20", "--config.sft.eval_every=0", "--config.rl.token_budget=400",
             "--config.rl.batch_size=8", "--config.eval.num_examples=16", "--config.eval.batch_size=16",
-            "--config.compare.seeds=(0,)", "--config.compare.estimators=('gae','grpo')",
-            f"--config.compare.output={output}"]
+            "--config.compare.seeds=(0,1)", "--config.compare.arms=('rl','staged','r3','r3-grpo')",
+            "--config.compare.samples=2", "--config.compare.sample_problems=8", f"--config.compare.output={output}"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.load(open(output))
-    assert set(summary["arms"]) == {"sft", "rl", "staged", "r3", "rl-grpo", "staged-grpo", "r3-grpo"}
-    assert "machine" in summary and summary["arms"]["r3-grpo"]["group_size"] == 4
-    assert summary["budget"]["sampled_tokens"] == 400
+    assert set(summary["arms"]) == {"sft", "rl", "staged", "r3", "r3-grpo", "sft_continued"}
+    assert "machine" in summary and summary["num_test_problems"] == 16 and summary["budget"]["sampled_tokens"] == 400
+    assert set(summary["differences"]) == {"r3_vs_sft", "r3_vs_rl", "r3_vs_staged", "r3_vs_sft_continued", "staged_vs_rl"}
     for name, arm in summary["arms"].items():
-        assert {"mean", "std", "seeds", "by_steps"} <= set(arm), name
-        assert arm["mean"] == pytest.approx(np.mean(arm["seeds"]))
+        assert {"mean", "ci95", "seeds", "by_steps", "sample_accuracy", "pass_at_k"} <= set(arm), name
+        assert arm["mean"] == pytest.approx(np.mean(arm["seeds"])) and arm["ci95"][0] <= arm["mean"] <= arm["ci95"][1]
+        assert len(arm["seeds"]) == (1 if name == "sft" else 2)
         assert set(arm["by_steps"]) <= {"2", "3", "4", "5", "6"} and arm["by_steps"]
-        if name != "sft":
+        assert arm["sample_accuracy"] <= arm["pass_at_k"]
+        if name not in ("sft", "sft_continued"):
             assert all(tokens >= 400 for tokens in arm["tokens_sampled"]), name
+    r3_minus_sft = summary["differences"]["r3_vs_sft"]
+    assert r3_minus_sft["mean"] == pytest.approx(summary["arms"]["r3"]["mean"] - summary["arms"]["sft"]["mean"])
+    assert summary["premise"] and set(summary["premise"]) <= {f"steps_{n}" for n in range(2, 7)}
+    assert all(set(row) == {f"stage_{j}" for j in range(5)} for row in summary["premise"].values())
+    r3_log = read_jsonl(str(tmp_path / "run" / "compare" / "r3-grpo-seed0" / "rl.jsonl"))
+    assert "vf_loss" not in r3_log[0] and any(key.startswith("equal_groups/stage_") for key in r3_log[0])
     for arm in ("rl", "staged", "r3"):  # the linear schedule decays with the budget, not rl.steps
         log = read_jsonl(str(tmp_path / "run" / "compare" / f"{arm}-seed0" / "rl.jsonl"))
         spent_before = [0] + [r["tokens_sampled"] for r in log[:-1]]

@@ -1,31 +1,114 @@
 """The paper's comparison from one SFT checkpoint under one RL budget: outcome-only RL, staged RL
-and R^3 (mixed), several seeds each; accuracy at k = 0 overall and by number of reasoning steps."""
+and R^3 (mixed), each with the paper's PPO or a critic-free estimator (`<arm>-<estimator>`),
+several seeds each, and SFT continued for as many updates as the RL arms get.
+
+Accuracy at k = 0 on the test split, read once at the end: greedy with a 95% interval (a
+bootstrap over problems and seeds) per arm and for the differences between arms (paired on the
+same problems), by chain length; single-sample accuracy at the RL temperature and pass@k on a
+subset. Before any RL, the premise table: the SFT model's success at the RL temperature per chain
+length and start stage, on the validation split.
+"""
 from __future__ import annotations
 
-import itertools
+import collections
 import json
 import os
 import sys
 
+import jax
 import numpy as np
 
-from r3jax import sharding
+from r3jax import curriculum, rollout as rollout_lib, sharding, stats
 from r3jax.checkpoint import StopSignal
 from r3jax.config import ARMS
 from r3jax.evaluate import evaluate
 from r3jax.metrics import machine_info
+from r3jax.sampling import SamplingConfig
 from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
 
+DIFFERENCES = (("r3", "sft"), ("r3", "rl"), ("r3", "staged"), ("r3", "sft_continued"), ("staged", "rl"))
 
-def summarise(reports: list[dict]) -> dict:
-    accuracies = [r["accuracy"] for r in reports]
-    steps = sorted({k for r in reports for k in r if k.startswith("accuracy/steps_")},
-                   key=lambda k: int(k.rsplit("_", 1)[1]))
-    return {"mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "seeds": accuracies,
-            "by_steps": {k.rsplit("_", 1)[1]: float(np.mean([r[k] for r in reports])) for k in steps},
-            "tokens_sampled": [r.get("tokens_sampled") for r in reports],
-            "rl_steps": [r.get("steps") for r in reports]}
+
+def arm_parts(arm: str) -> tuple[str, str]:
+    """`r3-grpo` -> ("r3", "grpo"); a bare arm is the paper's PPO (`gae`)."""
+    strategy, _, estimator = arm.partition("-")
+    return strategy, estimator or "gae"
+
+
+def premise_table(params, model_cfg, tokenizer, task: Task, demos, config, mesh) -> dict[str, dict[str, float]]:
+    """The SFT model's success rate at the RL temperature from every start stage, per chain
+    length: {"steps_n": {"stage_j": rate}}. R^3's premise: low from stage 0 on long chains, high
+    from the last stage."""
+    c = config.rl
+    states = rollout_lib.tokenize_states(tokenizer, task, [
+        s for demo in demos for s in curriculum.start_states(task, demo, c.num_start_states or None)])
+    settings = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                              stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+    outcomes = collections.defaultdict(list)
+    size = config.eval.batch_size
+    for start in range(0, len(states), size):
+        chunk = states[start:start + size]
+        _, texts = rollout_lib.generate(params, model_cfg, tokenizer, chunk, settings,
+                                        jax.random.fold_in(jax.random.key(config.seed), start), mesh, rows=size)
+        scores = task.score_batch([s.given + t for s, t in zip(chunk, texts)], [s.demo.answer for s in chunk])
+        for state, score in zip(chunk, scores):
+            outcomes[(dict(state.demo.meta).get("num_steps", state.num_steps), state.stage)].append(score.correct)
+    table: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    for (length, stage), values in sorted(outcomes.items()):
+        table[f"steps_{length}"][f"stage_{stage}"] = float(np.mean(values))
+    return dict(table)
+
+
+def evaluate_model(params, model_cfg, tokenizer, task: Task, test_demos, config, mesh) -> dict:
+    """Greedy per-problem correctness on the test problems, and on the first
+    compare.sample_problems of them `compare.samples` samples each at the RL temperature:
+    single-sample accuracy and pass@k."""
+    report, records = evaluate(params, model_cfg, tokenizer, task, test_demos, mesh, config.eval.batch_size,
+                               config.eval.max_new_tokens, desc="test")
+    result = {"report": report, "correct": [float(r["correct"]) for r in records]}
+    k = config.compare.samples
+    if k:
+        sampled, sample_records = evaluate(
+            params, model_cfg, tokenizer, task, test_demos[:config.compare.sample_problems], mesh,
+            config.eval.batch_size, config.eval.max_new_tokens, desc=f"test, {k} samples", maj_k=k,
+            temperature=config.rl.temperature)
+        right = [sum(task.score_answer(p, r["answer"]).correct for p in r["predictions"]) for r in sample_records]
+        result.update(sample_accuracy=sampled["sample_accuracy"],
+                      pass_at_k=float(np.mean([stats.pass_at_k(k, c, k) for c in right])))
+    return result
+
+
+def _cached(path: str, compute) -> dict:
+    """A finished unit of the comparison: read it back, or compute and store it (process 0)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = compute()
+    if result is not None and sharding.is_primary():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f)
+    return result
+
+
+def summarise(runs: list[dict], lengths: list) -> dict:
+    """An arm over its seeds: mean and 95% interval of greedy accuracy, per-seed values, per chain
+    length, and the sampled metrics."""
+    correct = np.array([run["correct"] for run in runs])
+    interval = stats.bootstrap(correct)
+    by_length = {}
+    for length in sorted(set(lengths)):
+        columns = np.array(lengths) == length
+        by_length[str(length)] = stats.bootstrap(correct[:, columns])._asdict()
+    summary = {"mean": interval.mean, "ci95": [interval.lo, interval.hi],
+               "seeds": [float(np.mean(c)) for c in correct], "by_steps": by_length,
+               "tokens_sampled": [run["report"].get("tokens_sampled") for run in runs],
+               "rl_steps": [run["report"].get("steps") for run in runs]}
+    for key in ("sample_accuracy", "pass_at_k"):
+        if key in runs[0]:
+            summary[key] = float(np.mean([run[key] for run in runs]))
+    return summary
 
 
 def plot(summary: dict, path: str) -> None:
@@ -36,24 +119,44 @@ def plot(summary: dict, path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     arms = summary["arms"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.2))
     names = list(arms)
-    left.bar(names, [arms[n]["mean"] for n in names], yerr=[arms[n]["std"] for n in names], capsize=6,
-             color=[f"C{i}" for i in range(len(names))])
+    means = np.array([arms[n]["mean"] for n in names])
+    errors = np.abs(np.array([arms[n]["ci95"] for n in names]).T - means)
+    left.bar(names, means, yerr=errors, capsize=6, color=[f"C{i}" for i in range(len(names))])
     left.tick_params(axis="x", labelrotation=30)
     left.set_ylabel("test accuracy (k = 0, greedy)")
-    left.set_title("mean ± std over seeds")
+    left.set_title(f"arms, 95% intervals ({summary['num_test_problems']} problems)")
+    differences = summary["differences"]
+    labels = list(differences)
+    d_means = np.array([differences[d]["mean"] for d in labels])
+    d_errors = np.abs(np.array([differences[d]["ci95"] for d in labels]).T - d_means)
+    middle.errorbar(d_means, range(len(labels)), xerr=d_errors, fmt="o", capsize=5)
+    middle.axvline(0.0, color="grey", linestyle="--")
+    middle.set_yticks(range(len(labels)), labels)
+    middle.set_xlabel("accuracy difference (first arm minus second)")
+    middle.set_title("differences, paired 95% intervals")
     for name in names:
         steps = sorted(arms[name]["by_steps"], key=int)
-        right.plot([int(s) for s in steps], [arms[name]["by_steps"][s] for s in steps], marker="o", label=name)
+        right.plot([int(s) for s in steps], [arms[name]["by_steps"][s]["mean"] for s in steps], marker="o", label=name)
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("reasoning steps in the problem")
     right.set_ylabel("accuracy")
     right.set_title("accuracy by chain length")
-    right.legend()
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def continued_sft(config, model_cfg, policy, tokenizer, task: Task, mesh, run_dir: str, updates: int, seed: int,
+                  stop: StopSignal):
+    """The fair control for "RL helps": the SFT model trained on by SFT for `updates` more steps."""
+    c = config.copy_and_resolve_references()
+    c.seed = seed
+    c.sft.update(steps=updates, data_epochs=0.0, lr=config.compare.continued_lr, schedule="constant",
+                 warmup_steps=0, eval_every=0)
+    return sft.train(c, model_cfg, policy, tokenizer, task, mesh, run_dir, stop)
 
 
 def run(config, workdir: str, task: Task, mesh) -> dict | None:
@@ -66,48 +169,87 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     test_demos = task.demonstrations(config.eval.split)
     if config.eval.num_examples:
         test_demos = test_demos[:config.eval.num_examples]
+    lengths = [dict(d.meta).get("num_steps", 0) for d in test_demos]
+    out = os.path.join(workdir, "compare")
     model_cfg, policy = job.load_policy(sft_dir, config, mesh)
-    sft_report, _ = evaluate(policy, model_cfg, tokenizer, task, test_demos, mesh, config.eval.batch_size,
-                             config.eval.max_new_tokens, desc="SFT test")
-    arms = {"sft": summarise([sft_report])}
-    for estimator, arm in itertools.product(config.compare.estimators, config.compare.arms):
-        name = arm if estimator == "gae" else f"{arm}-{estimator}"
+    premise = _cached(os.path.join(out, "premise.json"), lambda: premise_table(
+        policy, model_cfg, tokenizer, task, task.demonstrations("validation"), config, mesh))
+    runs = {"sft": [_cached(os.path.join(out, "sft.json"), lambda: evaluate_model(
+        policy, model_cfg, tokenizer, task, test_demos, config, mesh))]}
+
+    for arm in config.compare.arms:
+        strategy, estimator = arm_parts(arm)
         arm_config = config.copy_and_resolve_references()
         arm_config.rl.estimator = estimator
         arm_config.rl.group_size = 1 if estimator == "gae" else config.compare.group_size
-        reports = []
+        runs[arm] = []
         for seed in config.compare.seeds:
-            run_dir = os.path.join(workdir, "compare", f"{name}-seed{seed}")
-            done_file = os.path.join(run_dir, "report.json")
-            if os.path.exists(done_file):
-                with open(done_file) as f:
-                    reports.append(json.load(f))
-                continue
-            model_cfg, policy = job.load_policy(sft_dir, config, mesh)
-            result = rl.train(arm_config, model_cfg, policy, tokenizer, task, mesh, run_dir, stop,
-                              strategy=ARMS[arm], seed=seed)
+            run_dir = os.path.join(out, f"{arm}-seed{seed}")
+
+            def train_and_evaluate():
+                _, start = job.load_policy(sft_dir, config, mesh)
+                result = rl.train(arm_config, model_cfg, start, tokenizer, task, mesh, run_dir, stop,
+                                  strategy=ARMS[strategy], seed=seed)
+                if result is None:
+                    return None
+                evaluated = evaluate_model(result["params"], model_cfg, tokenizer, task, test_demos, config, mesh)
+                evaluated["report"].update(steps=result["steps"], tokens_sampled=result["tokens_sampled"],
+                                           optimizer_updates=result["steps"] * config.rl.epochs * config.rl.minibatches)
+                return evaluated
+
+            result = _cached(os.path.join(run_dir, "result.json"), train_and_evaluate)
             if result is None:
                 return None
-            reports.append(result["report"])
-            if sharding.is_primary():
-                with open(done_file, "w") as f:
-                    json.dump(result["report"], f, indent=2)
-        arms[name] = summarise(reports) | {"estimator": estimator, "group_size": arm_config.rl.group_size}
+            runs[arm].append(result)
+
+    if config.compare.continued_sft and "r3" in runs:
+        updates = round(np.mean([r["report"]["optimizer_updates"] for r in runs["r3"]]))
+        runs["sft_continued"] = []
+        for seed in config.compare.seeds:
+            run_dir = os.path.join(out, f"sft_continued-seed{seed}")
+
+            def continue_and_evaluate():
+                _, start = job.load_policy(sft_dir, config, mesh)
+                final_dir = continued_sft(config, model_cfg, start, tokenizer, task, mesh, run_dir, updates, seed, stop)
+                if final_dir is None:
+                    return None
+                _, params = job.load_policy(final_dir, config, mesh)
+                evaluated = evaluate_model(params, model_cfg, tokenizer, task, test_demos, config, mesh)
+                evaluated["report"].update(optimizer_updates=updates)
+                return evaluated
+
+            result = _cached(os.path.join(run_dir, "result.json"), continue_and_evaluate)
+            if result is None:
+                return None
+            runs["sft_continued"].append(result)
     stop.restore()
-    summary = {"arms": arms,
+
+    arms = {name: summarise(arm_runs, lengths) for name, arm_runs in runs.items()}
+    differences = {}
+    for first, second in DIFFERENCES:
+        if first in runs and second in runs:
+            interval = stats.paired_difference(np.array([r["correct"] for r in runs[first]]),
+                                               np.array([r["correct"] for r in runs[second]]))
+            differences[f"{first}_vs_{second}"] = {"mean": interval.mean, "ci95": [interval.lo, interval.hi]}
+    summary = {"num_test_problems": len(test_demos), "split": config.eval.split, "arms": arms,
+               "differences": differences, "premise": premise,
+               "protocol": {"seeds": list(config.compare.seeds), "selection": "SFT best on the validation split",
+                            "tuning_trials_per_arm": 1, "sampled_metrics_problems": config.compare.sample_problems,
+                            "samples_per_problem": config.compare.samples, "sample_temperature": config.rl.temperature,
+                            "interval": "95%, bootstrap over problems and seeds; differences paired on problems"},
                "budget": {"sampled_tokens": config.rl.token_budget, "max_rl_steps": config.rl.steps,
-                          "prompts_per_step": config.rl.batch_size},
-               "sft_checkpoint": "one SFT model shared by all arms; its std is 0 by construction",
-               "test_examples": len(test_demos), "machine": machine_info(),
-               "command": "python -m r3jax.main " + " ".join(sys.argv[1:])}
+                          "completions_per_step": config.rl.batch_size},
+               "machine": machine_info(), "command": "python -m r3jax.main " + " ".join(sys.argv[1:])}
     if not sharding.is_primary():
         return summary
-    output = config.compare.output
+    output = config.compare.output or os.path.join(workdir, "compare.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(summary, f, indent=2)
     plot(summary, os.path.splitext(output)[0] + ".png")
     for name, arm in arms.items():
-        print(f"{name:7s} {arm['mean']:.3f} ± {arm['std']:.3f}  by steps: "
-              + " ".join(f"{k}:{v:.2f}" for k, v in arm["by_steps"].items()))
+        print(f"{name:14s} {arm['mean']:.3f} [{arm['ci95'][0]:.3f}, {arm['ci95'][1]:.3f}]")
+    for name, difference in differences.items():
+        print(f"{name:22s} {difference['mean']:+.3f} [{difference['ci95'][0]:+.3f}, {difference['ci95'][1]:+.3f}]")
+    print(f"results written to {output}")
     return summary

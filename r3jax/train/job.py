@@ -127,7 +127,10 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         result = rl.train(config, model_cfg, params, tokenizer, task, mesh, os.path.join(workdir, "rl"), stop)
         if result is None:
             return None
-        rows.update(test_rows(f"r3-{config.rl.strategy}", result["report"], result["records"], result["params"],
+        report, records = evaluate(result["params"], model_cfg, tokenizer, task, test_demos, mesh,
+                                   config.eval.batch_size, config.eval.max_new_tokens, desc="final eval")
+        report.update(steps=result["steps"], tokens_sampled=result["tokens_sampled"])
+        rows.update(test_rows(f"r3-{config.rl.strategy}", report, records, result["params"],
                               model_cfg, tokenizer, task, test_demos, mesh, config, workdir))
         sft.export(os.path.join(workdir, "rl", "final"), model_cfg, result["params"], tokenizer,
                    config.model.export_dtype)

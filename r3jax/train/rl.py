@@ -156,8 +156,8 @@ def meta(step: int, tokens_sampled: int, data_position: int) -> dict[str, int]:
 def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, task: Task, mesh,
           workdir: str, stop: StopSignal, strategy: str | None = None, seed: int | None = None,
           ) -> dict[str, Any] | None:
-    """Runs (or resumes) RL from the SFT `policy` in `workdir`. Returns the final evaluation
-    report (k = 0, greedy, on config.eval.split), or None when stopped early by a signal."""
+    """Runs (or resumes) RL from the SFT `policy` in `workdir`. Returns the final policy with the
+    steps taken and tokens sampled, or None when stopped early by a signal."""
     c = config.rl
     strategy = strategy or c.strategy
     seed = config.seed if seed is None else seed
@@ -240,10 +240,4 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
                     title=f"R^3 {strategy} on {task.name}")
     if not finished:
         return None
-    test_demos = task.demonstrations(config.eval.split)
-    if config.eval.num_examples:
-        test_demos = test_demos[:config.eval.num_examples]
-    report, records = evaluate(state.params["policy"], model_cfg, tokenizer, task, test_demos, mesh,
-                               config.eval.batch_size, config.eval.max_new_tokens, desc="final eval")
-    report.update({"steps": step, "tokens_sampled": tokens_sampled})
-    return {"report": report, "records": records, "params": state.params["policy"]}
+    return {"params": state.params["policy"], "steps": step, "tokens_sampled": tokens_sampled}
