@@ -3,6 +3,7 @@
 all a resumed run needs to draw the same data and samples."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 from typing import Any
@@ -41,6 +42,22 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or reward went NaN or infinite; the step's state was not saved."""
+
+
+def check_finite(record: dict, keys: tuple[str, ...], phase: str, step: int, checkpointer: Checkpointer) -> None:
+    """Stops the run at the first non-finite value of `keys` in a step's record, before that
+    step's state is saved, naming the step and the checkpoint a rerun resumes from."""
+    bad = [key for key in keys if key in record and not math.isfinite(record[key])]
+    if bad:
+        checkpointer.close()
+        last = checkpointer.latest_step()
+        raise NonFiniteError(f"{phase} step {step}: {', '.join(f'{k} = {record[k]}' for k in bad)}; stopped "
+                             + (f"with the last good checkpoint at step {last}" if last is not None
+                                else "before any checkpoint was written"))
 
 
 class StopSignal:

@@ -175,9 +175,21 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(c[section].schedule in ("constant", "linear", "cosine"), f"{section}.schedule",
                f"{c[section].schedule!r}: expected constant, linear or cosine")
     for key in ("sft.batch_size", "sft.grad_accum", "rl.batch_size", "rl.epochs", "rl.minibatches",
-                "rl.max_new_tokens", "eval.batch_size", "eval.max_new_tokens", "checkpoint.keep"):
+                "rl.max_new_tokens", "rl.max_prompt_length", "eval.batch_size", "eval.max_new_tokens",
+                "checkpoint.keep", "sft.lr", "rl.lr", "rl.temperature", "sft.max_length", "sft.checkpoint_every",
+                "rl.checkpoint_every", "rl.num_start_states", "tokenizer.vocab_size"):
         section, name = key.split(".")
-        _check(c[section][name] > 0, key, f"must be positive, got {c[section][name]}")
+        _check(c[section][name] > 0 or (key == "rl.num_start_states" and c[section][name] == 0), key,
+               f"must be positive, got {c[section][name]}")
+    for key in ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", "rl.warmup_steps",
+                "sft.eval_every", "rl.eval_every", "sft.eval_examples", "rl.eval_examples", "eval.num_examples",
+                "rl.kl_coef", "rl.critic_lr", "rl.vf_coef", "rl.entropy_coef", "rl.value_clip", "rl.score_clip",
+                "rl.top_k", "sft.weight_decay", "rl.weight_decay", "sft.grad_clip", "rl.grad_clip"):
+        section, name = key.split(".")
+        _check(c[section][name] >= 0, key, f"must be non-negative, got {c[section][name]}")
+    _check(0 < c.rl.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {c.rl.top_p}")
+    for key in ("gamma", "lam"):
+        _check(0 <= c.rl[key] <= 1, f"rl.{key}", f"must be in [0, 1], got {c.rl[key]}")
     for arm in c.compare.arms:
         strategy, _, estimator = arm.partition("-")
         _check(strategy in ARMS and (not estimator or estimator in ESTIMATORS), "compare.arms",

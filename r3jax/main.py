@@ -1,7 +1,9 @@
 """CLI: python -m r3jax.main --config=configs/arith.py [--config.a.b=value ...] [--workdir=DIR] [--mode=M]
 
 Bad input (unknown key, wrong type, missing model or data file) prints one line naming it and
-exits with status 2.
+exits with status 2. A run stopped by SIGTERM/SIGINT saves a checkpoint and exits with status 75
+(EX_TEMPFAIL: rerun to resume, e.g. a SLURM requeue); a NaN or infinite loss or reward stops the
+run with status 3, keeping the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 
+EXIT_CONFIG, EXIT_NON_FINITE, EXIT_STOPPED = 2, 3, 75
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_CONFIG)
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -97,21 +102,38 @@ def parse(argv: list[str]):
     return config
 
 
+def default_workdir(config_file: str, config) -> str:
+    """runs/<config name>, with the task and the mode added where the name does not already say
+    them: configs/arith.py -> runs/arith, configs/paper.py:svamp -> runs/paper_svamp, the same
+    in eval mode -> runs/paper_svamp_eval. Two runs of different tasks or modes never share one."""
+    path, _, argument = config_file.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0] + (f"_{argument}" if argument else "")
+    for part in (config.task.name, config.mode):
+        if part not in name and part != "train":
+            name += f"_{part}"
+    return os.path.join("runs", name)
+
+
 def main(argv: list[str]) -> None:
     config = parse(argv)
     import jax
 
     from r3jax import config as config_lib, sharding, tasks
+    from r3jax.checkpoint import NonFiniteError
     from r3jax.tasks.sandbox import IsolationError
 
     sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
-    config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    workdir = _WORKDIR.value or os.path.join("runs", config_name)
+    workdir = _WORKDIR.value or default_workdir(_config_file(argv), config)
+    if "://" in workdir:
+        fail(f"--workdir={workdir}: remote URLs are not supported; mount the bucket (e.g. gcsfuse) on every "
+             "host and give the mounted path")
     try:
         config_lib.validate(config, jax.device_count())
         task = tasks.get(config.task.name, **config.task.options.to_dict())
         task.demonstrations("train")  # reads the data now: a bad file or split fails here, in one line
+        if config.mode in ("train", "rl", "eval", "compare") and not task.demonstrations(config.eval.split):
+            raise ValueError(f"config.eval.split: the {config.eval.split} split of task {task.name} is empty")
         runtime = task.runtime_info()
     except (config_lib.ConfigError, ValueError, FileNotFoundError, IsolationError) as error:
         fail(str(error))
@@ -122,6 +144,10 @@ def main(argv: list[str]) -> None:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump({**json.loads(config.to_json_best_effort()), "runtime": runtime}, f, indent=2)
     mesh = sharding.make_mesh(config.mesh)
+    if sharding.is_primary():
+        overrides = [arg[len("--config."):] for arg in argv if arg.startswith("--config.")]
+        print(f"r3jax {config.mode}: task {task.name}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+              f"mesh {dict(mesh.shape)}, workdir {workdir}" + (f"; overrides: {' '.join(overrides)}" if overrides else ""))
     try:
         if config.mode == "compare":
             from r3jax.train import compare
@@ -129,10 +155,15 @@ def main(argv: list[str]) -> None:
         else:
             from r3jax.train import job
             result = job.run(config, workdir, task, mesh)
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_NON_FINITE)
     finally:
         task.close()
     if result is None:
-        print(f"stopped by a signal; rerun with --workdir={workdir} to resume")
+        print(f"stopped by a signal; rerun with --workdir={workdir} to resume (exit status {EXIT_STOPPED})")
+        sys.exit(EXIT_STOPPED)
+    print(f"results written to {workdir}")
 
 
 if __name__ == "__main__":

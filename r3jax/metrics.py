@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m r3jax.metrics", description=main.__doc__)
     parser.add_argument("log", help="a metrics .jsonl file written by a run")
-    parser.add_argument("--out", help="PNG path (default: next to the log, <name>_curves.png)")
+    parser.add_argument("--out", help="PNG path (default: next to the log, <name>_curves_on_demand.png, "
+                                      "beside and never over the run's own curves)")
     parser.add_argument("--keys", nargs="+", default=["reward", "accuracy"],
                         help="one panel per metric prefix, e.g. reward accuracy kl entropy")
     args = parser.parse_args(argv)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = args.out or os.path.splitext(args.log)[0] + "_curves.png"
+    out = args.out or os.path.splitext(args.log)[0] + "_curves_on_demand.png"
     print(plot_curves(records, out, args.keys, title=os.path.basename(args.log)))
     return 0
 

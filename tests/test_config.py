@@ -73,3 +73,47 @@ def test_lr_scale_hand_worked():
     assert optim.lr_scale("constant", 4, 9, 0.9) == 1.0
     with pytest.raises(ValueError, match="schedule 'step'"):
         optim.lr_scale("step", 0, 0, 0.0)
+
+
+BAD_VALUES = [
+    ("rl.temperature", 0.0), ("rl.temperature", -1.0), ("eval.temperature", 0.0), ("rl.top_p", 1.5),
+    ("rl.top_p", 0.0), ("rl.kl_coef", -0.1), ("sft.steps", -3), ("rl.steps", -1), ("sft.lr", -1e-5),
+    ("sft.lr", 0.0), ("rl.lr", -3e-7), ("eval.num_examples", -3), ("rl.token_budget", -5),
+    ("sft.warmup_steps", -1), ("rl.gamma", 1.5), ("rl.lam", -0.1), ("rl.top_k", -2), ("rl.vf_coef", -1.0),
+    ("rl.value_clip", -0.2), ("rl.entropy_coef", -0.01), ("sft.batch_size", 0), ("rl.epochs", 0),
+    ("rl.max_new_tokens", 0), ("sft.max_length", 0), ("rl.max_prompt_length", -1), ("checkpoint.keep", 0),
+    ("rl.clip_ratio_low", 1.2), ("rl.clip_ratio_high", -0.1), ("rl.estimator", "ppo"), ("rl.loss_agg", "sum"),
+    ("rl.group_size", 3), ("rl.schedule", "step"), ("model.dtype", "bf16"), ("model.export_dtype", "fp8"),
+    ("rl.missing_eos_penalty", -1.0), ("rl.max_sampling_rounds", 0), ("eval.split", "dev"),
+    ("sft.eval_examples", -1), ("rl.score_clip", -5.0), ("sft.grad_clip", -1.0), ("mode", "serve"),
+    ("compare.arms", ("r3-ppo",)), ("rl.num_start_states", -1), ("eval.maj_k", -2),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_VALUES, ids=[f"{k}={v}" for k, v in BAD_VALUES])
+def test_bad_value_is_refused_naming_its_key(key, value):
+    c = config_lib.base_config()
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+    with pytest.raises(config_lib.ConfigError, match=f"^config.{key}: "):
+        config_lib.validate(c, num_devices=1)
+
+
+def test_at_least_thirty_bad_inputs():
+    assert len(BAD_VALUES) >= 30
+
+
+@pytest.mark.parametrize("config_file, overrides, expected", [
+    ("configs/arith.py", {}, "runs/arith"),
+    ("configs/arith.py", {"mode": "eval"}, "runs/arith_eval"),
+    ("configs/paper.py:svamp_pot", {"task.name": "svamp_pot"}, "runs/paper_svamp_pot"),
+    ("configs/paper.py:snli", {"task.name": "snli"}, "runs/paper_snli"),
+    ("configs/arith_compare.py", {"mode": "compare"}, "runs/arith_compare"),
+])
+def test_default_workdirs_never_shared_between_tasks_or_modes(config_file, overrides, expected):
+    c = config_lib.base_config()
+    c.task.name = "arith"
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (c[section] if section else c)[name] = value
+    assert main.default_workdir(config_file, c) == expected

@@ -151,8 +151,8 @@ def test_killed_run_resumes_exactly(tmp_path, extra):
     resumed = str(tmp_path / "resumed")
     proc = start_cli(*TINY_RUN, *extra, f"--workdir={resumed}")
     _wait_for_step(proc, resumed, 3)
-    proc.send_signal(signal.SIGTERM)  # preemption: saves and exits cleanly
-    assert proc.wait(timeout=120) == 0
+    proc.send_signal(signal.SIGTERM)  # preemption: saves and exits with the documented requeue status
+    assert proc.wait(timeout=120) == 75  # EX_TEMPFAIL: saved, rerun to resume
     stopped_at = len(_rl_log(resumed))
     assert stopped_at < 10
     assert os.path.isdir(os.path.join(resumed, "rl", "checkpoints", str(stopped_at)))
@@ -173,6 +173,14 @@ def test_killed_run_resumes_exactly(tmp_path, extra):
             if not key.startswith(TIMING):
                 assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (want["step"], key)
     assert json.load(open(reference / "results.json")) == json.load(open(os.path.join(resumed, "results.json")))
+
+
+def test_non_finite_loss_stops_with_status_3_naming_the_step(tmp_path):
+    result = run_cli(*TINY_RUN, "--config.sft.lr=1e30", "--config.sft.checkpoint_every=1", f"--workdir={tmp_path}")
+    assert result.returncode == 3, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: SFT step 2: loss = nan") and "last good checkpoint at step 1" in last, last
+    assert "Traceback" not in result.stderr and len(read_jsonl(str(tmp_path / "sft" / "sft.jsonl"))) == 1
 
 
 FAST_DEFAULT = [f"--config={ROOT}/configs/arith.py", "--config.task.options.num_train=1500",

@@ -45,7 +45,7 @@ def test_curves_on_demand_cli(tmp_path, capsys):
     writer.close()
     log = str(tmp_path / "rl.jsonl")
     assert metrics.main([log, "--keys", "reward", "kl"]) == 0
-    assert os.path.getsize(tmp_path / "rl_curves.png") > 1000
+    assert os.path.getsize(tmp_path / "rl_curves_on_demand.png") > 1000
     assert metrics.main([str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such metrics file" in capsys.readouterr().err
     with open(log, "a") as f:

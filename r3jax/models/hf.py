@@ -125,6 +125,11 @@ def _tensor_files(path: str) -> dict[str, str]:
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
+        if any(f.endswith(".bin") for f in os.listdir(path)):
+            raise CheckpointError(
+                f"{path}: a PyTorch .bin checkpoint; r3jax reads safetensors only (torch is not a dependency). "
+                f"Convert once: python -c \"import transformers; transformers.AutoModelForCausalLM."
+                f"from_pretrained('{path}').save_pretrained('{path}-safetensors')\"")
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
                               "(only safetensors checkpoints are read)")
     with safe_open(single, "numpy") as f:
@@ -172,16 +177,22 @@ def load(path: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -
     return cfg, traverse_util.unflatten_dict(flat)
 
 
-def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 30, dtype: str = "") -> None:
+def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 30, dtype: str = "",
+         special_ids: dict[str, Any] | None = None) -> None:
     """Writes config.json and safetensors shards that `AutoModelForCausalLM.from_pretrained` reads,
-    tensors in `dtype` ("" = cfg.param_dtype). Multi-host: every process must call it (each tensor
-    is gathered); process 0 writes."""
+    tensors in `dtype` ("" = cfg.param_dtype). `special_ids` (bos_token_id, eos_token_id: one id or
+    the list of stop ids, pad_token_id) go into config.json and generation_config.json, so that
+    `generate()` stops where r3jax's sampler does. Multi-host: every process must call it (each
+    tensor is gathered); process 0 writes."""
     dtype = dtype or cfg.param_dtype
     writer = sharding_lib.is_primary()
     if writer:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config_to_hf(cfg, dtype), f, indent=2)
+            json.dump({**config_to_hf(cfg, dtype), **(special_ids or {})}, f, indent=2)
+        if special_ids:
+            with open(os.path.join(path, "generation_config.json"), "w") as f:
+                json.dump(special_ids, f, indent=2)
     flat = traverse_util.flatten_dict(params)
     # Shards are written as soon as they fill, so at most one shard sits in host memory.
     written: list[tuple[str, list[str]]] = []

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from r3jax import config as config_lib, curriculum, optim, ppo, rollout as rollout_lib, sharding
-from r3jax.checkpoint import Checkpointer, StopSignal
+from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
 from r3jax.evaluate import accuracy_report, evaluate
 from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from r3jax.models.transformer import ModelConfig, compute_copy
@@ -222,6 +222,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
             report, _ = evaluate(state.params["policy"], model_cfg, tokenizer, task, eval_demos, mesh,
                                  config.eval.batch_size, config.eval.max_new_tokens, desc="RL eval")
             record.update({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k})
+        check_finite(record, ("loss", "reward", "kl", "grad_norm"), "RL", step, checkpointer)
         writer.write(step, record)
         bar.update(collected.new_tokens if budget else 1)
         bar.set_postfix({name: f"{record[key]:.3f}" for name, key in

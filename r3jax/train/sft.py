@@ -6,6 +6,7 @@ Gradient accumulation runs inside the one jitted step as a scan over microbatche
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, NamedTuple
 
 import jax
@@ -15,7 +16,7 @@ import optax
 from tqdm import tqdm
 
 from r3jax import config as config_lib, optim, sharding
-from r3jax.checkpoint import Checkpointer, StopSignal
+from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
 from r3jax.curriculum import epoch_order
 from r3jax.evaluate import evaluate
 from r3jax.metrics import MetricsWriter
@@ -33,11 +34,22 @@ class SFTState(NamedTuple):
 
 
 def export(path: str, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, dtype: str = "") -> None:
-    """An HF model directory with its tokenizer, loadable by r3jax and by transformers; weights in
-    `dtype` ("" = the params' own)."""
-    hf.save(path, model_cfg, params, dtype=dtype)
+    """An HF model directory with its tokenizer, loadable by r3jax and by transformers (whose
+    `generate()` stops at the tokenizer's stop ids); weights in `dtype` ("" = the params' own).
+
+    Atomic: written beside `path`, then renamed over it, so a run killed mid-export leaves the
+    previous export (or none), never a partial one."""
+    partial = path.rstrip("/") + ".partial"
+    if sharding.is_primary() and os.path.exists(partial):
+        shutil.rmtree(partial)
+    special_ids = {"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id,
+                   "eos_token_id": tokenizer.eos_id if len(tokenizer.stop_ids) == 1 else list(tokenizer.stop_ids)}
+    hf.save(partial, model_cfg, params, dtype=dtype, special_ids=special_ids)
     if sharding.is_primary():
-        tokenizer.save(path)
+        tokenizer.save(partial)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(partial, path)
     sharding.barrier(f"export {path}")
 
 
@@ -130,6 +142,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
             if report["accuracy"] > best["accuracy"]:
                 best = {"accuracy": report["accuracy"], "step": done}
                 export(best_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
+        check_finite(record, ("loss", "grad_norm"), "SFT", done, checkpointer)
         writer.write(done, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}",
                         **({"acc": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))

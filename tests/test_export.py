@@ -1,0 +1,83 @@
+"""Exported HF directories: they generate and stop where r3jax's sampler stops, appear whole or
+not at all, and PyTorch .bin checkpoints are refused in one line."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import TINY, tiny_params
+from r3jax import tasks, tokenizer
+from r3jax.models import hf
+from r3jax.sampling import SamplingConfig, sample
+from r3jax.train import sft
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    task = tasks.get("arith", num_train=200)
+    texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")]
+    return tokenizer.load(tokenizer.train_sentencepiece(
+        texts, str(tmp_path_factory.mktemp("sp") / "tok"), vocab_size=TINY.vocab_size))
+
+
+def _greedy_both(params, cfg, tok, path, max_new=10):
+    import torch
+    import transformers
+
+    prompt = tok.encode("Mia has 3 pens.", add_bos=True)
+    rollout = sample(params, cfg, jnp.asarray([prompt]), jnp.ones((1, len(prompt)), jnp.int32), jax.random.key(0),
+                     SamplingConfig(max_new_tokens=max_new, greedy=True, stop_ids=tok.stop_ids, pad_id=tok.pad_id))
+    ours = [int(t) for t, m in zip(rollout.completions[0], rollout.completion_mask[0]) if m]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False)[0, len(prompt):].tolist()
+    return ours, theirs
+
+
+def test_export_generates_and_stops_where_the_sampler_stops(tok, tmp_path):
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
+    params = tiny_params(cfg, scale=4.0)
+    sft.export(str(tmp_path / "plain"), cfg, params, tok)
+    ours, theirs = _greedy_both(params, cfg, tok, str(tmp_path / "plain"))
+    assert ours == theirs and len(ours) == 10  # no stop token within 10: the same 10 tokens
+
+    forced = jax.tree.map(jnp.copy, params)  # EOS always wins: a large positive residual feature that only it reads
+    forced["embed"]["embedding"] = forced["embed"]["embedding"].at[:, 0].set(100.0)
+    forced["lm_head"]["kernel"] = forced["lm_head"]["kernel"].at[0, tok.eos_id].set(50.0)
+    sft.export(str(tmp_path / "forced"), cfg, forced, tok)
+    ours, theirs = _greedy_both(forced, cfg, tok, str(tmp_path / "forced"))
+    assert ours == theirs == [tok.eos_id]
+    generation = json.load(open(tmp_path / "forced" / "generation_config.json"))
+    assert generation["eos_token_id"] == tok.eos_id and generation["pad_token_id"] == tok.pad_id
+    assert json.load(open(tmp_path / "forced" / "config.json"))["bos_token_id"] == tok.bos_id
+
+
+def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
+    path = str(tmp_path / "best")
+    sft.export(path, cfg, tiny_params(cfg, seed=0), tok)
+    first = sorted(os.listdir(path))
+
+    def killed(directory):
+        raise KeyboardInterrupt("killed while writing the tokenizer")
+
+    monkeypatch.setattr(type(tok), "save", lambda self, directory: killed(directory))
+    with pytest.raises(KeyboardInterrupt):
+        sft.export(path, cfg, tiny_params(cfg, seed=1), tok)
+    monkeypatch.undo()
+    assert sorted(os.listdir(path)) == first  # the previous export, untouched
+    _, loaded = hf.load(path)
+    np.testing.assert_array_equal(np.asarray(loaded["lm_head"]["kernel"]),
+                                  np.asarray(tiny_params(cfg, seed=0)["lm_head"]["kernel"]))
+    sft.export(path, cfg, tiny_params(cfg, seed=1), tok)  # the rerun cleans the partial one up
+    assert not os.path.exists(path + ".partial") and sorted(os.listdir(path)) == first
+
+
+def test_pytorch_bin_checkpoint_is_refused_with_the_conversion_command(tmp_path):
+    hf.save(str(tmp_path), TINY, tiny_params())
+    os.rename(tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin")
+    with pytest.raises(hf.CheckpointError, match="PyTorch .bin checkpoint.*save_pretrained"):
+        hf.load(str(tmp_path))
