@@ -39,6 +39,8 @@ def get_config(task: str = "gsm8k"):
     c.model.param_dtype = "float32"  # master weights; an update at lr 3e-7 vanishes in bfloat16
     c.model.dtype = "bfloat16"
     c.model.export_dtype = "bfloat16"
+    c.model.scan_layers = True  # one compiled layer body; compile time does not grow with depth
+    c.model.remat = "full"  # a 7B update at 64 x (512 + 700) tokens keeps one layer's activations at a time
     c.mesh = (1, -1, 1)  # FSDP over all devices
 
     c.sft.data_epochs = 3.0
@@ -56,6 +58,7 @@ def get_config(task: str = "gsm8k"):
     c.rl.batch_size = 64
     c.rl.max_new_tokens = 700
     c.rl.max_prompt_length = 512
+    c.rl.rollout_mesh = (-1, 1, 1)  # sample data-parallel from replicated bf16 weights: no all-gathers per token
     c.rl.logits_chunk = 128  # 64 x 128 x 32000 fp32 logits per chunk instead of 64 x 700 x 32000
     c.rl.eval_every = 500
     c.rl.eval_examples = 300

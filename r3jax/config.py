@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
         # matmuls compute in (bfloat16 on accelerators); export_dtype: exported HF weights ("" =
         # param_dtype). The frozen RL reference is kept in dtype.
         "param_dtype": "float32", "dtype": "float32", "export_dtype": "",
+        # the decoder layers as one scan over stacked weights; what the backward pass recomputes:
+        # none, full (each layer's activations), save_dots (keeps the matmul outputs)
+        "scan_layers": False, "remat": "none",
         "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_layers": 4,
         "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rope_theta": 10000.0,
         "max_position_embeddings": 1024, "tie_word_embeddings": False,
@@ -75,7 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
         "value_clip": 0.2, "vf_coef": 5.0, "entropy_coef": 0.0, "epochs": 2, "minibatches": 1,
         "score_clip": 0.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 700,
         "max_prompt_length": 512,
-        "logits_chunk": 0,  # completion positions per LM-head call in the PPO loss (memory); 0 = all
+        "logits_chunk": 0,
+        # rollout_mesh: (data, fsdp, tensor) over the same devices for sampling, the weights moved
+        # into it once per step; () = sample in the training layout
+        "rollout_mesh": (),  # completion positions per LM-head call in the PPO loss (memory); 0 = all
         "stage_length": 1.0, "stage_unit": "epochs",  # staged: per stage; unit steps|epochs|budget
         "stage_weights": (),  # mixed: optional weight per stage (stage 0 = the full task)
         "eval_every": 0, "eval_examples": 200, "checkpoint_every": 50,
@@ -111,15 +117,29 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config.{key}: {message}")
 
 
+def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The training mesh and the rollout mesh fit the devices."""
+    for key, shape in (("mesh", c.mesh), ("rl.rollout_mesh", c.rl.rollout_mesh)):
+        if key == "rl.rollout_mesh" and not shape:
+            continue
+        shape = list(shape)
+        _check(len(shape) == 3 and shape.count(-1) <= 1, key, f"{tuple(shape)}: need (data, fsdp, tensor)")
+        known = int(np.prod([m for m in shape if m != -1]))
+        _check(num_devices % known == 0 and (-1 in shape or known == num_devices), key,
+               f"{tuple(shape)} does not fit {num_devices} devices")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first bad key."""
     from r3jax import tasks
+    from r3jax.models.transformer import REMAT_CHOICES
     from r3jax.ppo import ESTIMATORS, LOSS_AGGREGATIONS
 
     _check(c.mode in MODES, "mode", f"{c.mode!r} is not one of {MODES}")
     for key in ("param_dtype", "dtype", "export_dtype"):
         _check(c.model[key] in DTYPES or (key == "export_dtype" and not c.model[key]), f"model.{key}",
                f"{c.model[key]!r} is not one of {DTYPES}")
+    _check(c.model.remat in REMAT_CHOICES, "model.remat", f"{c.model.remat!r} is not one of {REMAT_CHOICES}")
     _check(c.mode == "eval" or c.model.param_dtype == "float32", "model.param_dtype",
            f"{c.model.param_dtype} master weights lose updates smaller than their spacing; train with "
            "float32 and set model.dtype=bfloat16 to compute in bfloat16")
@@ -200,11 +220,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
            f"{c.compare.group_size}: needs at least 2 completions per start state, dividing rl.batch_size")
     _check(c.rl.batch_size % c.rl.minibatches == 0, "rl.minibatches",
            f"{c.rl.minibatches} does not divide rl.batch_size {c.rl.batch_size}")
+    validate_mesh(c, num_devices)
     mesh = list(c.mesh)
-    _check(len(mesh) == 3 and mesh.count(-1) <= 1, "mesh", f"{tuple(mesh)}: need (data, fsdp, tensor)")
     known = int(np.prod([m for m in mesh if m != -1]))
-    _check(num_devices % known == 0 and (-1 in mesh or known == num_devices), "mesh",
-           f"{tuple(mesh)} does not fit {num_devices} devices")
     data_parallel = mesh[0] * mesh[1] if -1 not in mesh[:2] else num_devices // known * (
         mesh[0] if mesh[0] != -1 else mesh[1])
     for key in ("sft.batch_size", "rl.batch_size", "eval.batch_size"):

@@ -86,3 +86,30 @@ def test_missing_eos_penalty_hits_only_truncated_completions(setup):
 def test_truncated_hand_worked():
     completions = np.array([[5, 2, 0], [5, 6, 7], [0, 0, 0]])
     assert rl.truncated(completions, np.array([2, 3, 0]), (2,)).tolist() == [False, True, True]
+
+
+def test_rollout_layout_samples_what_the_training_layout_samples(setup):
+    """8 simulated devices: FSDP training weights, copied once into a replicated layout for
+    data-parallel sampling, give the same completions token for token."""
+    import functools
+
+    from r3jax import rollout as rollout_lib
+    from r3jax.curriculum import start_states
+    from r3jax.models.transformer import init_params
+
+    task, tok, cfg, params = setup
+    train_mesh, rollout_mesh = sharding.make_mesh((1, 8, 1)), sharding.make_mesh((8, 1, 1))
+    shardings = sharding.logical_shardings(jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0)),
+                                           train_mesh)
+    fsdp = jax.device_put(params, shardings)
+    assert fsdp["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec[0] == "fsdp"
+    replicated = rollout_lib.rollout_layout(cfg, rollout_mesh)(fsdp)
+    assert replicated["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.is_fully_replicated
+    states = rollout_lib.tokenize_states(tok, task, [start_states(task, d, 5)[j] for d in task.demonstrations("train")[:4]
+                                                     for j in range(4)])
+    settings = SamplingConfig(max_new_tokens=10, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    want = rollout_lib.generate(fsdp, cfg, tok, states, settings, jax.random.key(5), train_mesh)
+    got = rollout_lib.generate(replicated, cfg, tok, states, settings, jax.random.key(5), rollout_mesh)
+    np.testing.assert_array_equal(np.asarray(got[0].tokens), np.asarray(want[0].tokens))
+    np.testing.assert_allclose(np.asarray(got[0].logprobs), np.asarray(want[0].logprobs), atol=1e-5)
+    assert got[1] == want[1]

@@ -116,6 +116,21 @@ def _tensor_map(cfg: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], Callab
         yield "lm_head.weight", ("lm_head", "kernel"), transpose, transpose
 
 
+def _stacked(cfg: ModelConfig, ours: tuple[str, ...]) -> bool:
+    return cfg.scan_layers and ours[0] == "layers"
+
+
+def _grouped_tensors(cfg: ModelConfig) -> dict[tuple[str, ...], list[tuple[str, Callable, Callable]]]:
+    """r3jax param path -> its HF tensors (name, HF -> r3jax, r3jax -> HF): one, or with
+    scan_layers one per layer of a stacked `layers` param, in layer order."""
+    groups: dict[tuple[str, ...], list] = {}
+    for hf_name, ours, to_ours, to_hf in _tensor_map(cfg):
+        if cfg.scan_layers and ours[0].startswith("layers_"):
+            ours = ("layers", *ours[1:])
+        groups.setdefault(ours, []).append((hf_name, to_ours, to_hf))
+    return groups
+
+
 def _tensor_files(path: str) -> dict[str, str]:
     """HF tensor name -> safetensors file holding it."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -157,20 +172,32 @@ def load(path: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -
     files = _tensor_files(path)
     flat = {}
     handles: dict[str, Any] = {}
+
+    def read(hf_name: str, to_ours: Callable, shape: tuple[int, ...]) -> np.ndarray:
+        if hf_name not in files:
+            raise CheckpointError(f"{path}: tensor {hf_name} is missing from the checkpoint")
+        file = files[hf_name]
+        if file not in handles:
+            handles[file] = safe_open(file, "numpy").__enter__()
+        host = to_ours(handles[file].get_tensor(hf_name)).astype(cfg.jnp_param_dtype)
+        if host.shape != shape:
+            raise CheckpointError(f"{file}: tensor {hf_name} has shape {host.shape} after "
+                                  f"conversion, config.json implies {shape}")
+        return host
+
     try:
-        for hf_name, ours, to_ours, _ in _tensor_map(cfg):
-            if hf_name not in files:
-                raise CheckpointError(f"{path}: tensor {hf_name} is missing from the checkpoint")
-            file = files[hf_name]
-            if file not in handles:
-                handles[file] = safe_open(file, "numpy").__enter__()
-            host = to_ours(handles[file].get_tensor(hf_name)).astype(cfg.jnp_param_dtype)
-            if host.shape != shapes[ours]:
-                raise CheckpointError(f"{file}: tensor {hf_name} has shape {host.shape} after "
-                                      f"conversion, config.json implies {shapes[ours]}")
-            flat[ours] = jax.make_array_from_callback(host.shape, shardings[ours],
-                                                      lambda index, host=host: host[index])
-            del host
+        for ours, entries in _grouped_tensors(cfg).items():
+            if _stacked(cfg, ours):
+                # each device's shard reads just its layers from disk: no stacked copy on the host
+                def layers(index, entries=entries, shape=shapes[ours][1:]):
+                    chosen = range(len(entries))[index[0]]
+                    return np.stack([read(entries[i][0], entries[i][1], shape)[index[1:]] for i in chosen])
+                flat[ours] = jax.make_array_from_callback(shapes[ours], shardings[ours], layers)
+            else:
+                host = read(entries[0][0], entries[0][1], shapes[ours])
+                flat[ours] = jax.make_array_from_callback(host.shape, shardings[ours],
+                                                          lambda index, host=host: host[index])
+                del host
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)
@@ -204,14 +231,15 @@ def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 3
         written.append((file, list(shard)))
         shard.clear()
 
-    for hf_name, ours, _, to_hf in _tensor_map(cfg):
+    for ours, entries in _grouped_tensors(cfg).items():
         host = sharding_lib.to_host(flat[ours])  # a collective across hosts: every process gathers
         if not writer:
             continue
-        tensor = np.ascontiguousarray(to_hf(host).astype(jnp.dtype(dtype)))
-        if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
-            flush()
-        shard[hf_name] = tensor
+        for i, (hf_name, _, to_hf) in enumerate(entries):
+            tensor = np.ascontiguousarray(to_hf(host[i] if _stacked(cfg, ours) else host).astype(jnp.dtype(dtype)))
+            if shard and sum(t.nbytes for t in shard.values()) + tensor.nbytes > max_shard_bytes:
+                flush()
+            shard[hf_name] = tensor
     if not writer:
         return
     flush()

@@ -42,9 +42,13 @@ class ModelConfig:
     # float32 master weights for training; every matmul computes in dtype (bfloat16 on accelerators).
     param_dtype: str = "float32"
     dtype: str = "float32"
-    # Cache slots a one-token decode step reads at a time (see decode_attention); 0 reads the whole
-    # cache in one pass. An execution choice, not part of the checkpoint.
+    # Execution choices, not part of the checkpoint. decode_block: cache slots a one-token decode
+    # step reads at a time (see decode_attention), 0 = the whole cache in one pass. scan_layers:
+    # the decoder layers as one scan over stacked parameters (leading "layers" axis; compile time
+    # independent of depth). remat: what the backward pass recomputes (REMAT_POLICIES).
     decode_block: int = 64
+    scan_layers: bool = False
+    remat: str = "none"
 
     @property
     def jnp_dtype(self):
@@ -100,9 +104,18 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) ->
     return rotated.astype(x.dtype)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict[str, jnp.ndarray]]:
-    """Empty KV cache: per layer `k`, `v` of shape `[batch, kv_heads, length, head_dim]`."""
+# model.remat -> the jax.checkpoint policy of each decoder layer (None: save nothing, recompute all)
+REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_CHOICES = ("none", *REMAT_POLICIES)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict[str, jnp.ndarray]] | dict[str, jnp.ndarray]:
+    """Empty KV cache: per layer `k`, `v` of shape `[batch, kv_heads, length, head_dim]`; with
+    scan_layers one `k`, `v` pair stacked as `[layers, batch, kv_heads, length, head_dim]`."""
     shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    if cfg.scan_layers:
+        stacked = (cfg.num_layers, *shape)
+        return {"k": jnp.zeros(stacked, cfg.jnp_dtype), "v": jnp.zeros(stacked, cfg.jnp_dtype)}
     return [{"k": jnp.zeros(shape, cfg.jnp_dtype), "v": jnp.zeros(shape, cfg.jnp_dtype)}
             for _ in range(cfg.num_layers)]
 
@@ -266,11 +279,20 @@ class Transformer(nn.Module):
         cfg = self.cfg
         embed = _embed_layer(cfg, name="embed")
         x = embed(tokens)
-        new_cache = []
-        for i in range(cfg.num_layers):
-            x, layer_cache = DecoderLayer(cfg, name=f"layers_{i}")(
-                x, positions, kv_mask, None if cache is None else cache[i], cache_start)
-            new_cache.append(layer_cache)
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if cache is None else 0, nn.broadcast),
+                             length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_cache = layers(cfg, name="layers")(x, positions, kv_mask, cache, cache_start)
+        else:
+            new_cache = []
+            for i in range(cfg.num_layers):
+                x, layer_cache = layer(cfg, name=f"layers_{i}")(
+                    x, positions, kv_mask, None if cache is None else cache[i], cache_start)
+                new_cache.append(layer_cache)
         hidden = RMSNorm(cfg, name="final_norm")(x)
         new_cache = None if cache is None else new_cache
         if not self.with_head:

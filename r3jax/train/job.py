@@ -16,7 +16,8 @@ from r3jax.models.transformer import ModelConfig, init_params
 from r3jax.tasks import Task
 from r3jax.train import rl, sft
 
-DTYPES = ("param_dtype", "dtype")
+# ModelConfig fields that come from config.model, not from a checkpoint: how the model runs
+EXECUTION_KEYS = ("param_dtype", "dtype", "scan_layers", "remat")
 
 
 def build_tokenizer(config, task: Task, workdir: str) -> tokenizer_lib.Tokenizer:
@@ -40,13 +41,13 @@ def scratch_model_config(config, vocab_size: int) -> ModelConfig:
                        head_dim=m.head_dim, rope_theta=m.rope_theta,
                        max_position_embeddings=m.max_position_embeddings,
                        tie_word_embeddings=m.tie_word_embeddings, model_type=m.model_type,
-                       param_dtype=m.param_dtype, dtype=m.dtype)
+                       **{k: m[k] for k in EXECUTION_KEYS})
 
 
 def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> tuple[ModelConfig, Any]:
-    dtypes = {k: config.model[k] for k in DTYPES}
+    execution = {k: config.model[k] for k in EXECUTION_KEYS}
     if config.model.path:
-        model_cfg, params = hf.load(config.model.path, mesh, **dtypes)
+        model_cfg, params = hf.load(config.model.path, mesh, **execution)
         if tokenizer.vocab_size > model_cfg.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but {config.model.path} has a "
                              f"vocabulary of {model_cfg.vocab_size}")
@@ -57,7 +58,7 @@ def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> tuple[Model
 
 
 def load_policy(path: str, config, mesh) -> tuple[ModelConfig, Any]:
-    return hf.load(path, mesh, **{k: config.model[k] for k in DTYPES})
+    return hf.load(path, mesh, **{k: config.model[k] for k in EXECUTION_KEYS})
 
 
 def write_results(workdir: str, rows: dict[str, dict], title: str) -> None:

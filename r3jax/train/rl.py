@@ -175,6 +175,8 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     state = ppo.init_state(params, optimizer)
     settings = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                               top_p=c.top_p, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+    rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
+    to_rollout_layout = rollout_lib.rollout_layout(model_cfg, rollout_mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     step, tokens_sampled, data_position = 0, 0, 0
     if checkpointer.latest_step() is not None:
@@ -192,8 +194,8 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         progress = tokens_sampled / budget if budget else step / steps
         started = time.perf_counter()
         collected, data_position = collect(c, schedule, task, tokenizer, model_cfg,
-                                           compute_copy(model_cfg, state.params["policy"]), settings, base_key,
-                                           mesh, data_position, progress)
+                                           to_rollout_layout(state.params["policy"]), settings, base_key,
+                                           rollout_mesh, data_position, progress)
         sampled = time.perf_counter()
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
         record = {}

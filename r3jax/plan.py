@@ -1,0 +1,405 @@
+"""Will a config fit, and what will it move? Compiles the real graphs on simulated devices before
+anything is allocated:
+
+    python -m r3jax.plan --config=configs/gsm8k.py --model=llama-2-7b --devices=8 --device-memory=80GB
+
+The SFT step, the sampler's prefill and one decode step (in the rollout layout and in the training
+layout) and the PPO update are compiled from shapes alone (`jax.ShapeDtypeStruct`) on N CPU devices
+that stand in for the accelerators. Per device it reports the parameter, optimizer-state and
+temporary bytes XLA allocates, the peak of each phase, whether it fits the given memory (with 10%
+headroom), and the bytes the collectives move, read from the compiled HLO with each loop body
+counted as often as it runs. When a config does not fit it names the knobs that would help and
+plans again with them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import re
+import sys
+import time
+
+PRESETS = {  # shapes only (HF config.json fields); no weights
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rope_theta=10000.0),
+    "codellama-7b": dict(model_type="llama", vocab_size=32016, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                         max_position_embeddings=16384, rope_theta=1000000.0),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768, rope_theta=10000.0),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True),
+    "tinyllama-1.1b": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           max_position_embeddings=2048, rope_theta=10000.0),
+}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+               "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+HEADROOM = 0.9
+GB = 1e9
+
+
+class PlanError(ValueError):
+    """Bad input to the planner; main prints it in one line."""
+
+
+def parse_memory(text: str) -> float:
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(GB|GiB|MB|MiB)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise PlanError(f"--device-memory={text}: expected a size such as 80GB or 16GiB")
+    scale = {"gb": 1e9, "gib": 2 ** 30, "mb": 1e6, "mib": 2 ** 20}[(match.group(2) or "GB").lower()]
+    return float(match.group(1)) * scale
+
+
+def _shape_bytes(shape_text: str) -> int:
+    """Bytes of every array in an HLO result shape such as `bf16[8,4096]{1,0}` or a tuple of them."""
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]", shape_text):
+        if dtype in DTYPE_BYTES:
+            size = 1
+            for dim in filter(None, dims.split(",")):
+                size *= int(dim)
+            total += size * DTYPE_BYTES[dtype]
+    return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes each kind of collective produces per call of the compiled program, per device: every
+    collective's result size, times how often its computation runs (while bodies by their known
+    trip count, nested loops multiplied)."""
+    computations: dict[str, list[str]] = {}
+    entry, name = None, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if header and not line.startswith(" "):
+            name = header.group(2)
+            computations[name] = []
+            if header.group(1):
+                entry = name
+        elif name is not None and line.strip() and line.strip() != "}":
+            computations[name].append(line)
+    calls: dict[str, list[tuple[str, int]]] = {n: [] for n in computations}
+    for caller, lines in computations.items():
+        for line in lines:
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+            for key, callee in re.findall(r"\b(body|condition|to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", line):
+                count = int(trips.group(1)) if trips and key in ("body", "condition") else 1
+                calls[caller].append((callee, count))
+    runs: dict[str, int] = {}
+
+    def visit(computation: str, times: int) -> None:
+        runs[computation] = runs.get(computation, 0) + times
+        for callee, count in calls.get(computation, []):
+            if callee in computations:
+                visit(callee, times * count)
+
+    if entry is None:
+        raise PlanError("no ENTRY computation in the HLO")
+    visit(entry, 1)
+    moved = {kind: 0 for kind in COLLECTIVES}
+    for computation, times in runs.items():
+        for line in computations[computation]:
+            op = re.search(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+            if op:
+                moved[op.group(2)] += _shape_bytes(op.group(1)) * times
+    return moved
+
+
+def model_config_for(config, preset: str | None):
+    """The ModelConfig of `--model` (a preset), of config.model.path's config.json, or of a
+    from-scratch config's model section."""
+    from r3jax.models import hf
+
+    execution = {k: config.model[k] for k in ("param_dtype", "dtype", "scan_layers", "remat")}
+    if preset:
+        if preset not in PRESETS:
+            raise PlanError(f"--model={preset}: unknown preset (known: {', '.join(PRESETS)})")
+        return hf.config_from_hf(PRESETS[preset], source=f"preset {preset}", **execution)
+    if not config.model.path:
+        if config.model.from_scratch:  # the config's own from-scratch shape
+            from r3jax.train.job import scratch_model_config
+
+            return scratch_model_config(config, config.tokenizer.vocab_size)
+        raise PlanError("give --model=<preset> or config.model.path (a directory with config.json)")
+    if not os.path.exists(os.path.join(config.model.path, "config.json")):
+        raise PlanError(f"config.model.path: {config.model.path} has no config.json")
+    return hf.read_config(config.model.path, **execution)
+
+
+def _memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+            "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+            "peak_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                              + m.temp_size_in_bytes)}
+
+
+def _abstract(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _like_params(fn, params, mesh):
+    """The abstract output of `fn(params)` (params and optimizer states built from them), each leaf
+    placed like the parameter whose path ends its own path (Adam's moments like their weights),
+    anything else replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    by_path = {jax.tree_util.keystr(path): leaf.sharding
+               for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+    def placed(path, leaf):
+        name = jax.tree_util.keystr(path)
+        matches = [p for p in by_path if name.endswith(p) and by_path[p] is not None]
+        sharding = by_path[max(matches, key=len)] if matches else NamedSharding(mesh, PartitionSpec())
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(placed, jax.eval_shape(fn, params))
+
+
+def _tree_bytes_per_device(tree) -> int:
+    import jax
+    import numpy as np
+
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def plan(config, model_cfg, progress=print) -> dict:
+    """Compiles the run's graphs for `config` on the current devices; returns the plan."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from r3jax import optim, ppo, sharding
+    from r3jax.models.transformer import Transformer, init_cache, init_params
+    from r3jax.models.value import actor_critic_params
+    from r3jax.train.rl import ppo_config
+    from r3jax.train.sft import SFTState, make_train_step
+
+    c = config.rl
+    mesh = sharding.make_mesh(config.mesh)
+    rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
+    key = jax.random.key(0)
+    boxed = jax.eval_shape(functools.partial(init_params, model_cfg), key)
+    policy = _abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
+    compute_cfg = model_cfg.replace(param_dtype=model_cfg.dtype)
+    reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype, sharding=x.sharding), policy)
+    result = {"model": dataclasses.asdict(model_cfg), "num_params": model_cfg.num_params(),
+              "devices": jax.device_count(), "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
+              "phases": {}}
+    timings = {}
+
+    def compile_phase(name, lowered_fn):
+        progress(f"compiling {name} ...")
+        start = time.perf_counter()
+        compiled = lowered_fn().compile()
+        timings[name] = time.perf_counter() - start
+        result["phases"][name] = {**_memory(compiled), "collective_bytes": collective_bytes(compiled.as_text()),
+                                  "compile_seconds": timings[name]}
+        return compiled
+
+    # SFT: one jitted step over batch_size x grad_accum sequences of sft.max_length
+    sft_opt = optim.adamw(config.sft.lr)
+    sft_state = SFTState(policy, _like_params(sft_opt.init, policy, mesh), jax.ShapeDtypeStruct((), jnp.int32))
+    batch_spec = sharding.batch_sharding(mesh, 3)
+    sft_batch = {k: jax.ShapeDtypeStruct((config.sft.batch_size, config.sft.grad_accum, config.sft.max_length),
+                                         jnp.int32, sharding=batch_spec) for k in ("tokens", "attention_mask", "loss_mask")}
+    compile_phase("sft_step", lambda: make_train_step(model_cfg, sft_opt).lower(sft_state, sft_batch, 1.0))
+
+    # PPO update on rollouts of max_prompt_length + max_new_tokens
+    params = _like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
+                                                         critic=c.estimator == "gae"), policy, mesh)
+    optimizer = optim.actor_critic(optim.adamw(c.lr), optim.adamw(c.critic_lr or c.lr), params)
+    state = ppo.PPOState(params, _like_params(optimizer.init, params, mesh), jax.ShapeDtypeStruct((), jnp.int32))
+    rows, length = c.batch_size, c.max_prompt_length + c.max_new_tokens
+
+    def rows_spec(*shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+    rollout = {"tokens": rows_spec(rows, length), "attention_mask": rows_spec(rows, length),
+               "logprobs": rows_spec(rows, c.max_new_tokens, dtype=jnp.float32),
+               "completion_mask": rows_spec(rows, c.max_new_tokens), "scores": rows_spec(rows, dtype=jnp.float32),
+               "row_mask": rows_spec(rows, dtype=jnp.float32)}
+    update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
+    compile_phase("ppo_update", lambda: update.lower(state, reference, rollout, key, 1.0, 1.0))
+
+    # sampling: prefill and one decode step, in the rollout layout and in the training layout
+    def sampler_phases(layout: str, sample_mesh):
+        weights = _abstract(jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(model_cfg.jnp_dtype), p), policy),
+                            sharding.logical_shardings(boxed, sample_mesh))
+        prompt = c.max_prompt_length
+        cache_len = -(-(prompt + c.max_new_tokens) // (model_cfg.decode_block or 1)) * (model_cfg.decode_block or 1)
+        batch_axis = 1 if model_cfg.scan_layers else 0
+        cache = jax.eval_shape(lambda: init_cache(model_cfg, rows, cache_len))
+        cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
+            sample_mesh, x.ndim, batch_axis)), cache)
+        model = Transformer(compute_cfg)
+
+        def spec(*shape):
+            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(sample_mesh, len(shape)))
+
+        def prefill(w, tokens, positions, kv_mask, cache):
+            return model.apply({"params": w}, tokens, positions, kv_mask, cache, 0)
+
+        def decode(w, token, position, kv_mask, cache, start):
+            return model.apply({"params": w}, token, position, kv_mask, cache, start)
+
+        compile_phase(f"prefill_{layout}", lambda: jax.jit(prefill, donate_argnums=4).lower(
+            weights, spec(rows, prompt), spec(rows, prompt), spec(rows, cache_len), cache))
+        compile_phase(f"decode_step_{layout}", lambda: jax.jit(decode, donate_argnums=4).lower(
+            weights, spec(rows, 1), spec(rows, 1), spec(rows, cache_len), cache, jax.ShapeDtypeStruct((), jnp.int32)))
+        return _tree_bytes_per_device(weights)
+
+    rollout_weight_bytes = sampler_phases("rollout", rollout_mesh)
+    sampler_phases("training", mesh)
+
+    phases = result["phases"]
+    weight_bytes = model_cfg.num_params() * np.dtype(model_cfg.jnp_dtype).itemsize
+    state_bytes = _tree_bytes_per_device(state.params)
+    result.update(
+        weight_bytes=int(weight_bytes), compile_seconds=timings,
+        param_bytes_per_device=state_bytes,
+        optimizer_state_bytes_per_device=_tree_bytes_per_device(state.opt_state),
+        reference_bytes_per_device=_tree_bytes_per_device(reference),
+        rollout_weight_bytes_per_device=rollout_weight_bytes,
+        # sampling holds the training state and the reference while the rollout copy decodes
+        sampling_peak_bytes_per_device=max(phases["prefill_rollout"]["peak_bytes"], phases["decode_step_rollout"]["peak_bytes"])
+        + state_bytes + _tree_bytes_per_device(state.opt_state) + _tree_bytes_per_device(reference),
+        decode_collective_bytes={layout: sum(phases[f"decode_step_{layout}"]["collective_bytes"].values())
+                                 for layout in ("rollout", "training")},
+        update_collective_bytes=sum(phases["ppo_update"]["collective_bytes"].values()))
+    result["peak_bytes_per_device"] = max(phases["sft_step"]["peak_bytes"], phases["ppo_update"]["peak_bytes"],
+                                          result["sampling_peak_bytes_per_device"])
+    return result
+
+
+KNOBS = (  # what to try, in order, when a plan does not fit
+    ("rl.logits_chunk", lambda c: c.rl.logits_chunk == 0, lambda c: c.rl.update(logits_chunk=128)),
+    ("model.remat", lambda c: c.model.remat == "none", lambda c: c.model.update(remat="full")),
+    ("rl.minibatches", lambda c: c.rl.batch_size % (2 * c.rl.minibatches) == 0,
+     lambda c: c.rl.update(minibatches=2 * c.rl.minibatches)),
+    ("sft.grad_accum", lambda c: c.sft.batch_size % 2 == 0,
+     lambda c: c.sft.update(batch_size=c.sft.batch_size // 2, grad_accum=2 * c.sft.grad_accum)),
+)
+
+
+def report_lines(result: dict, memory: float) -> list[str]:
+    phases = result["phases"]
+    lines = [f"{result['num_params'] / 1e9:.2f}B parameters on {result['devices']} devices, mesh {result['mesh']}, "
+             f"rollout mesh {result['rollout_mesh']}",
+             f"per device: params {result['param_bytes_per_device'] / GB:.1f} GB, optimizer state "
+             f"{result['optimizer_state_bytes_per_device'] / GB:.1f} GB, reference "
+             f"{result['reference_bytes_per_device'] / GB:.1f} GB, rollout weights "
+             f"{result['rollout_weight_bytes_per_device'] / GB:.1f} GB"]
+    for name, phase in phases.items():
+        lines.append(f"  {name:22s} peak {phase['peak_bytes'] / GB:6.1f} GB (temp {phase['temp_bytes'] / GB:5.1f} GB), "
+                     f"collectives {sum(phase['collective_bytes'].values()) / GB:8.3f} GB, "
+                     f"compiled in {phase['compile_seconds']:.0f} s")
+    decode = result["decode_collective_bytes"]
+    lines.append(f"decode step moves {decode['rollout'] / GB:.3f} GB through collectives in the rollout layout, "
+                 f"{decode['training'] / GB:.3f} GB in the training layout (weights: {result['weight_bytes'] / GB:.1f} GB)")
+    lines.append(f"peak {result['peak_bytes_per_device'] / GB:.1f} GB per device of {memory / GB:.0f} GB: "
+                 + ("fits" if result["fits"] else "does NOT fit") + f" (with {100 - 100 * HEADROOM:.0f}% headroom)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m r3jax.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="configs/<file>.py[:argument]")
+    parser.add_argument("--model", help=f"a shape preset ({', '.join(PRESETS)}); default: config.model.path")
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--device-memory", default="80GB")
+    parser.add_argument("--out", help="write the plan as JSON here")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. rl.logits_chunk=0 mesh=(1,-1,1)")
+    args = parser.parse_args(argv)
+    try:
+        memory = parse_memory(args.device_memory)
+        if args.devices < 1:
+            raise PlanError(f"--devices={args.devices}: need at least one")
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        config = load_config(args.config, args.set)
+        from r3jax import config as config_lib
+
+        config_lib.validate_mesh(config, args.devices)
+        model_cfg = model_config_for(config, args.model)
+    except (PlanError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = plan_until_it_fits(config, model_cfg, memory)
+    for line in report_lines(result, memory):
+        print(line)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"plan written to {args.out}")
+    return 0
+
+
+def plan_until_it_fits(config, model_cfg, memory: float) -> dict:
+    """The plan of `config`; if it does not fit, again with each knob that applies, cumulatively,
+    until it fits or none is left. `knobs_applied` and `first_plan_peak_bytes` say what changed."""
+    result = plan(config, model_cfg, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
+    applied, first_peak = [], result["peak_bytes_per_device"]
+    for name, applies, change in KNOBS:
+        if result["fits"]:
+            break
+        if not applies(config):
+            continue
+        change(config)
+        applied.append(name)
+        print(f"does not fit ({result['peak_bytes_per_device'] / GB:.1f} GB): planning again with {', '.join(applied)}",
+              file=sys.stderr)
+        model_cfg = model_cfg.replace(remat=config.model.remat)
+        result = plan(config, model_cfg, progress=lambda message: print(message, file=sys.stderr, flush=True))
+        result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
+    result.update(knobs_applied=applied, first_plan_peak_bytes=first_peak, device_memory_bytes=memory)
+    return result
+
+
+def load_config(spec: str, overrides: list[str]):
+    """A config file's get_config([argument]) with KEY=VALUE overrides (Python literals)."""
+    import ast
+    import importlib.util
+
+    path, _, argument = spec.partition(":")
+    if not os.path.exists(path):
+        raise PlanError(f"--config: config file {path} not found")
+    sys.path.insert(0, os.getcwd())
+    module_spec = importlib.util.spec_from_file_location("r3jax_plan_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(argument) if argument else module.get_config()
+    for override in overrides:
+        key, _, text = override.partition("=")
+        section, _, name = key.rpartition(".")
+        target = config
+        for part in filter(None, section.split(".")):
+            target = target[part]
+        if name not in target:
+            raise PlanError(f"--set {key}: unknown config key")
+        try:
+            target[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            target[name] = text
+    return config
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The planner: its compiled memory agrees with the real run's, it finds the weight all-gathers of
+a training-layout decode step (and none in the replicated rollout layout), and bad input is one
+line with status 2."""
+import functools
+import os
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r3jax import optim, plan, ppo, sharding
+from r3jax.models.transformer import init_params
+from r3jax.models.value import actor_critic_params
+from r3jax.train.rl import ppo_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config():
+    c = runpy.run_path(os.path.join(ROOT, "configs", "arith.py"))["get_config"]()
+    c.model.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                   scan_layers=True, remat="full")
+    c.mesh = (1, -1, 1)
+    c.rl.update(rollout_mesh=(-1, 1, 1), batch_size=16, max_new_tokens=32, max_prompt_length=32)
+    c.sft.update(batch_size=16, max_length=64)
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    config = _tiny_config()
+    model_cfg = plan.model_config_for(config, None)
+    return config, model_cfg, plan.plan(config, model_cfg, progress=lambda _: None)
+
+
+def test_decode_collectives_found_in_the_training_layout_only(tiny_plan):
+    _, _, result = tiny_plan
+    decode = result["decode_collective_bytes"]
+    assert decode["rollout"] <= 0.01 * result["weight_bytes"]
+    # FSDP over 8 devices gathers about 7/8 of every weight on every step; the layer scan's body
+    # runs once per layer and is counted so
+    assert decode["training"] >= 0.5 * result["weight_bytes"], (decode, result["weight_bytes"])
+
+
+def test_planned_memory_agrees_with_the_real_update(tiny_plan):
+    config, model_cfg, result = tiny_plan
+    mesh = sharding.make_mesh(config.mesh)
+    shardings = sharding.logical_shardings(jax.eval_shape(functools.partial(init_params, model_cfg),
+                                                          jax.random.key(0)), mesh)
+    policy = jax.jit(lambda k: __import__("flax").linen.unbox(init_params(model_cfg, k)), out_shardings=shardings)(
+        jax.random.key(0))
+    params = actor_critic_params(model_cfg, policy, config.rl.separate_critic)
+    optimizer = optim.actor_critic(optim.adamw(1e-6), optim.adamw(1e-6), params)
+    state = ppo.init_state(params, optimizer)
+    rows, new = config.rl.batch_size, config.rl.max_new_tokens
+    length = config.rl.max_prompt_length + new
+    rollout = sharding.shard_batch({
+        "tokens": np.ones((rows, length), np.int32), "attention_mask": np.ones((rows, length), np.int32),
+        "logprobs": np.zeros((rows, new), np.float32), "completion_mask": np.ones((rows, new), np.int32),
+        "scores": np.zeros(rows, np.float32), "row_mask": np.ones(rows, np.float32)}, mesh)
+    reference = jax.tree.map(lambda p: p.astype(model_cfg.jnp_dtype), policy)
+    update = ppo.make_ppo_update(model_cfg, ppo_config(config.rl), optimizer)
+    real = update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0).compile().memory_analysis()
+    planned = result["phases"]["ppo_update"]
+    for key, value in (("temp_bytes", real.temp_size_in_bytes), ("argument_bytes", real.argument_size_in_bytes)):
+        assert 0.5 <= planned[key] / value <= 2.0, (key, planned[key], value)
+
+
+def test_collective_bytes_counts_loop_bodies_by_trip_count():
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = f32[64]{0} all-gather(f32[8]{0} %x), dimensions={0}
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %ar = bf16[4,4]{1,0} all-reduce(bf16[4,4]{1,0} %y), to_apply=%add
+}
+"""
+    moved = plan.collective_bytes(hlo)
+    assert moved["all-gather"] == 5 * 64 * 4 and moved["all-reduce"] == 16 * 2
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config=configs/gsm8k.py", "--model=llama-3-70b"], "unknown preset"),
+    (["--config=configs/gsm8k.py", "--set", "model.path=/nonexistent"], "/nonexistent has no config.json"),
+    (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--devices=6", "--set", "mesh=(1,4,1)"], "config.mesh"),
+    (["--config=configs/nope.py", "--model=llama-2-7b"], "configs/nope.py not found"),
+    (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--device-memory=lots"], "--device-memory=lots"),
+])
+def test_bad_input_is_one_line(args, named, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    assert plan.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and named in err[0], err
+
+
+def test_presets_are_the_published_shapes():
+    from r3jax.models import hf
+
+    cfg = hf.config_from_hf(plan.PRESETS["llama-2-7b"], source="preset")
+    assert cfg.num_params() == 6_738_415_616  # Llama-2-7B's parameter count
+    assert abs(hf.config_from_hf(plan.PRESETS["qwen2.5-1.5b"], source="preset").num_params() - 1.54e9) < 0.02e9
