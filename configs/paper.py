@@ -52,6 +52,7 @@ def get_config(task: str = "gsm8k"):
     c.sft.eval_every = 200
     c.sft.eval_examples = 300
     c.sft.checkpoint_every = 100
+    c.sft.logits_chunk = 128
 
     c.rl.strategy = "mixed"
     c.rl.num_start_states = 5

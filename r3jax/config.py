@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
         "batch_size": 32, "grad_accum": 1, "lr": 2e-5, "warmup_steps": 0,
         "schedule": "linear", "weight_decay": 0.0, "grad_clip": 1.0, "max_length": 1024,
         "eval_every": 0, "eval_examples": 200, "checkpoint_every": 500,
+        "logits_chunk": 0,  # positions per LM-head call in the loss (memory at large vocabularies); 0 = all
     })
 
     c.rl = ml_collections.ConfigDict({
@@ -186,7 +187,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
                                                                 or c.eval.split == "validation"),
            "task.options.validation_size", "model selection (sft.eval_every, rl.eval_every) and "
            "eval.split=validation read a validation split carved from train: set it above 0")
-    _check(c.rl.logits_chunk >= 0, "rl.logits_chunk", f"must be 0 (all at once) or positive, got {c.rl.logits_chunk}")
+    for section in ("sft", "rl"):
+        _check(c[section].logits_chunk >= 0, f"{section}.logits_chunk",
+               f"must be 0 (all at once) or positive, got {c[section].logits_chunk}")
     _check(c.eval.maj_k >= 0, "eval.maj_k", f"must be 0 (greedy only) or a sample count, got {c.eval.maj_k}")
     _check(c.eval.temperature > 0, "eval.temperature", f"must be positive, got {c.eval.temperature}")
     for section in ("sft", "rl"):

@@ -217,7 +217,8 @@ def plan(config, model_cfg, progress=print) -> dict:
     batch_spec = sharding.batch_sharding(mesh, 3)
     sft_batch = {k: jax.ShapeDtypeStruct((config.sft.batch_size, config.sft.grad_accum, config.sft.max_length),
                                          jnp.int32, sharding=batch_spec) for k in ("tokens", "attention_mask", "loss_mask")}
-    compile_phase("sft_step", lambda: make_train_step(model_cfg, sft_opt).lower(sft_state, sft_batch, 1.0))
+    compile_phase("sft_step", lambda: make_train_step(model_cfg, sft_opt, config.sft.logits_chunk).lower(
+        sft_state, sft_batch, 1.0))
 
     # PPO update on rollouts of max_prompt_length + max_new_tokens
     params = _like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
@@ -286,8 +287,10 @@ def plan(config, model_cfg, progress=print) -> dict:
     return result
 
 
-KNOBS = (  # what to try, in order, when a plan does not fit
+MAX_REPLANS = 8
+KNOBS = (  # what to try, in turn, when a plan does not fit
     ("rl.logits_chunk", lambda c: c.rl.logits_chunk == 0, lambda c: c.rl.update(logits_chunk=128)),
+    ("sft.logits_chunk", lambda c: c.sft.logits_chunk == 0, lambda c: c.sft.update(logits_chunk=128)),
     ("model.remat", lambda c: c.model.remat == "none", lambda c: c.model.update(remat="full")),
     ("rl.minibatches", lambda c: c.rl.batch_size % (2 * c.rl.minibatches) == 0,
      lambda c: c.rl.update(minibatches=2 * c.rl.minibatches)),
@@ -313,6 +316,13 @@ def report_lines(result: dict, memory: float) -> list[str]:
                  f"{decode['training'] / GB:.3f} GB in the training layout (weights: {result['weight_bytes'] / GB:.1f} GB)")
     lines.append(f"peak {result['peak_bytes_per_device'] / GB:.1f} GB per device of {memory / GB:.0f} GB: "
                  + ("fits" if result["fits"] else "does NOT fit") + f" (with {100 - 100 * HEADROOM:.0f}% headroom)")
+    if result["knobs_applied"]:
+        lines.append(f"planned with {', '.join(result['knobs_applied'])} changed (first plan's peak: "
+                     f"{result['first_plan_peak_bytes'] / GB:.1f} GB)")
+    resident = result["param_bytes_per_device"] + result["optimizer_state_bytes_per_device"]
+    if not result["fits"] and resident > HEADROOM * memory:
+        lines.append(f"the float32 weights and Adam moments alone need {resident / GB:.1f} GB per device: shard them "
+                     "over more devices (FSDP) or choose a smaller model; no activation knob can help")
     return lines
 
 
@@ -357,13 +367,14 @@ def plan_until_it_fits(config, model_cfg, memory: float) -> dict:
     result = plan(config, model_cfg, progress=lambda message: print(message, file=sys.stderr, flush=True))
     result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
     applied, first_peak = [], result["peak_bytes_per_device"]
-    for name, applies, change in KNOBS:
-        if result["fits"]:
-            break
+    knobs = list(KNOBS)  # taken in turn; a knob leaves the list once it no longer applies
+    while not result["fits"] and knobs and len(applied) < MAX_REPLANS:
+        name, applies, change = knobs.pop(0)
         if not applies(config):
             continue
         change(config)
-        applied.append(name)
+        knobs.append((name, applies, change))
+        applied.append(f"{name}={_knob_value(config, name)}")
         print(f"does not fit ({result['peak_bytes_per_device'] / GB:.1f} GB): planning again with {', '.join(applied)}",
               file=sys.stderr)
         model_cfg = model_cfg.replace(remat=config.model.remat)
@@ -371,6 +382,11 @@ def plan_until_it_fits(config, model_cfg, memory: float) -> dict:
         result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
     result.update(knobs_applied=applied, first_plan_peak_bytes=first_peak, device_memory_bytes=memory)
     return result
+
+
+def _knob_value(config, name: str):
+    section, key = name.split(".")
+    return config[section][key]
 
 
 def load_config(spec: str, overrides: list[str]):

@@ -75,20 +75,16 @@ def token_logprobs(logits: jnp.ndarray, targets: jnp.ndarray, temperature: float
     return logp, entropy
 
 
-def completion_logprobs(model_cfg: ModelConfig, policy_params: Any, hidden: jnp.ndarray, tokens: jnp.ndarray,
-                        num_new: int, temperature: float, chunk: int = 0):
-    """`token_logprobs` of the completion tokens (the last `num_new` of `tokens [batch, seq]`) from
-    the final hidden states `[batch, seq, embed]`: `[batch, new]` log-probs and entropies.
-
-    The LM head runs only at completion positions, `chunk` of them at a time (0: all at once),
-    each chunk rematerialised in the backward pass, so at most `[batch, chunk, vocab]` logits live
-    at once instead of `[batch, seq, vocab]`.
-    """
-    prompt_len = tokens.shape[1] - num_new
-    states, targets = hidden[:, prompt_len - 1:-1], tokens[:, prompt_len:]
-    if not chunk or chunk >= num_new:
+def chunked_logprobs(model_cfg: ModelConfig, policy_params: Any, states: jnp.ndarray, targets: jnp.ndarray,
+                     temperature: float, chunk: int = 0):
+    """`token_logprobs` of `targets [batch, n]` from the final hidden states that predict them
+    (`states [batch, n, embed]`): `[batch, n]` log-probs and entropies. The LM head runs on `chunk`
+    positions at a time (0: all at once), each chunk rematerialised in the backward pass, so at
+    most `[batch, chunk, vocab]` logits live at once instead of `[batch, n, vocab]`."""
+    num = targets.shape[1]
+    if not chunk or chunk >= num:
         return token_logprobs(head_logits(model_cfg, policy_params, states), targets, temperature)
-    pad = -num_new % chunk
+    pad = -num % chunk
     states = jnp.pad(states, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     batch, num_chunks = states.shape[0], states.shape[1] // chunk
@@ -100,8 +96,18 @@ def completion_logprobs(model_cfg: ModelConfig, policy_params: Any, hidden: jnp.
 
     by_chunk = lambda x: x.reshape(batch, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
     _, (logp, entropy) = jax.lax.scan(one_chunk, None, (by_chunk(states), by_chunk(targets)))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :num_new]
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :num]
     return unchunk(logp), unchunk(entropy)
+
+
+def completion_logprobs(model_cfg: ModelConfig, policy_params: Any, hidden: jnp.ndarray, tokens: jnp.ndarray,
+                        num_new: int, temperature: float, chunk: int = 0):
+    """`chunked_logprobs` of the completion tokens (the last `num_new` of `tokens [batch, seq]`)
+    from the final hidden states `[batch, seq, embed]`: the LM head runs only at completion
+    positions. `[batch, new]` log-probs and entropies."""
+    prompt_len = tokens.shape[1] - num_new
+    return chunked_logprobs(model_cfg, policy_params, hidden[:, prompt_len - 1:-1], tokens[:, prompt_len:],
+                            temperature, chunk)
 
 
 def gae(rewards: jnp.ndarray, values: jnp.ndarray, mask: jnp.ndarray, gamma: float, lam: float):

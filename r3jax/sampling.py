@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r3jax.models.transformer import ModelConfig, Transformer, init_cache, positions_from_mask
+from r3jax.models.transformer import ModelConfig, Transformer, head_logits, init_cache, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +91,10 @@ def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, se
     cache_len = -(-(prompt_len + new) // block) * block  # whole blocks; the tail stays masked
     kv_mask = jnp.pad(prompt_mask, ((0, 0), (0, cache_len - prompt_len)))
     positions = positions_from_mask(prompt_mask)
-    logits, _, cache = model.apply({"params": params}, prompt_tokens, positions, kv_mask,
-                                   init_cache(cfg, batch, cache_len), 0)
+    # the prefill needs the logits of the last prompt position only: no [batch, prompt, vocab] array
+    _, hidden, cache = Transformer(cfg, with_head=False).apply({"params": params}, prompt_tokens, positions, kv_mask,
+                                                               init_cache(cfg, batch, cache_len), 0)
+    logits = head_logits(cfg, params, hidden[:, -1:])
     stop_ids = jnp.asarray(settings.stop_ids or (-1,), jnp.int32)
 
     def cond(state):

@@ -248,3 +248,16 @@ def test_update_with_chunked_logits_equals_unchunked():
         np.testing.assert_allclose(float(chunked[name]), float(plain[name]), atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
                  chunked_state.params, plain_state.params)
+
+
+def test_sft_loss_in_logit_chunks_equals_all_at_once():
+    from r3jax.train.sft import nll_sum
+
+    tokens = jax.random.randint(jax.random.key(6), (3, 21), 0, TINY.vocab_size)
+    batch = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens),
+             "loss_mask": jnp.ones_like(tokens).at[:, :5].set(0)}
+    params = tiny_params()
+    plain = jax.value_and_grad(lambda p: nll_sum(p, batch, TINY)[0])(params)
+    chunked = jax.value_and_grad(lambda p: nll_sum(p, batch, TINY, logits_chunk=8)[0])(params)
+    np.testing.assert_allclose(float(chunked[0]), float(plain[0]), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), chunked[1], plain[1])

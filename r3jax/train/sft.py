@@ -22,6 +22,7 @@ from r3jax.evaluate import evaluate
 from r3jax.metrics import MetricsWriter
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, forward
+from r3jax.ppo import chunked_logprobs
 from r3jax.rollout import encode_demo, sft_example
 from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer, left_pad
@@ -61,19 +62,19 @@ def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict
     return {"tokens": tokens, "attention_mask": mask, "loss_mask": loss_mask}
 
 
-def nll_sum(params, batch: dict, model_cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(summed next-token NLL over loss-masked targets, their count)."""
-    logits, _ = forward(model_cfg, params, batch["tokens"], batch["attention_mask"])
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    target_logp = jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+def nll_sum(params, batch: dict, model_cfg: ModelConfig, logits_chunk: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(summed next-token NLL over loss-masked targets, their count); the LM head runs
+    `logits_chunk` positions at a time (0: all at once), as in the PPO loss."""
+    _, hidden = forward(model_cfg, params, batch["tokens"], batch["attention_mask"], with_head=False)
+    target_logp, _ = chunked_logprobs(model_cfg, params, hidden[:, :-1], batch["tokens"][:, 1:], 1.0, logits_chunk)
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
     return -(target_logp * mask).sum(), mask.sum()
 
 
-def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation):
+def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, logits_chunk: int = 0):
     """`step(state, batch [micro, accum, length], lr_scale) -> (state, metrics)`, one jit, state
     donated; `lr_scale` is the schedule's multiplier of the optimizer's peak learning rate."""
-    grad_fn = jax.value_and_grad(lambda p, b: nll_sum(p, b, model_cfg), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: nll_sum(p, b, model_cfg, logits_chunk), has_aux=True)
 
     def step(state: SFTState, batch: dict, lr_scale):
         def accumulate(carry, microbatch):
@@ -119,7 +120,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
     if c.data_epochs:
         print(f"SFT: {c.data_epochs:g} epochs over {len(examples):,} examples = {steps:,} steps")
     optimizer = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
-    step_fn = make_train_step(model_cfg, optimizer)
+    step_fn = make_train_step(model_cfg, optimizer, c.logits_chunk)
     state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
     checkpointer = Checkpointer(os.path.join(out, "checkpoints"), keep=config.checkpoint.keep)
     start, best = 0, {"accuracy": -1.0}
