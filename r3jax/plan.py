@@ -183,8 +183,8 @@ def plan(config, model_cfg, progress=print) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from r3jax import optim, ppo, sharding
-    from r3jax.models.transformer import Transformer, init_cache, init_params
+    from r3jax import optim, ppo, sampling, sharding
+    from r3jax.models.transformer import init_cache, init_params
     from r3jax.models.value import actor_critic_params
     from r3jax.train.rl import ppo_config
     from r3jax.train.sft import SFTState, make_train_step
@@ -247,21 +247,15 @@ def plan(config, model_cfg, progress=print) -> dict:
         cache = jax.eval_shape(lambda: init_cache(model_cfg, rows, cache_len))
         cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
             sample_mesh, x.ndim, batch_axis)), cache)
-        model = Transformer(compute_cfg)
-
         def spec(*shape):
             return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(sample_mesh, len(shape)))
 
-        def prefill(w, tokens, positions, kv_mask, cache):
-            return model.apply({"params": w}, tokens, positions, kv_mask, cache, 0)
-
-        def decode(w, token, position, kv_mask, cache, start):
-            return model.apply({"params": w}, token, position, kv_mask, cache, start)
-
-        compile_phase(f"prefill_{layout}", lambda: jax.jit(prefill, donate_argnums=4).lower(
+        compile_phase(f"prefill_{layout}", lambda: jax.jit(functools.partial(sampling.prefill, compute_cfg),
+                                                           donate_argnums=4).lower(
             weights, spec(rows, prompt), spec(rows, prompt), spec(rows, cache_len), cache))
-        compile_phase(f"decode_step_{layout}", lambda: jax.jit(decode, donate_argnums=4).lower(
-            weights, spec(rows, 1), spec(rows, 1), spec(rows, cache_len), cache, jax.ShapeDtypeStruct((), jnp.int32)))
+        compile_phase(f"decode_step_{layout}", lambda: jax.jit(functools.partial(sampling.decode_step, compute_cfg),
+                                                               donate_argnums=4).lower(
+            weights, spec(rows), spec(rows), spec(rows, cache_len), cache, jax.ShapeDtypeStruct((), jnp.int32)))
         return _tree_bytes_per_device(weights)
 
     rollout_weight_bytes = sampler_phases("rollout", rollout_mesh)

@@ -82,19 +82,29 @@ def choose_tokens(logits: jnp.ndarray, key: jax.Array, settings: SamplingConfig)
     return tokens.astype(jnp.int32), jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
 
 
+def prefill(cfg: ModelConfig, params: Any, tokens, positions, kv_mask, cache):
+    """The prompt `[batch, prompt]` through the model into the cache: (logits `[batch, vocab]` of the
+    last prompt position only, no `[batch, prompt, vocab]` array; the filled cache)."""
+    _, hidden, cache = Transformer(cfg, with_head=False).apply({"params": params}, tokens, positions, kv_mask, cache, 0)
+    return head_logits(cfg, params, hidden[:, -1]), cache
+
+
+def decode_step(cfg: ModelConfig, params: Any, token, position, kv_mask, cache, cache_start):
+    """One token per row `[batch]` at slot `cache_start`: (logits `[batch, vocab]`, the cache)."""
+    logits, _, cache = Transformer(cfg).apply({"params": params}, token[:, None], position[:, None], kv_mask,
+                                              cache, cache_start)
+    return logits[:, 0], cache
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "settings"))
 def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, settings: SamplingConfig):
     batch, prompt_len = prompt_tokens.shape
     new = settings.max_new_tokens
-    model = Transformer(cfg)
     block = cfg.decode_block or 1
     cache_len = -(-(prompt_len + new) // block) * block  # whole blocks; the tail stays masked
     kv_mask = jnp.pad(prompt_mask, ((0, 0), (0, cache_len - prompt_len)))
     positions = positions_from_mask(prompt_mask)
-    # the prefill needs the logits of the last prompt position only: no [batch, prompt, vocab] array
-    _, hidden, cache = Transformer(cfg, with_head=False).apply({"params": params}, prompt_tokens, positions, kv_mask,
-                                                               init_cache(cfg, batch, cache_len), 0)
-    logits = head_logits(cfg, params, hidden[:, -1:])
+    logits, cache = prefill(cfg, params, prompt_tokens, positions, kv_mask, init_cache(cfg, batch, cache_len))
     stop_ids = jnp.asarray(settings.stop_ids or (-1,), jnp.int32)
 
     def cond(state):
@@ -112,14 +122,12 @@ def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, se
         out_mask = out_mask.at[:, step].set(alive.astype(jnp.int32))
         kv_mask = kv_mask.at[:, prompt_len + step].set(alive.astype(kv_mask.dtype))
         done = done | jnp.isin(token, stop_ids)
-        logits, _, cache = model.apply({"params": params}, token[:, None], next_pos[:, None], kv_mask,
-                                       cache, prompt_len + step)
-        return (step + 1, out_tokens, out_logprobs, out_mask, done, kv_mask, cache, logits[:, 0],
-                next_pos + 1, key)
+        logits, cache = decode_step(cfg, params, token, next_pos, kv_mask, cache, prompt_len + step)
+        return (step + 1, out_tokens, out_logprobs, out_mask, done, kv_mask, cache, logits, next_pos + 1, key)
 
     state = (jnp.int32(0), jnp.full((batch, new), settings.pad_id, jnp.int32),
              jnp.zeros((batch, new), jnp.float32), jnp.zeros((batch, new), jnp.int32),
-             jnp.zeros((batch,), bool), kv_mask, cache, logits[:, -1], positions[:, -1] + 1, key)
+             jnp.zeros((batch,), bool), kv_mask, cache, logits, positions[:, -1] + 1, key)
     _, out_tokens, out_logprobs, out_mask, *_ = jax.lax.while_loop(cond, body, state)
     return Rollout(
         tokens=jnp.concatenate([prompt_tokens, out_tokens], axis=1),

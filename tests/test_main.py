@@ -245,7 +245,7 @@ def test_compare_mode_writes_the_comparison(tmp_path):
         log = read_jsonl(str(tmp_path / "run" / "compare" / f"{arm}-seed0" / "rl.jsonl"))
         spent_before = [0] + [r["tokens_sampled"] for r in log[:-1]]
         assert len(log) >= 3 and [r["lr"] for r in log] == pytest.approx([3e-6 * (1 - t / 400) for t in spent_before])
-    assert output.with_suffix(".png").exists()
+    assert output.with_suffix(".png").exists() and "| r3 - sft |" in output.with_suffix(".md").read_text()
     again = run_cli(*args)  # every arm's report.json exists: nothing is trained twice
     assert again.returncode == 0 and "RL " not in again.stderr
     assert json.load(open(output))["arms"] == summary["arms"]

@@ -111,6 +111,34 @@ def summarise(runs: list[dict], lengths: list) -> dict:
     return summary
 
 
+def markdown(summary: dict) -> str:
+    """The comparison as markdown tables: arms, differences, premise."""
+    arms, lengths = summary["arms"], sorted({k for arm in summary["arms"].values() for k in arm["by_steps"]}, key=int)
+    lines = [f"Test accuracy at k = 0, greedy, {summary['num_test_problems']} {summary['split']} problems; "
+             "95% intervals from a bootstrap over problems and seeds.", "",
+             "| arm | accuracy [95% interval] | per seed | " + " | ".join(f"{n} steps" for n in lengths)
+             + " | one sample | pass@k | RL steps |", "|---" * (len(lengths) + 6) + "|"]
+    for name, arm in arms.items():
+        steps = [f"{arm['by_steps'][n]['mean']:.3f}" if n in arm["by_steps"] else "" for n in lengths]
+        rl_steps = [s for s in arm.get("rl_steps", []) if s is not None]
+        lines.append(f"| {name} | {arm['mean']:.3f} [{arm['ci95'][0]:.3f}, {arm['ci95'][1]:.3f}] | "
+                     + ", ".join(f"{v:.3f}" for v in arm["seeds"]) + " | " + " | ".join(steps)
+                     + f" | {arm.get('sample_accuracy', float('nan')):.3f} | {arm.get('pass_at_k', float('nan')):.3f} | "
+                     + (f"{min(rl_steps)}-{max(rl_steps)}" if rl_steps else "") + " |")
+    lines += ["", "| difference | mean [95% interval] | verdict |", "|---|---|---|"]
+    for name, difference in summary["differences"].items():
+        lo, hi = difference["ci95"]
+        verdict = "no difference" if lo <= 0 <= hi else ("first arm better" if lo > 0 else "second arm better")
+        lines.append(f"| {name.replace('_vs_', ' - ')} | {difference['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {verdict} |")
+    stages = sorted({s for row in summary["premise"].values() for s in row}, key=lambda s: int(s.rsplit("_", 1)[1]))
+    lines += ["", "SFT model's success at the RL temperature, validation split (the premise):", "",
+              "| chain | " + " | ".join(s.replace("_", " ") for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for length, row in sorted(summary["premise"].items(), key=lambda item: int(item[0].rsplit("_", 1)[1])):
+        lines.append(f"| {length.replace('steps_', '')} steps | " + " | ".join(f"{row.get(s, float('nan')):.2f}"
+                                                                          for s in stages) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict, path: str) -> None:
     import matplotlib
 
@@ -247,6 +275,8 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     with open(output, "w") as f:
         json.dump(summary, f, indent=2)
     plot(summary, os.path.splitext(output)[0] + ".png")
+    with open(os.path.splitext(output)[0] + ".md", "w") as f:
+        f.write(markdown(summary))
     for name, arm in arms.items():
         print(f"{name:14s} {arm['mean']:.3f} [{arm['ci95'][0]:.3f}, {arm['ci95'][1]:.3f}]")
     for name, difference in differences.items():
