@@ -109,3 +109,17 @@ def test_presets_are_the_published_shapes():
     cfg = hf.config_from_hf(plan.PRESETS["llama-2-7b"], source="preset")
     assert cfg.num_params() == 6_738_415_616  # Llama-2-7B's parameter count
     assert abs(hf.config_from_hf(plan.PRESETS["qwen2.5-1.5b"], source="preset").num_params() - 1.54e9) < 0.02e9
+
+
+@pytest.mark.slow
+def test_llama_2_7b_gsm8k_recipe_fits_8x80gb(tmp_path, monkeypatch):
+    """The paper's recipe at Llama-2-7B shape on 8 x 80 GB (about a minute on 8 simulated devices;
+    recorded in bench/results/plan-llama-2-7b-8x80GB.json)."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "plan.json"
+    assert plan.main(["--config=configs/paper.py:gsm8k", "--model=llama-2-7b", "--devices=8",
+                      "--device-memory=80GB", f"--out={out}"]) == 0
+    result = __import__("json").load(open(out))
+    assert result["fits"] and result["peak_bytes_per_device"] <= 72e9
+    assert result["decode_collective_bytes"]["rollout"] <= 0.01 * result["weight_bytes"]
+    assert result["decode_collective_bytes"]["training"] >= 0.5 * result["weight_bytes"]

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import warnings
 from typing import Sequence
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_runner.py")
@@ -151,7 +150,7 @@ class Sandbox:
         if self.bwrap is None:
             if require_isolation:
                 raise IsolationError(f"sandbox: require_isolation is set, but {reason}")
-            warnings.warn(f"sandbox: programs run without OS isolation: {reason}", stacklevel=2)
+            print(f"warning: sandbox: programs run without OS isolation: {reason}", file=sys.stderr)
         self.isolation = "bubblewrap" if self.bwrap else f"process ({reason})"
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
 
