@@ -8,7 +8,7 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
 set -euo pipefail
-COORDINATOR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):12355
+COORDINATOR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p):12355  # sed reads all: no SIGPIPE under pipefail
 # single quotes: each task expands its own SLURM_NTASKS / SLURM_PROCID; "$@" passes the arguments intact
 srun bash -c 'exec python -m r3jax.main --coordinator="$0" --num_processes="$SLURM_NTASKS" \
   --process_id="$SLURM_PROCID" "$@"' "$COORDINATOR" "$@"

@@ -33,8 +33,7 @@ def _loss(cfg, params, tokens, mask):
     return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * mask)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan, remat", [(False, "full"), (True, "none"), (True, "full"), (True, "save_dots")])
 def test_scanned_and_remat_equal_unrolled_logits_and_gradients(checkpoint, scan, remat):
     path, params = checkpoint
     cfg, loaded = hf.load(path, scan_layers=scan, remat=remat)
