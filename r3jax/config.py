@@ -106,6 +106,20 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def load_config_file(path: str, argument: str = "") -> ml_collections.ConfigDict:
+    """`get_config([argument])` of a config file imported by its path; its own imports (such as
+    `from configs import arith`) resolve from the working directory."""
+    import importlib.util
+    import sys
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    spec = importlib.util.spec_from_file_location("r3jax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(argument) if argument else module.get_config()
+
+
 def training_steps(section: ml_collections.ConfigDict, num_examples: int, examples_per_step: int) -> int:
     """`section.steps`, or with `section.data_epochs` > 0 the steps of that many passes over the data."""
     if section.data_epochs > 0:
@@ -132,7 +146,7 @@ def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first bad key."""
-    from r3jax import tasks
+    from r3jax import optim, tasks
     from r3jax.models.transformer import REMAT_CHOICES
     from r3jax.ppo import ESTIMATORS, LOSS_AGGREGATIONS
 
@@ -195,8 +209,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for section in ("sft", "rl"):
         _check(c[section].data_epochs >= 0, f"{section}.data_epochs",
                f"must be 0 (use {section}.steps) or a number of passes, got {c[section].data_epochs}")
-        _check(c[section].schedule in ("constant", "linear", "cosine"), f"{section}.schedule",
-               f"{c[section].schedule!r}: expected constant, linear or cosine")
+        _check(c[section].schedule in optim.SCHEDULES, f"{section}.schedule",
+               f"{c[section].schedule!r}: expected one of {optim.SCHEDULES}")
     for key in ("sft.batch_size", "sft.grad_accum", "rl.batch_size", "rl.epochs", "rl.minibatches",
                 "rl.max_new_tokens", "rl.max_prompt_length", "eval.batch_size", "eval.max_new_tokens",
                 "checkpoint.keep", "sft.lr", "rl.lr", "rl.temperature", "sft.max_length", "sft.checkpoint_every",

@@ -62,13 +62,10 @@ def _explain_override_failure(argv: list[str]) -> str | None:
     path, _, argument = value.partition(":")
     if not os.path.exists(path):
         return f"--config: config file {path} not found"
-    import importlib.util
+    from r3jax.config import load_config_file
 
-    spec = importlib.util.spec_from_file_location("r3jax_user_config", path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
-        config = module.get_config(argument) if argument else module.get_config()
+        config = load_config_file(path, argument)
     except Exception:  # the config file itself is broken: absl's own message says how
         return None
     known = _config_keys(config)

@@ -386,16 +386,13 @@ def _knob_value(config, name: str):
 def load_config(spec: str, overrides: list[str]):
     """A config file's get_config([argument]) with KEY=VALUE overrides (Python literals)."""
     import ast
-    import importlib.util
+
+    from r3jax.config import load_config_file
 
     path, _, argument = spec.partition(":")
     if not os.path.exists(path):
         raise PlanError(f"--config: config file {path} not found")
-    sys.path.insert(0, os.getcwd())
-    module_spec = importlib.util.spec_from_file_location("r3jax_plan_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(argument) if argument else module.get_config()
+    config = load_config_file(path, argument)
     for override in overrides:
         key, _, text = override.partition("=")
         section, _, name = key.rpartition(".")

@@ -113,8 +113,8 @@ def collect(c, schedule: curriculum.Curriculum, task: Task, tokenizer: Tokenizer
         lengths = sharding.to_host(rollout.lengths)[:len(round_states)]
         rewards = np.array([s.reward for s in round_scores], np.float32)
         if c.missing_eos_penalty:
-            rewards -= c.missing_eos_penalty * truncated(sharding.to_host(rollout.completions)[:len(round_states)],
-                                                         lengths, settings.stop_ids)
+            completions = host["tokens"][:, host["tokens"].shape[1] - host["logprobs"].shape[1]:]
+            rewards -= c.missing_eos_penalty * truncated(completions, lengths, settings.stop_ids)
         new_tokens += int(lengths.sum())
         data_position += 1
         rounds += 1
