@@ -5,8 +5,10 @@ raise `ConfigError` with the key named; main.py turns that into one line and exi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -17,93 +19,189 @@ DTYPES = ("float32", "bfloat16")
 ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed"}
 
 
-class ConfigError(ValueError):
-    pass
+class InputError(ValueError):
+    """A user's mistake (a config value, a data file, a checkpoint): the message is one line
+    naming the key, file or path, and the CLI exits with status 2 without a traceback."""
+
+
+class ConfigError(InputError):
+    """A bad config value; the message starts with `config.<key>`."""
+
+
+# Every config key: (default, meaning). base_config() and `python -m r3jax.main --help` both read
+# this one table; a key added here is documented by construction.
+SCHEMA: dict[str, Any] = {
+    "seed": (0, "seeds the model's initialisation, the data order and sampling"),
+    "mode": ("train", "train (SFT then RL), sft, rl (from rl.init or this workdir's SFT), eval, compare"),
+    "resume": ("", "a workdir whose stored config differs: '' refuses, 'continue' keeps what is there and "
+                   "runs under the new config, 'restart' moves the old workdir aside and starts afresh"),
+    "task": {
+        "name": ("arith", "the task: arith, gsm8k, gsm8k_pot, svamp, svamp_pot, snli, mnli, race, race_high, "
+                          "race_middle, boardgameqa, jsonl"),
+        "options": ({}, "the task's own options (README, Tasks). Every task: validation_size (a count or "
+                        "fraction of train carved off for model selection), limit, reward_fn "
+                        "(package.module:function). File tasks: train_path, test_path, tfds. jsonl: cut, "
+                        "answer_type, answer_marker, partial_reward. arith: seed, num_train, num_test, "
+                        "min_steps, max_steps, max_value, max_operand, operations, distractors, "
+                        "partial_reward"),
+    },
+    "tokenizer": {
+        "path": ("", "a SentencePiece .model or an HF tokenizer dir; '' = model.path's, else one trained on "
+                     "the task's training text"),
+        "vocab_size": (256, "the vocabulary of a SentencePiece model trained on the task's text"),
+    },
+    "model": {
+        "path": ("", "a local HF checkpoint dir (Llama, Mistral, Qwen2); '' = a from-scratch model of the "
+                     "shape below"),
+        "from_scratch": (True, "allow a from-scratch model; False makes model.path required"),
+        "param_dtype": ("float32", "trainable weights and optimizer moments (master weights; bfloat16 ones "
+                                   "lose updates smaller than their spacing)"),
+        "dtype": ("float32", "what the matmuls compute in (bfloat16 on accelerators); the frozen RL "
+                             "reference is kept in it"),
+        "export_dtype": ("", "exported HF weights; '' = param_dtype"),
+        "scan_layers": (False, "the decoder layers as one scan over stacked weights (compile time flat in "
+                               "depth)"),
+        "remat": ("none", "what the backward pass recomputes: none, full (each layer's activations), "
+                          "save_dots (keeps the matmul outputs)"),
+        "model_type": ("llama", "from scratch: llama, mistral or qwen2"),
+        "hidden_size": (128, "from scratch: width"),
+        "intermediate_size": (384, "from scratch: MLP width"),
+        "num_layers": (4, "from scratch: decoder layers"),
+        "num_heads": (4, "from scratch: attention heads"),
+        "num_kv_heads": (2, "from scratch: key/value heads (grouped-query attention)"),
+        "head_dim": (32, "from scratch: width per head"),
+        "rope_theta": (10000.0, "from scratch: RoPE base"),
+        "max_position_embeddings": (1024, "from scratch: longest sequence"),
+        "tie_word_embeddings": (False, "from scratch: the LM head reuses the embedding"),
+    },
+    "mesh": ((-1, 1, 1), "(data, fsdp, tensor) device mesh; -1 takes the remaining devices"),
+    "sft": {
+        "steps": (1000, "optimizer updates"),
+        "data_epochs": (0.0, "> 0: that many passes over the data instead of sft.steps"),
+        "batch_size": (32, "sequences per microbatch"),
+        "grad_accum": (1, "microbatches per update"),
+        "lr": (2e-5, "peak learning rate (AdamW)"),
+        "warmup_steps": (0, "linear warm-up"),
+        "schedule": ("linear", "decay after warm-up: constant, linear or cosine"),
+        "weight_decay": (0.0, "AdamW weight decay"),
+        "grad_clip": (1.0, "global gradient-norm clip; 0 = none"),
+        "max_length": (1024, "longest SFT sequence; longer examples are left out"),
+        "eval_every": (0, "steps between validation evaluations that pick sft/best; 0 = never (best = last)"),
+        "eval_examples": (200, "validation problems per evaluation"),
+        "checkpoint_every": (500, "steps between checkpoints"),
+        "logits_chunk": (0, "positions per LM-head call in the loss (memory at large vocabularies); 0 = all"),
+    },
+    "rl": {
+        "init": ("", "HF dir of the SFT model; '' = <workdir>/sft/best"),
+        "strategy": ("mixed", "start states: outcome (k = 0 only), staged (easiest stage first), mixed (R^3)"),
+        "num_start_states": (5, "M start states per demonstration; 0 = one per step"),
+        "steps": (1000, "RL steps (a batch sampled, then rl.epochs x rl.minibatches updates)"),
+        "token_budget": (0, "> 0: stop after this many sampled completion tokens"),
+        "data_epochs": (0.0, "> 0: that many passes over the start states instead of rl.steps"),
+        "batch_size": (32, "completions per step (start states x rl.group_size)"),
+        "lr": (3e-7, "policy learning rate"),
+        "separate_critic": (False, "a critic model of its own instead of a value head on the policy"),
+        "critic_lr": (0.0, "value head or critic learning rate; 0 = rl.lr"),
+        "warmup_steps": (0, "linear warm-up steps"),
+        "schedule": ("constant", "decay over the run's progress (steps or budget): constant, linear, cosine"),
+        "weight_decay": (0.0, "AdamW weight decay"),
+        "grad_clip": (1.0, "global gradient-norm clip; 0 = none"),
+        "kl_coef": (0.05, "KL penalty to the frozen SFT reference"),
+        "kl_mode": ("reward", "reward (per-token penalty in the reward, the paper's) or loss"),
+        "estimator": ("gae", "gae (PPO with a critic, the paper's), or critic-free over rl.group_size "
+                             "completions: grpo, drgrpo, rloo, reinforce_pp"),
+        "group_size": (1, "completions per start state"),
+        "loss_agg": ("token_mean", "token_mean, seq_mean_token_mean or seq_mean_token_sum_norm"),
+        "dynamic_sampling": (False, "drop groups whose rewards are all equal and sample more (DAPO)"),
+        "max_sampling_rounds": (3, "dynamic sampling: batches sampled at most per step"),
+        "critic_warmup_steps": (0, "gae: first steps train only the critic"),
+        "missing_eos_penalty": (0.0, "subtracted from the score of a completion cut off before a stop token"),
+        "gamma": (1.0, "GAE discount"),
+        "lam": (0.95, "GAE lambda"),
+        "clip_ratio_low": (0.2, "PPO ratio clip below 1"),
+        "clip_ratio_high": (0.2, "PPO ratio clip above 1 (DAPO's clip-higher when larger)"),
+        "value_clip": (0.2, "value-loss clip"),
+        "vf_coef": (5.0, "value-loss coefficient"),
+        "entropy_coef": (0.0, "entropy bonus"),
+        "whiten_advantages": (True, "gae: normalise advantages over the batch"),
+        "max_log_ratio": (20.0, "clamp of the log importance ratio before exp (overflow guard)"),
+        "epochs": (2, "passes over each sampled batch"),
+        "minibatches": (1, "updates per pass"),
+        "score_clip": (0.0, "clip of the scores to +-this; 0 = none"),
+        "temperature": (1.0, "sampling temperature (the update's log-probs use the same one)"),
+        "top_k": (0, "sampling top-k; 0 = off"),
+        "top_p": (1.0, "sampling nucleus"),
+        "max_new_tokens": (700, "longest completion"),
+        "max_prompt_length": (512, "start states with longer prompts are left out"),
+        "logits_chunk": (0, "completion positions per LM-head call in the PPO loss (memory); 0 = all"),
+        "rollout_mesh": ((), "(data, fsdp, tensor) to sample in, the weights moved into it once per step; "
+                             "() = the training layout"),
+        "stage_length": (1.0, "staged: length of each stage in rl.stage_unit"),
+        "stage_unit": ("epochs", "staged: steps, epochs (over the stage's start states) or budget (a share)"),
+        "stage_weights": ((), "mixed: optional sampling weight per stage (stage 0 = the full task)"),
+        "eval_every": (0, "steps between validation evaluations; 0 = never"),
+        "eval_examples": (200, "validation problems per evaluation"),
+        "checkpoint_every": (50, "steps between checkpoints"),
+    },
+    "eval": {
+        "split": ("test", "the split of the final evaluation: test, validation or train"),
+        "num_examples": (0, "problems evaluated; 0 = all"),
+        "batch_size": (32, "completions per sampler call"),
+        "max_new_tokens": (700, "longest completion"),
+        "maj_k": (0, "> 0: also vote over maj_k samples per problem"),
+        "temperature": (1.0, "maj@k sampling temperature"),
+    },
+    "checkpoint": {"keep": (2, "checkpoints kept per phase")},
+    "metrics": {
+        "sample_completions": (4, "completions per evaluation written to TensorBoard as text"),
+        "wandb": ("", "Weights & Biases: '' = off, offline (no network; `wandb sync` later) or online"),
+        "wandb_project": ("r3jax", "W&B project"),
+    },
+    "compare": {
+        "seeds": ((0, 1, 2), "seeds of every arm, declared before any run"),
+        "arms": (("rl", "staged", "r3"), "rl (outcome only), staged, r3 (mixed), each optionally "
+                                          "-<estimator> (r3-grpo: critic-free over compare.group_size)"),
+        "group_size": (4, "completions per start state of the critic-free arms"),
+        "continued_sft": (True, "the SFT-continued control arm: as many SFT updates as R^3 gets"),
+        "continued_lr": (1e-4, "its constant learning rate"),
+        "samples": (4, "samples per problem for single-sample accuracy and pass@k"),
+        "sample_problems": (500, "test problems those sampled metrics use"),
+        "output": ("", "'' = <workdir>/compare.json"),
+    },
+}
+
+
+def _defaults(schema: dict) -> dict:
+    return {name: _defaults(entry) if isinstance(entry, dict) else entry[0] for name, entry in schema.items()}
+
+
+def documented_keys(schema: dict = SCHEMA, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, meaning) for every key, in the table's order."""
+    rows = []
+    for name, entry in schema.items():
+        if isinstance(entry, dict):
+            rows += documented_keys(entry, f"{prefix}{name}.")
+        else:
+            rows.append((prefix + name, *entry))
+    return rows
+
+
+def flatten(config, prefix: str = "", sections: bool = False) -> dict[str, Any]:
+    """{dotted key: value} of a config (or its dict form): the leaves, and with `sections` the
+    sections too."""
+    flat = {}
+    for name, value in config.items():
+        if hasattr(value, "items"):
+            if sections:
+                flat[prefix + name] = value
+            flat.update(flatten(value, f"{prefix}{name}.", sections))
+        else:
+            flat[prefix + name] = value
+    return flat
 
 
 def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.mode = "train"  # train = SFT then R^3; sft; rl (from config.rl.init or this workdir's SFT); eval; compare
-
-    c.task = ml_collections.ConfigDict({"name": "arith", "options": ml_collections.ConfigDict()})
-
-    c.tokenizer = ml_collections.ConfigDict({
-        "path": "",        # .model (SentencePiece) or HF tokenizer dir; "" = model.path, else train one
-        "vocab_size": 256,  # for a SentencePiece model trained on the task's training text
-    })
-
-    c.model = ml_collections.ConfigDict({
-        "path": "",  # local HF checkpoint dir; "" = a from-scratch model of the shape below
-        "from_scratch": True,  # False: model.path is required
-        # param_dtype: the trainable weights and optimizer moments (master weights: float32 to
-        # train; bfloat16 weights lose updates smaller than their spacing); dtype: what the
-        # matmuls compute in (bfloat16 on accelerators); export_dtype: exported HF weights ("" =
-        # param_dtype). The frozen RL reference is kept in dtype.
-        "param_dtype": "float32", "dtype": "float32", "export_dtype": "",
-        # the decoder layers as one scan over stacked weights; what the backward pass recomputes:
-        # none, full (each layer's activations), save_dots (keeps the matmul outputs)
-        "scan_layers": False, "remat": "none",
-        "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_layers": 4,
-        "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "rope_theta": 10000.0,
-        "max_position_embeddings": 1024, "tie_word_embeddings": False,
-    })
-
-    c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
-
-    c.sft = ml_collections.ConfigDict({
-        "steps": 1000, "data_epochs": 0.0,  # data_epochs > 0: that many passes over the data instead
-        "batch_size": 32, "grad_accum": 1, "lr": 2e-5, "warmup_steps": 0,
-        "schedule": "linear", "weight_decay": 0.0, "grad_clip": 1.0, "max_length": 1024,
-        "eval_every": 0, "eval_examples": 200, "checkpoint_every": 500,
-        "logits_chunk": 0,  # positions per LM-head call in the loss (memory at large vocabularies); 0 = all
-    })
-
-    c.rl = ml_collections.ConfigDict({
-        "init": "",  # HF dir of the SFT model; "" = <workdir>/sft/best
-        "strategy": "mixed", "num_start_states": 5, "steps": 1000, "token_budget": 0,
-        "data_epochs": 0.0,  # > 0: that many passes over the start states instead of `steps`
-        "batch_size": 32, "lr": 3e-7, "separate_critic": False,
-        "critic_lr": 0.0,  # value head (shared) or separate critic; 0 = rl.lr
-        "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0, "grad_clip": 1.0,
-        "kl_coef": 0.05, "kl_mode": "reward",
-        # gae: PPO with a critic (the paper's); grpo, drgrpo, rloo, reinforce_pp: critic-free, over
-        # group_size completions per start state
-        "estimator": "gae", "group_size": 1,
-        "loss_agg": "token_mean",  # token_mean, seq_mean_token_mean, seq_mean_token_sum_norm
-        "dynamic_sampling": False,  # drop groups with all-equal rewards, sample more (DAPO)
-        "max_sampling_rounds": 3,  # dynamic sampling: batches sampled at most per step
-        "critic_warmup_steps": 0,  # gae: steps that train only the critic
-        "missing_eos_penalty": 0.0,  # subtracted from the score of a completion cut off before a stop
-        "gamma": 1.0, "lam": 0.95, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2,
-        "value_clip": 0.2, "vf_coef": 5.0, "entropy_coef": 0.0, "epochs": 2, "minibatches": 1,
-        "score_clip": 0.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 700,
-        "max_prompt_length": 512,
-        "logits_chunk": 0,
-        # rollout_mesh: (data, fsdp, tensor) over the same devices for sampling, the weights moved
-        # into it once per step; () = sample in the training layout
-        "rollout_mesh": (),  # completion positions per LM-head call in the PPO loss (memory); 0 = all
-        "stage_length": 1.0, "stage_unit": "epochs",  # staged: per stage; unit steps|epochs|budget
-        "stage_weights": (),  # mixed: optional weight per stage (stage 0 = the full task)
-        "eval_every": 0, "eval_examples": 200, "checkpoint_every": 50,
-    })
-
-    c.eval = ml_collections.ConfigDict({
-        "split": "test", "num_examples": 0, "batch_size": 32, "max_new_tokens": 700,
-        # maj_k > 0: the final evaluations also vote over maj_k samples at `temperature` per problem
-        "maj_k": 0, "temperature": 1.0})
-
-    c.checkpoint = ml_collections.ConfigDict({"keep": 2})
-
-    c.compare = ml_collections.ConfigDict({
-        # arms: a strategy (rl = outcome only, staged, r3 = mixed), with -<estimator> for a
-        # critic-free one (r3-grpo), which samples group_size completions per start state
-        "seeds": (0, 1, 2), "arms": ("rl", "staged", "r3"), "group_size": 4,
-        "continued_sft": True,  # the SFT-continued control arm: as many SFT updates as R^3 gets
-        "continued_lr": 1e-4,
-        "samples": 4, "sample_problems": 500,  # sampled accuracy and pass@k: samples per problem, problems
-        "output": ""})  # "" = <workdir>/compare.json
-    return c
+    return ml_collections.ConfigDict(_defaults(SCHEMA))
 
 
 def load_config_file(path: str, argument: str = "") -> ml_collections.ConfigDict:
@@ -118,6 +216,13 @@ def load_config_file(path: str, argument: str = "") -> ml_collections.ConfigDict
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(argument) if argument else module.get_config()
+
+
+def from_section(cls, section: ml_collections.ConfigDict, **given):
+    """The dataclass `cls` with each field read from the config section's key of the same name
+    (fields the section lacks keep their defaults); `given` fills the rest."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name in section and f.name not in given]
+    return cls(**{name: section[name] for name in names}, **given)
 
 
 def training_steps(section: ml_collections.ConfigDict, num_examples: int, examples_per_step: int) -> int:
@@ -149,8 +254,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     from r3jax import optim, tasks
     from r3jax.models.transformer import REMAT_CHOICES
     from r3jax.ppo import ESTIMATORS, LOSS_AGGREGATIONS
+    from r3jax.metrics import WANDB_MODES
+    from r3jax.workdir import RESUME_CHOICES
 
     _check(c.mode in MODES, "mode", f"{c.mode!r} is not one of {MODES}")
+    _check(c.resume in RESUME_CHOICES, "resume", f"{c.resume!r} is not one of {RESUME_CHOICES}")
+    _check(c.metrics.wandb in WANDB_MODES, "metrics.wandb", f"{c.metrics.wandb!r} is not one of {WANDB_MODES}")
+    _check(c.metrics.sample_completions >= 0, "metrics.sample_completions",
+           f"must be non-negative, got {c.metrics.sample_completions}")
     for key in ("param_dtype", "dtype", "export_dtype"):
         _check(c.model[key] in DTYPES or (key == "export_dtype" and not c.model[key]), f"model.{key}",
                f"{c.model[key]!r} is not one of {DTYPES}")

@@ -34,6 +34,13 @@ def accuracy_report(states: Sequence[StartState], scores) -> dict[str, float]:
     return report
 
 
+def samples(task: Task, demos, records: list[dict]) -> list[dict]:
+    """Evaluated problems as {"prompt", "completion", "answer", "correct"} (the first completion
+    of each), for a log's samples."""
+    return [{"prompt": task.prompt(d.question), "completion": r["completions"][0], "answer": r["answer"],
+             "correct": bool(r["correct"])} for d, r in zip(demos, records)]
+
+
 def evaluate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, task: Task, demos, mesh,
              batch_size: int, max_new_tokens: int, desc: str = "eval", maj_k: int = 0,
              temperature: float = 1.0) -> tuple[dict, list[dict]]:

@@ -45,15 +45,6 @@ def _config_file(argv: list[str]) -> str | None:
     return value
 
 
-def _config_keys(config, prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in config.items():
-        keys.append(prefix + name)
-        if hasattr(value, "items"):
-            keys += _config_keys(value, f"{prefix}{name}.")
-    return keys
-
-
 def _explain_override_failure(argv: list[str]) -> str | None:
     """One line for the commonest failures to load: a missing config file, an unknown key."""
     value = _config_file(argv)
@@ -62,13 +53,13 @@ def _explain_override_failure(argv: list[str]) -> str | None:
     path, _, argument = value.partition(":")
     if not os.path.exists(path):
         return f"--config: config file {path} not found"
-    from r3jax.config import load_config_file
+    from r3jax.config import flatten, load_config_file
 
     try:
         config = load_config_file(path, argument)
     except Exception:  # the config file itself is broken: absl's own message says how
         return None
-    known = _config_keys(config)
+    known = list(flatten(config, sections=True))
     for arg in argv:
         if arg.startswith("--config.") and "=" in arg:
             key = arg[len("--config."):].split("=", 1)[0]
@@ -78,7 +69,32 @@ def _explain_override_failure(argv: list[str]) -> str | None:
     return None
 
 
+def help_text(argv: list[str]) -> str:
+    """Every flag and config key with its default and meaning (config.SCHEMA); with --config
+    given, that file's value where it differs from the default."""
+    from r3jax.config import documented_keys, flatten, load_config_file
+
+    file_values = {}
+    value = _config_file(argv)
+    if value and os.path.exists(value.partition(":")[0]):
+        file_values = flatten(load_config_file(*value.split(":", 1)))
+    lines = [__doc__.strip().splitlines()[0], "", "flags:"]
+    for name in ("config", "workdir", "mode", "distributed", "coordinator", "num_processes", "process_id"):
+        lines.append(f"  --{name:16s} {flags.FLAGS[name].help}")
+    lines += ["", "config keys, as --config.KEY=VALUE (default" + (f"; -> the value in {value}" if file_values else "")
+              + "):"]
+    for key, default, meaning in documented_keys():
+        shown = repr(default)
+        if key in file_values and file_values[key] != default:
+            shown += f" -> {file_values[key]!r}"
+        lines.append(f"  {key} = {shown}\n      {meaning}")
+    return "\n".join(lines)
+
+
 def parse(argv: list[str]):
+    if any(arg in ("--help", "-h", "--helpfull") for arg in argv[1:]):
+        print(help_text(argv))
+        sys.exit(0)
     try:
         flags.FLAGS(argv)
         config = _CONFIG.value
@@ -113,15 +129,23 @@ def default_workdir(config_file: str, config) -> str:
 
 def main(argv: list[str]) -> None:
     config = parse(argv)
-    import jax
-
-    from r3jax import config as config_lib, sharding, tasks
-    from r3jax.checkpoint import NonFiniteError
-    from r3jax.tasks.sandbox import IsolationError
+    from r3jax import sharding
 
     sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
-    workdir = _WORKDIR.value or default_workdir(_config_file(argv), config)
+    overrides = [arg[len("--config."):] for arg in argv if arg.startswith("--config.")]
+    run(config, _WORKDIR.value or default_workdir(_config_file(argv), config), overrides)
+
+
+def run(config, workdir: str, overrides: list[str] = ()) -> None:
+    """A parsed config run in `workdir`; exits with the documented status on a user mistake (2), a
+    non-finite loss (3) or a stop signal (75)."""
+    import jax
+
+    from r3jax import config as config_lib, sharding, tasks, workdir as workdir_lib
+    from r3jax.checkpoint import NonFiniteError
+    from r3jax.tasks.sandbox import IsolationError
+
     if "://" in workdir:
         fail(f"--workdir={workdir}: remote URLs are not supported; mount the bucket (e.g. gcsfuse) on every "
              "host and give the mounted path")
@@ -130,19 +154,20 @@ def main(argv: list[str]) -> None:
         task = tasks.get(config.task.name, **config.task.options.to_dict())
         task.demonstrations("train")  # reads the data now: a bad file or split fails here, in one line
         if config.mode in ("train", "rl", "eval", "compare") and not task.demonstrations(config.eval.split):
-            raise ValueError(f"config.eval.split: the {config.eval.split} split of task {task.name} is empty")
+            raise config_lib.ConfigError(f"config.eval.split: the {config.eval.split} split of task {task.name} is empty")
         runtime = task.runtime_info()
-    except (config_lib.ConfigError, ValueError, FileNotFoundError, IsolationError) as error:
+        claimed = workdir_lib.claim(workdir, config, sharding.is_primary())
+    except (ValueError, FileNotFoundError, IsolationError) as error:  # InputError and bad task options
         fail(str(error))
-    for key, value in runtime.items():
-        print(f"{key}: {value}")
+    sharding.barrier("workdir claimed")
+    for line in [f"{key}: {value}" for key, value in runtime.items()] + claimed:
+        print(line)
     os.makedirs(workdir, exist_ok=True)
     if sharding.is_primary():
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump({**json.loads(config.to_json_best_effort()), "runtime": runtime}, f, indent=2)
     mesh = sharding.make_mesh(config.mesh)
     if sharding.is_primary():
-        overrides = [arg[len("--config."):] for arg in argv if arg.startswith("--config.")]
         print(f"r3jax {config.mode}: task {task.name}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
               f"mesh {dict(mesh.shape)}, workdir {workdir}" + (f"; overrides: {' '.join(overrides)}" if overrides else ""))
     try:
@@ -152,6 +177,8 @@ def main(argv: list[str]) -> None:
         else:
             from r3jax.train import job
             result = job.run(config, workdir, task, mesh)
+    except config_lib.InputError as error:
+        fail(str(error))
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_NON_FINITE)

@@ -1,6 +1,8 @@
 """Metrics to JSONL and TensorBoard, and PNG curves (reward and accuracy per start stage)."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -38,14 +40,47 @@ def _scalar(value) -> float:
     return float(np.asarray(value))
 
 
+WANDB_MODES = ("", "offline", "online")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    """config.metrics: what goes beside the JSONL log."""
+    sample_completions: int = 4  # per evaluation, as TensorBoard text (and a W&B table)
+    wandb: str = ""  # "" off, "offline" (written under the workdir, `wandb sync` later) or "online"
+    wandb_project: str = "r3jax"
+
+
+def _wandb_run(options: MetricsConfig, workdir: str, name: str, run_config: dict | None):
+    """A W&B run whose id is fixed by the log's path, so a resumed phase continues its run."""
+    try:
+        import wandb
+    except ImportError:
+        from r3jax.config import InputError
+
+        raise InputError("config.metrics.wandb: wandb is not installed (pip install wandb)") from None
+    path = os.path.abspath(os.path.join(workdir, name))
+    run_id = hashlib.sha1(path.encode()).hexdigest()[:16]
+    return wandb.init(project=options.wandb_project, dir=workdir, mode=options.wandb, id=run_id, resume="allow",
+                      name=f"{os.path.basename(os.path.dirname(path))}/{name}", config=run_config)
+
+
+def _sample_markdown(sample: dict) -> str:
+    """A sample as TensorBoard markdown: the verdict, then the prompt's end and the completion verbatim."""
+    body = (sample["prompt"][-300:] + sample["completion"]).replace("\n", "\n    ")
+    return f"**{'correct' if sample['correct'] else 'wrong'}** (gold {sample['answer']})\n\n    {body}"
+
+
 class MetricsWriter:
-    """Appends `{"step": s, ...}` lines to `<workdir>/<name>.jsonl` and TensorBoard scalars.
+    """Appends `{"step": s, ...}` lines to `<workdir>/<name>.jsonl`, TensorBoard scalars, and with
+    `options.wandb` the same to Weights & Biases; `write_samples` adds a few evaluated completions.
 
     On resume from `resume_step`, lines past it are dropped so the log matches the checkpoint.
     In a multi-host run only process 0 writes; the others keep the path and write nothing.
     """
 
-    def __init__(self, workdir: str, name: str, resume_step: int | None = None):
+    def __init__(self, workdir: str, name: str, resume_step: int | None = None,
+                 options: MetricsConfig = MetricsConfig(), run_config: dict | None = None):
         from tensorboardX import SummaryWriter
 
         from r3jax.sharding import is_primary
@@ -60,6 +95,15 @@ class MetricsWriter:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         self.file = open(self.path, "a")
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+        self.options = options
+        self.wandb = _wandb_run(options, workdir, name, run_config) if options.wandb else None
+
+    @classmethod
+    def for_run(cls, workdir: str, name: str, resume_step: int, config) -> "MetricsWriter":
+        """The writer of a training phase under `config` (its `metrics` section; W&B records the config)."""
+        from r3jax.config import from_section
+
+        return cls(workdir, name, resume_step, from_section(MetricsConfig, config.metrics), config.to_dict())
 
     def write(self, step: int, metrics: dict) -> dict:
         record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
@@ -67,16 +111,34 @@ class MetricsWriter:
             return record
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        for key, value in record.items():
-            if key != "step" and math.isfinite(value):
-                self.tensorboard.add_scalar(key, value, step)
+        finite = {key: value for key, value in record.items() if key != "step" and math.isfinite(value)}
+        for key, value in finite.items():
+            self.tensorboard.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(finite, step=int(step))
         return record
+
+    def write_samples(self, step: int, samples: list[dict]) -> None:
+        """The first `options.sample_completions` of `samples` ({"prompt", "completion", "answer",
+        "correct"}) as TensorBoard text under `samples` (and a W&B table)."""
+        samples = samples[:self.options.sample_completions]
+        if not self.active or not samples:
+            return
+        self.tensorboard.add_text("samples", "\n\n".join(_sample_markdown(s) for s in samples), step)
+        if self.wandb:
+            import wandb
+
+            columns = ["prompt", "completion", "answer", "correct"]
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])},
+                           step=int(step))
 
     def close(self) -> None:
         if not self.active:
             return
         self.file.close()
         self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -17,7 +17,6 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -64,15 +63,11 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
                         mesh_specs, nn.unbox(boxed_tree), is_leaf=lambda x: isinstance(x, P))
 
 
-def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh) -> tuple[Any, Any]:
-    """Runs `init_fn(key) -> boxed params` so each shard is created on its own device.
-
-    Returns (plain params, their NamedShardings); no device ever holds a full copy.
-    """
-    abstract = jax.eval_shape(init_fn, key)
-    shardings = logical_shardings(abstract, mesh)
-    params = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(key)
-    return params, shardings
+def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh) -> Any:
+    """Runs `init_fn(key) -> boxed params` so each shard is created on its own device; returns
+    the plain params. No device ever holds a full copy."""
+    shardings = logical_shardings(jax.eval_shape(init_fn, key), mesh)
+    return jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(key)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

@@ -9,6 +9,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from r3jax.config import InputError
+
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 
@@ -60,6 +62,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def known(self, ids: Sequence[int]) -> list[int]:
+        """The ids this tokenizer has: a model's vocabulary may be padded past the tokenizer's, and
+        a sampled padding id has no text."""
+        return [int(i) for i in ids if 0 <= i < self.vocab_size]
+
     def save(self, directory: str) -> None:
         """Writes the tokenizer into a model directory, where `load(directory)` finds it."""
         raise NotImplementedError
@@ -108,7 +115,7 @@ class SentencePieceTokenizer(Tokenizer):
         return [p.id for p in pieces], [(int(b), int(e)) for b, e in zip(begins, ends)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        return self.sp.decode(self.known(ids))
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -141,7 +148,7 @@ class HFTokenizer(Tokenizer):
         return encoded["input_ids"], [tuple(span) for span in encoded["offset_mapping"]]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self.tok.decode(self.known(ids), skip_special_tokens=True)
 
     def save(self, directory: str) -> None:
         self.tok.save_pretrained(directory)
@@ -157,6 +164,9 @@ def load(path: str) -> Tokenizer:
         if not any(os.path.exists(os.path.join(path, f)) for f in hf_files) and \
                 os.path.exists(os.path.join(path, SENTENCEPIECE_FILE)):
             return SentencePieceTokenizer(os.path.join(path, SENTENCEPIECE_FILE))
+        if not any(os.path.exists(os.path.join(path, f)) for f in hf_files):
+            raise InputError(f"{path}: no tokenizer here (tokenizer.json, tokenizer_config.json or "
+                             f"{SENTENCEPIECE_FILE}); give config.tokenizer.path")
         return HFTokenizer(path)
     raise FileNotFoundError(f"{path}: neither a SentencePiece .model file nor a tokenizer directory")
 

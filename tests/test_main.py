@@ -239,10 +239,10 @@ def test_compare_mode_writes_the_comparison(tmp_path):
     assert r3_minus_sft["mean"] == pytest.approx(summary["arms"]["r3"]["mean"] - summary["arms"]["sft"]["mean"])
     assert summary["premise"] and set(summary["premise"]) <= {f"steps_{n}" for n in range(2, 7)}
     assert all(set(row) == {f"stage_{j}" for j in range(5)} for row in summary["premise"].values())
-    r3_log = read_jsonl(str(tmp_path / "run" / "compare" / "r3-grpo-seed0" / "rl.jsonl"))
+    r3_log = read_jsonl(str(next((tmp_path / "run" / "compare").glob("r3-grpo-seed0-*/rl.jsonl"))))
     assert "vf_loss" not in r3_log[0] and any(key.startswith("equal_groups/stage_") for key in r3_log[0])
     for arm in ("rl", "staged", "r3"):  # the linear schedule decays with the budget, not rl.steps
-        log = read_jsonl(str(tmp_path / "run" / "compare" / f"{arm}-seed0" / "rl.jsonl"))
+        log = read_jsonl(str(next((tmp_path / "run" / "compare").glob(f"{arm}-seed0-*/rl.jsonl"))))
         spent_before = [0] + [r["tokens_sampled"] for r in log[:-1]]
         assert len(log) >= 3 and [r["lr"] for r in log] == pytest.approx([3e-6 * (1 - t / 400) for t in spent_before])
     assert output.with_suffix(".png").exists() and "| r3 - sft |" in output.with_suffix(".md").read_text()
@@ -260,3 +260,103 @@ def test_embedded_default_full(tmp_path):
     assert results["sft"]["accuracy"] > 0.2  # from scratch; 0.287 measured
     assert results["r3-mixed"]["steps"] == 100
     assert abs(results["r3-mixed"]["accuracy"] - results["sft"]["accuracy"]) < 0.1
+
+
+def run_in_process(capsys, config_file: str, workdir, **overrides) -> tuple[int, str, str]:
+    """`python -m r3jax.main --config=CONFIG_FILE --config.KEY=VALUE...` in this process, from the
+    parsed config on: (exit status, stdout, stderr). Keys are dotted, with "__" for ".". """
+    from r3jax import main
+
+    config = config_lib.load_config_file(*config_file.split(":", 1))
+    config.update({"mesh": (-1, 1, 1), "eval": {**config.eval.to_dict(), "batch_size": 16}})
+    for key, value in overrides.items():
+        *sections, name = key.split("__")
+        target = config
+        for section in sections:
+            target = target[section]
+        target[name] = value
+    code = 0
+    try:
+        main.run(config, str(workdir))
+    except SystemExit as stopped:
+        code = stopped.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def broken_inputs(tmp_path, hf_dir):
+    """Files for the one-line errors: a model of an unsupported type, a tokenizer larger than the
+    model's vocabulary, a JSONL file with a broken line, a workdir made by another config."""
+    unsupported = tmp_path / "gpt2"
+    unsupported.mkdir()
+    hf_config = json.load(open(os.path.join(hf_dir, "config.json")))
+    json.dump({**hf_config, "model_type": "gpt2"}, open(unsupported / "config.json", "w"))
+    texts = [" ".join(chr(97 + (i * 7 + j * 3) % 26) + chr(97 + (i * j) % 26) for j in range(30)) for i in range(300)]
+    big_tokenizer = tokenizer.train_sentencepiece(texts, str(tmp_path / "big"), vocab_size=200)
+    broken = tmp_path / "train.jsonl"
+    broken.write_text('{"question": "1+1?", "answer": "1+1=2\\n#### 2"}\n{"question": \n')
+    other = tmp_path / "other_run"
+    other.mkdir()
+    stored = config_lib.base_config()
+    stored.task.name = "gsm8k"
+    (other / "config.json").write_text(stored.to_json_best_effort())
+    return {"unsupported": unsupported, "big_tokenizer": big_tokenizer, "broken": broken, "other": other,
+            "hf": hf_dir, "tmp": tmp_path}
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"model__path": "{unsupported}", "tokenizer__path": "{big_tokenizer}"}, "model_type 'gpt2' is not supported"),
+    ({"model__path": "{hf}", "tokenizer__path": "{big_tokenizer}"}, "config.tokenizer.path: the tokenizer has 200 ids"),
+    ({"model__path": "{hf}"}, "no tokenizer here"),
+    ({"sft__max_length": 8}, "config.sft.max_length: 8 tokens fit none"),
+    ({"workdir": "{other}"}, "was made by a different config:"),
+], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir"])
+def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, capsys):
+    overrides = {k: v.format(**broken_inputs) if isinstance(v, str) else v for k, v in overrides.items()}
+    workdir = overrides.pop("workdir", broken_inputs["tmp"] / "run")
+    code, _, err = run_in_process(capsys, f"{ROOT}/configs/arith.py", workdir, task__options__num_train=300,
+                                  sft__steps=1, **overrides)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], err[-2000:]
+
+
+def test_broken_jsonl_line_is_named(broken_inputs, capsys):
+    code, _, err = run_in_process(capsys, f"{ROOT}/configs/gsm8k.py", broken_inputs["tmp"] / "run",
+                                  model__path=broken_inputs["hf"], task__options__train_path=str(broken_inputs["broken"]))
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: {broken_inputs['broken']}:2: not valid JSON")
+
+
+def test_help_lists_every_key_with_its_default_and_meaning(capsys):
+    result = run_cli("--help", "--config=configs/arith.py")
+    assert result.returncode == 0
+    out = result.stdout
+    documented = config_lib.documented_keys()
+    assert {key for key, _, _ in documented} == set(config_lib.flatten(config_lib.base_config())) | {"task.options"}
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for key, default, meaning in documented:
+        assert f"  {key} = {default!r}" in out and meaning[:40] in out, key
+        assert f"`{key}`" in readme, f"{key} is not in the README"
+    assert "  sft.steps = 1000 -> 600" in out and "  tokenizer.vocab_size = 256 -> 160" in out
+
+
+def test_own_data_and_reward_end_to_end(tmp_path, capsys, monkeypatch):
+    """README's example: SFT then R^3 on a user's JSONL file with the user's reward function."""
+    arith = tasks.get("arith", num_train=120, num_test=16, max_steps=3)
+    for split, path in (("train", tmp_path / "train.jsonl"), ("test", tmp_path / "test.jsonl")):
+        path.write_text("".join(json.dumps({"question": d.question, "rationale": d.rationale.strip(), "answer": d.answer})
+                                + "\n" for d in arith.demonstrations(split)))
+    (tmp_path / "my_rewards.py").write_text("def exact(response, gold):\n    return response.rstrip().endswith(gold)\n")
+    monkeypatch.chdir(tmp_path)
+    options = {"train_path": str(tmp_path / "train.jsonl"), "test_path": str(tmp_path / "test.jsonl"),
+               "validation_size": 16, "reward_fn": "my_rewards:exact"}
+    code, out, err = run_in_process(
+        capsys, f"{ROOT}/configs/arith.py", tmp_path / "run", task__name="jsonl", task__options=options,
+        model__hidden_size=32, model__intermediate_size=64, model__num_layers=2, model__head_dim=8,
+        sft__steps=2, sft__eval_every=0, rl__steps=2, rl__batch_size=8, rl__max_new_tokens=16, rl__eval_every=0,
+        eval__num_examples=16, eval__max_new_tokens=16)
+    assert code == 0, err[-3000:]
+    results = json.load(open(tmp_path / "run" / "results.json"))
+    assert set(results) == {"sft", "r3-mixed"} and [r["step"] for r in _rl_log(str(tmp_path / "run"))] == [1, 2]
+    assert f"results written to {tmp_path / 'run'}" in out

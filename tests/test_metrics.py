@@ -52,3 +52,45 @@ def test_curves_on_demand_cli(tmp_path, capsys):
         f.write('{"step": 4, "rew\n')
     assert metrics.main([log]) == 2
     assert "rl.jsonl:4: not valid JSON" in capsys.readouterr().err
+
+
+def _tensorboard_summaries(directory) -> dict[str, list]:
+    """{tag: [summary value, ...]} read back from the event files (TFRecord framing) in `directory`."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    values = {}
+    for path in directory.iterdir():
+        data = path.read_bytes()
+        position = 0
+        while position < len(data):
+            (length,) = struct.unpack("<Q", data[position:position + 8])
+            event = event_pb2.Event.FromString(data[position + 12:position + 12 + length])
+            position += 16 + length
+            for value in event.summary.value:
+                values.setdefault(value.tag, []).append(value)
+    return values
+
+
+def test_samples_and_learning_rate_reach_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    options = metrics.MetricsConfig(sample_completions=2, wandb="offline", wandb_project="test")
+    config = config_lib.base_config()
+    writer = MetricsWriter(str(tmp_path), "sft", None, options, config.to_dict())
+    samples = [{"prompt": f"Q{i}?", "completion": f"\nA{i}\n#### {i}", "answer": str(i), "correct": i % 2 == 0}
+               for i in range(3)]
+    writer.write(1, {"loss": 2.0, "lr": 1e-3})
+    writer.write_samples(1, samples)
+    writer.close()
+    summaries = _tensorboard_summaries(tmp_path / "tensorboard" / "sft")
+    assert [v.simple_value for v in summaries["lr"]] == [pytest.approx(1e-3)]
+    text = summaries["samples/text_summary"][0].tensor.string_val[0].decode()
+    assert "**correct** (gold 0)" in text and "**wrong** (gold 1)" in text and "#### 2" not in text
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert list(runs[0].glob("files/media/table/samples_1_*.table.json"))
+    resumed = MetricsWriter(str(tmp_path), "sft", 1, options)  # the same W&B run id: one run per phase
+    resumed.close()
+    run_ids = {p.name.split("-")[3] for p in (tmp_path / "wandb").glob("offline-run-*")}  # offline-run-<time>-<id>[-n]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1

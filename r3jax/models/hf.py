@@ -19,13 +19,14 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from r3jax import sharding as sharding_lib
+from r3jax.config import InputError
 from r3jax.models.transformer import ModelConfig, init_params
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A HF checkpoint r3jax cannot read; the message names the file and tensor or field."""
 
 

@@ -6,6 +6,7 @@ from typing import Callable
 
 from r3jax.tasks import labels, math
 from r3jax.tasks.arith import ArithTask
+from r3jax.tasks.jsonl import JsonlTask
 from r3jax.tasks.base import Demonstration, RecordError, Task, data_dir
 
 REGISTRY: dict[str, Callable[..., Task]] = {
@@ -20,6 +21,7 @@ REGISTRY: dict[str, Callable[..., Task]] = {
     "race_middle": functools.partial(labels.race, "middle"),
     "boardgameqa": labels.boardgameqa,
     "arith": ArithTask,
+    "jsonl": JsonlTask,
 }
 
 

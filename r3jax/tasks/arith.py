@@ -90,8 +90,8 @@ class ArithTask(Task):
                                        f"\n{MARKER} {value}", str(value), (("num_steps", num_steps),)))
         return demos
 
-    def answers(self, responses: Sequence[str]) -> list[float | None]:
+    def extract_answers(self, responses: Sequence[str]) -> list[float | None]:
         return [answers.extract_number(r, MARKER) for r in responses]
 
-    def score_answer(self, answer: float | None, gold: str) -> Score:
+    def score_extracted(self, answer: float | None, gold: str) -> Score:
         return answers.score_number(answer, float(gold), self.partial_reward)

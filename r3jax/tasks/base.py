@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
-from typing import Any, Iterator, Sequence
+import sys
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+
+from r3jax.config import InputError
 from r3jax.tasks.answers import Score
 
 DEFAULT_HEADER = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -19,7 +24,7 @@ def data_dir() -> str:
     return os.path.abspath(os.environ.get("R3JAX_DATA_DIR", default))
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A malformed data record; the message names the file and line (jsonl) or index (json)."""
 
 
@@ -76,6 +81,36 @@ def field(record: dict, location: str, *names: str) -> Any:
     raise RecordError(f"{location}: missing field {' or '.join(repr(n) for n in names)}")
 
 
+def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
+    """`package.module:function`, imported from the installed packages or the working directory.
+    The function takes (response, gold answer) and returns a Score, a bool, or a reward (a number;
+    correct when at least 1)."""
+    module_name, _, function_name = spec.partition(":")
+    key = "config.task.options.reward_fn"
+    if not module_name or not function_name:
+        raise InputError(f"{key}: {spec!r} is not package.module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise InputError(f"{key}: cannot import {module_name} ({error})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise InputError(f"{key}: {module_name} has no function {function_name}")
+    return function
+
+
+def as_score(value) -> Score:
+    """A reward function's result as a Score."""
+    if isinstance(value, Score):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return Score(float(value), bool(value), True)
+    reward = float(value)
+    return Score(reward, reward >= 1.0, True)
+
+
 class Task:
     """A task: demonstrations per split, the paper's prompt, and completion scoring."""
     name: str = ""
@@ -84,11 +119,12 @@ class Task:
     tfds_name: str | None = None
 
     def __init__(self, header: str = DEFAULT_HEADER, validation_size: float = 0, tfds: bool = False,
-                 limit: int = 0):
+                 limit: int = 0, reward_fn: str = ""):
         self.header = header
         self.validation_size = validation_size
         self.use_tfds = tfds
         self.limit = limit
+        self.reward_fn = load_reward_fn(reward_fn) if reward_fn else None
 
     def records(self, split: str) -> Iterator[tuple[str, dict]]:
         """(location, raw record) from the local file of the split, or from TFDS."""
@@ -125,11 +161,18 @@ class Task:
         return self.header + question + RESPONSE_MARKER
 
     def answers(self, responses: Sequence[str]) -> list:
-        """The answer each response gives (a response: the start state's given steps plus the
-        generated completion), None where it gives none; what scoring and maj@k voting compare."""
-        raise NotImplementedError
+        """What scoring and maj@k voting compare, per response (the start state's given steps plus
+        the generated completion): the task's extracted answer (None where it gives none), or
+        with a `reward_fn` the whole response."""
+        return list(responses) if self.reward_fn else self.extract_answers(responses)
 
     def score_answer(self, answer, gold: str) -> Score:
+        return as_score(self.reward_fn(answer, gold)) if self.reward_fn else self.score_extracted(answer, gold)
+
+    def extract_answers(self, responses: Sequence[str]) -> list:
+        raise NotImplementedError
+
+    def score_extracted(self, answer, gold: str) -> Score:
         raise NotImplementedError
 
     def score_batch(self, responses: Sequence[str], golds: Sequence[str]) -> list[Score]:

@@ -38,10 +38,10 @@ class LabelTask(Task):
     def load_split(self, split: str) -> list[Demonstration]:
         return [self.demonstration(record, location) for location, record in self.records(split)]
 
-    def answers(self, responses: Sequence[str]) -> list[str | None]:
+    def extract_answers(self, responses: Sequence[str]) -> list[str | None]:
         return [answers.extract_label(r, self.marker, self.options) for r in responses]
 
-    def score_answer(self, answer: str | None, gold: str) -> Score:
+    def score_extracted(self, answer: str | None, gold: str) -> Score:
         return answers.score_label(answer, gold)
 
 

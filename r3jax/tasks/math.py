@@ -73,13 +73,13 @@ class MathTask(Task):
     def runtime_info(self) -> dict[str, str]:
         return {"sandbox": self.sandbox.isolation} if self.program else {}
 
-    def answers(self, responses: Sequence[str]) -> list[float | None]:
+    def extract_answers(self, responses: Sequence[str]) -> list[float | None]:
         """P-CoT: what each program returns when run in the sandbox; CoT: the number after the marker."""
         if self.program:
             return [v if isinstance(v, float) else None for v in self.sandbox.run(responses)]
         return [answers.extract_number(r, self.answer_marker) for r in responses]
 
-    def score_answer(self, answer: float | None, gold: str) -> Score:
+    def score_extracted(self, answer: float | None, gold: str) -> Score:
         return answers.score_number(answer, float(answers.parse_number(gold)), self.partial_reward)
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from r3jax import curriculum, rollout as rollout_lib, sharding, stats
+from r3jax import curriculum, rollout as rollout_lib, sharding, stats, workdir as workdir_lib
 from r3jax.checkpoint import StopSignal
 from r3jax.config import ARMS
 from r3jax.evaluate import evaluate
@@ -77,6 +77,13 @@ def evaluate_model(params, model_cfg, tokenizer, task: Task, test_demos, config,
         result.update(sample_accuracy=sampled["sample_accuracy"],
                       pass_at_k=float(np.mean([stats.pass_at_k(k, c, k) for c in right])))
     return result
+
+
+def unit_dir(config, out: str, *parts) -> str:
+    """`<out>/<parts>-<hash>`: a unit of the comparison, named by every config value that defines
+    it (the arms and seeds of the whole comparison aside), so a changed setting never reuses it."""
+    return os.path.join(out, "-".join(map(str, parts)) + "-" + workdir_lib.unit_key(
+        config, *parts, ignore=("compare.seeds", "compare.arms", "mode")))
 
 
 def _cached(path: str, compute) -> dict:
@@ -199,10 +206,11 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         test_demos = test_demos[:config.eval.num_examples]
     lengths = [dict(d.meta).get("num_steps", 0) for d in test_demos]
     out = os.path.join(workdir, "compare")
+    evaluation = f"result-{workdir_lib.evaluation_key(config)}.json"
     model_cfg, policy = job.load_policy(sft_dir, config, mesh)
-    premise = _cached(os.path.join(out, "premise.json"), lambda: premise_table(
+    premise = _cached(os.path.join(unit_dir(config, out, "premise"), "premise.json"), lambda: premise_table(
         policy, model_cfg, tokenizer, task, task.demonstrations("validation"), config, mesh))
-    runs = {"sft": [_cached(os.path.join(out, "sft.json"), lambda: evaluate_model(
+    runs = {"sft": [_cached(os.path.join(unit_dir(config, out, "sft"), evaluation), lambda: evaluate_model(
         policy, model_cfg, tokenizer, task, test_demos, config, mesh))]}
 
     for arm in config.compare.arms:
@@ -212,7 +220,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         arm_config.rl.group_size = 1 if estimator == "gae" else config.compare.group_size
         runs[arm] = []
         for seed in config.compare.seeds:
-            run_dir = os.path.join(out, f"{arm}-seed{seed}")
+            run_dir = unit_dir(config, out, arm, f"seed{seed}")
 
             def train_and_evaluate():
                 _, start = job.load_policy(sft_dir, config, mesh)
@@ -225,7 +233,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
                                            optimizer_updates=result["steps"] * config.rl.epochs * config.rl.minibatches)
                 return evaluated
 
-            result = _cached(os.path.join(run_dir, "result.json"), train_and_evaluate)
+            result = _cached(os.path.join(run_dir, evaluation), train_and_evaluate)
             if result is None:
                 return None
             runs[arm].append(result)
@@ -234,7 +242,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         updates = round(np.mean([r["report"]["optimizer_updates"] for r in runs["r3"]]))
         runs["sft_continued"] = []
         for seed in config.compare.seeds:
-            run_dir = os.path.join(out, f"sft_continued-seed{seed}")
+            run_dir = unit_dir(config, out, "sft_continued", f"seed{seed}", updates)
 
             def continue_and_evaluate():
                 _, start = job.load_policy(sft_dir, config, mesh)
@@ -246,7 +254,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
                 evaluated["report"].update(optimizer_updates=updates)
                 return evaluated
 
-            result = _cached(os.path.join(run_dir, "result.json"), continue_and_evaluate)
+            result = _cached(os.path.join(run_dir, evaluation), continue_and_evaluate)
             if result is None:
                 return None
             runs["sft_continued"].append(result)

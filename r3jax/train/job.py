@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from r3jax import sharding, tokenizer as tokenizer_lib
+from r3jax import config as config_lib, sharding, tokenizer as tokenizer_lib
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import evaluate
 from r3jax.metrics import plot_curves, read_jsonl
@@ -35,25 +35,24 @@ def build_tokenizer(config, task: Task, workdir: str) -> tokenizer_lib.Tokenizer
 
 
 def scratch_model_config(config, vocab_size: int) -> ModelConfig:
-    m = config.model
-    return ModelConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                       num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                       head_dim=m.head_dim, rope_theta=m.rope_theta,
-                       max_position_embeddings=m.max_position_embeddings,
-                       tie_word_embeddings=m.tie_word_embeddings, model_type=m.model_type,
-                       **{k: m[k] for k in EXECUTION_KEYS})
+    return config_lib.from_section(ModelConfig, config.model, vocab_size=vocab_size)
 
 
 def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> tuple[ModelConfig, Any]:
-    execution = {k: config.model[k] for k in EXECUTION_KEYS}
+    """The model of config.model.path, else a from-scratch one; says which, and its size."""
     if config.model.path:
-        model_cfg, params = hf.load(config.model.path, mesh, **execution)
+        model_cfg, params = load_policy(config.model.path, config, mesh)
         if tokenizer.vocab_size > model_cfg.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but {config.model.path} has a "
-                             f"vocabulary of {model_cfg.vocab_size}")
-        return model_cfg, params
-    model_cfg = scratch_model_config(config, tokenizer.vocab_size)
-    params, _ = sharding.init_sharded(lambda key: init_params(model_cfg, key), jax.random.key(config.seed), mesh)
+            raise config_lib.ConfigError(
+                f"config.tokenizer.path: the tokenizer has {tokenizer.vocab_size} ids but the model "
+                f"{config.model.path} has a vocabulary of {model_cfg.vocab_size}")
+    else:
+        model_cfg = scratch_model_config(config, tokenizer.vocab_size)
+        params = sharding.init_sharded(lambda key: init_params(model_cfg, key), jax.random.key(config.seed), mesh)
+    if sharding.is_primary():
+        print(f"model: {model_cfg.model_type}, {model_cfg.num_params():,} parameters "
+              f"({config.model.path or 'from scratch'}), {model_cfg.num_layers} layers, "
+              f"weights in {model_cfg.param_dtype}, compute in {model_cfg.dtype}")
     return model_cfg, params
 
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from r3jax import config as config_lib, curriculum, optim, ppo, rollout as rollout_lib, sharding
 from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
-from r3jax.evaluate import accuracy_report, evaluate
+from r3jax.evaluate import accuracy_report, evaluate, samples
 from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from r3jax.models.transformer import ModelConfig, compute_copy
 from r3jax.models.value import actor_critic_params
@@ -43,11 +43,7 @@ class Collected(NamedTuple):
 
 
 def ppo_config(c) -> ppo.PPOConfig:
-    return ppo.PPOConfig(kl_coef=c.kl_coef, kl_mode=c.kl_mode, estimator=c.estimator, group_size=c.group_size,
-                         loss_agg=c.loss_agg, gamma=c.gamma, lam=c.lam, clip_ratio_low=c.clip_ratio_low,
-                         clip_ratio_high=c.clip_ratio_high, value_clip=c.value_clip, vf_coef=c.vf_coef,
-                         entropy_coef=c.entropy_coef, epochs=c.epochs, minibatches=c.minibatches,
-                         temperature=c.temperature, score_clip=c.score_clip, logits_chunk=c.logits_chunk)
+    return config_lib.from_section(ppo.PPOConfig, c)
 
 
 def build_curriculum(c, task: Task, tokenizer: Tokenizer, strategy: str, seed: int) -> curriculum.Curriculum:
@@ -171,22 +167,26 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     policy_opt = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
     critic_opt = optim.adamw(c.critic_lr or c.lr, c.weight_decay, c.grad_clip)
     optimizer = optim.actor_critic(policy_opt, critic_opt, params)
-    update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
+    ppo_cfg = ppo_config(c)
+    update = ppo.make_ppo_update(model_cfg, ppo_cfg, optimizer)
     state = ppo.init_state(params, optimizer)
-    settings = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
+    settings = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=ppo_cfg.temperature, top_k=c.top_k,
                               top_p=c.top_p, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
     rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
     to_rollout_layout = rollout_lib.rollout_layout(model_cfg, rollout_mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     step, tokens_sampled, data_position = 0, 0, 0
+    budget = c.token_budget
     if checkpointer.latest_step() is not None:
         state, restored = checkpointer.restore(checkpointer.latest_step(), state)
         step, tokens_sampled = restored["step"], restored["tokens_sampled"]
         data_position = restored.get("data_position", step)  # curriculum batches consumed, > step with dynamic sampling
-    writer = MetricsWriter(workdir, "rl", resume_step=step)
+        done = step >= steps or (budget and tokens_sampled >= budget)
+        print(f"RL {strategy}: " + (f"finished at step {step}; nothing to add" if done else
+                                    f"resuming at step {step}, {tokens_sampled:,} tokens sampled"))
+    writer = MetricsWriter.for_run(workdir, "rl", step, config)
     eval_demos = task.demonstrations("validation")[:c.eval_examples]
     base_key = jax.random.key(seed)
-    budget = c.token_budget
     bar = tqdm(total=budget or steps, initial=min(tokens_sampled if budget else step, budget or steps),
                desc=f"RL {strategy}", unit="tok" if budget else "step", disable=not sharding.is_primary())
     while step < steps and (not budget or tokens_sampled < budget) and not stop.requested:
@@ -221,9 +221,10 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         if strategy == "staged":
             record["stage"] = schedule.stage_at(step - 1, progress)
         if c.eval_every and step % c.eval_every == 0:
-            report, _ = evaluate(state.params["policy"], model_cfg, tokenizer, task, eval_demos, mesh,
-                                 config.eval.batch_size, config.eval.max_new_tokens, desc="RL eval")
+            report, records = evaluate(state.params["policy"], model_cfg, tokenizer, task, eval_demos, mesh,
+                                       config.eval.batch_size, config.eval.max_new_tokens, desc="RL eval")
             record.update({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k})
+            writer.write_samples(step, samples(task, eval_demos, records))
         check_finite(record, ("loss", "reward", "kl", "grad_norm"), "RL", step, checkpointer)
         writer.write(step, record)
         bar.update(collected.new_tokens if budget else 1)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from r3jax import config as config_lib, optim, sharding
 from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
 from r3jax.curriculum import epoch_order
-from r3jax.evaluate import evaluate
+from r3jax.evaluate import evaluate, samples
 from r3jax.metrics import MetricsWriter
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, forward
@@ -109,25 +109,30 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
     c = config.sft
     out = os.path.join(workdir, "sft")
     best_dir, last_dir = os.path.join(out, "best"), os.path.join(out, "last")
-    if os.path.exists(os.path.join(last_dir, "config.json")):
-        return best_dir
     demos = task.demonstrations("train")
-    examples = [e for e in (sft_example(encode_demo(tokenizer, task, d), tokenizer.eos_id) for d in demos)
-                if len(e[0]) <= c.max_length]
+    every = [sft_example(encode_demo(tokenizer, task, d), tokenizer.eos_id) for d in demos]
+    examples = [e for e in every if len(e[0]) <= c.max_length]
     if not examples:
-        raise ValueError(f"SFT: no training example fits sft.max_length={c.max_length}")
+        raise config_lib.ConfigError(f"config.sft.max_length: {c.max_length} tokens fit none of the training "
+                                     f"examples (the shortest has {min(len(tokens) for tokens, _ in every)})")
     steps = config_lib.training_steps(c, len(examples), c.batch_size * c.grad_accum)
     if c.data_epochs:
         print(f"SFT: {c.data_epochs:g} epochs over {len(examples):,} examples = {steps:,} steps")
+    checkpointer = Checkpointer(os.path.join(out, "checkpoints"), keep=config.checkpoint.keep)
+    finished = os.path.exists(os.path.join(last_dir, "config.json"))  # exports appear whole (export)
+    if finished and (checkpointer.latest_step() or 0) >= steps:
+        print(f"SFT: finished at step {checkpointer.latest_step()} ({last_dir}); skipped")
+        checkpointer.close()
+        return best_dir
     optimizer = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
     step_fn = make_train_step(model_cfg, optimizer, c.logits_chunk)
     state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
-    checkpointer = Checkpointer(os.path.join(out, "checkpoints"), keep=config.checkpoint.keep)
     start, best = 0, {"accuracy": -1.0}
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(checkpointer.latest_step(), state)
         start, best = meta["step"], meta["best"]
-    writer = MetricsWriter(out, "sft", resume_step=start)
+        print(f"SFT: {'extending' if finished else 'resuming'} from step {start} to {steps}")
+    writer = MetricsWriter.for_run(out, "sft", start, config)
     eval_demos = task.demonstrations("validation")[:c.eval_examples]  # model selection never reads test
     bar = tqdm(range(start, steps), desc="SFT", initial=start, total=steps, disable=not sharding.is_primary())
     for step in bar:
@@ -137,9 +142,10 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
         record = {k: float(v) for k, v in metrics.items()} | {"lr": c.lr * lr_scale}
         done = step + 1
         if c.eval_every and (done % c.eval_every == 0 or done == steps):
-            report, _ = evaluate(state.params, model_cfg, tokenizer, task, eval_demos, mesh,
-                                 config.eval.batch_size, config.eval.max_new_tokens, desc="SFT eval")
+            report, records = evaluate(state.params, model_cfg, tokenizer, task, eval_demos, mesh,
+                                       config.eval.batch_size, config.eval.max_new_tokens, desc="SFT eval")
             record.update({f"eval/{k}": v for k, v in report.items()})
+            writer.write_samples(done, samples(task, eval_demos, records))
             if report["accuracy"] > best["accuracy"]:
                 best = {"accuracy": report["accuracy"], "step": done}
                 export(best_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)

@@ -1,0 +1,114 @@
+"""A workdir belongs to the config that made it (its `config.json`). A rerun under a config that
+differs is refused, one line per differing key, unless `config.resume` says what to do; a rerun
+that only extends a finished phase (more SFT steps, a bigger RL budget, more comparison seeds or
+arms) continues it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+from r3jax.config import ConfigError, flatten
+
+# keys that change only what is evaluated, logged or kept: results are recomputed under them
+NOT_DEFINING = ("eval.", "metrics.", "checkpoint.keep", "resume", "compare.output", "compare.samples",
+                "compare.sample_problems", "sft.checkpoint_every", "rl.checkpoint_every", "runtime.")
+# keys whose growth extends a finished phase, and the phase each extends
+EXTENDING = {"sft.steps": "sft", "sft.data_epochs": "sft", "rl.steps": "rl", "rl.token_budget": "rl",
+             "rl.data_epochs": "rl", "compare.seeds": "compare", "compare.arms": "compare"}
+TRAINING_MODES = ("train", "sft", "rl")  # phases of one workdir: one may follow another
+RESUME_CHOICES = ("", "continue", "restart")
+
+
+def _json_form(config) -> dict[str, Any]:
+    """The flattened config as config.json stores it (tuples as lists)."""
+    as_dict = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
+    return flatten(as_dict)
+
+
+def defining_values(config, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keys that define what a run trains, with their values."""
+    return {key: value for key, value in _json_form(config).items()
+            if not key.startswith(NOT_DEFINING + ignore)}
+
+
+def _digest(value) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def unit_key(config, *parts, ignore: tuple[str, ...] = ()) -> str:
+    """A short hash of the defining values (without `ignore`) and `parts`: the name of a cached
+    trained unit."""
+    return _digest([defining_values(config, ignore), parts])
+
+
+def evaluation_key(config) -> str:
+    """A short hash of what an evaluation reads (eval.*, the sampled metrics' settings)."""
+    return _digest({key: value for key, value in _json_form(config).items()
+                    if key.startswith(("eval.", "compare.samples", "compare.sample_problems"))})
+
+
+def _extends(key: str, old, new) -> bool:
+    if isinstance(old, list) and isinstance(new, list):
+        return set(map(str, old)) <= set(map(str, new))
+    return isinstance(old, (int, float)) and isinstance(new, (int, float)) and new >= old
+
+
+def differences(stored: dict, config) -> tuple[list[str], list[str]]:
+    """(conflicting keys, extending keys) between a stored config.json and the new config."""
+    old, new = defining_values(stored), defining_values(config)
+    conflicts, extending = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "mode" and old.get(key) in TRAINING_MODES and new.get(key) in TRAINING_MODES:
+            continue
+        if key in EXTENDING and key in old and key in new and _extends(key, old[key], new[key]):
+            extending.append(key)
+        else:
+            conflicts.append(key)
+    return conflicts, extending
+
+
+def _aside(path: str, label: str, primary: bool) -> str:
+    """Renames `path` to the first free `<path>.<label>-<n>` (on the primary process); returns
+    the new name."""
+    n = 1
+    while os.path.exists(f"{path}.{label}-{n}"):
+        n += 1
+    if primary:
+        shutil.move(path, f"{path}.{label}-{n}")
+    return f"{path}.{label}-{n}"
+
+
+def claim(workdir: str, config, primary: bool = True) -> list[str]:
+    """Checks `workdir` against the config stored there and prepares it (the primary process moves
+    what is replaced aside); returns what to tell the user. Raises ConfigError listing every differing key when the configs conflict and
+    `config.resume` is empty."""
+    stored_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(stored_path):
+        return []
+    with open(stored_path) as f:
+        stored = json.load(f)
+    old = defining_values(stored)
+    conflicts, extending = differences(stored, config)
+    new = defining_values(config)
+    described = [f"  {key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"
+                 for key in conflicts + extending]
+    if conflicts and not config.resume:
+        raise ConfigError("\n".join([f"--workdir={workdir} was made by a different config:", *described,
+                                     "give another --workdir, or --config.resume=continue (keep its checkpoints, "
+                                     "run under the new config) or --config.resume=restart (move it aside)"]))
+    if config.resume == "restart" and (conflicts or extending):
+        return [f"resume=restart: moved the old workdir to {_aside(workdir, 'old', primary)}"]
+    messages = []
+    if conflicts:
+        messages.append("resume=continue: running under the new config, keeping the workdir's checkpoints:")
+        messages += described[:len(conflicts)]
+    for key in extending:
+        messages.append(f"extending: {key} {old[key]!r} -> {new[key]!r}")
+    if any(EXTENDING[key] == "sft" for key in extending) and os.path.exists(os.path.join(workdir, "rl")):
+        messages.append(f"the RL phase was trained from the shorter SFT: moved to {_aside(os.path.join(workdir, 'rl'), 'before-sft-extension', primary)}")
+    return messages

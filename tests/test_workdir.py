@@ -1,0 +1,111 @@
+"""Workdir identity: a rerun under a different config is refused key by key unless config.resume
+says what to do; growing a finished phase extends it; comparison units are named by their config."""
+import dataclasses
+import json
+import os
+
+import jax
+import pytest
+
+from helpers import TINY, tiny_params
+from r3jax import config as config_lib, sharding, tasks, tokenizer, workdir
+from r3jax.checkpoint import StopSignal
+from r3jax.metrics import read_jsonl
+from r3jax.train import compare, sft
+
+
+def _stored(path, config):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**json.loads(config.to_json_best_effort()), "runtime": {"sandbox": "none"}}, f)
+
+
+def test_an_identical_rerun_is_accepted_silently(tmp_path):
+    config = config_lib.base_config()
+    _stored(tmp_path, config)
+    assert workdir.claim(str(tmp_path), config) == []
+    assert workdir.claim(str(tmp_path / "fresh"), config) == []
+
+
+def test_a_different_config_is_refused_one_line_per_key(tmp_path):
+    old = config_lib.base_config()
+    _stored(tmp_path, old)
+    new = config_lib.base_config()
+    new.task.name, new.sft.lr, new.eval.num_examples = "gsm8k", 1e-3, 7  # eval keys never conflict
+    with pytest.raises(config_lib.ConfigError) as error:
+        workdir.claim(str(tmp_path), new)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"--workdir={tmp_path} was made by a different config:"
+    assert lines[1:3] == ["  sft.lr: 2e-05 there, 0.001 now", "  task.name: 'arith' there, 'gsm8k' now"]
+    assert "--config.resume=continue" in lines[3] and len(lines) == 4
+
+
+def test_resume_continue_keeps_and_restart_moves_aside(tmp_path):
+    _stored(tmp_path / "run", config_lib.base_config())
+    (tmp_path / "run" / "sft").mkdir()
+    new = config_lib.base_config()
+    new.rl.kl_coef, new.resume = 0.1, "continue"
+    messages = workdir.claim(str(tmp_path / "run"), new)
+    assert messages[0].startswith("resume=continue") and "rl.kl_coef: 0.05 there, 0.1 now" in messages[1]
+    assert (tmp_path / "run" / "sft").exists()
+    new.resume = "restart"
+    assert workdir.claim(str(tmp_path / "run"), new) == [f"resume=restart: moved the old workdir to {tmp_path}/run.old-1"]
+    assert (tmp_path / "run.old-1" / "sft").exists() and not (tmp_path / "run").exists()
+
+
+def test_growing_a_phase_extends_it_and_a_longer_sft_retires_the_rl_phase(tmp_path):
+    old = config_lib.base_config()
+    _stored(tmp_path, old)
+    (tmp_path / "rl").mkdir()
+    new = config_lib.base_config()
+    new.sft.steps, new.rl.token_budget, new.compare.seeds, new.mode = 2000, 10, (0, 1, 2, 3), "rl"
+    messages = workdir.claim(str(tmp_path), new)
+    assert "extending: sft.steps 1000 -> 2000" in messages and "extending: compare.seeds [0, 1, 2] -> [0, 1, 2, 3]" in messages
+    assert messages[-1].endswith(f"moved to {tmp_path}/rl.before-sft-extension-1") and not (tmp_path / "rl").exists()
+    shrunk = config_lib.base_config()
+    shrunk.compare.seeds = (0,)  # fewer seeds is not an extension
+    with pytest.raises(config_lib.ConfigError, match="compare.seeds"):
+        workdir.claim(str(tmp_path), shrunk)
+
+
+def test_bad_resume_value_is_named():
+    config = config_lib.base_config()
+    config.resume = "yes"
+    with pytest.raises(config_lib.ConfigError, match="config.resume"):
+        config_lib.validate(config, 1)
+
+
+def test_comparison_units_are_named_by_every_defining_value(tmp_path):
+    config = config_lib.base_config()
+    base = compare.unit_dir(config, "out", "r3", "seed0")
+    assert base.startswith(os.path.join("out", "r3-seed0-"))
+    more_seeds = config.copy_and_resolve_references()
+    more_seeds.compare.seeds, more_seeds.eval.num_examples = (0, 1, 2, 3, 4), 9
+    assert compare.unit_dir(more_seeds, "out", "r3", "seed0") == base
+    for key, value in (("rl.token_budget", 999), ("rl.lr", 1e-5), ("sft.steps", 5), ("seed", 3)):
+        changed = config.copy_and_resolve_references()
+        section, _, name = key.rpartition(".")
+        (changed[section] if section else changed)[name] = value
+        assert compare.unit_dir(changed, "out", "r3", "seed0") != base, key
+    evaluated = config.copy_and_resolve_references()
+    evaluated.eval.num_examples = 9
+    assert workdir.evaluation_key(evaluated) != workdir.evaluation_key(config)
+
+
+def test_more_sft_steps_continue_the_finished_sft(tmp_path, capsys):
+    task = tasks.get("arith", num_train=64, num_test=8, max_steps=3)
+    texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")]
+    tok = tokenizer.load(tokenizer.train_sentencepiece(texts, str(tmp_path / "tok"), vocab_size=TINY.vocab_size))
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
+    config = config_lib.base_config()
+    config.sft.update(steps=2, batch_size=4, checkpoint_every=1, max_length=256)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    run = lambda: sft.train(config, cfg, tiny_params(cfg), tok, task, mesh, str(tmp_path), StopSignal())
+    assert run() == str(tmp_path / "sft" / "best")
+    first_export = os.path.getmtime(tmp_path / "sft" / "last" / "model.safetensors")
+    assert "finished at step 2" in (run(), capsys.readouterr().out)[1]
+    config.sft.steps = 4
+    run()
+    assert "SFT: extending from step 2 to 4" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "sft" / "sft.jsonl"))] == [1, 2, 3, 4]
+    assert os.path.getmtime(tmp_path / "sft" / "last" / "model.safetensors") > first_export
