@@ -21,7 +21,7 @@ def test_colab_notebook_runs_headless(tmp_path, monkeypatch):
     monkeypatch.setenv("R3JAX_REPO", ROOT)  # the clone gets this checkout's last commit
     monkeypatch.setenv("R3JAX_NOTEBOOK_OVERRIDES", TINY)
     monkeypatch.delenv("XLA_FLAGS")  # one CPU device, as on a CPU runtime
-    notebook = nbformat.read(os.path.join(ROOT, "notebooks", "r3jax_colab.ipynb"), as_version=4)
+    notebook = nbformat.read(os.path.join(ROOT, "launch", "colab.ipynb"), as_version=4)
     nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
