@@ -204,14 +204,21 @@ def base_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_defaults(SCHEMA))
 
 
-def load_config_file(path: str, argument: str = "") -> ml_collections.ConfigDict:
-    """`get_config([argument])` of a config file imported by its path; its own imports (such as
-    `from configs import arith`) resolve from the working directory."""
-    import importlib.util
+def allow_config_imports(path: str) -> None:
+    """Lets a config file's own imports (`from configs import arith`) resolve from the folder
+    above its own, wherever the run starts."""
     import sys
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def load_config_file(path: str, argument: str = "") -> ml_collections.ConfigDict:
+    """`get_config([argument])` of a config file imported by its path."""
+    import importlib.util
+
+    allow_config_imports(path)
     spec = importlib.util.spec_from_file_location("r3jax_user_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -92,9 +92,13 @@ def help_text(argv: list[str]) -> str:
 
 
 def parse(argv: list[str]):
+    from r3jax.config import allow_config_imports
+
     if any(arg in ("--help", "-h", "--helpfull") for arg in argv[1:]):
         print(help_text(argv))
         sys.exit(0)
+    if _config_file(argv):
+        allow_config_imports(_config_file(argv).partition(":")[0])
     try:
         flags.FLAGS(argv)
         config = _CONFIG.value
