@@ -26,6 +26,7 @@ from r3jax import optim, ppo
 from r3jax.metrics import machine_info
 from r3jax.models.transformer import ModelConfig, init_params
 from r3jax.models.value import actor_critic_params
+from r3jax.sampling import Rollout
 from r3jax.train.sft import SFTState, make_train_step
 
 SMALL = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
@@ -45,11 +46,11 @@ def seconds_per_call(fn, repeats=3):
     return min(times)
 
 
-def make_rollout(cfg, key):
+def make_rollout(cfg, key) -> ppo.Experience:
     tokens = jax.random.randint(key, (BATCH, PROMPT + NEW), 3, cfg.vocab_size)
-    return {"tokens": tokens, "attention_mask": jnp.ones_like(tokens),
-            "logprobs": jnp.zeros((BATCH, NEW)), "completion_mask": jnp.ones((BATCH, NEW), jnp.int32),
-            "scores": jax.random.uniform(key, (BATCH,))}
+    rollout = Rollout(tokens, jnp.ones_like(tokens), jnp.zeros((BATCH, NEW)), jnp.ones((BATCH, NEW), jnp.int32),
+                      jnp.full((BATCH,), NEW))
+    return ppo.experience(rollout, jax.random.uniform(key, (BATCH,)))
 
 
 CRITICS = {"gae_value_head": ("gae", False), "gae_separate_critic": ("gae", True), "grpo": ("grpo", False)}
@@ -65,7 +66,7 @@ def ppo_caller(cfg, ppo_cfg, optimizer, key, separate_critic=False):
     state = [ppo.init_state(params, optimizer)]
 
     def call():
-        state[0], metrics = update(state[0], reference, rollout, key)
+        state[0], metrics, _ = update(state[0], reference, rollout, key)
         jax.block_until_ready(metrics)
 
     return call
@@ -77,14 +78,14 @@ def temp_bytes(cfg, ppo_cfg, optimizer, key) -> int:
     state = jax.eval_shape(lambda p: ppo.init_state(p, optimizer), params)
     update = ppo.make_ppo_update(cfg, ppo_cfg, optimizer)
     rollout = jax.eval_shape(lambda k: make_rollout(cfg, k), key)
-    compiled = update.lower(state, params["policy"], rollout, key).compile()
+    compiled = update.lower(state, params.policy, rollout, key).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
 def main():
     cfg = SMALL
     key = jax.random.key(0)
-    tokens = make_rollout(cfg, key)["tokens"]
+    tokens = make_rollout(cfg, key).rollout.tokens
     ppo_cfg = ppo.PPOConfig(epochs=2, minibatches=1)
     chunked_cfg = ppo.PPOConfig(epochs=2, minibatches=1, logits_chunk=CHUNK)
     optimizer = optim.adamw(1e-6)

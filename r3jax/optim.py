@@ -11,6 +11,8 @@ from typing import Any
 
 import optax
 
+from r3jax.models.value import ActorCritic
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -39,8 +41,9 @@ def scaled(updates: Any, scale) -> Any:
 
 
 def actor_critic(policy: optax.GradientTransformation, critic: optax.GradientTransformation,
-                 params: dict[str, Any]) -> optax.GradientTransformation:
+                 params: ActorCritic) -> optax.GradientTransformation:
     """`policy` updates the policy (and, through the value loss, a shared backbone); `critic`
-    updates what only the critic owns: the separate critic, or the value head on the policy."""
-    return optax.multi_transform({"policy": policy, "critic": critic},
-                                 {key: ("policy" if key == "policy" else "critic") for key in params})
+    updates what only the critic owns: the value head and a separate critic's backbone."""
+    labels = ActorCritic("policy", *("critic" if part is not None else None
+                                     for part in (params.value_head, params.critic_backbone)))
+    return optax.multi_transform({"policy": policy, "critic": critic}, labels)

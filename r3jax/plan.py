@@ -230,10 +230,10 @@ def plan(config, model_cfg, progress=print) -> dict:
     def rows_spec(*shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
 
-    rollout = {"tokens": rows_spec(rows, length), "attention_mask": rows_spec(rows, length),
-               "logprobs": rows_spec(rows, c.max_new_tokens, dtype=jnp.float32),
-               "completion_mask": rows_spec(rows, c.max_new_tokens), "scores": rows_spec(rows, dtype=jnp.float32),
-               "row_mask": rows_spec(rows, dtype=jnp.float32)}
+    rollout = ppo.Experience(
+        sampling.Rollout(rows_spec(rows, length), rows_spec(rows, length), rows_spec(rows, c.max_new_tokens, dtype=jnp.float32),
+                rows_spec(rows, c.max_new_tokens), rows_spec(rows)),
+        rows_spec(rows, dtype=jnp.float32), rows_spec(rows, dtype=jnp.float32))
     update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
     compile_phase("ppo_update", lambda: update.lower(state, reference, rollout, key, 1.0, 1.0))
 

@@ -1,9 +1,9 @@
 """PPO for R^3 as pure functions, and `make_ppo_update`: the whole update as one jitted call.
 
-Conventions: a rollout batch holds `tokens` and `attention_mask` `[batch, prompt + new]`, the
-sampler's `logprobs` and the `completion_mask` `[batch, new]`, `scores` `[batch]` from the host,
-and optionally `row_mask` `[batch]` (0 for rows that only pad the batch). Values and log-probs at
-completion position t are those of the state before token t.
+Conventions: the update learns from an `Experience`: the sampler's `Rollout` (`tokens` and
+`attention_mask` `[batch, prompt + new]`, `logprobs` and `completion_mask` `[batch, new]`), the
+host's `scores` `[batch]` and a `row_mask` `[batch]` (0 for rows that only pad the batch). Values
+and log-probs at completion position t are those of the state before token t.
 
 Advantage estimators: `gae` (PPO with a critic, the paper's) or a critic-free group estimator
 (`grpo`, `drgrpo`, `rloo`, `reinforce_pp`) over the `group_size` adjacent samples of each start
@@ -20,7 +20,8 @@ import optax
 
 from r3jax import optim
 from r3jax.models.transformer import ModelConfig, forward, head_logits
-from r3jax.models.value import hidden_and_values
+from r3jax.models.value import ActorCritic, hidden_and_values
+from r3jax.sampling import Rollout
 
 
 ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp")
@@ -51,9 +52,34 @@ class PPOConfig:
 
 
 class PPOState(NamedTuple):
-    params: Any          # actor-critic params (see models/value.py)
+    params: ActorCritic
     opt_state: Any
     step: jnp.ndarray    # optimizer updates done
+
+
+class Experience(NamedTuple):
+    """The rows of one update."""
+    rollout: Rollout         # as the sampler returned it, `[batch, ...]`
+    scores: jnp.ndarray      # [batch] float32, from the host's reward
+    row_mask: jnp.ndarray    # [batch] float32: 1 for a real row, 0 for one that only fills the batch
+
+
+def experience(rollout: Rollout, scores) -> Experience:
+    """An Experience whose rows are all real."""
+    scores = jnp.asarray(scores, jnp.float32)
+    return Experience(rollout, scores, jnp.ones_like(scores))
+
+
+class PreparedBatch(NamedTuple):
+    """What the minibatch losses read, computed once per update without gradients."""
+    tokens: jnp.ndarray          # [batch, prompt + new]
+    attention_mask: jnp.ndarray  # [batch, prompt + new]
+    completion_mask: jnp.ndarray  # [batch, new]
+    old_logprobs: jnp.ndarray    # [batch, new] under the policy before the update
+    ref_logprobs: jnp.ndarray    # [batch, new] under the frozen reference
+    old_values: jnp.ndarray      # [batch, new] the critic's, 0 without one
+    advantages: jnp.ndarray      # [batch, new]
+    returns: jnp.ndarray         # [batch, new]
 
 
 def masked_mean(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -221,24 +247,25 @@ def explained_variance(values, returns, mask):
         masked_mean((returns - masked_mean(returns, mask)) ** 2, mask) + 1e-8)
 
 
-def minibatch_loss(params, batch, model_cfg: ModelConfig, cfg: PPOConfig, policy_weight=1.0):
+def minibatch_loss(params: ActorCritic, batch: PreparedBatch, model_cfg: ModelConfig, cfg: PPOConfig,
+                   policy_weight=1.0):
     """Total loss of one minibatch and its metrics. `policy_weight` 0 leaves only the critic's
     loss (critic warm-up)."""
-    num_new = batch["completion_mask"].shape[1]
-    mask = batch["completion_mask"].astype(jnp.float32)
-    hidden, values = hidden_and_values(model_cfg, params, batch["tokens"], batch["attention_mask"])
-    logp, entropy = completion_logprobs(model_cfg, params["policy"], hidden, batch["tokens"], num_new,
+    num_new = batch.completion_mask.shape[1]
+    mask = batch.completion_mask.astype(jnp.float32)
+    hidden, values = hidden_and_values(model_cfg, params, batch.tokens, batch.attention_mask)
+    logp, entropy = completion_logprobs(model_cfg, params.policy, hidden, batch.tokens, num_new,
                                         cfg.temperature, cfg.logits_chunk)
-    pg_loss, clip_frac = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg)
+    pg_loss, clip_frac = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, cfg)
     mean_entropy = masked_mean(entropy, mask)
     loss = policy_weight * (pg_loss - cfg.entropy_coef * mean_entropy)
-    kl_loss = masked_mean(k3_kl(logp, batch["ref_logprobs"]), mask)
+    kl_loss = masked_mean(k3_kl(logp, batch.ref_logprobs), mask)
     if cfg.kl_mode == "loss":
         loss = loss + policy_weight * cfg.kl_coef * kl_loss
     metrics = {"pg_loss": pg_loss, "clip_frac": clip_frac, "entropy": mean_entropy,
-               "approx_kl": masked_mean(batch["old_logprobs"] - logp, mask)}
+               "approx_kl": masked_mean(batch.old_logprobs - logp, mask)}
     if values is not None:
-        metrics["vf_loss"] = value_loss(values[:, -num_new - 1:-1], batch["old_values"], batch["returns"], mask,
+        metrics["vf_loss"] = value_loss(values[:, -num_new - 1:-1], batch.old_values, batch.returns, mask,
                                         cfg.value_clip)
         loss = loss + cfg.vf_coef * metrics["vf_loss"]
     metrics["loss"] = loss
@@ -260,44 +287,46 @@ def _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg: PPO
     return advantages, advantages
 
 
-def prepare(params, ref_params, rollout: dict, model_cfg: ModelConfig, cfg: PPOConfig) -> tuple[dict, dict]:
-    """Old and reference log-probs, values, rewards and advantages (no gradients)."""
-    num_new = rollout["completion_mask"].shape[1]
-    mask = rollout["completion_mask"].astype(jnp.float32)
-    row_mask = rollout.get("row_mask", jnp.ones_like(rollout["scores"])).astype(jnp.float32)
-    hidden, values = hidden_and_values(model_cfg, params, rollout["tokens"], rollout["attention_mask"])
-    old_logp, _ = completion_logprobs(model_cfg, params["policy"], hidden, rollout["tokens"], num_new,
+def prepare(params: ActorCritic, ref_params, data: Experience, model_cfg: ModelConfig, cfg: PPOConfig,
+            ) -> tuple[PreparedBatch, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
+    """Old and reference log-probs, values, rewards and advantages (no gradients). Returns the
+    batch, scalar metrics, and per-sequence metrics (`[batch]`, for per-stage means on the host)."""
+    rollout = data.rollout
+    num_new = rollout.completion_mask.shape[1]
+    mask = rollout.completion_mask.astype(jnp.float32)
+    row_mask = data.row_mask.astype(jnp.float32)
+    hidden, values = hidden_and_values(model_cfg, params, rollout.tokens, rollout.attention_mask)
+    old_logp, _ = completion_logprobs(model_cfg, params.policy, hidden, rollout.tokens, num_new,
                                       cfg.temperature, cfg.logits_chunk)
-    _, ref_hidden = forward(model_cfg, ref_params, rollout["tokens"], rollout["attention_mask"], with_head=False)
-    ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rollout["tokens"], num_new,
+    _, ref_hidden = forward(model_cfg, ref_params, rollout.tokens, rollout.attention_mask, with_head=False)
+    ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rollout.tokens, num_new,
                                       cfg.temperature, cfg.logits_chunk)
     old_values = jnp.zeros_like(mask) if values is None else values[:, -num_new - 1:-1] * mask
-    scores = jnp.clip(rollout["scores"], -cfg.score_clip, cfg.score_clip) if cfg.score_clip else rollout["scores"]
+    scores = jnp.clip(data.scores, -cfg.score_clip, cfg.score_clip) if cfg.score_clip else data.scores
     advantages, returns = _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg)
-    batch = {"tokens": rollout["tokens"], "attention_mask": rollout["attention_mask"],
-             "completion_mask": rollout["completion_mask"], "old_logprobs": old_logp,
-             "ref_logprobs": ref_logp, "old_values": old_values, "advantages": advantages,
-             "returns": returns}
+    batch = PreparedBatch(rollout.tokens, rollout.attention_mask, rollout.completion_mask, old_logp, ref_logp,
+                          old_values, advantages, returns)
     kl = (old_logp - ref_logp) * mask
-    metrics = {"score": masked_mean(rollout["scores"], row_mask), "kl": masked_mean(kl.sum(1), row_mask),
-               "sampler_kl": masked_mean(rollout["logprobs"] - old_logp, mask),
-               "response_length": masked_mean(mask.sum(1), row_mask), "return": masked_mean(returns, mask),
-               "rows/kl": kl.sum(1), "rows/response_length": mask.sum(1)}  # [batch]: per stage on the host
+    metrics = {"score": masked_mean(data.scores, row_mask), "kl": masked_mean(kl.sum(1), row_mask),
+               "sampler_kl": masked_mean(rollout.logprobs - old_logp, mask),
+               "response_length": masked_mean(mask.sum(1), row_mask), "return": masked_mean(returns, mask)}
     if values is not None:
         metrics["value_explained_variance"] = explained_variance(old_values, returns, mask)
-    return jax.lax.stop_gradient(batch), metrics
+    per_sequence = {"kl": kl.sum(1), "response_length": mask.sum(1)}
+    return jax.lax.stop_gradient(batch), metrics, per_sequence
 
 
 def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.GradientTransformation,
-                    ) -> Callable[..., tuple[PPOState, dict]]:
-    """`update(state, ref_params, rollout, key, lr_scale=1.0, policy_weight=1.0) -> (state,
-    metrics)`, one jitted call with the state donated: prepare, then `lax.scan` over epochs x
-    minibatches of clipped PPO steps. `lr_scale` is the schedule's multiplier for this RL step;
-    `policy_weight` 0 keeps the policy where it is and trains only the critic (warm-up)."""
+                    ) -> Callable[..., tuple[PPOState, dict, dict]]:
+    """`update(state, ref_params, experience, key, lr_scale=1.0, policy_weight=1.0) -> (state,
+    metrics, per-sequence metrics)`, one jitted call with the state donated: prepare, then
+    `lax.scan` over epochs x minibatches of clipped PPO steps. `lr_scale` is the schedule's
+    multiplier for this RL step; `policy_weight` 0 keeps the policy where it is and trains only
+    the critic (warm-up)."""
 
-    def update(state: PPOState, ref_params, rollout: dict, key: jax.Array, lr_scale=1.0, policy_weight=1.0):
-        batch, metrics = prepare(state.params, ref_params, rollout, model_cfg, cfg)
-        size = batch["tokens"].shape[0]
+    def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0):
+        batch, metrics, per_sequence = prepare(state.params, ref_params, data, model_cfg, cfg)
+        size = batch.tokens.shape[0]
         if size % cfg.minibatches:
             raise ValueError(f"batch {size} does not split into {cfg.minibatches} minibatches")
         grad_fn = jax.grad(minibatch_loss, has_aux=True)
@@ -307,7 +336,7 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
             grads, step_metrics = grad_fn(params, minibatch, model_cfg, cfg, policy_weight)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             updates = optim.scaled(updates, lr_scale)
-            updates = {**updates, "policy": optim.scaled(updates["policy"], policy_weight)}
+            updates = updates.replace(policy=optim.scaled(updates.policy, policy_weight))
             step_metrics["grad_norm"] = optax.tree.norm(grads)
             return (optax.apply_updates(params, updates), opt_state), step_metrics
 
@@ -320,7 +349,7 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
         (params, opt_state), step_metrics = jax.lax.scan(
             epoch, (state.params, state.opt_state), jax.random.split(key, cfg.epochs))
         metrics.update(jax.tree.map(jnp.mean, step_metrics))
-        return PPOState(params, opt_state, state.step + cfg.epochs * cfg.minibatches), metrics
+        return PPOState(params, opt_state, state.step + cfg.epochs * cfg.minibatches), metrics, per_sequence
 
     return jax.jit(update, donate_argnums=0)
 

@@ -13,6 +13,7 @@ import pytest
 from r3jax import optim, plan, ppo, sharding
 from r3jax.models.transformer import init_params
 from r3jax.models.value import actor_critic_params
+from r3jax.sampling import Rollout
 from r3jax.train.rl import ppo_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,10 +57,9 @@ def test_planned_memory_agrees_with_the_real_update(tiny_plan):
     state = ppo.init_state(params, optimizer)
     rows, new = config.rl.batch_size, config.rl.max_new_tokens
     length = config.rl.max_prompt_length + new
-    rollout = sharding.shard_batch({
-        "tokens": np.ones((rows, length), np.int32), "attention_mask": np.ones((rows, length), np.int32),
-        "logprobs": np.zeros((rows, new), np.float32), "completion_mask": np.ones((rows, new), np.int32),
-        "scores": np.zeros(rows, np.float32), "row_mask": np.ones(rows, np.float32)}, mesh)
+    rollout = sharding.shard_batch(ppo.experience(Rollout(
+        np.ones((rows, length), np.int32), np.ones((rows, length), np.int32), np.zeros((rows, new), np.float32),
+        np.ones((rows, new), np.int32), np.full(rows, new, np.int32)), np.zeros(rows, np.float32)), mesh)
     reference = jax.tree.map(lambda p: p.astype(model_cfg.jnp_dtype), policy)
     update = ppo.make_ppo_update(model_cfg, ppo_config(config.rl), optimizer)
     real = update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0).compile().memory_analysis()

@@ -98,12 +98,10 @@ def _toy_batch(params, key, batch=16, group_size=1):
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, TINY.vocab_size, size=n)) for n in rng.integers(2, 6, batch // group_size)]
     tokens, mask = left_pad([p for p in prompts for _ in range(group_size)], 0)
-    rollout = sample(params["policy"], TINY, jnp.asarray(tokens), jnp.asarray(mask), key,
+    rollout = sample(params.policy, TINY, jnp.asarray(tokens), jnp.asarray(mask), key,
                      SamplingConfig(max_new_tokens=6, pad_id=0))
     hits = (rollout.completions == TARGET) * rollout.completion_mask
-    return {"tokens": rollout.tokens, "attention_mask": rollout.attention_mask,
-            "logprobs": rollout.logprobs, "completion_mask": rollout.completion_mask,
-            "scores": hits.sum(1) / rollout.completion_mask.sum(1)}
+    return ppo.experience(rollout, hits.sum(1) / rollout.completion_mask.sum(1))
 
 
 def test_update_is_one_compiled_call_without_host_transfers():
@@ -114,12 +112,12 @@ def test_update_is_one_compiled_call_without_host_transfers():
     ref = tiny_params()
     keys = list(jax.random.split(jax.random.key(0), 3))
     batches = [_toy_batch(params, k) for k in keys]
-    state, _ = update(state, ref, batches[0], keys[0])
+    state, _, _ = update(state, ref, batches[0], keys[0])
     hlo = update.lower(state, ref, batches[1], keys[1]).as_text()
     assert "callback" not in hlo and "outfeed" not in hlo
     with jax.transfer_guard("disallow"):
-        state, metrics = update(state, ref, batches[1], keys[1])
-        state, metrics = update(state, ref, batches[2], keys[2])
+        state, metrics, _ = update(state, ref, batches[1], keys[1])
+        state, metrics, _ = update(state, ref, batches[2], keys[2])
     assert update._cache_size() == 1
     assert int(state.step) == 3 * PPO_CFG.epochs * PPO_CFG.minibatches
     assert np.isfinite(float(metrics["loss"]))
@@ -138,8 +136,8 @@ def test_ppo_raises_reward_on_toy_task(separate_critic):
     for _ in range(30):
         key, sample_key, update_key = jax.random.split(key, 3)
         batch = _toy_batch(state.params, sample_key)
-        scores.append(float(batch["scores"].mean()))
-        state, metrics = update(state, reference, batch, update_key)
+        scores.append(float(batch.scores.mean()))
+        state, metrics, _ = update(state, reference, batch, update_key)
     assert np.mean(scores[:3]) < 0.1
     assert np.mean(scores[-3:]) > 0.5, scores
     assert abs(float(metrics["sampler_kl"])) < 1e-3  # sampler and trainer agree on log-probs
@@ -149,7 +147,7 @@ def test_ppo_raises_reward_on_toy_task(separate_critic):
 def test_critic_free_update_raises_reward_on_toy_task(estimator):
     cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=4, loss_agg="seq_mean_token_mean")
     params = actor_critic_params(TINY, tiny_params(), separate_critic=False, critic=False)
-    assert set(params) == {"policy"}
+    assert not params.has_critic and params.critic_backbone is None  # the policy alone
     optimizer = optim.adamw(3e-3)
     update = ppo.make_ppo_update(TINY, cfg, optimizer)
     state = ppo.init_state(params, optimizer)
@@ -159,8 +157,8 @@ def test_critic_free_update_raises_reward_on_toy_task(estimator):
     for _ in range(30):
         key, sample_key, update_key = jax.random.split(key, 3)
         batch = _toy_batch(state.params, sample_key, group_size=4)
-        scores.append(float(batch["scores"].mean()))
-        state, metrics = update(state, reference, batch, update_key)
+        scores.append(float(batch.scores.mean()))
+        state, metrics, _ = update(state, reference, batch, update_key)
     assert np.mean(scores[:3]) < 0.1
     assert np.mean(scores[-3:]) > 0.5, scores
     assert "vf_loss" not in metrics and "value_explained_variance" not in metrics
@@ -171,11 +169,11 @@ def test_critic_warmup_moves_only_the_critic():
     optimizer = optim.adamw(1e-3)
     update = ppo.make_ppo_update(TINY, PPO_CFG, optimizer)
     before = jax.tree.map(np.array, params)  # copies: the state is donated
-    batch = {**_toy_batch(params, jax.random.key(2)), "scores": jnp.linspace(0.0, 1.0, 16)}
-    state, _ = update(ppo.init_state(params, optimizer), tiny_params(), batch, jax.random.key(3), 1.0, 0.0)
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params["policy"]), before["policy"])
-    moved = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), state.params["critic"], before["critic"])
-    assert all(jax.tree.leaves(moved["value_head"])) and all(jax.tree.leaves(moved["backbone"]["layers_0"]))
+    batch = _toy_batch(params, jax.random.key(2))._replace(scores=jnp.linspace(0.0, 1.0, 16))
+    state, _, _ = update(ppo.init_state(params, optimizer), tiny_params(), batch, jax.random.key(3), 1.0, 0.0)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params.policy), before.policy)
+    moved = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), state.params, before)
+    assert all(jax.tree.leaves(moved.value_head)) and all(jax.tree.leaves(moved.critic_backbone["layers_0"]))
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])
@@ -189,18 +187,17 @@ def test_sharded_update_equals_single_device(estimator):
     batch = _toy_batch(params, jax.random.key(3), group_size=cfg.group_size)
     policy_shardings = sharding.logical_shardings(
         jax.eval_shape(functools.partial(init_params, TINY), jax.random.key(0)), mesh)
-    shardings = {"policy": policy_shardings}
-    if critic:
-        shardings["value_head"] = jax.tree.map(lambda _: sharding.replicated(mesh), params["value_head"])
+    shardings = params.replace(policy=policy_shardings, value_head=jax.tree.map(
+        lambda _: sharding.replicated(mesh), params.value_head))
     sharded_params = jax.device_put(params, shardings)
     sharded_ref = jax.device_put(ref, policy_shardings)
     sharded_batch = sharding.shard_batch(jax.tree.map(np.asarray, batch), mesh)
-    single_state, single = ppo.make_ppo_update(TINY, cfg, optimizer)(
+    single_state, single, _ = ppo.make_ppo_update(TINY, cfg, optimizer)(
         ppo.init_state(jax.tree.map(jnp.copy, params), optimizer), ref, batch, jax.random.key(4))
     state = ppo.init_state(sharded_params, optimizer)
-    multi_state, multi = ppo.make_ppo_update(TINY, cfg, optimizer)(state, sharded_ref, sharded_batch,
+    multi_state, multi, _ = ppo.make_ppo_update(TINY, cfg, optimizer)(state, sharded_ref, sharded_batch,
                                                                   jax.random.key(4))
-    assert multi_state.params["policy"]["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == \
+    assert multi_state.params.policy["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == \
         jax.sharding.PartitionSpec("fsdp", "tensor")
     for name in ("loss", "kl", "score", "pg_loss", *(("vf_loss",) if critic else ())):
         np.testing.assert_allclose(float(multi[name]), float(single[name]), atol=1e-5, rtol=1e-5)
@@ -243,7 +240,7 @@ def test_update_with_chunked_logits_equals_unchunked():
         update = ppo.make_ppo_update(TINY, dataclasses.replace(PPO_CFG, logits_chunk=chunk), optimizer)
         results.append(update(ppo.init_state(jax.tree.map(jnp.copy, params), optimizer), tiny_params(), batch,
                               jax.random.key(7)))
-    (plain_state, plain), (chunked_state, chunked) = results
+    (plain_state, plain, _), (chunked_state, chunked, _) = results
     for name in ("loss", "kl", "pg_loss", "vf_loss", "entropy"):
         np.testing.assert_allclose(float(chunked[name]), float(plain[name]), atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),

@@ -12,6 +12,7 @@ from r3jax import optim, ppo
 from r3jax.models import hf
 from r3jax.models.transformer import compute_copy
 from r3jax.models.value import actor_critic_params
+from r3jax.sampling import Rollout
 from r3jax.train import sft
 
 LR = 3e-7
@@ -46,11 +47,11 @@ def _ppo_update(cfg, policy):
     tokens = _tokens(1, 8, 24)
     completion_mask = np.ones((8, 12), np.int32)
     completion_mask[:4, 8:] = 0
-    rollout = {"tokens": tokens, "attention_mask": np.ones_like(tokens),
-               "logprobs": np.full((8, 12), -4.0, np.float32), "completion_mask": completion_mask,
-               "scores": np.array([1, 0, 0.2, 1, 0, 1, 0, 1], np.float32)}
-    state, _ = update(ppo.init_state(params, optimizer), reference, rollout, jax.random.key(0))
-    return state.params["policy"]
+    rollout = Rollout(tokens, np.ones_like(tokens), np.full((8, 12), -4.0, np.float32), completion_mask,
+                      completion_mask.sum(1))
+    data = ppo.experience(rollout, np.array([1, 0, 0.2, 1, 0, 1, 0, 1], np.float32))
+    state, _, _ = update(ppo.init_state(params, optimizer), reference, data, jax.random.key(0))
+    return state.params.policy
 
 
 def _deltas(cfg, step):

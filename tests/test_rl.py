@@ -51,7 +51,7 @@ def test_groups_are_adjacent_samples_of_one_start_state(setup):
     assert position == 1 and collected.rounds == 1 and len(collected.states) == 8
     assert [s.prompt_tokens for s in collected.states[:4]] == [collected.states[0].prompt_tokens] * 4
     assert collected.states[3].prompt_tokens != collected.states[4].prompt_tokens
-    assert collected.batch["tokens"].shape[0] == 8 and collected.batch["row_mask"].sum() == 8
+    assert collected.experience.rollout.tokens.shape[0] == 8 and collected.experience.row_mask.sum() == 8
 
 
 def test_dynamic_sampling_keeps_the_shape_and_drops_every_equal_group(setup):
@@ -60,15 +60,15 @@ def test_dynamic_sampling_keeps_the_shape_and_drops_every_equal_group(setup):
     collected, position = _collect(setup, c)
     assert position == collected.rounds > 1  # equal groups were dropped, so it sampled more
     assert collected.dropped_groups > 0 and sum(collected.equal_groups.values()) > 0
-    batch = collected.batch
-    assert all(v.shape[0] == 16 for v in batch.values())
-    real = batch["row_mask"].astype(bool)
+    batch = collected.experience
+    assert all(v.shape[0] == 16 for v in jax.tree.leaves(batch))
+    real = batch.row_mask.astype(bool)
     assert real.sum() == len(collected.states) and (real[:real.sum()]).all()
-    groups = batch["scores"][real].reshape(-1, 2)
+    groups = batch.scores[real].reshape(-1, 2)
     assert (groups[:, 0] != groups[:, 1]).all()  # no kept group has all-equal rewards
-    assert (batch["completion_mask"][~real] == 0).all() and (batch["scores"][~real] == 0).all()
+    assert (batch.rollout.completion_mask[~real] == 0).all() and (batch.scores[~real] == 0).all()
     # the first round is the plain batch: its unequal groups are the first rows kept
-    plain_groups = plain.batch["scores"].reshape(-1, 2)
+    plain_groups = plain.experience.scores.reshape(-1, 2)
     first = plain_groups[plain_groups[:, 0] != plain_groups[:, 1]]
     np.testing.assert_array_equal(groups[:len(first)], first)
 
@@ -76,11 +76,12 @@ def test_dynamic_sampling_keeps_the_shape_and_drops_every_equal_group(setup):
 def test_missing_eos_penalty_hits_only_truncated_completions(setup):
     plain, _ = _collect(setup, _rl_config())
     penalised, _ = _collect(setup, _rl_config(missing_eos_penalty=0.5))
-    lengths = plain.batch["completion_mask"].sum(1)
-    last = plain.batch["tokens"][np.arange(8), plain.batch["tokens"].shape[1] - 6 + np.maximum(lengths - 1, 0)]
+    rollout = plain.experience.rollout
+    lengths = rollout.completion_mask.sum(1)
+    last = rollout.tokens[np.arange(8), rollout.tokens.shape[1] - 6 + np.maximum(lengths - 1, 0)]
     cut_off = ~np.isin(last, setup[1].stop_ids)
     assert cut_off.any()
-    np.testing.assert_allclose(penalised.batch["scores"], plain.batch["scores"] - 0.5 * cut_off)
+    np.testing.assert_allclose(penalised.experience.scores, plain.experience.scores - 0.5 * cut_off)
 
 
 def test_truncated_hand_worked():

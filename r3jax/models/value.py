@@ -1,18 +1,29 @@
 """The critic: a scalar value head on the policy's backbone (the paper's choice) or on a
-backbone of its own. Actor-critic params are one pytree:
-
-    shared:   {"policy": transformer params, "value_head": {"kernel", "bias"}}
-    separate: {"policy": ..., "critic": {"backbone": transformer params, "value_head": ...}}
-    none:     {"policy": ...} (critic-free estimators)
+backbone of its own, or none at all (critic-free estimators). Actor-critic params are one
+registered dataclass, `ActorCritic`, which the optimizer labels by field.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from r3jax.models.transformer import ModelConfig, forward
+
+
+@flax.struct.dataclass
+class ActorCritic:
+    """The params PPO trains. `value_head` reads the policy's hidden states, or those of
+    `critic_backbone` when the critic is a model of its own; both None without a critic."""
+    policy: Any                     # transformer params
+    value_head: Any = None          # {"kernel" [embed], "bias" []}, float32
+    critic_backbone: Any = None     # transformer params of a separate critic
+
+    @property
+    def has_critic(self) -> bool:
+        return self.value_head is not None
 
 
 def init_value_head(cfg: ModelConfig) -> dict[str, jnp.ndarray]:
@@ -20,15 +31,13 @@ def init_value_head(cfg: ModelConfig) -> dict[str, jnp.ndarray]:
     return {"kernel": jnp.zeros((cfg.hidden_size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
 
 
-def actor_critic_params(cfg: ModelConfig, policy: Any, separate_critic: bool, critic: bool = True) -> dict[str, Any]:
+def actor_critic_params(cfg: ModelConfig, policy: Any, separate_critic: bool, critic: bool = True) -> ActorCritic:
     """Starts the critic from the policy (a copy of its backbone when `separate_critic`); no
     critic at all when `critic` is False."""
     if not critic:
-        return {"policy": policy}
-    head = init_value_head(cfg)
-    if separate_critic:
-        return {"policy": policy, "critic": {"backbone": jax.tree.map(jnp.copy, policy), "value_head": head}}
-    return {"policy": policy, "value_head": head}
+        return ActorCritic(policy)
+    backbone = jax.tree.map(jnp.copy, policy) if separate_critic else None
+    return ActorCritic(policy, init_value_head(cfg), backbone)
 
 
 def head_values(head: dict[str, jnp.ndarray], hidden: jnp.ndarray) -> jnp.ndarray:
@@ -36,14 +45,14 @@ def head_values(head: dict[str, jnp.ndarray], hidden: jnp.ndarray) -> jnp.ndarra
     return hidden.astype(jnp.float32) @ head["kernel"] + head["bias"]
 
 
-def hidden_and_values(cfg: ModelConfig, params: dict[str, Any], tokens: jnp.ndarray,
-                      attention_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(the policy's final hidden states `[b, s, embed]`, values `[b, s]` or None without a critic)
-    of actor-critic params; the policy's logits are left to the caller (`ppo.completion_logprobs`)."""
-    _, hidden = forward(cfg, params["policy"], tokens, attention_mask, with_head=False)
-    if "value_head" not in params and "critic" not in params:
+def hidden_and_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray,
+                      attention_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """(the policy's final hidden states `[b, s, embed]`, values `[b, s]` or None without a critic);
+    the policy's logits are left to the caller (`ppo.completion_logprobs`)."""
+    _, hidden = forward(cfg, params.policy, tokens, attention_mask, with_head=False)
+    if not params.has_critic:
         return hidden, None
-    if "critic" in params:
-        _, critic_hidden = forward(cfg, params["critic"]["backbone"], tokens, attention_mask, with_head=False)
-        return hidden, head_values(params["critic"]["value_head"], critic_hidden)
-    return hidden, head_values(params["value_head"], hidden)
+    if params.critic_backbone is not None:
+        _, critic_hidden = forward(cfg, params.critic_backbone, tokens, attention_mask, with_head=False)
+        return hidden, head_values(params.value_head, critic_hidden)
+    return hidden, head_values(params.value_head, hidden)

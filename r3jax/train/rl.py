@@ -21,21 +21,18 @@ from r3jax.evaluate import accuracy_report, evaluate, samples
 from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from r3jax.models.transformer import ModelConfig, compute_copy
 from r3jax.models.value import actor_critic_params
-from r3jax.sampling import SamplingConfig
+from r3jax.sampling import Rollout, SamplingConfig
 from r3jax.curriculum import StartState
 from r3jax.tasks.answers import Score
 from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer
 
 
-ROLLOUT_FIELDS = ("tokens", "attention_mask", "logprobs", "completion_mask")
-
-
 class Collected(NamedTuple):
     """The rows of one update, gathered on the host over one or more sampling rounds."""
     states: list[StartState]         # [kept rows] the start state of each real row
     scores: list[Score]              # [kept rows]
-    batch: dict[str, np.ndarray]     # ROLLOUT_FIELDS, scores and row_mask, `[batch, ...]`, padded
+    experience: ppo.Experience | None  # `[batch, ...]` numpy, padded with masked rows; None if nothing kept
     new_tokens: int                  # tokens sampled in all rounds, kept or not
     rounds: int
     dropped_groups: int              # groups left out because their rewards were all equal
@@ -62,10 +59,11 @@ def _left_pad_to(array: np.ndarray, width: int, value: int) -> np.ndarray:
     return np.pad(array, ((0, 0), (width - array.shape[1], 0)), constant_values=value)
 
 
-def assemble(parts: list[dict[str, np.ndarray]], rows: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One update batch of exactly `rows` rows from the kept rows of several rounds: prompts
-    left-padded to the widest round, then rows that copy the first and are masked out (no
-    completion tokens, row_mask 0), so the update keeps one compiled batch shape."""
+def assemble(parts: list[dict[str, np.ndarray]], rows: int, pad_id: int) -> ppo.Experience:
+    """One update batch of exactly `rows` rows from the kept rows of several rounds (dicts of the
+    Rollout fields, scores and row_mask): prompts left-padded to the widest round, then rows that
+    copy the first and are masked out (no completion tokens, row_mask 0), so the update keeps one
+    compiled batch shape."""
     width = max(part["tokens"].shape[1] for part in parts)
     batch = {key: np.concatenate([_left_pad_to(p[key], width, pad_id if key == "tokens" else 0)
                                   if key in ("tokens", "attention_mask") else p[key] for p in parts])[:rows]
@@ -74,10 +72,11 @@ def assemble(parts: list[dict[str, np.ndarray]], rows: int, pad_id: int) -> dict
     if missing:
         filler = {key: np.repeat(value[:1], missing, axis=0) for key, value in batch.items()}
         filler["completion_mask"][:] = 0
+        filler["lengths"][:] = 0
         filler["row_mask"][:] = 0
         filler["scores"][:] = 0
         batch = {key: np.concatenate([batch[key], filler[key]]) for key in batch}
-    return batch
+    return ppo.Experience(Rollout(*(batch[name] for name in Rollout._fields)), batch["scores"], batch["row_mask"])
 
 
 def truncated(completions: np.ndarray, lengths: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
@@ -105,8 +104,8 @@ def collect(c, schedule: curriculum.Curriculum, task: Task, tokenizer: Tokenizer
                                               sample_key, mesh)
         round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
                                         [s.demo.answer for s in round_states])
-        host = {key: sharding.to_host(getattr(rollout, key))[:len(round_states)] for key in ROLLOUT_FIELDS}
-        lengths = sharding.to_host(rollout.lengths)[:len(round_states)]
+        host = {key: sharding.to_host(value)[:len(round_states)] for key, value in rollout._asdict().items()}
+        lengths = host["lengths"]
         rewards = np.array([s.reward for s in round_scores], np.float32)
         if c.missing_eos_penalty:
             completions = host["tokens"][:, host["tokens"].shape[1] - host["logprobs"].shape[1]:]
@@ -127,18 +126,18 @@ def collect(c, schedule: curriculum.Curriculum, task: Task, tokenizer: Tokenizer
         parts.append(part)
         states += [round_states[i] for i in kept_rows]
         scores += [dataclasses.replace(round_scores[i], reward=float(rewards[i])) for i in kept_rows]
-    batch = assemble(parts, c.batch_size, settings.pad_id) if parts else None
-    return Collected(states, scores, batch, new_tokens, rounds, dropped,
+    experience = assemble(parts, c.batch_size, settings.pad_id) if parts else None
+    return Collected(states, scores, experience, new_tokens, rounds, dropped,
                      {stage: float(np.mean(flags)) for stage, flags in equal_by_stage.items()}), data_position
 
 
-def _host_metrics(states, scores, row_metrics: dict[str, np.ndarray]) -> dict[str, float]:
-    """Reward and accuracy, and the update's per-row metrics (`rows/<name>`, `[rows]`), overall
-    and per start stage."""
+def _host_metrics(states, scores, per_sequence: dict[str, np.ndarray]) -> dict[str, float]:
+    """Reward and accuracy overall and per start stage, and the update's per-sequence metrics
+    (`[batch]`) per start stage."""
     report = {k: v for k, v in accuracy_report(states, scores).items() if "/steps_" not in k}
     stages = np.asarray([s.stage for s in states])
-    for name, values in row_metrics.items():
-        values = values[:len(states)]  # rows past the states only fill the batch
+    for name, values in per_sequence.items():
+        values = values[:len(states)]  # sequences past the states only fill the batch
         for stage in np.unique(stages):
             report[f"{name}/stage_{stage}"] = float(values[stages == stage].mean())
     return report
@@ -194,19 +193,18 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         progress = tokens_sampled / budget if budget else step / steps
         started = time.perf_counter()
         collected, data_position = collect(c, schedule, task, tokenizer, model_cfg,
-                                           to_rollout_layout(state.params["policy"]), settings, base_key,
+                                           to_rollout_layout(state.params.policy), settings, base_key,
                                            rollout_mesh, data_position, progress)
         sampled = time.perf_counter()
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
         record = {}
-        if collected.batch is not None:  # else every sampled group had equal rewards: nothing to learn
+        if collected.experience is not None:  # else every sampled group had equal rewards: nothing to learn
             policy_weight = 0.0 if step < c.critic_warmup_steps else 1.0
-            state, update_metrics = update(state, reference, sharding.shard_batch(collected.batch, mesh),
-                                           update_key, lr_scale, policy_weight)
-            update_metrics = {k: sharding.to_host(v) for k, v in update_metrics.items()}  # waits for the update
-            rows = {k.removeprefix("rows/"): v for k, v in update_metrics.items() if k.startswith("rows/")}
-            record = {k: float(v) for k, v in update_metrics.items() if not k.startswith("rows/")}
-            record.update(_host_metrics(collected.states, collected.scores, rows))
+            state, update_metrics, per_sequence = update(
+                state, reference, sharding.shard_batch(collected.experience, mesh), update_key, lr_scale, policy_weight)
+            record = {k: float(sharding.to_host(v)) for k, v in update_metrics.items()}  # waits for the update
+            record.update(_host_metrics(collected.states, collected.scores,
+                                        {k: sharding.to_host(v) for k, v in per_sequence.items()}))
         updated = time.perf_counter()
 
         tokens_sampled += collected.new_tokens
@@ -221,7 +219,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         if strategy == "staged":
             record["stage"] = schedule.stage_at(step - 1, progress)
         if c.eval_every and step % c.eval_every == 0:
-            report, records = evaluate(state.params["policy"], model_cfg, tokenizer, task, eval_demos, mesh,
+            report, records = evaluate(state.params.policy, model_cfg, tokenizer, task, eval_demos, mesh,
                                        config.eval.batch_size, config.eval.max_new_tokens, desc="RL eval")
             record.update({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k})
             writer.write_samples(step, samples(task, eval_demos, records))
@@ -244,4 +242,4 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
                     title=f"R^3 {strategy} on {task.name}")
     if not finished:
         return None
-    return {"params": state.params["policy"], "steps": step, "tokens_sampled": tokens_sampled}
+    return {"params": state.params.policy, "steps": step, "tokens_sampled": tokens_sampled}
