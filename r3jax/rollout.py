@@ -10,15 +10,14 @@ the completion, and `StartState.given` holds the text the prompt tokens cover.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from r3jax import sharding
 from r3jax.curriculum import StartState
-from r3jax.models.transformer import ModelConfig, init_params
+from r3jax.models.transformer import ModelConfig
 from r3jax.sampling import Rollout, SamplingConfig, sample
 from r3jax.tasks.base import Demonstration, Task
 from r3jax.tokenizer import Span, Tokenizer, left_pad, tokens_within
@@ -59,17 +58,6 @@ def tokenize_states(tokenizer: Tokenizer, task: Task, states: Sequence[StartStat
             state, given=given, prompt_text=task.prompt(demo.question) + given,
             target=demo.response[given_chars:], prompt_tokens=prompt + response[:count]))
     return tokenized
-
-
-def rollout_layout(model_cfg: ModelConfig, mesh) -> Callable[[Any], Any]:
-    """`copy(policy) -> weights` for sampling: the policy in the compute dtype and in the layout
-    its logical axes get on the rollout `mesh` (e.g. replicated with data-parallel sampling, or
-    tensor-parallel), as one jitted call per RL step. Decoding there reads local weights, where the
-    training layout (FSDP) would all-gather every weight on every decoded token."""
-    abstract = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
-    shardings = sharding.logical_shardings(abstract, mesh)
-    return jax.jit(lambda params: jax.tree.map(lambda p: p.astype(model_cfg.jnp_dtype), params),
-                   out_shardings=shardings)
 
 
 def encode_prompts(states: Sequence[StartState], pad_id: int, rows: int) -> tuple[np.ndarray, np.ndarray]:

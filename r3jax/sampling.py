@@ -96,6 +96,20 @@ def decode_step(cfg: ModelConfig, params: Any, token, position, kv_mask, cache, 
     return logits[:, 0], cache
 
 
+class DecodeState(NamedTuple):
+    """The decode loop's carry."""
+    step: jnp.ndarray            # [] new tokens written so far
+    tokens: jnp.ndarray          # [batch, new] sampled tokens, pad after a row stops
+    logprobs: jnp.ndarray        # [batch, new] float32, 0 after a row stops
+    completion_mask: jnp.ndarray  # [batch, new] 1 up to and including the stop token
+    done: jnp.ndarray            # [batch] bool: the row has sampled a stop token
+    kv_mask: jnp.ndarray         # [batch, cache] which cache slots hold real tokens
+    cache: Any                   # the KV cache (models.transformer.init_cache)
+    next_logits: jnp.ndarray     # [batch, vocab] for the token at `step`
+    next_position: jnp.ndarray   # [batch] that token's position
+    key: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "settings"))
 def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, settings: SamplingConfig):
     batch, prompt_len = prompt_tokens.shape
@@ -107,32 +121,31 @@ def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, se
     logits, cache = prefill(cfg, params, prompt_tokens, positions, kv_mask, init_cache(cfg, batch, cache_len))
     stop_ids = jnp.asarray(settings.stop_ids or (-1,), jnp.int32)
 
-    def cond(state):
-        step, done = state[0], state[4]
-        return (step < new) & ~jnp.all(done)
+    def cond(state: DecodeState):
+        return (state.step < new) & ~jnp.all(state.done)
 
-    def body(state):
-        step, out_tokens, out_logprobs, out_mask, done, kv_mask, cache, last_logits, next_pos, key = state
-        key, sub = jax.random.split(key)
-        token, logprob = choose_tokens(last_logits, sub, settings)
-        alive = ~done
+    def body(state: DecodeState) -> DecodeState:
+        step = state.step
+        key, sub = jax.random.split(state.key)
+        token, logprob = choose_tokens(state.next_logits, sub, settings)
+        alive = ~state.done
         token = jnp.where(alive, token, settings.pad_id)
-        out_tokens = out_tokens.at[:, step].set(token)
-        out_logprobs = out_logprobs.at[:, step].set(jnp.where(alive, logprob, 0.0))
-        out_mask = out_mask.at[:, step].set(alive.astype(jnp.int32))
-        kv_mask = kv_mask.at[:, prompt_len + step].set(alive.astype(kv_mask.dtype))
-        done = done | jnp.isin(token, stop_ids)
-        logits, cache = decode_step(cfg, params, token, next_pos, kv_mask, cache, prompt_len + step)
-        return (step + 1, out_tokens, out_logprobs, out_mask, done, kv_mask, cache, logits, next_pos + 1, key)
+        kv_mask = state.kv_mask.at[:, prompt_len + step].set(alive.astype(state.kv_mask.dtype))
+        logits, cache = decode_step(cfg, params, token, state.next_position, kv_mask, state.cache, prompt_len + step)
+        return DecodeState(step + 1, state.tokens.at[:, step].set(token),
+                           state.logprobs.at[:, step].set(jnp.where(alive, logprob, 0.0)),
+                           state.completion_mask.at[:, step].set(alive.astype(jnp.int32)),
+                           state.done | jnp.isin(token, stop_ids), kv_mask, cache, logits, state.next_position + 1,
+                           key)
 
-    state = (jnp.int32(0), jnp.full((batch, new), settings.pad_id, jnp.int32),
-             jnp.zeros((batch, new), jnp.float32), jnp.zeros((batch, new), jnp.int32),
-             jnp.zeros((batch,), bool), kv_mask, cache, logits, positions[:, -1] + 1, key)
-    _, out_tokens, out_logprobs, out_mask, *_ = jax.lax.while_loop(cond, body, state)
+    start = DecodeState(jnp.int32(0), jnp.full((batch, new), settings.pad_id, jnp.int32),
+                        jnp.zeros((batch, new), jnp.float32), jnp.zeros((batch, new), jnp.int32),
+                        jnp.zeros((batch,), bool), kv_mask, cache, logits, positions[:, -1] + 1, key)
+    final = jax.lax.while_loop(cond, body, start)
     return Rollout(
-        tokens=jnp.concatenate([prompt_tokens, out_tokens], axis=1),
-        attention_mask=jnp.concatenate([prompt_mask.astype(jnp.int32), out_mask], axis=1),
-        logprobs=out_logprobs, completion_mask=out_mask, lengths=out_mask.sum(axis=1))
+        tokens=jnp.concatenate([prompt_tokens, final.tokens], axis=1),
+        attention_mask=jnp.concatenate([prompt_mask.astype(jnp.int32), final.completion_mask], axis=1),
+        logprobs=final.logprobs, completion_mask=final.completion_mask, lengths=final.completion_mask.sum(axis=1))
 
 
 def sample(params: Any, cfg: ModelConfig, prompt_tokens: jnp.ndarray, prompt_mask: jnp.ndarray,

@@ -5,6 +5,7 @@ mesh axes `data`, `fsdp` and `tensor`. Batches are split over `data` x `fsdp`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -12,6 +13,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from r3jax.models.transformer import ModelConfig, init_params
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -68,6 +71,16 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh
     the plain params. No device ever holds a full copy."""
     shardings = logical_shardings(jax.eval_shape(init_fn, key), mesh)
     return jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(key)
+
+
+def compute_copy(model_cfg: ModelConfig, mesh: Mesh) -> Callable[[Any], Any]:
+    """`copy(params) -> params` in the compute dtype, in new buffers, laid out as the params'
+    logical axes are on `mesh`, as one jitted call: the frozen RL reference (on the training mesh)
+    and, once per RL step, the sampling weights (on the rollout mesh: e.g. replicated, so decoding
+    reads local weights where the FSDP training layout would all-gather every weight per token)."""
+    shardings = logical_shardings(jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0)), mesh)
+    return jax.jit(lambda params: jax.tree.map(lambda p: p.astype(model_cfg.jnp_dtype), params),
+                   out_shardings=shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

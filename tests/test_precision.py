@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from helpers import TINY, tiny_params
-from r3jax import optim, ppo
+from r3jax import optim, ppo, sharding
 from r3jax.models import hf
-from r3jax.models.transformer import compute_copy
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout
 from r3jax.train import sft
@@ -18,6 +17,7 @@ from r3jax.train import sft
 LR = 3e-7
 FP32 = dataclasses.replace(TINY, param_dtype="float32", dtype="float32")
 MIXED = dataclasses.replace(TINY, param_dtype="float32", dtype="bfloat16")
+ONE_DEVICE = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
 BF16 = dataclasses.replace(TINY, param_dtype="bfloat16", dtype="bfloat16")
 
 
@@ -43,7 +43,7 @@ def _ppo_update(cfg, policy):
     params = actor_critic_params(cfg, policy, separate_critic=False)
     optimizer = optim.adamw(LR)
     update = ppo.make_ppo_update(cfg, ppo.PPOConfig(epochs=1), optimizer)
-    reference = compute_copy(cfg, policy)
+    reference = sharding.compute_copy(cfg, ONE_DEVICE)(policy)
     tokens = _tokens(1, 8, 24)
     completion_mask = np.ones((8, 12), np.int32)
     completion_mask[:4, 8:] = 0
@@ -81,7 +81,7 @@ def test_master_weights_keep_tiny_updates_that_bf16_weights_lose(step):
 def test_master_weights_stay_float32_and_exports_take_the_asked_dtype(tmp_path):
     params = tiny_params(MIXED)
     assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype("float32")}
-    assert {p.dtype for p in jax.tree.leaves(compute_copy(MIXED, params))} == {jnp.dtype("bfloat16")}
+    assert {p.dtype for p in jax.tree.leaves(sharding.compute_copy(MIXED, ONE_DEVICE)(params))} == {jnp.dtype("bfloat16")}
     hf.save(str(tmp_path / "bf16"), MIXED, params, dtype="bfloat16")
     hf.save(str(tmp_path / "fp32"), MIXED, params)
     _, bf16_loaded = hf.load(str(tmp_path / "bf16"), param_dtype="bfloat16")

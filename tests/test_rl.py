@@ -104,7 +104,7 @@ def test_rollout_layout_samples_what_the_training_layout_samples(setup):
                                            train_mesh)
     fsdp = jax.device_put(params, shardings)
     assert fsdp["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec[0] == "fsdp"
-    replicated = rollout_lib.rollout_layout(cfg, rollout_mesh)(fsdp)
+    replicated = sharding.compute_copy(cfg, rollout_mesh)(fsdp)
     assert replicated["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.is_fully_replicated
     states = rollout_lib.tokenize_states(tok, task, [start_states(task, d, 5)[j] for d in task.demonstrations("train")[:4]
                                                      for j in range(4)])

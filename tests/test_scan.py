@@ -1,6 +1,5 @@
 """Scanned layers and rematerialisation compute what the unrolled model does: logits and
 gradients (fp32), the HF round trip, and KV-cache decoding."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

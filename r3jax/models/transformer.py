@@ -326,12 +326,6 @@ def forward(cfg: ModelConfig, params: Any, tokens: jnp.ndarray, attention_mask: 
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def compute_copy(cfg: ModelConfig, params: Any) -> Any:
-    """A copy of `params` in the compute dtype (`cfg.dtype`), in new buffers: the frozen reference,
-    and the weights the sampler reads (one cast per RL step instead of one per decoded token)."""
-    return jax.tree.map(lambda p: jnp.array(p, dtype=cfg.jnp_dtype, copy=True), params)
-
-
 def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
     """Boxed (logically partitioned) params; see sharding.init_sharded for placed, plain params."""
     tokens = jnp.zeros((1, 2), jnp.int32)

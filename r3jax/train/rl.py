@@ -19,7 +19,7 @@ from r3jax import config as config_lib, curriculum, optim, ppo, rollout as rollo
 from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
 from r3jax.evaluate import accuracy_report, evaluate, samples
 from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
-from r3jax.models.transformer import ModelConfig, compute_copy
+from r3jax.models.transformer import ModelConfig
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout, SamplingConfig
 from r3jax.curriculum import StartState
@@ -158,7 +158,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     seed = config.seed if seed is None else seed
     os.makedirs(workdir, exist_ok=True)
     schedule = build_curriculum(c, task, tokenizer, strategy, seed)
-    reference = compute_copy(model_cfg, policy)  # own buffers: the training state is donated
+    reference = sharding.compute_copy(model_cfg, mesh)(policy)  # own buffers: the training state is donated
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
     steps = config_lib.training_steps(c, len(schedule.states), c.batch_size // c.group_size)
     if c.data_epochs:
@@ -172,7 +172,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     settings = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=ppo_cfg.temperature, top_k=c.top_k,
                               top_p=c.top_p, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
     rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
-    to_rollout_layout = rollout_lib.rollout_layout(model_cfg, rollout_mesh)
+    to_rollout_layout = sharding.compute_copy(model_cfg, rollout_mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     step, tokens_sampled, data_position = 0, 0, 0
     budget = c.token_budget
