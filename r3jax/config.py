@@ -11,10 +11,8 @@ import os
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 MODES = ("train", "sft", "rl", "eval", "compare")
-STRATEGIES = ("outcome", "staged", "mixed")
 DTYPES = ("float32", "bfloat16")
 ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed"}
 
@@ -244,24 +242,27 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config.{key}: {message}")
 
 
-def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
-    """The training mesh and the rollout mesh fit the devices."""
-    for key, shape in (("mesh", c.mesh), ("rl.rollout_mesh", c.rl.rollout_mesh)):
-        if key == "rl.rollout_mesh" and not shape:
-            continue
-        shape = list(shape)
-        _check(len(shape) == 3 and shape.count(-1) <= 1, key, f"{tuple(shape)}: need (data, fsdp, tensor)")
-        known = int(np.prod([m for m in shape if m != -1]))
-        _check(num_devices % known == 0 and (-1 in shape or known == num_devices), key,
-               f"{tuple(shape)} does not fit {num_devices} devices")
+def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """The training mesh and the rollout mesh fit the devices; returns the training mesh's shape."""
+    from r3jax.sharding import resolve_mesh_shape
+
+    for key, shape in (("rl.rollout_mesh", c.rl.rollout_mesh), ("mesh", c.mesh)):
+        if shape or key == "mesh":
+            try:
+                resolved = resolve_mesh_shape(shape, num_devices)
+            except ValueError as error:
+                raise ConfigError(f"config.{key}: {error}") from None
+    return resolved
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first bad key."""
     from r3jax import optim, tasks
+    from r3jax.curriculum import STAGE_UNITS, STRATEGIES
     from r3jax.models.transformer import REMAT_CHOICES
     from r3jax.ppo import ESTIMATORS, LOSS_AGGREGATIONS
     from r3jax.metrics import WANDB_MODES
+    from r3jax.sharding import data_parallel_size
     from r3jax.workdir import RESUME_CHOICES
 
     _check(c.mode in MODES, "mode", f"{c.mode!r} is not one of {MODES}")
@@ -292,6 +293,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if c.rl.init:
         _check(os.path.isdir(c.rl.init), "rl.init", f"SFT checkpoint directory {c.rl.init} not found")
     _check(c.rl.strategy in STRATEGIES, "rl.strategy", f"{c.rl.strategy!r} is not one of {STRATEGIES}")
+    _check(c.rl.stage_unit in STAGE_UNITS, "rl.stage_unit", f"{c.rl.stage_unit!r} is not one of {STAGE_UNITS}")
     _check(c.rl.kl_mode in ("reward", "loss"), "rl.kl_mode", f"{c.rl.kl_mode!r}: expected reward or loss")
     _check(c.rl.estimator in ESTIMATORS, "rl.estimator", f"{c.rl.estimator!r} is not one of {ESTIMATORS}")
     _check(c.rl.loss_agg in LOSS_AGGREGATIONS, "rl.loss_agg", f"{c.rl.loss_agg!r} is not one of {LOSS_AGGREGATIONS}")
@@ -308,8 +310,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _check(c.rl.clip_ratio_low < 1, "rl.clip_ratio_low", f"must be below 1, got {c.rl.clip_ratio_low}")
     _check(c.rl.critic_warmup_steps == 0 or c.rl.estimator == "gae", "rl.critic_warmup_steps",
            f"rl.estimator={c.rl.estimator} has no critic to warm up")
-    _check(c.rl.stage_unit in ("steps", "epochs", "budget"), "rl.stage_unit",
-           f"{c.rl.stage_unit!r}: expected steps, epochs or budget")
     _check(c.rl.stage_unit != "budget" or c.rl.token_budget > 0, "rl.stage_unit",
            "'budget' needs rl.token_budget > 0")
     _check(c.eval.split in ("train", "validation", "test"), "eval.split", f"{c.eval.split!r}")
@@ -355,11 +355,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
            f"{c.compare.group_size}: needs at least 2 completions per start state, dividing rl.batch_size")
     _check(c.rl.batch_size % c.rl.minibatches == 0, "rl.minibatches",
            f"{c.rl.minibatches} does not divide rl.batch_size {c.rl.batch_size}")
-    validate_mesh(c, num_devices)
-    mesh = list(c.mesh)
-    known = int(np.prod([m for m in mesh if m != -1]))
-    data_parallel = mesh[0] * mesh[1] if -1 not in mesh[:2] else num_devices // known * (
-        mesh[0] if mesh[0] != -1 else mesh[1])
+    data_parallel = data_parallel_size(validate_mesh(c, num_devices))
     for key in ("sft.batch_size", "rl.batch_size", "eval.batch_size"):
         section, name = key.split(".")
         _check(c[section][name] % data_parallel == 0, key,

@@ -17,6 +17,7 @@ import numpy as np
 from r3jax.tasks.base import Demonstration, Task
 
 STRATEGIES = ("outcome", "staged", "mixed")
+STAGE_UNITS = ("steps", "epochs", "budget")  # config.validate checks both choices
 
 
 def cut_steps(rationale: str, mode: str, num_chunks: int = 5) -> list[str]:
@@ -89,10 +90,6 @@ class Curriculum:
     def __init__(self, states: Sequence[StartState], strategy: str, batch_size: int, seed: int = 0,
                  stage_length: float = 1.0, stage_unit: str = "epochs",
                  stage_weights: Sequence[float] | None = None):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"curriculum strategy {strategy!r}: expected one of {STRATEGIES}")
-        if stage_unit not in ("steps", "epochs", "budget"):
-            raise ValueError(f"stage_unit {stage_unit!r}: expected 'steps', 'epochs' or 'budget'")
         self.strategy, self.batch_size, self.seed = strategy, batch_size, seed
         self.stage_unit = stage_unit
         if strategy == "outcome":

@@ -84,8 +84,7 @@ def dispatch_sampling(params: Any, model_cfg: ModelConfig, states: Sequence[Star
     device. The batch has at least `rows` rows (a fixed batch shape means one compile), rounded
     up to a multiple of the data-parallel size."""
     rows = max(rows, len(states))
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows += -rows % data_parallel
+    rows += -rows % sharding.data_parallel_size(mesh.devices.shape)
     tokens, mask = sharding.shard_batch(encode_prompts(states, settings.pad_id, rows), mesh)
     return sample(params, model_cfg, tokens, mask, key, settings)
 

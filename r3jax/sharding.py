@@ -30,21 +30,29 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) sizes with a -1 given the remaining devices; ValueError when the shape
+    is malformed or does not fit `num_devices`."""
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES) or shape.count(-1) > 1:
+        raise ValueError(f"{tuple(shape)}: need {len(MESH_AXES)} sizes (data, fsdp, tensor), at most one of them -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape and known and num_devices % known == 0:
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"{tuple(shape)} does not fit {num_devices} devices")
+    return tuple(shape)
+
+
+def data_parallel_size(shape: Sequence[int]) -> int:
+    """How many ways a batch splits on a mesh of (resolved) `shape`: its data x fsdp size."""
+    return int(np.prod([size for axis, size in zip(MESH_AXES, shape) if axis in BATCH_AXES]))
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh over (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = list(shape)
-    if len(shape) != 3:
-        raise ValueError(f"mesh shape needs 3 sizes (data, fsdp, tensor), got {shape}")
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one size may be -1")
-    known = int(np.prod([s for s in shape if s != -1]))
-    if -1 in shape:
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    shape = resolve_mesh_shape(shape, len(devices))
     # Auto axes: shardings come from jit in/out shardings and propagate, as the design asks.
     return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
