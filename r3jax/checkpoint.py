@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from r3jax.config import InputError
+
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
@@ -34,7 +36,7 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except ValueError as error:
-            raise ValueError(f"checkpoint {self.manager.directory}/{step} does not match this run's "
+            raise InputError(f"checkpoint {self.manager.directory}/{step} does not match this run's "
                              f"model or optimizer (was the config changed? use a new --workdir): "
                              f"{str(error).splitlines()[0]}") from None
         return restored.state, restored.meta
@@ -42,6 +44,14 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def latest_step(directory: str) -> int | None:
+    """The step of the newest finished checkpoint in `directory`, None if there is none."""
+    checkpointer = Checkpointer(directory, asynchronous=False)
+    step = checkpointer.latest_step()
+    checkpointer.close()
+    return step
 
 
 class NonFiniteError(RuntimeError):

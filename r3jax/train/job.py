@@ -10,7 +10,6 @@ import jax
 from r3jax import config as config_lib, sharding, tokenizer as tokenizer_lib
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import evaluate
-from r3jax.metrics import plot_curves, read_jsonl
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, init_params
 from r3jax.tasks import Task
@@ -61,7 +60,7 @@ def load_policy(path: str, config, mesh) -> tuple[ModelConfig, Any]:
 
 
 def write_results(workdir: str, rows: dict[str, dict], title: str) -> None:
-    """results.json, a markdown table and the curves PNGs in the workdir (process 0 only)."""
+    """results.json and a markdown table in the workdir (process 0 only)."""
     if not sharding.is_primary():
         return
     with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -74,9 +73,6 @@ def write_results(workdir: str, rows: dict[str, dict], title: str) -> None:
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    sft_log = read_jsonl(os.path.join(workdir, "sft", "sft.jsonl"))
-    if sft_log:
-        plot_curves(sft_log, os.path.join(workdir, "sft_curves.png"), ("loss", "eval/accuracy"), "SFT")
 
 
 def test_rows(name: str, report: dict, records: list[dict], params: Any, model_cfg: ModelConfig,

@@ -13,12 +13,10 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from r3jax import config as config_lib, curriculum, optim, ppo, rollout as rollout_lib, sharding
-from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
+from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import accuracy_report, evaluate, samples
-from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from r3jax.models.transformer import ModelConfig
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout, SamplingConfig
@@ -26,6 +24,7 @@ from r3jax.curriculum import StartState
 from r3jax.tasks.answers import Score
 from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer
+from r3jax.train import loop
 
 
 class Collected(NamedTuple):
@@ -143,11 +142,6 @@ def _host_metrics(states, scores, per_sequence: dict[str, np.ndarray]) -> dict[s
     return report
 
 
-def meta(step: int, tokens_sampled: int, data_position: int) -> dict[str, int]:
-    """What a checkpoint stores beside the state so a resumed run continues exactly."""
-    return {"step": step, "tokens_sampled": tokens_sampled, "data_position": data_position}
-
-
 def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, task: Task, mesh,
           workdir: str, stop: StopSignal, strategy: str | None = None, seed: int | None = None,
           ) -> dict[str, Any] | None:
@@ -168,33 +162,21 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     optimizer = optim.actor_critic(policy_opt, critic_opt, params)
     ppo_cfg = ppo_config(c)
     update = ppo.make_ppo_update(model_cfg, ppo_cfg, optimizer)
-    state = ppo.init_state(params, optimizer)
     settings = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=ppo_cfg.temperature, top_k=c.top_k,
                               top_p=c.top_p, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
     rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
     to_rollout_layout = sharding.compute_copy(model_cfg, rollout_mesh)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    step, tokens_sampled, data_position = 0, 0, 0
-    budget = c.token_budget
-    if checkpointer.latest_step() is not None:
-        state, restored = checkpointer.restore(checkpointer.latest_step(), state)
-        step, tokens_sampled = restored["step"], restored["tokens_sampled"]
-        data_position = restored.get("data_position", step)  # curriculum batches consumed, > step with dynamic sampling
-        done = step >= steps or (budget and tokens_sampled >= budget)
-        print(f"RL {strategy}: " + (f"finished at step {step}; nothing to add" if done else
-                                    f"resuming at step {step}, {tokens_sampled:,} tokens sampled"))
-    writer = MetricsWriter.for_run(workdir, "rl", step, config)
     eval_demos = task.demonstrations("validation")[:c.eval_examples]
     base_key = jax.random.key(seed)
-    bar = tqdm(total=budget or steps, initial=min(tokens_sampled if budget else step, budget or steps),
-               desc=f"RL {strategy}", unit="tok" if budget else "step", disable=not sharding.is_primary())
-    while step < steps and (not budget or tokens_sampled < budget) and not stop.requested:
+    budget = c.token_budget
+
+    def rl_step(state: ppo.PPOState, meta: dict) -> tuple[ppo.PPOState, dict, dict]:
+        step, tokens_sampled = meta["step"], meta["tokens_sampled"]
         _, update_key = jax.random.split(jax.random.fold_in(base_key, step))
         progress = tokens_sampled / budget if budget else step / steps
         started = time.perf_counter()
-        collected, data_position = collect(c, schedule, task, tokenizer, model_cfg,
-                                           to_rollout_layout(state.params.policy), settings, base_key,
-                                           rollout_mesh, data_position, progress)
+        collected, data_position = collect(c, schedule, task, tokenizer, model_cfg, to_rollout_layout(state.params.policy),
+                                           settings, base_key, rollout_mesh, meta["data_position"], progress)
         sampled = time.perf_counter()
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
         record = {}
@@ -206,9 +188,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
             record.update(_host_metrics(collected.states, collected.scores,
                                         {k: sharding.to_host(v) for k, v in per_sequence.items()}))
         updated = time.perf_counter()
-
         tokens_sampled += collected.new_tokens
-        step += 1
         record.update({f"equal_groups/stage_{stage}": fraction for stage, fraction in collected.equal_groups.items()})
         record.update({"tokens_sampled": tokens_sampled, "lr": c.lr * lr_scale, "time/sample_s": sampled - started,
                        "time/update_s": updated - sampled,
@@ -217,29 +197,22 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
             record.update({"sampling_rounds": collected.rounds, "dropped_groups": collected.dropped_groups,
                            "kept_rows": len(collected.states)})
         if strategy == "staged":
-            record["stage"] = schedule.stage_at(step - 1, progress)
-        if c.eval_every and step % c.eval_every == 0:
-            report, records = evaluate(state.params.policy, model_cfg, tokenizer, task, eval_demos, mesh,
-                                       config.eval.batch_size, config.eval.max_new_tokens, desc="RL eval")
-            record.update({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k})
-            writer.write_samples(step, samples(task, eval_demos, records))
-        check_finite(record, ("loss", "reward", "kl", "grad_norm"), "RL", step, checkpointer)
-        writer.write(step, record)
-        bar.update(collected.new_tokens if budget else 1)
-        bar.set_postfix({name: f"{record[key]:.3f}" for name, key in
-                         (("reward", "reward"), ("acc", "accuracy"), ("kl", "kl"), ("eval", "eval/accuracy"))
-                         if key in record})
-        if step % c.checkpoint_every == 0 or stop.requested:
-            checkpointer.save(step, state, meta(step, tokens_sampled, data_position))
-    bar.close()
-    finished = not stop.requested
-    if finished and checkpointer.latest_step() != step:
-        checkpointer.save(step, state, meta(step, tokens_sampled, data_position))
-    checkpointer.close()
-    writer.close()
-    if sharding.is_primary():
-        plot_curves(read_jsonl(writer.path), os.path.join(workdir, "rl_curves.png"),
-                    title=f"R^3 {strategy} on {task.name}")
+            record["stage"] = schedule.stage_at(step, progress)
+        return state, {"step": step + 1, "tokens_sampled": tokens_sampled, "data_position": data_position}, record
+
+    def validate(state: ppo.PPOState, meta: dict) -> tuple[dict, list[dict], dict]:
+        report, records = evaluate(state.params.policy, model_cfg, tokenizer, task, eval_demos, mesh,
+                                   config.eval.batch_size, config.eval.max_new_tokens, desc="RL eval")
+        return ({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k}, samples(task, eval_demos, records),
+                meta)
+
+    phase = loop.Phase(f"RL {strategy}", workdir, "rl", c.checkpoint_every, config.checkpoint.keep, c.eval_every,
+                       finite_keys=("loss", "reward", "kl", "grad_norm"),
+                       progress_bar=(("reward", "reward"), ("acc", "accuracy"), ("kl", "kl"), ("eval", "eval/accuracy")))
+    state, meta, finished = loop.run(
+        phase, config, ppo.init_state(params, optimizer), {"step": 0, "tokens_sampled": 0, "data_position": 0},
+        rl_step, lambda meta: meta["step"] >= steps or bool(budget and meta["tokens_sampled"] >= budget),
+        lambda meta: (meta["tokens_sampled"], budget, "tok") if budget else (meta["step"], steps, "step"), stop, validate)
     if not finished:
         return None
-    return {"params": state.params.policy, "steps": step, "tokens_sampled": tokens_sampled}
+    return {"params": state.params.policy, "steps": meta["step"], "tokens_sampled": meta["tokens_sampled"]}

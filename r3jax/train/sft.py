@@ -13,19 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from r3jax import config as config_lib, optim, sharding
-from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
+from r3jax.checkpoint import StopSignal, latest_step
 from r3jax.curriculum import epoch_order
 from r3jax.evaluate import evaluate, samples
-from r3jax.metrics import MetricsWriter
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, forward
 from r3jax.ppo import chunked_logprobs
 from r3jax.rollout import encode_demo, sft_example
 from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer, left_pad
+from r3jax.train import loop
 
 
 class SFTState(NamedTuple):
@@ -104,8 +103,8 @@ def _batch_for_step(examples, step: int, c, seed: int, pad_id: int) -> dict[str,
 
 def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, task: Task, mesh,
           workdir: str, stop: StopSignal) -> str | None:
-    """Runs (or resumes) SFT in `<workdir>/sft`. Returns the HF dir of the best model (by accuracy
-    on the validation split, else the last), or None when stopped early by a signal."""
+    """Runs (or resumes, or extends) SFT in `<workdir>/sft`. Returns the HF dir of the best model
+    (by accuracy on the validation split, else the last), or None when stopped early by a signal."""
     c = config.sft
     out = os.path.join(workdir, "sft")
     best_dir, last_dir = os.path.join(out, "best"), os.path.join(out, "last")
@@ -118,50 +117,41 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
     steps = config_lib.training_steps(c, len(examples), c.batch_size * c.grad_accum)
     if c.data_epochs:
         print(f"SFT: {c.data_epochs:g} epochs over {len(examples):,} examples = {steps:,} steps")
-    checkpointer = Checkpointer(os.path.join(out, "checkpoints"), keep=config.checkpoint.keep)
-    finished = os.path.exists(os.path.join(last_dir, "config.json"))  # exports appear whole (export)
-    if finished and (checkpointer.latest_step() or 0) >= steps:
-        print(f"SFT: finished at step {checkpointer.latest_step()} ({last_dir}); skipped")
-        checkpointer.close()
-        return best_dir
+    latest = latest_step(os.path.join(out, "checkpoints"))
+    if os.path.exists(os.path.join(last_dir, "config.json")):  # exports appear whole (export)
+        if (latest or 0) >= steps:
+            print(f"SFT: finished at step {latest} ({last_dir}); skipped")
+            return best_dir
+        print(f"SFT: extending from step {latest} to {steps}")
     optimizer = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
-    step_fn = make_train_step(model_cfg, optimizer, c.logits_chunk)
-    state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
-    start, best = 0, {"accuracy": -1.0}
-    if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(checkpointer.latest_step(), state)
-        start, best = meta["step"], meta["best"]
-        print(f"SFT: {'extending' if finished else 'resuming'} from step {start} to {steps}")
-    writer = MetricsWriter.for_run(out, "sft", start, config)
+    train_step = make_train_step(model_cfg, optimizer, c.logits_chunk)
     eval_demos = task.demonstrations("validation")[:c.eval_examples]  # model selection never reads test
-    bar = tqdm(range(start, steps), desc="SFT", initial=start, total=steps, disable=not sharding.is_primary())
-    for step in bar:
+
+    def sft_step(state: SFTState, meta: dict) -> tuple[SFTState, dict, dict]:
+        step = meta["step"]
         batch = sharding.shard_batch(_batch_for_step(examples, step, c, config.seed, tokenizer.pad_id), mesh)
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, step / steps)
-        state, metrics = step_fn(state, batch, lr_scale)
-        record = {k: float(v) for k, v in metrics.items()} | {"lr": c.lr * lr_scale}
-        done = step + 1
-        if c.eval_every and (done % c.eval_every == 0 or done == steps):
-            report, records = evaluate(state.params, model_cfg, tokenizer, task, eval_demos, mesh,
-                                       config.eval.batch_size, config.eval.max_new_tokens, desc="SFT eval")
-            record.update({f"eval/{k}": v for k, v in report.items()})
-            writer.write_samples(done, samples(task, eval_demos, records))
-            if report["accuracy"] > best["accuracy"]:
-                best = {"accuracy": report["accuracy"], "step": done}
-                export(best_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
-        check_finite(record, ("loss", "grad_norm"), "SFT", done, checkpointer)
-        writer.write(done, record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}",
-                        **({"acc": f"{record['eval/accuracy']:.3f}"} if "eval/accuracy" in record else {}))
-        if done % c.checkpoint_every == 0 or stop.requested or done == steps:
-            checkpointer.save(done, state, {"step": done, "best": best})
-        if stop.requested:
-            break
-    checkpointer.close()
-    writer.close()
-    if stop.requested:
+        state, metrics = train_step(state, batch, lr_scale)
+        return state, {**meta, "step": step + 1}, {k: float(v) for k, v in metrics.items()} | {"lr": c.lr * lr_scale}
+
+    def select(state: SFTState, meta: dict) -> tuple[dict, list[dict], dict]:
+        report, records = evaluate(state.params, model_cfg, tokenizer, task, eval_demos, mesh,
+                                   config.eval.batch_size, config.eval.max_new_tokens, desc="SFT eval")
+        if report["accuracy"] > meta["best"]["accuracy"]:
+            meta = {**meta, "best": {"accuracy": report["accuracy"], "step": meta["step"]}}
+            export(best_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
+        return {f"eval/{k}": v for k, v in report.items()}, samples(task, eval_demos, records), meta
+
+    phase = loop.Phase("SFT", out, "sft", c.checkpoint_every, config.checkpoint.keep, c.eval_every, eval_at_end=True,
+                       finite_keys=("loss", "grad_norm"), progress_bar=(("loss", "loss"), ("acc", "eval/accuracy")),
+                       plot_keys=("loss", "eval/accuracy"))
+    state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
+    state, meta, finished = loop.run(phase, config, state, {"step": 0, "best": {"accuracy": -1.0}}, sft_step,
+                                     lambda meta: meta["step"] >= steps, lambda meta: (meta["step"], steps, "step"),
+                                     stop, select)
+    if not finished:
         return None
     export(last_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
-    if best["accuracy"] < 0:
+    if meta["best"]["accuracy"] < 0:
         export(best_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
     return best_dir

@@ -1,0 +1,76 @@
+"""The training-loop scaffold SFT and RL share: resume from the last checkpoint, the primary
+host's progress bar and metrics writer, periodic evaluation, a stop on a non-finite value,
+checkpoints on schedule and on a stop signal, and the phase's curves at the end. A phase supplies
+only its step, `(state, meta) -> (state, meta, record)`, where `meta` holds the host-side facts a
+checkpoint keeps beside the state (at least `step`)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+from tqdm import tqdm
+
+from r3jax import sharding
+from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
+from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
+
+Meta = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """How a phase runs: where it writes and how often it evaluates and checkpoints."""
+    name: str                         # "SFT", "RL mixed": progress bar, messages and plot title
+    workdir: str                      # holds checkpoints/, <log>.jsonl, tensorboard/ and the curves PNG
+    log: str                          # the metrics log's name ("sft", "rl")
+    checkpoint_every: int
+    keep: int                         # checkpoints kept
+    eval_every: int = 0               # 0: never
+    eval_at_end: bool = False         # with eval_every, also after the last step (a model selection needs it)
+    finite_keys: tuple[str, ...] = ()  # a non-finite value of any of these stops the run
+    progress_bar: tuple[tuple[str, str], ...] = ()  # (label, record key) shown beside the bar
+    plot_keys: tuple[str, ...] | None = None  # curves of these keys (None: the plot's defaults)
+
+
+def run(phase: Phase, config, state: Any, meta: Meta, step_fn: Callable[[Any, Meta], tuple[Any, Meta, dict]],
+        done: Callable[[Meta], bool], position: Callable[[Meta], tuple[int, int, str]], stop: StopSignal,
+        evaluate_fn: Callable[[Any, Meta], tuple[dict, list[dict], Meta]] | None = None) -> tuple[Any, Meta, bool]:
+    """Runs (or resumes) a phase from `state` and `meta` (or from its last checkpoint) until
+    `done(meta)` or a stop signal. `position(meta)` is the progress bar's (done, total, unit);
+    `evaluate_fn(state, meta)` returns the evaluation's record entries, a few evaluated samples
+    (`MetricsWriter.write_samples`) and the meta to keep.
+    Returns (state, meta, finished): finished is False when a signal stopped it."""
+    checkpointer = Checkpointer(os.path.join(phase.workdir, "checkpoints"), keep=phase.keep)
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(checkpointer.latest_step(), state)
+        now, total, unit = position(meta)
+        print(f"{phase.name}: " + (f"finished at step {meta['step']}; nothing to add" if done(meta) else
+                                   f"resuming at step {meta['step']} ({now:,} of {total:,} {unit})"))
+    writer = MetricsWriter.for_run(phase.workdir, phase.log, meta["step"], config)
+    now, total, unit = position(meta)
+    with tqdm(total=total, initial=min(now, total), desc=phase.name, unit=unit, disable=not sharding.is_primary()) as bar:
+        while not done(meta) and not stop.requested:
+            state, meta, record = step_fn(state, meta)
+            step = meta["step"]
+            if evaluate_fn and phase.eval_every and (step % phase.eval_every == 0 or (phase.eval_at_end and done(meta))):
+                evaluated, samples, meta = evaluate_fn(state, meta)
+                record.update(evaluated)
+                writer.write_samples(step, samples)
+            check_finite(record, phase.finite_keys, phase.name.split()[0], step, checkpointer)
+            writer.write(step, record)
+            later, _, _ = position(meta)
+            bar.update(later - now)
+            now = later
+            bar.set_postfix({label: f"{record[key]:.3f}" for label, key in phase.progress_bar if key in record})
+            if step % phase.checkpoint_every == 0 or stop.requested:
+                checkpointer.save(step, state, meta)
+    finished = not stop.requested
+    if finished and checkpointer.latest_step() != meta["step"]:
+        checkpointer.save(meta["step"], state, meta)
+    checkpointer.close()
+    writer.close()
+    if sharding.is_primary():
+        plot_curves(read_jsonl(writer.path), os.path.join(phase.workdir, f"{phase.log}_curves.png"),
+                    *((phase.plot_keys,) if phase.plot_keys else ()), title=phase.name)
+    return state, meta, finished
