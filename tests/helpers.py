@@ -1,8 +1,12 @@
-"""Tiny models for tests, built locally from random configs."""
+"""Shared test helpers: tiny models built locally from random configs (r3jax and HF), the CLI's
+environment and its run logs."""
+import os
+
+import flax.linen as nn
 import jax
 
+from r3jax.metrics import read_jsonl
 from r3jax.models.transformer import ModelConfig, init_params
-import flax.linen as nn
 
 TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, max_position_embeddings=512)
@@ -12,3 +16,32 @@ def tiny_params(cfg: ModelConfig = TINY, seed: int = 0, scale: float = 1.0):
     """Random params; `scale` > 1 sharpens the logits so sampled text is less uniform."""
     params = nn.unbox(init_params(cfg, jax.random.key(seed)))
     return jax.tree.map(lambda p: p * scale if p.ndim > 1 else p, params)
+
+
+def make_hf_model(kind: str, path: str, seed: int = 0, **overrides):
+    """Creates and saves a tiny random HF causal LM of the given family (torch, CPU)."""
+    import torch
+    import transformers
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5)
+    common.update(overrides)
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[kind]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**common)).eval()
+    model.save_pretrained(path)
+    return model
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The CLI runs on this machine's one CPU device, not the 8 simulated ones of the mesh tests.
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def rl_log(workdir) -> list[dict]:
+    return read_jsonl(os.path.join(workdir, "rl", "rl.jsonl"))

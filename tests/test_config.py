@@ -101,6 +101,30 @@ def test_bad_value_is_refused_naming_its_key(key, value):
         config_lib.validate(c, num_devices=1)
 
 
+@pytest.mark.parametrize("config_file, overrides, named", [
+    ("configs/arith.py", {"rl.strategy": "stagged"}, "config.rl.strategy"),
+    ("configs/arith.py", {"model.path": "/nonexistent/llama"}, "/nonexistent/llama"),
+    ("configs/gsm8k.py", {}, "config.model.path"),
+    ("configs/gsm8k.py", {"model.path": "{hf}", "task.options.train_path": "/nonexistent/train.jsonl"},
+     "/nonexistent/train.jsonl"),
+    ("configs/arith.py", {"mesh": (3, 1, 1)}, "config.mesh"),
+    ("configs/arith.py", {"rl.batch_size": 0}, "config.rl.batch_size"),
+    ("configs/arith.py", {"eval.maj_k": -1}, "config.eval.maj_k"),
+    ("configs/arith.py", {"rl.data_epochs": -1}, "config.rl.data_epochs"),
+])
+def test_config_file_with_a_bad_value_is_refused(config_file, overrides, named, tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a model directory, as far as validation looks
+    c = config_lib.load_config_file(config_file)
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        target = c
+        for part in section.split(".") if section else ():
+            target = target[part]
+        target[name] = value.format(hf=tmp_path) if isinstance(value, str) else value
+    with pytest.raises(config_lib.ConfigError, match=named):
+        config_lib.validate(c, num_devices=1)
+
+
 def test_at_least_thirty_bad_inputs():
     assert len(BAD_VALUES) >= 30
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import make_hf_model
+from helpers import make_hf_model
 from r3jax import models, sharding
 from r3jax.models import hf
 from r3jax.models.transformer import Transformer, init_cache, positions_from_mask

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from test_main import ENV, ROOT, _rl_log
+from helpers import ENV, ROOT, rl_log
 
 TINY_JOB = [f"--config={ROOT}/configs/arith.py", "--config.mesh=(1,-1,1)",
             "--config.task.options.num_train=200", "--config.task.options.num_test=8",
@@ -49,7 +49,7 @@ def test_two_processes_match_one(tmp_path):
     assert "RL mixed" in outputs[0][1] and "RL mixed" not in outputs[1][1]  # one progress bar
 
     assert json.load(open(multi / "results.json")) == json.load(open(single / "results.json"))
-    for want, have in zip(_rl_log(str(single)), _rl_log(str(multi)), strict=True):
+    for want, have in zip(rl_log(str(single)), rl_log(str(multi)), strict=True):
         assert have["reward"] == want["reward"] and have["response_length"] == want["response_length"]
         assert have["loss"] == pytest.approx(want["loss"], rel=1e-3, abs=1e-5)
     exported = sorted(os.listdir(multi / "rl" / "final"))
