@@ -48,7 +48,7 @@ def timed(fn, repeats: int = 1) -> float:
 
 def r3jax_decode(params, cfg, tokens, mask, new_tokens, repeats=2):
     settings = SamplingConfig(max_new_tokens=new_tokens, greedy=True, pad_id=0, min_prompt_bucket=PROMPT)
-    run = lambda: jax.block_until_ready(sample(params, cfg, tokens, mask, jax.random.key(0), settings).tokens)
+    run = lambda: jax.block_until_ready(sample(cfg, params, tokens, mask, jax.random.key(0), settings).tokens)
     run()  # compile
     return timed(run, repeats)
 

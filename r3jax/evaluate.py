@@ -41,7 +41,7 @@ def samples(task: Task, demos, records: list[dict]) -> list[dict]:
              "correct": bool(r["correct"])} for d, r in zip(demos, records)]
 
 
-def evaluate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, task: Task, demos, mesh,
+def evaluate(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, task: Task, demos, mesh,
              batch_size: int, max_new_tokens: int, desc: str = "eval", maj_k: int = 0,
              temperature: float = 1.0) -> tuple[dict, list[dict]]:
     """Accuracy on the full task (start state k = 0): greedy, or with `maj_k` > 0 the majority
@@ -63,7 +63,7 @@ def evaluate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, task: Ta
     pending = None
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=not sharding.is_primary()):
         chunk = rows[start:start + batch_size]
-        rollout = dispatch_sampling(params, model_cfg, chunk, settings,
+        rollout = dispatch_sampling(model_cfg, params, chunk, settings,
                                     jax.random.fold_in(jax.random.key(0), start), mesh, rows=batch_size)
         if pending:  # the host scores the previous chunk while the device decodes this one
             read_chunk(*pending)

@@ -12,6 +12,7 @@ state. Either way the per-token KL penalty (kl_mode "reward") enters as a reward
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -247,7 +248,7 @@ def explained_variance(values, returns, mask):
         masked_mean((returns - masked_mean(returns, mask)) ** 2, mask) + 1e-8)
 
 
-def minibatch_loss(params: ActorCritic, batch: PreparedBatch, model_cfg: ModelConfig, cfg: PPOConfig,
+def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, batch: PreparedBatch,
                    policy_weight=1.0):
     """Total loss of one minibatch and its metrics. `policy_weight` 0 leaves only the critic's
     loss (critic warm-up)."""
@@ -287,7 +288,7 @@ def _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg: PPO
     return advantages, advantages
 
 
-def prepare(params: ActorCritic, ref_params, data: Experience, model_cfg: ModelConfig, cfg: PPOConfig,
+def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, data: Experience,
             ) -> tuple[PreparedBatch, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
     """Old and reference log-probs, values, rewards and advantages (no gradients). Returns the
     batch, scalar metrics, and per-sequence metrics (`[batch]`, for per-stage means on the host)."""
@@ -325,15 +326,15 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
     the critic (warm-up)."""
 
     def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0):
-        batch, metrics, per_sequence = prepare(state.params, ref_params, data, model_cfg, cfg)
+        batch, metrics, per_sequence = prepare(model_cfg, cfg, state.params, ref_params, data)
         size = batch.tokens.shape[0]
         if size % cfg.minibatches:
             raise ValueError(f"batch {size} does not split into {cfg.minibatches} minibatches")
-        grad_fn = jax.grad(minibatch_loss, has_aux=True)
+        grad_fn = jax.grad(functools.partial(minibatch_loss, model_cfg, cfg), has_aux=True)
 
         def minibatch_step(carry, minibatch):
             params, opt_state = carry
-            grads, step_metrics = grad_fn(params, minibatch, model_cfg, cfg, policy_weight)
+            grads, step_metrics = grad_fn(params, minibatch, policy_weight)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             updates = optim.scaled(updates, lr_scale)
             updates = updates.replace(policy=optim.scaled(updates.policy, policy_weight))

@@ -78,7 +78,7 @@ def decode_completions(tokenizer: Tokenizer, rollout: Rollout, count: int) -> li
     return [tokenizer.decode([t for t in row[m] if t not in stops]) for row, m in zip(completions[:count], mask[:count])]
 
 
-def dispatch_sampling(params: Any, model_cfg: ModelConfig, states: Sequence[StartState],
+def dispatch_sampling(model_cfg: ModelConfig, params: Any, states: Sequence[StartState],
                       settings: SamplingConfig, key: jax.Array, mesh, rows: int = 0) -> Rollout:
     """Queues sampling of one completion per start state and returns without waiting for the
     device. The batch has at least `rows` rows (a fixed batch shape means one compile), rounded
@@ -86,11 +86,11 @@ def dispatch_sampling(params: Any, model_cfg: ModelConfig, states: Sequence[Star
     rows = max(rows, len(states))
     rows += -rows % sharding.data_parallel_size(mesh.devices.shape)
     tokens, mask = sharding.shard_batch(encode_prompts(states, settings.pad_id, rows), mesh)
-    return sample(params, model_cfg, tokens, mask, key, settings)
+    return sample(model_cfg, params, tokens, mask, key, settings)
 
 
-def generate(params: Any, model_cfg: ModelConfig, tokenizer: Tokenizer, states: Sequence[StartState],
+def generate(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, states: Sequence[StartState],
              settings: SamplingConfig, key: jax.Array, mesh, rows: int = 0) -> tuple[Rollout, list[str]]:
     """Samples one completion per start state: the rollout and the completions' text."""
-    rollout = dispatch_sampling(params, model_cfg, states, settings, key, mesh, rows)
+    rollout = dispatch_sampling(model_cfg, params, states, settings, key, mesh, rows)
     return rollout, decode_completions(tokenizer, rollout, len(states))

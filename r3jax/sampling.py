@@ -111,7 +111,7 @@ class DecodeState(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings"))
-def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, settings: SamplingConfig):
+def _generate(cfg: ModelConfig, params: Any, prompt_tokens, prompt_mask, key, settings: SamplingConfig):
     batch, prompt_len = prompt_tokens.shape
     new = settings.max_new_tokens
     block = cfg.decode_block or 1
@@ -148,7 +148,7 @@ def _generate(params: Any, prompt_tokens, prompt_mask, key, cfg: ModelConfig, se
         logprobs=final.logprobs, completion_mask=final.completion_mask, lengths=final.completion_mask.sum(axis=1))
 
 
-def sample(params: Any, cfg: ModelConfig, prompt_tokens: jnp.ndarray, prompt_mask: jnp.ndarray,
+def sample(cfg: ModelConfig, params: Any, prompt_tokens: jnp.ndarray, prompt_mask: jnp.ndarray,
            key: jax.Array, settings: SamplingConfig) -> Rollout:
     """Samples completions of left-padded prompts `[batch, prompt]` (every row needs one real token).
 
@@ -159,4 +159,4 @@ def sample(params: Any, cfg: ModelConfig, prompt_tokens: jnp.ndarray, prompt_mas
     if extra:
         prompt_tokens = jnp.pad(prompt_tokens, ((0, 0), (extra, 0)), constant_values=settings.pad_id)
         prompt_mask = jnp.pad(prompt_mask, ((0, 0), (extra, 0)))
-    return _generate(params, prompt_tokens, prompt_mask, key, cfg, settings)
+    return _generate(cfg, params, prompt_tokens, prompt_mask, key, settings)

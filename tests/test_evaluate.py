@@ -29,14 +29,14 @@ def test_pipelined_records_match_their_own_chunks(setup):
     task, tok, cfg, params = setup
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     demos = task.demonstrations("test")
-    report, records = evaluate(params, cfg, tok, task, demos, mesh, batch_size=4, max_new_tokens=12)
+    report, records = evaluate(cfg, params, tok, task, demos, mesh, batch_size=4, max_new_tokens=12)
     assert [r["id"] for r in records] == [d.id for d in demos]
 
     settings = SamplingConfig(max_new_tokens=12, greedy=True, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     expected = []
     for start in range(0, len(demos), 4):
         chunk = tokenize_states(tok, task, [start_states(task, d, None)[0] for d in demos[start:start + 4]])
-        expected += generate(params, cfg, tok, chunk, settings, jax.random.key(0), mesh, rows=4)[1]
+        expected += generate(cfg, params, tok, chunk, settings, jax.random.key(0), mesh, rows=4)[1]
     assert [r["completions"] for r in records] == [[t] for t in expected]
     assert len(set(expected)) > 1  # the random model writes different text per problem
     assert report["accuracy"] == pytest.approx(np.mean([r["correct"] for r in records]))
@@ -48,8 +48,8 @@ def test_maj_at_k_near_zero_temperature_is_greedy(setup):
     task, tok, cfg, params = setup
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     demos = task.demonstrations("test")
-    greedy_report, greedy_records = evaluate(params, cfg, tok, task, demos, mesh, batch_size=4, max_new_tokens=12)
-    report, records = evaluate(params, cfg, tok, task, demos, mesh, batch_size=4, max_new_tokens=12,
+    greedy_report, greedy_records = evaluate(cfg, params, tok, task, demos, mesh, batch_size=4, max_new_tokens=12)
+    report, records = evaluate(cfg, params, tok, task, demos, mesh, batch_size=4, max_new_tokens=12,
                                maj_k=3, temperature=1e-6)
     assert [r["completions"] for r in records] == [g["completions"] * 3 for g in greedy_records]
     assert report["accuracy"] == greedy_report["accuracy"] == report["sample_accuracy"]
@@ -59,7 +59,7 @@ def test_maj_at_k_samples_differ_and_predictions_are_the_tasks_answers(setup):
     task, tok, cfg, params = setup
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     demos = task.demonstrations("test")
-    report, records = evaluate(params, cfg, tok, task, demos, mesh, batch_size=4, max_new_tokens=12,
+    report, records = evaluate(cfg, params, tok, task, demos, mesh, batch_size=4, max_new_tokens=12,
                                maj_k=3, temperature=1.0)
     assert any(len(set(r["completions"])) > 1 for r in records)
     for record, demo in zip(records, demos):

@@ -29,7 +29,7 @@ def _greedy_both(params, cfg, tok, path, max_new=10):
     import transformers
 
     prompt = tok.encode("Mia has 3 pens.", add_bos=True)
-    rollout = sample(params, cfg, jnp.asarray([prompt]), jnp.ones((1, len(prompt)), jnp.int32), jax.random.key(0),
+    rollout = sample(cfg, params, jnp.asarray([prompt]), jnp.ones((1, len(prompt)), jnp.int32), jax.random.key(0),
                      SamplingConfig(max_new_tokens=max_new, greedy=True, stop_ids=tok.stop_ids, pad_id=tok.pad_id))
     ours = [int(t) for t, m in zip(rollout.completions[0], rollout.completion_mask[0]) if m]
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

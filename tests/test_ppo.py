@@ -98,7 +98,7 @@ def _toy_batch(params, key, batch=16, group_size=1):
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, TINY.vocab_size, size=n)) for n in rng.integers(2, 6, batch // group_size)]
     tokens, mask = left_pad([p for p in prompts for _ in range(group_size)], 0)
-    rollout = sample(params.policy, TINY, jnp.asarray(tokens), jnp.asarray(mask), key,
+    rollout = sample(TINY, params.policy, jnp.asarray(tokens), jnp.asarray(mask), key,
                      SamplingConfig(max_new_tokens=6, pad_id=0))
     hits = (rollout.completions == TARGET) * rollout.completion_mask
     return ppo.experience(rollout, hits.sum(1) / rollout.completion_mask.sum(1))
@@ -254,7 +254,7 @@ def test_sft_loss_in_logit_chunks_equals_all_at_once():
     batch = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens),
              "loss_mask": jnp.ones_like(tokens).at[:, :5].set(0)}
     params = tiny_params()
-    plain = jax.value_and_grad(lambda p: nll_sum(p, batch, TINY)[0])(params)
-    chunked = jax.value_and_grad(lambda p: nll_sum(p, batch, TINY, logits_chunk=8)[0])(params)
+    plain = jax.value_and_grad(lambda p: nll_sum(TINY, p, batch)[0])(params)
+    chunked = jax.value_and_grad(lambda p: nll_sum(TINY, p, batch, logits_chunk=8)[0])(params)
     np.testing.assert_allclose(float(chunked[0]), float(plain[0]), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), chunked[1], plain[1])

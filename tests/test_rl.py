@@ -109,8 +109,8 @@ def test_rollout_layout_samples_what_the_training_layout_samples(setup):
     states = rollout_lib.tokenize_states(tok, task, [start_states(task, d, 5)[j] for d in task.demonstrations("train")[:4]
                                                      for j in range(4)])
     settings = SamplingConfig(max_new_tokens=10, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-    want = rollout_lib.generate(fsdp, cfg, tok, states, settings, jax.random.key(5), train_mesh)
-    got = rollout_lib.generate(replicated, cfg, tok, states, settings, jax.random.key(5), rollout_mesh)
+    want = rollout_lib.generate(cfg, fsdp, tok, states, settings, jax.random.key(5), train_mesh)
+    got = rollout_lib.generate(cfg, replicated, tok, states, settings, jax.random.key(5), rollout_mesh)
     np.testing.assert_array_equal(np.asarray(got[0].tokens), np.asarray(want[0].tokens))
     np.testing.assert_allclose(np.asarray(got[0].logprobs), np.asarray(want[0].logprobs), atol=1e-5)
     assert got[1] == want[1]

@@ -37,7 +37,7 @@ def _teacher_forced_logprobs(params, rollout, temperature):
 
 def test_greedy_equals_full_forward_argmax(params):
     tokens, mask, rows = _prompts([5, 9, 3])
-    rollout = sample(params, TINY, tokens, mask, jax.random.key(0),
+    rollout = sample(TINY, params, tokens, mask, jax.random.key(0),
                      SamplingConfig(max_new_tokens=12, greedy=True, pad_id=PAD))
     for row, prompt in enumerate(rows):
         seq = list(prompt)
@@ -54,7 +54,7 @@ def test_greedy_equals_full_forward_argmax(params):
 @pytest.mark.parametrize("temperature, decode_block", [(1.0, 64), (0.7, 64), (1.0, 8), (1.0, 0)])
 def test_logprobs_equal_teacher_forced(params, temperature, decode_block):
     tokens, mask, _ = _prompts([4, 11, 7, 2])
-    rollout = sample(params, TINY.replace(decode_block=decode_block), tokens, mask, jax.random.key(1),
+    rollout = sample(TINY.replace(decode_block=decode_block), params, tokens, mask, jax.random.key(1),
                      SamplingConfig(max_new_tokens=16, temperature=temperature, pad_id=PAD))
     recomputed = _teacher_forced_logprobs(params, rollout, temperature)
     m = np.asarray(rollout.completion_mask).astype(bool)
@@ -67,7 +67,7 @@ def test_left_padding_does_not_change_samples(params):
     outs = []
     for length in (6, 9, 13):  # all in the 16 bucket, so the random draws line up
         tokens, mask = left_pad(rows * 2, PAD, length)
-        outs.append(sample(params, TINY, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(2), settings))
+        outs.append(sample(TINY, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(2), settings))
     for other in outs[1:]:
         np.testing.assert_array_equal(np.asarray(other.completions), np.asarray(outs[0].completions))
         np.testing.assert_allclose(np.asarray(other.logprobs), np.asarray(outs[0].logprobs), atol=1e-5)
@@ -75,11 +75,11 @@ def test_left_padding_does_not_change_samples(params):
 
 def test_stopped_rows_stay_masked_and_rng_reproduces(params):
     tokens, mask, _ = _prompts([5, 8, 3, 6], seed=3)
-    free = sample(params, TINY, tokens, mask, jax.random.key(4), SamplingConfig(max_new_tokens=20, pad_id=PAD))
+    free = sample(TINY, params, tokens, mask, jax.random.key(4), SamplingConfig(max_new_tokens=20, pad_id=PAD))
     stop = int(free.completions[0, 3])
     settings = SamplingConfig(max_new_tokens=20, stop_ids=(stop,), pad_id=PAD)
-    first = sample(params, TINY, tokens, mask, jax.random.key(4), settings)
-    again = sample(params, TINY, tokens, mask, jax.random.key(4), settings)
+    first = sample(TINY, params, tokens, mask, jax.random.key(4), settings)
+    again = sample(TINY, params, tokens, mask, jax.random.key(4), settings)
     np.testing.assert_array_equal(np.asarray(first.tokens), np.asarray(again.tokens))
     completions, cmask = np.asarray(first.completions), np.asarray(first.completion_mask)
     for row in range(4):
@@ -98,8 +98,8 @@ def test_mesh_result_equals_single_device(params):
     sharded_params = jax.device_put(params, shardings)
     tokens, mask, _ = _prompts([5, 9, 3, 7, 2, 6, 4, 8], seed=5)
     settings = SamplingConfig(max_new_tokens=12, pad_id=PAD)
-    single = sample(params, TINY, tokens, mask, jax.random.key(6), settings)
+    single = sample(TINY, params, tokens, mask, jax.random.key(6), settings)
     tokens_s, mask_s = sharding.shard_batch((np.asarray(tokens), np.asarray(mask)), mesh)
-    multi = sample(sharded_params, TINY, tokens_s, mask_s, jax.random.key(6), settings)
+    multi = sample(TINY, sharded_params, tokens_s, mask_s, jax.random.key(6), settings)
     np.testing.assert_array_equal(np.asarray(multi.tokens), np.asarray(single.tokens))
     np.testing.assert_allclose(np.asarray(multi.logprobs), np.asarray(single.logprobs), atol=1e-5)

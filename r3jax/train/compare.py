@@ -36,7 +36,7 @@ def arm_parts(arm: str) -> tuple[str, str]:
     return strategy, estimator or "gae"
 
 
-def premise_table(params, model_cfg, tokenizer, task: Task, demos, config, mesh) -> dict[str, dict[str, float]]:
+def premise_table(model_cfg, params, tokenizer, task: Task, demos, config, mesh) -> dict[str, dict[str, float]]:
     """The SFT model's success rate at the RL temperature from every start stage, per chain
     length: {"steps_n": {"stage_j": rate}}. R^3's premise: low from stage 0 on long chains, high
     from the last stage."""
@@ -49,7 +49,7 @@ def premise_table(params, model_cfg, tokenizer, task: Task, demos, config, mesh)
     size = config.eval.batch_size
     for start in range(0, len(states), size):
         chunk = states[start:start + size]
-        _, texts = rollout_lib.generate(params, model_cfg, tokenizer, chunk, settings,
+        _, texts = rollout_lib.generate(model_cfg, params, tokenizer, chunk, settings,
                                         jax.random.fold_in(jax.random.key(config.seed), start), mesh, rows=size)
         scores = task.score_batch([s.given + t for s, t in zip(chunk, texts)], [s.demo.answer for s in chunk])
         for state, score in zip(chunk, scores):
@@ -60,17 +60,17 @@ def premise_table(params, model_cfg, tokenizer, task: Task, demos, config, mesh)
     return dict(table)
 
 
-def evaluate_model(params, model_cfg, tokenizer, task: Task, test_demos, config, mesh) -> dict:
+def evaluate_model(model_cfg, params, tokenizer, task: Task, test_demos, config, mesh) -> dict:
     """Greedy per-problem correctness on the test problems, and on the first
     compare.sample_problems of them `compare.samples` samples each at the RL temperature:
     single-sample accuracy and pass@k."""
-    report, records = evaluate(params, model_cfg, tokenizer, task, test_demos, mesh, config.eval.batch_size,
+    report, records = evaluate(model_cfg, params, tokenizer, task, test_demos, mesh, config.eval.batch_size,
                                config.eval.max_new_tokens, desc="test")
     result = {"report": report, "correct": [float(r["correct"]) for r in records]}
     k = config.compare.samples
     if k:
         sampled, sample_records = evaluate(
-            params, model_cfg, tokenizer, task, test_demos[:config.compare.sample_problems], mesh,
+            model_cfg, params, tokenizer, task, test_demos[:config.compare.sample_problems], mesh,
             config.eval.batch_size, config.eval.max_new_tokens, desc=f"test, {k} samples", maj_k=k,
             temperature=config.rl.temperature)
         right = [sum(task.score_answer(p, r["answer"]).correct for p in r["predictions"]) for r in sample_records]
@@ -209,9 +209,9 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     evaluation = f"result-{workdir_lib.evaluation_key(config)}.json"
     model_cfg, policy = job.load_policy(sft_dir, config, mesh)
     premise = _cached(os.path.join(unit_dir(config, out, "premise"), "premise.json"), lambda: premise_table(
-        policy, model_cfg, tokenizer, task, task.demonstrations("validation"), config, mesh))
+        model_cfg, policy, tokenizer, task, task.demonstrations("validation"), config, mesh))
     runs = {"sft": [_cached(os.path.join(unit_dir(config, out, "sft"), evaluation), lambda: evaluate_model(
-        policy, model_cfg, tokenizer, task, test_demos, config, mesh))]}
+        model_cfg, policy, tokenizer, task, test_demos, config, mesh))]}
 
     for arm in config.compare.arms:
         strategy, estimator = arm_parts(arm)
@@ -228,7 +228,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
                                   strategy=ARMS[strategy], seed=seed)
                 if result is None:
                     return None
-                evaluated = evaluate_model(result["params"], model_cfg, tokenizer, task, test_demos, config, mesh)
+                evaluated = evaluate_model(model_cfg, result["params"], tokenizer, task, test_demos, config, mesh)
                 evaluated["report"].update(steps=result["steps"], tokens_sampled=result["tokens_sampled"],
                                            optimizer_updates=result["steps"] * config.rl.epochs * config.rl.minibatches)
                 return evaluated
@@ -250,7 +250,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
                 if final_dir is None:
                     return None
                 _, params = job.load_policy(final_dir, config, mesh)
-                evaluated = evaluate_model(params, model_cfg, tokenizer, task, test_demos, config, mesh)
+                evaluated = evaluate_model(model_cfg, params, tokenizer, task, test_demos, config, mesh)
                 evaluated["report"].update(optimizer_updates=updates)
                 return evaluated
 

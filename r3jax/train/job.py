@@ -75,7 +75,7 @@ def write_results(workdir: str, rows: dict[str, dict], title: str) -> None:
     print("\n".join(lines))
 
 
-def test_rows(name: str, report: dict, records: list[dict], params: Any, model_cfg: ModelConfig,
+def test_rows(name: str, report: dict, records: list[dict], model_cfg: ModelConfig, params: Any,
               tokenizer: tokenizer_lib.Tokenizer, task: Task, test_demos, mesh, config, workdir: str) -> dict:
     """The results rows of one model: its greedy `report`, and with config.eval.maj_k its maj@k
     evaluation. Writes the predictions of each."""
@@ -84,7 +84,7 @@ def test_rows(name: str, report: dict, records: list[dict], params: Any, model_c
     k = config.eval.maj_k
     if k:
         rows[f"{name} maj@{k}"], maj_records = evaluate(
-            params, model_cfg, tokenizer, task, test_demos, mesh, config.eval.batch_size,
+            model_cfg, params, tokenizer, task, test_demos, mesh, config.eval.batch_size,
             config.eval.max_new_tokens, desc=f"{name} maj@{k}", maj_k=k, temperature=config.eval.temperature)
         write_records(workdir, f"{name}_maj{k}", maj_records)
     return rows
@@ -100,9 +100,9 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     if config.eval.num_examples:
         test_demos = test_demos[:config.eval.num_examples]
     if config.mode == "eval":
-        report, records = evaluate(params, model_cfg, tokenizer, task, test_demos, mesh,
+        report, records = evaluate(model_cfg, params, tokenizer, task, test_demos, mesh,
                                    config.eval.batch_size, config.eval.max_new_tokens)
-        rows = test_rows("model", report, records, params, model_cfg, tokenizer, task, test_demos, mesh,
+        rows = test_rows("model", report, records, model_cfg, params, tokenizer, task, test_demos, mesh,
                          config, workdir)
         write_results(workdir, rows, f"{task.name}: evaluation")
         return rows
@@ -113,9 +113,9 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         if sft_dir is None:
             return None
         model_cfg, params = load_policy(sft_dir, config, mesh)
-        report, records = evaluate(params, model_cfg, tokenizer, task, test_demos, mesh,
+        report, records = evaluate(model_cfg, params, tokenizer, task, test_demos, mesh,
                                    config.eval.batch_size, config.eval.max_new_tokens, desc="SFT test")
-        rows.update(test_rows("sft", report, records, params, model_cfg, tokenizer, task, test_demos, mesh,
+        rows.update(test_rows("sft", report, records, model_cfg, params, tokenizer, task, test_demos, mesh,
                               config, workdir))
     if config.mode in ("train", "rl"):
         sft_dir = sft_dir or os.path.join(workdir, "sft", "best")
@@ -123,11 +123,11 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         result = rl.train(config, model_cfg, params, tokenizer, task, mesh, os.path.join(workdir, "rl"), stop)
         if result is None:
             return None
-        report, records = evaluate(result["params"], model_cfg, tokenizer, task, test_demos, mesh,
+        report, records = evaluate(model_cfg, result["params"], tokenizer, task, test_demos, mesh,
                                    config.eval.batch_size, config.eval.max_new_tokens, desc="final eval")
         report.update(steps=result["steps"], tokens_sampled=result["tokens_sampled"])
-        rows.update(test_rows(f"r3-{config.rl.strategy}", report, records, result["params"],
-                              model_cfg, tokenizer, task, test_demos, mesh, config, workdir))
+        rows.update(test_rows(f"r3-{config.rl.strategy}", report, records, model_cfg,
+                              result["params"], tokenizer, task, test_demos, mesh, config, workdir))
         sft.export(os.path.join(workdir, "rl", "final"), model_cfg, result["params"], tokenizer,
                    config.model.export_dtype)
     stop.restore()

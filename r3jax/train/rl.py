@@ -99,7 +99,7 @@ def collect(c, schedule: curriculum.Curriculum, task: Task, tokenizer: Tokenizer
     while rounds < rounds_allowed and len(states) < c.batch_size:
         round_states = [s for s in schedule.batch(data_position, progress) for _ in range(group)]
         sample_key, _ = jax.random.split(jax.random.fold_in(base_key, data_position))
-        rollout, texts = rollout_lib.generate(sampling_params, model_cfg, tokenizer, round_states, settings,
+        rollout, texts = rollout_lib.generate(model_cfg, sampling_params, tokenizer, round_states, settings,
                                               sample_key, mesh)
         round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
                                         [s.demo.answer for s in round_states])
@@ -201,7 +201,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         return state, {"step": step + 1, "tokens_sampled": tokens_sampled, "data_position": data_position}, record
 
     def validate(state: ppo.PPOState, meta: dict) -> tuple[dict, list[dict], dict]:
-        report, records = evaluate(state.params.policy, model_cfg, tokenizer, task, eval_demos, mesh,
+        report, records = evaluate(model_cfg, state.params.policy, tokenizer, task, eval_demos, mesh,
                                    config.eval.batch_size, config.eval.max_new_tokens, desc="RL eval")
         return ({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k}, samples(task, eval_demos, records),
                 meta)

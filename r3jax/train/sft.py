@@ -61,7 +61,7 @@ def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict
     return {"tokens": tokens, "attention_mask": mask, "loss_mask": loss_mask}
 
 
-def nll_sum(params, batch: dict, model_cfg: ModelConfig, logits_chunk: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
+def nll_sum(model_cfg: ModelConfig, params, batch: dict, logits_chunk: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(summed next-token NLL over loss-masked targets, their count); the LM head runs
     `logits_chunk` positions at a time (0: all at once), as in the PPO loss."""
     _, hidden = forward(model_cfg, params, batch["tokens"], batch["attention_mask"], with_head=False)
@@ -73,7 +73,7 @@ def nll_sum(params, batch: dict, model_cfg: ModelConfig, logits_chunk: int = 0) 
 def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, logits_chunk: int = 0):
     """`step(state, batch [micro, accum, length], lr_scale) -> (state, metrics)`, one jit, state
     donated; `lr_scale` is the schedule's multiplier of the optimizer's peak learning rate."""
-    grad_fn = jax.value_and_grad(lambda p, b: nll_sum(p, b, model_cfg, logits_chunk), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: nll_sum(model_cfg, p, b, logits_chunk), has_aux=True)
 
     def step(state: SFTState, batch: dict, lr_scale):
         def accumulate(carry, microbatch):
@@ -135,7 +135,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
         return state, {**meta, "step": step + 1}, {k: float(v) for k, v in metrics.items()} | {"lr": c.lr * lr_scale}
 
     def select(state: SFTState, meta: dict) -> tuple[dict, list[dict], dict]:
-        report, records = evaluate(state.params, model_cfg, tokenizer, task, eval_demos, mesh,
+        report, records = evaluate(model_cfg, state.params, tokenizer, task, eval_demos, mesh,
                                    config.eval.batch_size, config.eval.max_new_tokens, desc="SFT eval")
         if report["accuracy"] > meta["best"]["accuracy"]:
             meta = {**meta, "best": {"accuracy": report["accuracy"], "step": meta["step"]}}
