@@ -85,8 +85,8 @@ def _aside(path: str, label: str, primary: bool) -> str:
 
 def claim(workdir: str, config, primary: bool = True) -> list[str]:
     """Checks `workdir` against the config stored there and prepares it (the primary process moves
-    what is replaced aside); returns what to tell the user. Raises ConfigError listing every differing key when the configs conflict and
-    `config.resume` is empty."""
+    what is replaced aside); returns what to tell the user. Raises ConfigError listing every
+    differing key when the configs conflict and `config.resume` is empty."""
     stored_path = os.path.join(workdir, "config.json")
     if not os.path.exists(stored_path):
         return []
@@ -110,5 +110,6 @@ def claim(workdir: str, config, primary: bool = True) -> list[str]:
     for key in extending:
         messages.append(f"extending: {key} {old[key]!r} -> {new[key]!r}")
     if any(EXTENDING[key] == "sft" for key in extending) and os.path.exists(os.path.join(workdir, "rl")):
-        messages.append(f"the RL phase was trained from the shorter SFT: moved to {_aside(os.path.join(workdir, 'rl'), 'before-sft-extension', primary)}")
+        moved = _aside(os.path.join(workdir, "rl"), "before-sft-extension", primary)
+        messages.append(f"the RL phase was trained from the shorter SFT: moved to {moved}")
     return messages

@@ -59,39 +59,39 @@ def load_policy(path: str, config, mesh) -> tuple[ModelConfig, Any]:
     return hf.load(path, mesh, **{k: config.model[k] for k in EXECUTION_KEYS})
 
 
-def write_results(workdir: str, rows: dict[str, dict], title: str) -> None:
+def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
     """results.json and a markdown table in the workdir (process 0 only)."""
     if not sharding.is_primary():
         return
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    keys = sorted({k for r in rows.values() for k in r if k.startswith("accuracy")},
+        json.dump(results, f, indent=2)
+    keys = sorted({k for r in results.values() for k in r if k.startswith("accuracy")},
                   key=lambda k: (k != "accuracy", len(k), k))
     lines = [f"# {title}", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, row in rows.items():
+    for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys) + " |")
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def test_rows(name: str, report: dict, records: list[dict], model_cfg: ModelConfig, params: Any,
+def result_entries(name: str, report: dict, records: list[dict], model_cfg: ModelConfig, params: Any,
               tokenizer: tokenizer_lib.Tokenizer, task: Task, test_demos, mesh, config, workdir: str) -> dict:
-    """The results rows of one model: its greedy `report`, and with config.eval.maj_k its maj@k
+    """The results entries of one model: its greedy `report`, and with config.eval.maj_k its maj@k
     evaluation. Writes the predictions of each."""
     write_records(workdir, name, records)
-    rows = {name: report}
+    results = {name: report}
     k = config.eval.maj_k
     if k:
-        rows[f"{name} maj@{k}"], maj_records = evaluate(
+        results[f"{name} maj@{k}"], maj_records = evaluate(
             model_cfg, params, tokenizer, task, test_demos, mesh, config.eval.batch_size,
             config.eval.max_new_tokens, desc=f"{name} maj@{k}", maj_k=k, temperature=config.eval.temperature)
         write_records(workdir, f"{name}_maj{k}", maj_records)
-    return rows
+    return results
 
 
 def run(config, workdir: str, task: Task, mesh) -> dict | None:
-    """Modes train / sft / rl / eval. Returns the results rows, or None if stopped by a signal."""
+    """Modes train / sft / rl / eval. Returns the results entries, or None if stopped by a signal."""
     os.makedirs(workdir, exist_ok=True)
     stop = StopSignal()
     tokenizer = build_tokenizer(config, task, workdir)
@@ -102,11 +102,11 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     if config.mode == "eval":
         report, records = evaluate(model_cfg, params, tokenizer, task, test_demos, mesh,
                                    config.eval.batch_size, config.eval.max_new_tokens)
-        rows = test_rows("model", report, records, model_cfg, params, tokenizer, task, test_demos, mesh,
+        results = result_entries("model", report, records, model_cfg, params, tokenizer, task, test_demos, mesh,
                          config, workdir)
-        write_results(workdir, rows, f"{task.name}: evaluation")
-        return rows
-    rows = {}
+        write_results(workdir, results, f"{task.name}: evaluation")
+        return results
+    results = {}
     sft_dir = config.rl.init
     if config.mode in ("train", "sft"):
         sft_dir = sft.train(config, model_cfg, params, tokenizer, task, mesh, workdir, stop)
@@ -115,7 +115,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         model_cfg, params = load_policy(sft_dir, config, mesh)
         report, records = evaluate(model_cfg, params, tokenizer, task, test_demos, mesh,
                                    config.eval.batch_size, config.eval.max_new_tokens, desc="SFT test")
-        rows.update(test_rows("sft", report, records, model_cfg, params, tokenizer, task, test_demos, mesh,
+        results.update(result_entries("sft", report, records, model_cfg, params, tokenizer, task, test_demos, mesh,
                               config, workdir))
     if config.mode in ("train", "rl"):
         sft_dir = sft_dir or os.path.join(workdir, "sft", "best")
@@ -126,13 +126,13 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         report, records = evaluate(model_cfg, result["params"], tokenizer, task, test_demos, mesh,
                                    config.eval.batch_size, config.eval.max_new_tokens, desc="final eval")
         report.update(steps=result["steps"], tokens_sampled=result["tokens_sampled"])
-        rows.update(test_rows(f"r3-{config.rl.strategy}", report, records, model_cfg,
+        results.update(result_entries(f"r3-{config.rl.strategy}", report, records, model_cfg,
                               result["params"], tokenizer, task, test_demos, mesh, config, workdir))
         sft.export(os.path.join(workdir, "rl", "final"), model_cfg, result["params"], tokenizer,
                    config.model.export_dtype)
     stop.restore()
-    write_results(workdir, rows, f"{task.name}: test accuracy at start state k = 0 (greedy unless maj@k)")
-    return rows
+    write_results(workdir, results, f"{task.name}: test accuracy at start state k = 0 (greedy unless maj@k)")
+    return results
 
 
 def write_records(workdir: str, name: str, records: list[dict]) -> None:

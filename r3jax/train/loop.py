@@ -1,6 +1,6 @@
 """The training-loop scaffold SFT and RL share: resume from the last checkpoint, the primary
 host's progress bar and metrics writer, periodic evaluation, a stop on a non-finite value,
-checkpoints on schedule and on a stop signal, and the phase's curves at the end. A phase supplies
+checkpoints at their interval and on a stop signal, and the phase's curves at the end. A phase supplies
 only its step, `(state, meta) -> (state, meta, record)`, where `meta` holds the host-side facts a
 checkpoint keeps beside the state (at least `step`)."""
 from __future__ import annotations
@@ -49,11 +49,13 @@ def run(phase: Phase, config, state: Any, meta: Meta, step_fn: Callable[[Any, Me
                                    f"resuming at step {meta['step']} ({now:,} of {total:,} {unit})"))
     writer = MetricsWriter.for_run(phase.workdir, phase.log, meta["step"], config)
     now, total, unit = position(meta)
-    with tqdm(total=total, initial=min(now, total), desc=phase.name, unit=unit, disable=not sharding.is_primary()) as bar:
+    with tqdm(total=total, initial=min(now, total), desc=phase.name, unit=unit,
+              disable=not sharding.is_primary()) as bar:
         while not done(meta) and not stop.requested:
             state, meta, record = step_fn(state, meta)
             step = meta["step"]
-            if evaluate_fn and phase.eval_every and (step % phase.eval_every == 0 or (phase.eval_at_end and done(meta))):
+            due = phase.eval_every and (step % phase.eval_every == 0 or (phase.eval_at_end and done(meta)))
+            if evaluate_fn and due:
                 evaluated, samples, meta = evaluate_fn(state, meta)
                 record.update(evaluated)
                 writer.write_samples(step, samples)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from r3jax import config as config_lib, curriculum, optim, ppo, rollout as rollout_lib, sharding
+from r3jax import config as config_lib, curriculum as curriculum_lib, optim, ppo, rollout as rollout_lib, sharding
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import accuracy_report, evaluate, samples
 from r3jax.models.transformer import ModelConfig
@@ -42,15 +42,16 @@ def ppo_config(c) -> ppo.PPOConfig:
     return config_lib.from_section(ppo.PPOConfig, c)
 
 
-def build_curriculum(c, task: Task, tokenizer: Tokenizer, strategy: str, seed: int) -> curriculum.Curriculum:
+def build_curriculum(c, task: Task, tokenizer: Tokenizer, strategy: str, seed: int) -> curriculum_lib.Curriculum:
     """Start states of the training demonstrations; prompts longer than rl.max_prompt_length are left out."""
     states = rollout_lib.tokenize_states(tokenizer, task, [
-        s for demo in task.demonstrations("train") for s in curriculum.start_states(task, demo, c.num_start_states or None)])
+        s for demo in task.demonstrations("train")
+        for s in curriculum_lib.start_states(task, demo, c.num_start_states or None)])
     fitting = [s for s in states if len(s.prompt_tokens) <= c.max_prompt_length]
     if len(fitting) < len(states):
         print(f"RL: left out {len(states) - len(fitting)} of {len(states)} start states longer than "
               f"rl.max_prompt_length={c.max_prompt_length}")
-    return curriculum.Curriculum(fitting, strategy, c.batch_size // c.group_size, seed, c.stage_length,
+    return curriculum_lib.Curriculum(fitting, strategy, c.batch_size // c.group_size, seed, c.stage_length,
                                  c.stage_unit, tuple(c.stage_weights) or None)
 
 
@@ -84,7 +85,7 @@ def truncated(completions: np.ndarray, lengths: np.ndarray, stop_ids: tuple[int,
     return (lengths == 0) | ~np.isin(last, stop_ids)
 
 
-def collect(c, schedule: curriculum.Curriculum, task: Task, tokenizer: Tokenizer, model_cfg: ModelConfig,
+def collect(c, curriculum: curriculum_lib.Curriculum, task: Task, tokenizer: Tokenizer, model_cfg: ModelConfig,
             sampling_params: Any, settings: SamplingConfig, base_key: jax.Array, mesh, data_position: int,
             progress: float) -> tuple[Collected, int]:
     """Samples `rl.group_size` completions of each start state of the curriculum's batch at
@@ -97,7 +98,7 @@ def collect(c, schedule: curriculum.Curriculum, task: Task, tokenizer: Tokenizer
     new_tokens = rounds = dropped = 0
     equal_by_stage: dict[int, list[bool]] = collections.defaultdict(list)
     while rounds < rounds_allowed and len(states) < c.batch_size:
-        round_states = [s for s in schedule.batch(data_position, progress) for _ in range(group)]
+        round_states = [s for s in curriculum.batch(data_position, progress) for _ in range(group)]
         sample_key, _ = jax.random.split(jax.random.fold_in(base_key, data_position))
         rollout, texts = rollout_lib.generate(model_cfg, sampling_params, tokenizer, round_states, settings,
                                               sample_key, mesh)
@@ -151,12 +152,12 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     strategy = strategy or c.strategy
     seed = config.seed if seed is None else seed
     os.makedirs(workdir, exist_ok=True)
-    schedule = build_curriculum(c, task, tokenizer, strategy, seed)
+    curriculum = build_curriculum(c, task, tokenizer, strategy, seed)
     reference = sharding.compute_copy(model_cfg, mesh)(policy)  # own buffers: the training state is donated
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
-    steps = config_lib.training_steps(c, len(schedule.states), c.batch_size // c.group_size)
+    steps = config_lib.training_steps(c, len(curriculum.states), c.batch_size // c.group_size)
     if c.data_epochs:
-        print(f"RL: {c.data_epochs:g} epochs over {len(schedule.states):,} start states = {steps:,} steps")
+        print(f"RL: {c.data_epochs:g} epochs over {len(curriculum.states):,} start states = {steps:,} steps")
     policy_opt = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
     critic_opt = optim.adamw(c.critic_lr or c.lr, c.weight_decay, c.grad_clip)
     optimizer = optim.actor_critic(policy_opt, critic_opt, params)
@@ -175,8 +176,9 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
         _, update_key = jax.random.split(jax.random.fold_in(base_key, step))
         progress = tokens_sampled / budget if budget else step / steps
         started = time.perf_counter()
-        collected, data_position = collect(c, schedule, task, tokenizer, model_cfg, to_rollout_layout(state.params.policy),
-                                           settings, base_key, rollout_mesh, meta["data_position"], progress)
+        collected, data_position = collect(c, curriculum, task, tokenizer, model_cfg,
+                                           to_rollout_layout(state.params.policy), settings, base_key, rollout_mesh,
+                                           meta["data_position"], progress)
         sampled = time.perf_counter()
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
         record = {}
@@ -197,7 +199,7 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
             record.update({"sampling_rounds": collected.rounds, "dropped_groups": collected.dropped_groups,
                            "kept_rows": len(collected.states)})
         if strategy == "staged":
-            record["stage"] = schedule.stage_at(step, progress)
+            record["stage"] = curriculum.stage_at(step, progress)
         return state, {"step": step + 1, "tokens_sampled": tokens_sampled, "data_position": data_position}, record
 
     def validate(state: ppo.PPOState, meta: dict) -> tuple[dict, list[dict], dict]:
@@ -208,11 +210,13 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
 
     phase = loop.Phase(f"RL {strategy}", workdir, "rl", c.checkpoint_every, config.checkpoint.keep, c.eval_every,
                        finite_keys=("loss", "reward", "kl", "grad_norm"),
-                       progress_bar=(("reward", "reward"), ("acc", "accuracy"), ("kl", "kl"), ("eval", "eval/accuracy")))
+                       progress_bar=(("reward", "reward"), ("acc", "accuracy"), ("kl", "kl"),
+                                     ("eval", "eval/accuracy")))
     state, meta, finished = loop.run(
         phase, config, ppo.init_state(params, optimizer), {"step": 0, "tokens_sampled": 0, "data_position": 0},
         rl_step, lambda meta: meta["step"] >= steps or bool(budget and meta["tokens_sampled"] >= budget),
-        lambda meta: (meta["tokens_sampled"], budget, "tok") if budget else (meta["step"], steps, "step"), stop, validate)
+        lambda meta: (meta["tokens_sampled"], budget, "tok") if budget else (meta["step"], steps, "step"),
+        stop, validate)
     if not finished:
         return None
     return {"params": state.params.policy, "steps": meta["step"], "tokens_sampled": meta["tokens_sampled"]}
