@@ -48,6 +48,13 @@ def paired_difference(a: np.ndarray, b: np.ndarray, draws: int = 2000, seed: int
     return Interval(float(a.mean() - b.mean()), *map(float, np.percentile(difference, [2.5, 97.5])))
 
 
+def verdict(difference: Interval) -> str:
+    """How a 95% interval of a difference (first minus second) reads."""
+    if difference.lo <= 0 <= difference.hi:
+        return "no difference"
+    return "first arm better" if difference.lo > 0 else "second arm better"
+
+
 def pass_at_k(samples: int, correct: int, k: int) -> float:
     """The unbiased pass@k of one problem from `samples` draws of which `correct` were right."""
     if samples - correct < k:

@@ -183,6 +183,8 @@ def test_embedded_default_fast(tmp_path):
     assert set(results) == {"sft", "r3-mixed"}
     for row in results.values():
         assert 0.0 <= row["accuracy"] <= 1.0 and "accuracy/steps_2" in row
+    table = (tmp_path / "results.md").read_text()
+    assert "| sft |" in table and "95% interval" in table and "r3-mixed - sft: " in table
     for name in ("results.md", "sft/sft_curves.png", "rl/rl_curves.png", "sft/best/model.safetensors"):
         assert (tmp_path / name).exists(), name
 

@@ -51,3 +51,9 @@ def test_pass_at_k_hand_worked():
     assert stats.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
     assert stats.pass_at_k(4, 3, 2) == 1.0
     assert stats.pass_at_k(8, 2, 8) == 1.0
+
+
+def test_verdict_reads_the_interval():
+    assert stats.verdict(stats.Interval(0.01, -0.02, 0.04)) == "no difference"
+    assert stats.verdict(stats.Interval(0.05, 0.01, 0.09)) == "first arm better"
+    assert stats.verdict(stats.Interval(-0.05, -0.09, -0.01)) == "second arm better"

@@ -135,7 +135,7 @@ def markdown(summary: dict) -> str:
     lines += ["", "| difference | mean [95% interval] | verdict |", "|---|---|---|"]
     for name, difference in summary["differences"].items():
         lo, hi = difference["ci95"]
-        verdict = "no difference" if lo <= 0 <= hi else ("first arm better" if lo > 0 else "second arm better")
+        verdict = stats.verdict(stats.Interval(difference["mean"], lo, hi))
         lines.append(f"| {name.replace('_vs_', ' - ')} | {difference['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {verdict} |")
     stages = sorted({s for row in summary["premise"].values() for s in row}, key=lambda s: int(s.rsplit("_", 1)[1]))
     lines += ["", "SFT model's success at the RL temperature, validation split (the premise):", "",

@@ -6,10 +6,12 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
-from r3jax import config as config_lib, sharding, tokenizer as tokenizer_lib
+from r3jax import config as config_lib, sharding, stats, tokenizer as tokenizer_lib
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import evaluate
+from r3jax.metrics import read_jsonl
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, init_params
 from r3jax.tasks import Task
@@ -67,9 +69,19 @@ def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
         json.dump(results, f, indent=2)
     keys = sorted({k for r in results.values() for k in r if k.startswith("accuracy")},
                   key=lambda k: (k != "accuracy", len(k), k))
-    lines = [f"# {title}", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    correct = {name: [float(r["correct"]) for r in read_jsonl(os.path.join(workdir, f"{name}_predictions.jsonl"))]
+               for name in results if os.path.exists(os.path.join(workdir, f"{name}_predictions.jsonl"))}
+    lines = [f"# {title}", "", "| model | " + " | ".join(keys) + " | 95% interval |", "|---" * (len(keys) + 2) + "|"]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys) + " |")
+        interval = stats.bootstrap(np.array(correct[name])) if name in correct else None
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys)
+                     + (f" | [{interval.lo:.3f}, {interval.hi:.3f}] |" if interval else " | |"))
+    trained = [name for name in correct if name != "sft"]
+    if "sft" in correct and trained:
+        difference = stats.paired_difference(np.array(correct[trained[0]]), np.array(correct["sft"]))
+        lines += ["", f"{trained[0]} - sft: {difference.mean:+.3f} [{difference.lo:+.3f}, {difference.hi:+.3f}], "
+                  f"{stats.verdict(difference)} (95% intervals: a bootstrap over the {len(correct['sft'])} problems, "
+                  "paired for the difference)"]
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
