@@ -110,9 +110,6 @@ class Curriculum:
             else max(1, math.ceil(stage_length * len(self.by_stage[s]) / batch_size))
             for s in self.stages])  # unused with stage_unit "budget"
 
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.states) / self.batch_size)
-
     def stage_at(self, step: int, progress: float = 0.0) -> int | None:
         """The stage a staged run trains on: by step, or with stage_unit "budget" by the fraction
         of the token budget spent (`progress`), equal shares per stage. The last stage continues."""

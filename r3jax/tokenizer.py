@@ -71,11 +71,6 @@ class Tokenizer:
         """Writes the tokenizer into a model directory, where `load(directory)` finds it."""
         raise NotImplementedError
 
-    def batch_encode(self, texts: Sequence[str], add_bos: bool = True, length: int | None = None,
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded (tokens, mask), both `[batch, length]` int32; length defaults to the longest."""
-        return left_pad([self.encode(t, add_bos=add_bos) for t in texts], self.pad_id, length)
-
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
              ) -> tuple[np.ndarray, np.ndarray]:

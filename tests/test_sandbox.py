@@ -39,7 +39,7 @@ def test_adversarial_program_scores_zero(name, monkeypatch):
     monkeypatch.setenv("R3JAX_SECRET", "42")
     task = tasks.get("gsm8k_pot", sandbox_workers=1, sandbox_limits=LIMITS)
     start = time.monotonic()
-    assert task.score(ADVERSARIAL[name], "42").reward == 0.0
+    assert task.score_batch([ADVERSARIAL[name]], ["42"])[0].reward == 0.0
     assert time.monotonic() - start < LIMITS.wall_seconds + 2
     assert not os.path.exists(OUTSIDE)
     assert run_program("def solution():\n    return 42\n", LIMITS) == 42.0  # still works after
@@ -53,7 +53,7 @@ def test_released_program_scores_one(data_dir):
     demos = task.demonstrations("train")[:8]
     scores = task.score_batch([d.response for d in demos], [d.answer for d in demos])
     assert [s.reward for s in scores] == [1.0] * 8
-    wrong = task.score(demos[0].response.replace("return result", "return result + 1"), demos[0].answer)
+    wrong = task.score_batch([demos[0].response.replace("return result", "return result + 1")], [demos[0].answer])[0]
     assert wrong.reward == 0.2 and records[0]["answer_value"] == demos[0].answer
     task.close()
 

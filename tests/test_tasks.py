@@ -53,17 +53,17 @@ def test_every_gsm8k_gold_rationale_scores_one(data_dir):
     assert len(demos) == 7473 + 1319
     for demo in demos:
         response = demo.response
-        assert task.score(response, demo.answer).reward == 1.0, demo.id
+        assert task.score_batch([response], [demo.answer])[0].reward == 1.0, demo.id
     wrong = demos[0].response.rsplit("####", 1)[0] + f"#### {float(demos[0].answer) + 3}"
-    assert task.score(wrong, demos[0].answer) == answers.Score(0.2, False, True)
-    assert task.score("I do not know.", demos[0].answer).reward == 0.0
+    assert task.score_batch([wrong], [demos[0].answer])[0] == answers.Score(0.2, False, True)
+    assert task.score_batch(["I do not know."], [demos[0].answer])[0].reward == 0.0
 
 
 @pytest.mark.parametrize("name", ["svamp", "snli", "mnli", "race", "boardgameqa"])
 def test_released_tasks_score_their_own_demonstrations(name):
     task = tasks.get(name)
     for demo in task.demonstrations("train")[:200]:
-        assert task.score(demo.response, demo.answer).correct, demo.id
+        assert task.score_batch([demo.response], [demo.answer])[0].correct, demo.id
     assert task.demonstrations("test")
 
 
@@ -97,7 +97,7 @@ def test_arith_is_deterministic_and_gold_scores_one():
     task = tasks.get("arith", seed=3)
     steps = set()
     for demo in first:
-        assert task.score(demo.response, demo.answer) == answers.Score(1.0, True, True)
+        assert task.score_batch([demo.response], [demo.answer])[0] == answers.Score(1.0, True, True)
         lines = demo.rationale.strip().split("\n")
         steps.add(len(lines))
         assert len(lines) == dict(demo.meta)["num_steps"]

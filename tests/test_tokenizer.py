@@ -23,9 +23,9 @@ def test_sentencepiece_roundtrip_and_digits(sp_file):
     assert [p for p in pieces if p != "\u2581"] == ["1", "2", "3", "4"]  # one token per digit
 
 
-def test_batch_encode_left_pads(sp_file):
+def test_left_pad(sp_file):
     tok = tokenizer.load(sp_file)
-    tokens, mask = tok.batch_encode(["Mia has 3 pens.", "Leo"])
+    tokens, mask = tokenizer.left_pad([tok.encode(t, add_bos=True) for t in ["Mia has 3 pens.", "Leo"]], tok.pad_id)
     assert tokens.shape == mask.shape and tokens[0, 0] == tok.bos_id
     assert mask[1].tolist() == [0] * (mask.shape[1] - mask[1].sum()) + [1] * mask[1].sum()
     assert (tokens[mask == 0] == tok.pad_id).all()

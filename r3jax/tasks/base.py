@@ -178,9 +178,6 @@ class Task:
     def score_batch(self, responses: Sequence[str], golds: Sequence[str]) -> list[Score]:
         return [self.score_answer(a, g) for a, g in zip(self.answers(responses), golds)]
 
-    def score(self, response: str, gold: str) -> Score:
-        return self.score_batch([response], [gold])[0]
-
     def runtime_info(self) -> dict[str, str]:
         """What a run should record about how this task executes (e.g. the sandbox's isolation);
         starts what it reports on, so a problem shows at start-up."""
