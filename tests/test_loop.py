@@ -66,6 +66,21 @@ def test_sft_stopped_mid_run_resumes_to_the_same_model(tiny_setup, tmp_path):
     assert (tmp_path / "cut" / "sft" / "sft_curves.png").exists()
 
 
+def test_finished_sft_is_skipped_and_more_steps_extend_it(tiny_setup, tmp_path, capsys):
+    task, tok, cfg, mesh, config = tiny_setup
+    config = config.copy_and_resolve_references()
+    config.sft.update(steps=2, eval_every=0)
+    run = lambda: sft.train(config, cfg, tiny_params(cfg), tok, task, mesh, str(tmp_path), StopSignal())
+    run()
+    first_export = (tmp_path / "sft" / "last" / "model.safetensors").stat().st_mtime
+    assert "finished at step 2" in (run(), capsys.readouterr().out)[1]
+    config.sft.steps = 3
+    run()
+    assert "SFT: extending from step 2 to 3" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "sft" / "sft.jsonl"))] == [1, 2, 3]
+    assert (tmp_path / "sft" / "last" / "model.safetensors").stat().st_mtime > first_export
+
+
 def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tmp_path):
     task, tok, cfg, mesh, config = tiny_setup
     policy = tiny_params(cfg, scale=3.0)

@@ -327,15 +327,15 @@ def test_own_data_and_reward_end_to_end(tmp_path, capsys, monkeypatch):
     for split, path in (("train", tmp_path / "train.jsonl"), ("test", tmp_path / "test.jsonl")):
         path.write_text("".join(json.dumps({"question": d.question, "rationale": d.rationale.strip(), "answer": d.answer})
                                 + "\n" for d in arith.demonstrations(split)))
-    (tmp_path / "my_rewards.py").write_text("def exact(response, gold):\n    return response.rstrip().endswith(gold)\n")
+    (tmp_path / "my_main_rewards.py").write_text("def exact(response, gold):\n    return response.rstrip().endswith(gold)\n")
     monkeypatch.chdir(tmp_path)
     options = {"train_path": str(tmp_path / "train.jsonl"), "test_path": str(tmp_path / "test.jsonl"),
-               "validation_size": 16, "reward_fn": "my_rewards:exact"}
+               "validation_size": 16, "reward_fn": "my_main_rewards:exact"}
     code, out, err = run_in_process(
         capsys, f"{ROOT}/configs/arith.py", tmp_path / "run", task__name="jsonl", task__options=options,
         model__hidden_size=32, model__intermediate_size=64, model__num_layers=2, model__head_dim=8,
         sft__steps=2, sft__eval_every=0, rl__steps=2, rl__batch_size=8, rl__max_new_tokens=16, rl__eval_every=0,
-        eval__num_examples=16, eval__max_new_tokens=16)
+        rl__separate_critic=False, eval__num_examples=16, eval__max_new_tokens=16)
     assert code == 0, err[-3000:]
     results = json.load(open(tmp_path / "run" / "results.json"))
     assert set(results) == {"sft", "r3-mixed"} and [r["step"] for r in rl_log(str(tmp_path / "run"))] == [1, 2]

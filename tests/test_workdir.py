@@ -1,17 +1,12 @@
 """Workdir identity: a rerun under a different config is refused key by key unless config.resume
 says what to do; growing a finished phase extends it; comparison units are named by their config."""
-import dataclasses
 import json
 import os
 
-import jax
 import pytest
 
-from helpers import TINY, tiny_params
-from r3jax import config as config_lib, sharding, tasks, tokenizer, workdir
-from r3jax.checkpoint import StopSignal
-from r3jax.metrics import read_jsonl
-from r3jax.train import compare, sft
+from r3jax import config as config_lib, workdir
+from r3jax.train import compare
 
 
 def _stored(path, config):
@@ -90,22 +85,3 @@ def test_comparison_units_are_named_by_every_defining_value(tmp_path):
     evaluated = config.copy_and_resolve_references()
     evaluated.eval.num_examples = 9
     assert workdir.evaluation_key(evaluated) != workdir.evaluation_key(config)
-
-
-def test_more_sft_steps_continue_the_finished_sft(tmp_path, capsys):
-    task = tasks.get("arith", num_train=64, num_test=8, max_steps=3)
-    texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")]
-    tok = tokenizer.load(tokenizer.train_sentencepiece(texts, str(tmp_path / "tok"), vocab_size=TINY.vocab_size))
-    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
-    config = config_lib.base_config()
-    config.sft.update(steps=2, batch_size=4, checkpoint_every=1, max_length=256)
-    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    run = lambda: sft.train(config, cfg, tiny_params(cfg), tok, task, mesh, str(tmp_path), StopSignal())
-    assert run() == str(tmp_path / "sft" / "best")
-    first_export = os.path.getmtime(tmp_path / "sft" / "last" / "model.safetensors")
-    assert "finished at step 2" in (run(), capsys.readouterr().out)[1]
-    config.sft.steps = 4
-    run()
-    assert "SFT: extending from step 2 to 4" in capsys.readouterr().out
-    assert [r["step"] for r in read_jsonl(str(tmp_path / "sft" / "sft.jsonl"))] == [1, 2, 3, 4]
-    assert os.path.getmtime(tmp_path / "sft" / "last" / "model.safetensors") > first_export
