@@ -81,6 +81,7 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh
     return jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(key)
 
 
+@functools.lru_cache(maxsize=8)  # one compiled copier per model and mesh: the comparison's arms share it
 def compute_copy(model_cfg: ModelConfig, mesh: Mesh) -> Callable[[Any], Any]:
     """`copy(params) -> params` in the compute dtype, in new buffers, laid out as the params'
     logical axes are on `mesh`, as one jitted call: the frozen RL reference (on the training mesh)
