@@ -10,7 +10,7 @@ import os
 import shutil
 from typing import Any
 
-from r3jax.config import ConfigError, flatten
+from r3jax.config import ConfigError, base_config, flatten
 
 # keys that change only what is evaluated, logged or kept: results are recomputed under them
 NOT_DEFINING = ("eval.", "metrics.", "checkpoint.keep", "resume", "compare.output", "compare.samples",
@@ -56,9 +56,15 @@ def _extends(key: str, old, new) -> bool:
     return isinstance(old, (int, float)) and isinstance(new, (int, float)) and new >= old
 
 
+def stored_values(stored: dict) -> dict[str, Any]:
+    """The defining values of a stored config.json; a key it lacks (written before the key
+    existed) counts as its default."""
+    return {**defining_values(base_config()), **defining_values(stored)}
+
+
 def differences(stored: dict, config) -> tuple[list[str], list[str]]:
     """(conflicting keys, extending keys) between a stored config.json and the new config."""
-    old, new = defining_values(stored), defining_values(config)
+    old, new = stored_values(stored), defining_values(config)
     conflicts, extending = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
@@ -92,7 +98,7 @@ def claim(workdir: str, config, primary: bool = True) -> list[str]:
         return []
     with open(stored_path) as f:
         stored = json.load(f)
-    old = defining_values(stored)
+    old = stored_values(stored)
     conflicts, extending = differences(stored, config)
     new = defining_values(config)
     described = [f"  {key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"

@@ -35,6 +35,17 @@ def test_a_different_config_is_refused_one_line_per_key(tmp_path):
     assert "--config.resume=continue" in lines[3] and len(lines) == 4
 
 
+def test_a_workdir_from_before_a_key_existed_takes_its_default(tmp_path):
+    config = config_lib.base_config()
+    older = json.loads(config.to_json_best_effort())
+    del older["resume"], older["metrics"], older["rl"]["max_log_ratio"]
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    assert workdir.claim(str(tmp_path), config) == []
+    config.rl.max_log_ratio = 10.0
+    with pytest.raises(config_lib.ConfigError, match="rl.max_log_ratio: 20.0 there, 10.0 now"):
+        workdir.claim(str(tmp_path), config)
+
+
 def test_resume_continue_keeps_and_restart_moves_aside(tmp_path):
     _stored(tmp_path / "run", config_lib.base_config())
     (tmp_path / "run" / "sft").mkdir()
