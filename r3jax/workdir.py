@@ -62,9 +62,9 @@ def stored_values(stored: dict) -> dict[str, Any]:
     return {**defining_values(base_config()), **defining_values(stored)}
 
 
-def differences(stored: dict, config) -> tuple[list[str], list[str]]:
-    """(conflicting keys, extending keys) between a stored config.json and the new config."""
-    old, new = stored_values(stored), defining_values(config)
+def differences(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(conflicting keys, extending keys) between the stored (`stored_values`) and the new
+    (`defining_values`) values."""
     conflicts, extending = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
@@ -98,9 +98,8 @@ def claim(workdir: str, config, primary: bool = True) -> list[str]:
         return []
     with open(stored_path) as f:
         stored = json.load(f)
-    old = stored_values(stored)
-    conflicts, extending = differences(stored, config)
-    new = defining_values(config)
+    old, new = stored_values(stored), defining_values(config)
+    conflicts, extending = differences(old, new)
     described = [f"  {key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"
                  for key in conflicts + extending]
     if conflicts and not config.resume:

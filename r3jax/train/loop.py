@@ -42,13 +42,14 @@ def run(phase: Phase, config, state: Any, meta: Meta, step_fn: Callable[[Any, Me
     (`MetricsWriter.write_samples`) and the meta to keep.
     Returns (state, meta, finished): finished is False when a signal stopped it."""
     checkpointer = Checkpointer(os.path.join(phase.workdir, "checkpoints"), keep=phase.keep)
-    if checkpointer.latest_step() is not None:
+    restored = checkpointer.latest_step() is not None
+    if restored:
         state, meta = checkpointer.restore(checkpointer.latest_step(), state)
-        now, total, unit = position(meta)
+    now, total, unit = position(meta)
+    if restored:
         print(f"{phase.name}: " + (f"finished at step {meta['step']}; nothing to add" if done(meta) else
                                    f"resuming at step {meta['step']} ({now:,} of {total:,} {unit})"))
     writer = MetricsWriter.for_run(phase.workdir, phase.log, meta["step"], config)
-    now, total, unit = position(meta)
     with tqdm(total=total, initial=min(now, total), desc=phase.name, unit=unit,
               disable=not sharding.is_primary()) as bar:
         while not done(meta) and not stop.requested:
