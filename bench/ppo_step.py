@@ -11,6 +11,9 @@ memory, where the `[batch, positions, vocab]` logits dominate.
 The update is also timed per advantage estimator on the same batch, in the same run: PPO with
 a value head on the policy (the paper's), PPO with a separate critic, and critic-free GRPO
 (groups of 4), so the cost of a critic shows as a ratio.
+On an accelerator it also times the update and the bare step at TinyLlama-1.1B's shape (float32
+master weights computing in bfloat16, as the paper recipes run) and reports their model FLOPs
+utilisation against the matmul rate measured in the same run.
 Results: bench/results/ppo_step-<device>.json.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from common import write
+from sampler import ONE_B, matmul_rate
 from r3jax import optim, ppo
 from r3jax.metrics import machine_info
 from r3jax.models.transformer import ModelConfig, init_params
@@ -46,27 +50,47 @@ def seconds_per_call(fn, repeats=3):
     return min(times)
 
 
-def make_rollout(cfg, key) -> ppo.Experience:
-    tokens = jax.random.randint(key, (BATCH, PROMPT + NEW), 3, cfg.vocab_size)
-    rollout = Rollout(tokens, jnp.ones_like(tokens), jnp.zeros((BATCH, NEW)), jnp.ones((BATCH, NEW), jnp.int32),
-                      jnp.full((BATCH,), NEW))
-    return ppo.experience(rollout, jax.random.uniform(key, (BATCH,)))
+def make_rollout(cfg, key, rows: int = BATCH, prompt: int = PROMPT, new: int = NEW) -> ppo.Experience:
+    tokens = jax.random.randint(key, (rows, prompt + new), 3, cfg.vocab_size)
+    rollout = Rollout(tokens, jnp.ones_like(tokens), jnp.zeros((rows, new)), jnp.ones((rows, new), jnp.int32),
+                      jnp.full((rows,), new))
+    return ppo.experience(rollout, jax.random.uniform(key, (rows,)))
 
 
 CRITICS = {"gae_value_head": ("gae", False), "gae_separate_critic": ("gae", True), "grpo": ("grpo", False)}
 
 
-def ppo_caller(cfg, ppo_cfg, optimizer, key, separate_critic=False):
-    """A no-argument call of one compiled PPO update (the state carried along, as in training)."""
-    rollout = make_rollout(cfg, key)
-    reference = nn.unbox(init_params(cfg, key))
+def fresh_weights(cfg, key):
+    """Randomly initialised weights in new buffers (each caller's state is donated)."""
+    return jax.jit(lambda k: nn.unbox(init_params(cfg, k)))(key)
+
+
+def ppo_caller(cfg, ppo_cfg, optimizer, key, separate_critic=False, shape=(BATCH, PROMPT, NEW)):
+    """A no-argument call of one compiled PPO update (the state carried along, as in training) on
+    rollouts of `shape` = (rows, prompt, new tokens), the reference in the compute dtype."""
+    rollout = make_rollout(cfg, key, *shape)
+    reference = jax.tree.map(lambda p: p.astype(cfg.jnp_dtype), fresh_weights(cfg, key))
     update = ppo.make_ppo_update(cfg, ppo_cfg, optimizer)
-    params = actor_critic_params(cfg, nn.unbox(init_params(cfg, key)), separate_critic,
-                                 critic=ppo_cfg.estimator == "gae")
+    params = actor_critic_params(cfg, fresh_weights(cfg, key), separate_critic, critic=ppo_cfg.estimator == "gae")
     state = [ppo.init_state(params, optimizer)]
 
     def call():
         state[0], metrics, _ = update(state[0], reference, rollout, key)
+        jax.block_until_ready(metrics)
+
+    return call
+
+
+def sft_caller(cfg, optimizer, key, tokens, logits_chunk: int = 0):
+    """A no-argument call of one bare SFT step (forward + backward + AdamW) on `tokens` [rows, length]."""
+    step = make_train_step(cfg, optimizer, logits_chunk)
+    params = fresh_weights(cfg, key)
+    state = [SFTState(params, optimizer.init(params), jnp.zeros((), jnp.int32))]
+    batch = {"tokens": tokens[:, None], "attention_mask": jnp.ones_like(tokens)[:, None],
+             "loss_mask": jnp.ones_like(tokens)[:, None]}
+
+    def call():
+        state[0], metrics = step(state[0], batch, 1.0)
         jax.block_until_ready(metrics)
 
     return call
@@ -82,6 +106,40 @@ def temp_bytes(cfg, ppo_cfg, optimizer, key) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+LARGE = ONE_B.replace(param_dtype="float32")
+LARGE_BATCH, LARGE_PROMPT, LARGE_NEW = 16, 128, 256
+
+
+def forward_flops(cfg, rows: int, length: int, head_positions: int) -> float:
+    """Matmul FLOPs of one forward pass over `rows` sequences of `length` tokens, the LM head at
+    `head_positions` of each (PaLM's count: 2 per weight per token, plus 4 * layers * width * length
+    per token for attention, causal masking not halved)."""
+    head = cfg.vocab_size * cfg.hidden_size
+    body = cfg.num_params() - head * (1 if cfg.tie_word_embeddings else 2)  # the embedding lookup is no matmul
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * length
+    return rows * (length * (2 * body + attention) + 2 * head * head_positions)
+
+
+def accelerator_utilisation(optimizer, key) -> dict:
+    """The PPO update (2 forwards to prepare, then epochs x forward + backward) and a bare SFT step at
+    TinyLlama-1.1B's shape: seconds, and model FLOPs over seconds over the measured bf16 matmul rate."""
+    cfg, rows, length = LARGE, LARGE_BATCH, LARGE_PROMPT + LARGE_NEW
+    ppo_cfg = ppo.PPOConfig(epochs=2, minibatches=1, logits_chunk=128)
+    ppo_s = seconds_per_call(ppo_caller(cfg, ppo_cfg, optimizer, key, shape=(rows, LARGE_PROMPT, LARGE_NEW)))
+    tokens = make_rollout(cfg, key, rows, LARGE_PROMPT, LARGE_NEW).rollout.tokens
+    sft_s = seconds_per_call(sft_caller(cfg, optimizer, key, tokens, 128))
+    rate = matmul_rate(8192, jnp.bfloat16)
+    completion_pass = forward_flops(cfg, rows, length, LARGE_NEW)
+    ppo_flops = (2 + 3 * ppo_cfg.epochs) * completion_pass
+    sft_flops = 3 * forward_flops(cfg, rows, length, length)
+    return {"model": "TinyLlama-1.1B shape, float32 weights, bfloat16 compute", "params": cfg.num_params(),
+            "batch": rows, "prompt": LARGE_PROMPT, "new_tokens": LARGE_NEW, "ppo_epochs": ppo_cfg.epochs,
+            "logits_chunk": 128, "matmul_tflop_per_s": rate / 1e12,
+            "ppo_update_s": ppo_s, "ppo_model_tflop": ppo_flops / 1e12, "ppo_mfu": ppo_flops / ppo_s / rate,
+            "train_step_s": sft_s, "train_step_model_tflop": sft_flops / 1e12, "train_step_mfu": sft_flops / sft_s / rate,
+            "ppo_over_train_step": ppo_s / sft_s}
+
+
 def main():
     cfg = SMALL
     key = jax.random.key(0)
@@ -92,16 +150,7 @@ def main():
     ppo_call = ppo_caller(cfg, ppo_cfg, optimizer, key)
     chunked_call = ppo_caller(cfg, chunked_cfg, optimizer, key)
 
-    sft_step = make_train_step(cfg, optimizer)
-    sft_params = nn.unbox(init_params(cfg, key))
-    sft_state = [SFTState(sft_params, optimizer.init(sft_params), jnp.zeros((), jnp.int32))]
-    sft_batch = {"tokens": tokens[:, None], "attention_mask": jnp.ones_like(tokens)[:, None],
-                 "loss_mask": jnp.ones_like(tokens)[:, None]}
-
-    def sft_call():
-        sft_state[0], metrics = sft_step(sft_state[0], sft_batch, 1.0)
-        jax.block_until_ready(metrics)
-
+    sft_call = sft_caller(cfg, optimizer, key, tokens)
     ppo_s, sft_s, chunked_s = seconds_per_call(ppo_call), seconds_per_call(sft_call), seconds_per_call(chunked_call)
     by_estimator = {}
     for name, (estimator, separate) in CRITICS.items():
@@ -123,6 +172,8 @@ def main():
               "large_vocab": LARGE_VOCAB, "large_vocab_temp_bytes": plain_bytes,
               "large_vocab_chunked_temp_bytes": chunked_bytes,
               "large_vocab_temp_ratio": chunked_bytes / plain_bytes}
+    if jax.default_backend() != "cpu":
+        result["accelerator"] = accelerator_utilisation(optimizer, key)
     print({k: v for k, v in result.items() if k not in ("model", "machine")})
     write("ppo_step", result)
 

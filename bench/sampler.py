@@ -28,7 +28,7 @@ from common import write
 from r3jax import models
 from r3jax.metrics import machine_info
 from r3jax.models import hf
-from r3jax.models.transformer import ModelConfig, head_logits, init_params
+from r3jax.models.transformer import ModelConfig, cache_block, head_logits, init_params
 from r3jax.sampling import SamplingConfig, sample
 
 SMALL = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
@@ -187,8 +187,8 @@ def step_minimum(cfg, params, batch, cached):
 
 
 def decode_floor(on_accelerator: bool) -> dict:
-    """One decode step's time at batch 64 (r3jax reading the KV cache in blocks as by default and in
-    one pass, and HF), against the time its minimum bytes take at the measured bandwidth and its
+    """One decode step's time at batch 64 (r3jax reading the KV cache in blocks of 64 and in one
+    pass, its default being the one `cache_block` picks on this backend, and HF), against the time its minimum bytes take at the measured bandwidth and its
     minimum FLOPs at the measured matmul rate."""
     import torch
 
@@ -202,8 +202,9 @@ def decode_floor(on_accelerator: bool) -> dict:
         """Seconds per decode step of `decode(new_tokens) -> seconds`, prefill and overhead cancelled."""
         return (decode(long) - decode(short)) / (long - short)
 
-    ours = per_step(lambda n: r3jax_decode(params, cfg, tokens, mask, n, 3))
-    ours_whole_cache = per_step(lambda n: r3jax_decode(params, cfg.replace(decode_block=0), tokens, mask, n, 3))
+    by_block = {block: per_step(lambda n, b=block: r3jax_decode(params, cfg.replace(decode_block=b), tokens, mask, n, 3))
+                for block in (0, 64)}
+    ours, ours_whole_cache, ours_blocks = by_block[cache_block(cfg)], by_block[0], by_block[64]
     with tempfile.TemporaryDirectory() as path:
         hf.save(path, cfg, params)
         hf_model = load_hf(path, getattr(torch, cfg.dtype))
@@ -223,7 +224,8 @@ def decode_floor(on_accelerator: bool) -> dict:
             "memory_floor_ms": float(memory_floor) * 1e3, "compute_floor_ms": float(compute_floor) * 1e3,
             "r3jax_step_ms": ours * 1e3, "r3jax_whole_cache_step_ms": ours_whole_cache * 1e3,
             "hf_step_ms": theirs * 1e3, "r3jax_over_floor": float(ours / floor),
-            "r3jax_whole_cache_over_floor": float(ours_whole_cache / floor), "hf_over_floor": float(theirs / floor)}
+            "r3jax_whole_cache_over_floor": float(ours_whole_cache / floor), "hf_over_floor": float(theirs / floor),
+            "r3jax_default_decode_block": cache_block(cfg), "r3jax_blocks_of_64_step_ms": ours_blocks * 1e3}
 
 
 def throughput_rows(batches) -> list[dict]:

@@ -12,13 +12,15 @@ def get_config():
     c.mode = "compare"
     c.task.options.num_test = 2000
     c.eval.num_examples = 0  # all 2,000
-    c.rl.token_budget = 50_000
+    c.rl.token_budget = 60_000
     c.rl.steps = 10_000  # the budget ends each run
     c.rl.stage_unit = "budget"  # staged: equal shares of the budget per stage, easiest first
     c.rl.eval_every = 0
     c.compare.seeds = (0, 1, 2)
-    # the paper's PPO for every strategy, and critic-free GRPO (4 samples per start state) for two
-    c.compare.arms = ("rl", "staged", "r3", "rl-grpo", "r3-grpo")
-    c.compare.group_size = 4
+    # the paper's PPO for every strategy (`r3-grpo` etc. add critic-free arms), each tried with
+    # two learning rates on the validation split before its seeds run
+    c.compare.arms = ("rl", "staged", "r3")
+    c.compare.tune_lr = (1e-5, 1e-4)
+    c.compare.tune_continued_lr = (1e-4, 3e-4)  # the SFT-continued control gets as many trials
     c.compare.sample_problems = 300
     return c

@@ -160,8 +160,13 @@ SCHEMA: dict[str, Any] = {
         "arms": (("rl", "staged", "r3"), "rl (outcome only), staged, r3 (mixed), each optionally "
                                           "-<estimator> (r3-grpo: critic-free over compare.group_size)"),
         "group_size": (4, "completions per start state of the critic-free arms"),
+        "tune_lr": ((), "RL learning rates every arm is tried with (seed compare.seeds[0], greedy accuracy on "
+                        "the validation split); () = rl.lr alone"),
+        "tune_kl_coef": ((), "KL coefficients tried likewise, crossed with compare.tune_lr; () = rl.kl_coef alone"),
         "continued_sft": (True, "the SFT-continued control arm: as many SFT updates as R^3 gets"),
         "continued_lr": (1e-4, "its constant learning rate"),
+        "tune_continued_lr": ((), "learning rates SFT-continued is tried with, as the RL arms are with theirs; "
+                                  "() = compare.continued_lr alone"),
         "samples": (4, "samples per problem for single-sample accuracy and pass@k"),
         "sample_problems": (500, "test problems those sampled metrics use"),
         "output": ("", "'' = <workdir>/compare.json"),
@@ -349,6 +354,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         strategy, _, estimator = arm.partition("-")
         _check(strategy in ARMS and (not estimator or estimator in ESTIMATORS), "compare.arms",
                f"{arm!r}: expected one of {tuple(ARMS)}, optionally with -<estimator> ({', '.join(ESTIMATORS)})")
+    _check(all(v > 0 for v in c.compare.tune_lr), "compare.tune_lr", f"{c.compare.tune_lr}: learning rates must be > 0")
+    _check(all(v > 0 for v in c.compare.tune_continued_lr), "compare.tune_continued_lr",
+           f"{c.compare.tune_continued_lr}: learning rates must be > 0")
+    _check(all(v >= 0 for v in c.compare.tune_kl_coef), "compare.tune_kl_coef",
+           f"{c.compare.tune_kl_coef}: KL coefficients must be >= 0")
     _check(c.compare.samples >= 0 and c.compare.sample_problems >= 0, "compare.samples",
            "samples per problem and problems for sampled metrics must be non-negative")
     _check(c.compare.group_size >= 2 and c.rl.batch_size % c.compare.group_size == 0, "compare.group_size",

@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from r3jax.models.transformer import ModelConfig, Transformer, head_logits, init_cache, positions_from_mask
+from r3jax.models.transformer import (ModelConfig, Transformer, cache_block, head_logits, init_cache,
+                                     positions_from_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ class DecodeState(NamedTuple):
 def _generate(cfg: ModelConfig, params: Any, prompt_tokens, prompt_mask, key, settings: SamplingConfig):
     batch, prompt_len = prompt_tokens.shape
     new = settings.max_new_tokens
-    block = cfg.decode_block or 1
+    block = cache_block(cfg) or 1
     cache_len = -(-(prompt_len + new) // block) * block  # whole blocks; the tail stays masked
     kv_mask = jnp.pad(prompt_mask, ((0, 0), (0, cache_len - prompt_len)))
     positions = positions_from_mask(prompt_mask)

@@ -164,8 +164,14 @@ def test_non_finite_loss_stops_with_status_3_naming_the_step(tmp_path):
 FAST_DEFAULT = [f"--config={ROOT}/configs/arith.py", "--config.task.options.num_train=1500",
                 "--config.task.options.num_test=64", "--config.sft.steps=160", "--config.sft.eval_every=0",
                 "--config.rl.steps=24", "--config.rl.batch_size=16", "--config.rl.eval_every=0",
-                "--config.rl.lr=3e-5",  # a larger step than the default 3e-6, so 24 steps show a trend
-                "--config.eval.num_examples=64", "--config.eval.batch_size=32"]
+                "--config.rl.lr=3e-5",  # a larger step than the default, so 24 steps show a trend
+                "--config.eval.num_examples=64", "--config.eval.batch_size=32",
+                # shorter chains and a wider model than the default's: 160 SFT steps then learn
+                # enough for RL's reward to move within 24 steps
+                "--config.task.options.max_steps=6", "--config.task.options.max_value=50",
+                "--config.model.hidden_size=128", "--config.model.intermediate_size=384", "--config.model.num_layers=4",
+                "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.sft.max_length=256",
+                "--config.rl.max_new_tokens=80", "--config.rl.max_prompt_length=160", "--config.eval.max_new_tokens=80"]
 
 
 def test_embedded_default_fast(tmp_path):
@@ -200,7 +206,9 @@ def test_compare_mode_writes_the_comparison(tmp_path):
             "--config.sft.steps=20", "--config.sft.eval_every=0", "--config.rl.token_budget=400",
             "--config.rl.batch_size=8", "--config.eval.num_examples=16", "--config.eval.batch_size=16",
             "--config.compare.seeds=(0,1)", "--config.compare.arms=('rl','staged','r3','r3-grpo')",
-            "--config.compare.samples=2", "--config.compare.sample_problems=8", f"--config.compare.output={output}"]
+            "--config.compare.samples=2", "--config.compare.sample_problems=8", "--config.compare.tune_lr=()",
+            "--config.compare.tune_continued_lr=()",
+            "--config.task.options.max_steps=6", f"--config.compare.output={output}"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.load(open(output))
@@ -224,11 +232,44 @@ def test_compare_mode_writes_the_comparison(tmp_path):
     for arm in ("rl", "staged", "r3"):  # the linear schedule decays with the budget, not rl.steps
         log = read_jsonl(str(next((tmp_path / "run" / "compare").glob(f"{arm}-seed0-*/rl.jsonl"))))
         spent_before = [0] + [r["tokens_sampled"] for r in log[:-1]]
-        assert len(log) >= 3 and [r["lr"] for r in log] == pytest.approx([3e-6 * (1 - t / 400) for t in spent_before])
+        assert len(log) >= 3 and [r["lr"] for r in log] == pytest.approx([1e-5 * (1 - t / 400) for t in spent_before])
     assert output.with_suffix(".png").exists() and "| r3 - sft |" in output.with_suffix(".md").read_text()
     again = run_cli(*args)  # every arm's report.json exists: nothing is trained twice
     assert again.returncode == 0 and "RL " not in again.stderr
     assert json.load(open(output))["arms"] == summary["arms"]
+
+
+def test_compare_tunes_every_arm_on_validation(tmp_path):
+    """compare.tune_lr / tune_continued_lr: each arm tries every learning rate with the first seed
+    on the validation split, and all its seeds run the best; the chosen trial's seed-0 run is
+    trained once."""
+    output = tmp_path / "compare.json"
+    result = run_cli(f"--config={ROOT}/configs/arith_compare.py", f"--workdir={tmp_path / 'run'}",
+                     "--config.task.options.num_train=300", "--config.task.options.num_test=16",
+                     "--config.task.options.validation_size=16", "--config.rl.max_new_tokens=24",
+                     "--config.sft.steps=20", "--config.sft.eval_every=0", "--config.rl.token_budget=300",
+                     "--config.rl.batch_size=8", "--config.eval.batch_size=16", "--config.compare.seeds=(0,1)",
+                     "--config.compare.arms=('r3',)", "--config.compare.tune_lr=(1e-6,1e-4)",
+                     "--config.compare.tune_continued_lr=(1e-5,1e-4)", "--config.compare.samples=0",
+                     f"--config.compare.output={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(output))
+    trials = summary["tuning"]["r3"]
+    assert [t["rl.lr"] for t in trials] == [1e-6, 1e-4] and summary["protocol"]["tuning_trials_per_arm"] == 2
+    assert all(0.0 <= t["validation_accuracy"] <= 1.0 for t in trials)
+    assert [t["compare.continued_lr"] for t in summary["tuning"]["sft_continued"]] == [1e-5, 1e-4]
+    assert summary["protocol"]["tuning_trials_sft_continued"] == 2
+    best_lr = max(trials, key=lambda t: t["validation_accuracy"])["rl.lr"]
+    units = tmp_path / "run" / "compare"
+    seed0, seed1 = sorted(units.glob("r3-seed0-*")), sorted(units.glob("r3-seed1-*"))
+    assert len(seed0) == 2 and len(seed1) == 1 and len(list(units.glob("sft_continued-seed0-*"))) == 2
+    for unit in seed0 + seed1:  # the peak learning rate each run logged
+        assert max(r["lr"] for r in read_jsonl(str(unit / "rl.jsonl"))) in (1e-6, 1e-4)
+    assert max(r["lr"] for r in read_jsonl(str(seed1[0] / "rl.jsonl"))) == pytest.approx(best_lr)
+    tested = [unit for unit in seed0 if list(unit.glob("result-*.json"))]
+    assert len(tested) == 1 and list(tested[0].glob("validation-*.json"))
+    assert max(r["lr"] for r in read_jsonl(str(tested[0] / "rl.jsonl"))) == pytest.approx(best_lr)
+    assert "(chosen)" in output.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow
@@ -318,7 +359,7 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
     for key, default, meaning in documented:
         assert f"  {key} = {default!r}" in out and meaning[:40] in out, key
         assert f"`{key}`" in readme, f"{key} is not in the README"
-    assert "  sft.steps = 1000 -> 600" in out and "  tokenizer.vocab_size = 256 -> 160" in out
+    assert "  sft.steps = 1000 -> 2000" in out and "  tokenizer.vocab_size = 256 -> 160" in out
 
 
 def test_own_data_and_reward_end_to_end(tmp_path, capsys, monkeypatch):

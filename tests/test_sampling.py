@@ -8,7 +8,7 @@ import pytest
 
 from helpers import TINY, tiny_params
 from r3jax import models, sharding
-from r3jax.models.transformer import init_params
+from r3jax.models.transformer import cache_block, init_params
 from r3jax.sampling import SamplingConfig, sample
 from r3jax.tokenizer import left_pad
 
@@ -48,6 +48,14 @@ def test_greedy_equals_full_forward_argmax(params):
             real = jnp.asarray([[1] * n + [0] * (32 - n)])
             seq.append(int(jnp.argmax(full_logits(params, padded, real)[0, n - 1])))
         np.testing.assert_array_equal(np.asarray(rollout.completions[row]), seq[len(prompt):])
+
+
+def test_cache_block_defaults_by_backend(monkeypatch):
+    """Unset, a decode step reads the KV cache in 64-slot blocks on a CPU and in one pass on an
+    accelerator (bench/results/sampler-nvidia-h100-80gb-hbm3.json); a set value always wins."""
+    assert TINY.decode_block is None and cache_block(TINY) == 64
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cache_block(TINY) == 0 and cache_block(TINY.replace(decode_block=8)) == 8
 
 
 # decode_block 8: the 32-slot cache is read in 4 blocks (online softmax); 0: in one pass

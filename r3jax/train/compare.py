@@ -81,9 +81,34 @@ def evaluate_model(model_cfg, params, tokenizer, task: Task, test_demos, config,
 
 def unit_dir(config, out: str, *parts) -> str:
     """`<out>/<parts>-<hash>`: a unit of the comparison, named by every config value that defines
-    it (the arms and seeds of the whole comparison aside), so a changed setting never reuses it."""
+    it (the arms, seeds and tuning grid of the whole comparison aside), so a changed setting never
+    reuses it."""
     return os.path.join(out, "-".join(map(str, parts)) + "-" + workdir_lib.unit_key(
-        config, *parts, ignore=("compare.seeds", "compare.arms", "mode")))
+        config, *parts, ignore=("compare.seeds", "compare.arms", *TUNED_KEYS, "mode")))
+
+
+TUNED_KEYS = ("compare.tune_lr", "compare.tune_kl_coef", "compare.tune_continued_lr")
+
+
+def tuning_trials(config) -> list[dict[str, float]]:
+    """The RL settings every RL arm is tried with: compare.tune_lr x compare.tune_kl_coef, each
+    defaulting to the config's own value, as {dotted key: value}."""
+    return [{"rl.lr": lr, "rl.kl_coef": kl_coef} for lr in config.compare.tune_lr or (config.rl.lr,)
+            for kl_coef in config.compare.tune_kl_coef or (config.rl.kl_coef,)]
+
+
+def continued_trials(config) -> list[dict[str, float]]:
+    """The learning rates SFT-continued is tried with (compare.tune_continued_lr)."""
+    return [{"compare.continued_lr": lr} for lr in config.compare.tune_continued_lr or (config.compare.continued_lr,)]
+
+
+def with_settings(config, settings: dict):
+    """A copy of `config` with {dotted key: value} applied."""
+    changed = config.copy_and_resolve_references()
+    for key, value in settings.items():
+        section, name = key.split(".")
+        changed[section][name] = value
+    return changed
 
 
 def _cached(path: str, compute) -> dict:
@@ -137,6 +162,14 @@ def markdown(summary: dict) -> str:
         lo, hi = difference["ci95"]
         verdict = stats.verdict(stats.Interval(difference["mean"], lo, hi))
         lines.append(f"| {name.replace('_vs_', ' - ')} | {difference['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {verdict} |")
+    if summary.get("tuning"):
+        lines += ["", f"Tuning, greedy accuracy on the validation split (seed {summary['protocol']['seeds'][0]}); "
+                  "each arm's seeds ran its best trial:", "", "| arm | trial | validation accuracy |", "|---|---|---|"]
+        for name, arm_trials in summary["tuning"].items():
+            best = max(arm_trials, key=lambda t: t["validation_accuracy"])
+            lines += [f"| {name} | " + ", ".join(f"{k} = {v:g}" for k, v in t.items() if k != "validation_accuracy")
+                      + f" | {t['validation_accuracy']:.3f}" + (" (chosen)" if t is best else "") + " |"
+                      for t in arm_trials]
     stages = sorted({s for row in summary["premise"].values() for s in row}, key=lambda s: int(s.rsplit("_", 1)[1]))
     lines += ["", "SFT model's success at the RL temperature, validation split (the premise):", "",
               "| chain | " + " | ".join(s.replace("_", " ") for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
@@ -213,51 +246,90 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     runs = {"sft": [_cached(os.path.join(unit_dir(config, out, "sft"), evaluation), lambda: evaluate_model(
         model_cfg, policy, tokenizer, task, test_demos, config, mesh))]}
 
-    for arm in config.compare.arms:
-        strategy, estimator = arm_parts(arm)
-        arm_config = config.copy_and_resolve_references()
-        arm_config.rl.estimator = estimator
-        arm_config.rl.group_size = 1 if estimator == "gae" else config.compare.group_size
-        runs[arm] = []
-        for seed in config.compare.seeds:
-            run_dir = unit_dir(config, out, arm, f"seed{seed}")
+    validation_demos = task.demonstrations("validation")
+    tuning = {}
 
-            def train_and_evaluate():
-                _, start = job.load_policy(sft_dir, config, mesh)
-                result = rl.train(arm_config, model_cfg, start, tokenizer, task, mesh, run_dir, stop,
-                                  strategy=ARMS[strategy], seed=seed)
+    def trained(unit_config, unit: tuple, seed: int, result_name: str, evaluate_params, train):
+        """One arm and seed, trained once by `train(unit_config, seed, run_dir) -> (params, report
+        entries) | None` (later calls restore it), evaluated by `evaluate_params`, cached under
+        `result_name` in its unit."""
+        run_dir = unit_dir(unit_config, out, *unit)
+
+        def train_and_evaluate():
+            trained_model = train(unit_config, seed, run_dir)
+            if trained_model is None:
+                return None
+            params, entries = trained_model
+            evaluated = evaluate_params(params)
+            evaluated["report"].update(entries)
+            return evaluated
+
+        return _cached(os.path.join(run_dir, result_name), train_and_evaluate)
+
+    def on_validation(params) -> dict:
+        report, _ = evaluate(model_cfg, params, tokenizer, task, validation_demos, mesh, config.eval.batch_size,
+                             config.eval.max_new_tokens, desc="validation")
+        return {"report": report}
+
+    def on_test(params) -> dict:
+        return evaluate_model(model_cfg, params, tokenizer, task, test_demos, config, mesh)
+
+    def tuned_runs(name: str, arm_config, trials: list[dict], unit, train) -> list[dict] | None:
+        """Every trial with the first seed, judged by greedy accuracy on the validation split (the
+        test set stays unread); then every seed with the best trial, on the test split. `unit(seed)`
+        names a run's unit."""
+        if len(trials) > 1:
+            tuning[name] = []
+            for trial in trials:
+                result = trained(with_settings(arm_config, trial), unit(config.compare.seeds[0]),
+                                 config.compare.seeds[0], f"validation-{evaluation}", on_validation, train)
                 if result is None:
                     return None
-                evaluated = evaluate_model(model_cfg, result["params"], tokenizer, task, test_demos, config, mesh)
-                evaluated["report"].update(steps=result["steps"], tokens_sampled=result["tokens_sampled"],
-                                           optimizer_updates=result["steps"] * config.rl.epochs * config.rl.minibatches)
-                return evaluated
-
-            result = _cached(os.path.join(run_dir, evaluation), train_and_evaluate)
+                tuning[name].append({**trial, "validation_accuracy": result["report"]["accuracy"]})
+            best = max(tuning[name], key=lambda t: t["validation_accuracy"])
+            arm_config = with_settings(arm_config, {k: v for k, v in best.items() if k != "validation_accuracy"})
+        results = []
+        for seed in config.compare.seeds:
+            result = trained(arm_config, unit(seed), seed, evaluation, on_test, train)
             if result is None:
                 return None
-            runs[arm].append(result)
+            results.append(result)
+        return results
+
+    def train_rl(strategy: str):
+        def train(arm_config, seed: int, run_dir: str):
+            _, start = job.load_policy(sft_dir, config, mesh)
+            result = rl.train(arm_config, model_cfg, start, tokenizer, task, mesh, run_dir, stop,
+                              strategy=ARMS[strategy], seed=seed)
+            if result is None:
+                return None
+            return result["params"], {"steps": result["steps"], "tokens_sampled": result["tokens_sampled"],
+                                      "optimizer_updates": result["steps"] * config.rl.epochs * config.rl.minibatches}
+        return train
+
+    for arm in config.compare.arms:
+        strategy, estimator = arm_parts(arm)
+        arm_config = with_settings(config, {"rl.estimator": estimator,
+                                            "rl.group_size": 1 if estimator == "gae" else config.compare.group_size})
+        runs[arm] = tuned_runs(arm, arm_config, tuning_trials(config), lambda seed, arm=arm: (arm, f"seed{seed}"),
+                               train_rl(strategy))
+        if runs[arm] is None:
+            return None
 
     if config.compare.continued_sft and "r3" in runs:
         updates = round(np.mean([r["report"]["optimizer_updates"] for r in runs["r3"]]))
-        runs["sft_continued"] = []
-        for seed in config.compare.seeds:
-            run_dir = unit_dir(config, out, "sft_continued", f"seed{seed}", updates)
 
-            def continue_and_evaluate():
-                _, start = job.load_policy(sft_dir, config, mesh)
-                final_dir = continued_sft(config, model_cfg, start, tokenizer, task, mesh, run_dir, updates, seed, stop)
-                if final_dir is None:
-                    return None
-                _, params = job.load_policy(final_dir, config, mesh)
-                evaluated = evaluate_model(model_cfg, params, tokenizer, task, test_demos, config, mesh)
-                evaluated["report"].update(optimizer_updates=updates)
-                return evaluated
-
-            result = _cached(os.path.join(run_dir, evaluation), continue_and_evaluate)
-            if result is None:
+        def train_continued(arm_config, seed: int, run_dir: str):
+            _, start = job.load_policy(sft_dir, config, mesh)
+            final_dir = continued_sft(arm_config, model_cfg, start, tokenizer, task, mesh, run_dir, updates, seed, stop)
+            if final_dir is None:
                 return None
-            runs["sft_continued"].append(result)
+            return job.load_policy(final_dir, config, mesh)[1], {"optimizer_updates": updates}
+
+        runs["sft_continued"] = tuned_runs("sft_continued", config, continued_trials(config),
+                                           lambda seed: ("sft_continued", f"seed{seed}", updates), train_continued)
+        if runs["sft_continued"] is None:
+            return None
     stop.restore()
 
     arms = {name: summarise(arm_runs, lengths) for name, arm_runs in runs.items()}
@@ -268,9 +340,10 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
                                                np.array([r["correct"] for r in runs[second]]))
             differences[f"{first}_vs_{second}"] = {"mean": interval.mean, "ci95": [interval.lo, interval.hi]}
     summary = {"num_test_problems": len(test_demos), "split": config.eval.split, "arms": arms,
-               "differences": differences, "premise": premise,
+               "differences": differences, "premise": premise, "tuning": tuning,
                "protocol": {"seeds": list(config.compare.seeds), "selection": "SFT best on the validation split",
-                            "tuning_trials_per_arm": 1, "sampled_metrics_problems": config.compare.sample_problems,
+                            "tuning_trials_per_arm": len(tuning_trials(config)),
+                            "tuning_trials_sft_continued": len(continued_trials(config)), "sampled_metrics_problems": config.compare.sample_problems,
                             "samples_per_problem": config.compare.samples, "sample_temperature": config.rl.temperature,
                             "interval": "95%, bootstrap over problems and seeds; differences paired on problems"},
                "budget": {"sampled_tokens": config.rl.token_budget, "max_rl_steps": config.rl.steps,
