@@ -188,8 +188,9 @@ def step_minimum(cfg, params, batch, cached):
 
 def decode_floor(on_accelerator: bool) -> dict:
     """One decode step's time at batch 64 (r3jax reading the KV cache in blocks of 64 and in one
-    pass, its default being the one `cache_block` picks on this backend, and HF), against the time its minimum bytes take at the measured bandwidth and its
-    minimum FLOPs at the measured matmul rate."""
+    pass, its default being the one `cache_block` picks on this backend, and HF), against the time
+    its minimum bytes take at the measured bandwidth and its minimum FLOPs at the measured matmul
+    rate."""
     import torch
 
     cfg = ONE_B if on_accelerator else SMALL

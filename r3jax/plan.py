@@ -184,7 +184,7 @@ def plan(config, model_cfg, progress=print) -> dict:
     import numpy as np
 
     from r3jax import optim, ppo, sampling, sharding
-    from r3jax.models.transformer import cache_block, init_cache, init_params
+    from r3jax.models.transformer import init_cache, init_params
     from r3jax.models.value import actor_critic_params
     from r3jax.train.rl import ppo_config
     from r3jax.train.sft import SFTState, make_train_step
@@ -242,7 +242,7 @@ def plan(config, model_cfg, progress=print) -> dict:
         weights = _abstract(jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(model_cfg.jnp_dtype), p), policy),
                             sharding.logical_shardings(boxed, sample_mesh))
         prompt = c.max_prompt_length
-        cache_len = -(-(prompt + c.max_new_tokens) // (cache_block(model_cfg) or 1)) * (cache_block(model_cfg) or 1)
+        cache_len = sampling.cache_length(model_cfg, prompt, c.max_new_tokens)
         batch_axis = 1 if model_cfg.scan_layers else 0
         cache = jax.eval_shape(lambda: init_cache(model_cfg, rows, cache_len))
         cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(

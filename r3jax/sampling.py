@@ -111,12 +111,18 @@ class DecodeState(NamedTuple):
     key: jax.Array
 
 
+def cache_length(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> int:
+    """KV-cache slots for a prompt and its completion, rounded up to whole decode blocks (the
+    tail stays masked)."""
+    block = cache_block(cfg) or 1
+    return -(-(prompt_len + new_tokens) // block) * block
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "settings"))
 def _generate(cfg: ModelConfig, params: Any, prompt_tokens, prompt_mask, key, settings: SamplingConfig):
     batch, prompt_len = prompt_tokens.shape
     new = settings.max_new_tokens
-    block = cache_block(cfg) or 1
-    cache_len = -(-(prompt_len + new) // block) * block  # whole blocks; the tail stays masked
+    cache_len = cache_length(cfg, prompt_len, new)
     kv_mask = jnp.pad(prompt_mask, ((0, 0), (0, cache_len - prompt_len)))
     positions = positions_from_mask(prompt_mask)
     logits, cache = prefill(cfg, params, prompt_tokens, positions, kv_mask, init_cache(cfg, batch, cache_len))

@@ -226,8 +226,9 @@ class Attention(nn.Module):
         batch, seq = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
-        if layer_cache is not None and seq == 1 and cache_block(cfg):
-            out = decode_attention(q, k, v, kv_mask, cache_start, cache_block(cfg))
+        block = cache_block(cfg)
+        if layer_cache is not None and seq == 1 and block:
+            out = decode_attention(q, k, v, kv_mask, cache_start, block)
         else:
             out = attention(q, k, v, kv_mask, cache_start)
         out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)

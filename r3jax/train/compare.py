@@ -241,12 +241,12 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     out = os.path.join(workdir, "compare")
     evaluation = f"result-{workdir_lib.evaluation_key(config)}.json"
     model_cfg, policy = job.load_policy(sft_dir, config, mesh)
+    validation_demos = task.demonstrations("validation")
     premise = _cached(os.path.join(unit_dir(config, out, "premise"), "premise.json"), lambda: premise_table(
-        model_cfg, policy, tokenizer, task, task.demonstrations("validation"), config, mesh))
+        model_cfg, policy, tokenizer, task, validation_demos, config, mesh))
     runs = {"sft": [_cached(os.path.join(unit_dir(config, out, "sft"), evaluation), lambda: evaluate_model(
         model_cfg, policy, tokenizer, task, test_demos, config, mesh))]}
 
-    validation_demos = task.demonstrations("validation")
     tuning = {}
 
     def trained(unit_config, unit: tuple, seed: int, result_name: str, evaluate_params, train):
