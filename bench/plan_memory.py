@@ -29,44 +29,12 @@ def setup(args):
 
 def real_peak(config, model_cfg, phase: str) -> int:
     """Peak bytes on device 0 after one real call of `phase` at the config's shapes."""
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from r3jax import optim, ppo, sharding
-    from r3jax.models.transformer import init_params
-    from r3jax.models.value import actor_critic_params
-    from r3jax.sampling import Rollout
-    from r3jax.train.rl import ppo_config
-    from r3jax.train.sft import SFTState, make_train_step
+    from r3jax import plan
 
-    mesh = sharding.make_mesh(config.mesh)
-    boxed = jax.eval_shape(lambda k: init_params(model_cfg, k), jax.random.key(0))
-    policy = jax.jit(lambda k: nn.unbox(init_params(model_cfg, k)),
-                     out_shardings=sharding.logical_shardings(boxed, mesh))(jax.random.key(0))
-    if phase == "sft_step":
-        c = config.sft
-        optimizer = optim.adamw(c.lr)
-        state = SFTState(policy, optimizer.init(policy), jnp.zeros((), jnp.int32))
-        shape = (c.batch_size, c.grad_accum, c.max_length)
-        batch = sharding.shard_batch({k: np.ones(shape, np.int32) for k in ("tokens", "attention_mask", "loss_mask")},
-                                     mesh)
-        state, metrics = make_train_step(model_cfg, optimizer, c.logits_chunk)(state, batch, 1.0)
-    else:
-        c = config.rl
-        params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
-        optimizer = optim.actor_critic(optim.adamw(c.lr), optim.adamw(c.critic_lr or c.lr), params)
-        state = ppo.init_state(params, optimizer)
-        rows, new = c.batch_size, c.max_new_tokens
-        length = c.max_prompt_length + new
-        experience = sharding.shard_batch(ppo.experience(Rollout(
-            np.ones((rows, length), np.int32), np.ones((rows, length), np.int32), np.zeros((rows, new), np.float32),
-            np.ones((rows, new), np.int32), np.full(rows, new, np.int32)), np.zeros(rows, np.float32)), mesh)
-        reference = sharding.compute_copy(model_cfg, mesh)(policy)
-        update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
-        state, metrics, _ = update(state, reference, experience, jax.random.key(0), 1.0, 1.0)
-    jax.block_until_ready(metrics)
+    fn, args = plan.concrete_phase(config, model_cfg, phase)
+    jax.block_until_ready(fn(*args))
     return int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
 
 

@@ -15,14 +15,11 @@ def get_config():
     c.rl.token_budget = 60_000
     c.rl.steps = 10_000  # the budget ends each run
     c.rl.stage_unit = "budget"  # staged: equal shares of the budget per stage, easiest first
-    # Sampling at 1.3 puts the SFT model in R^3's regime: from k = 0 it finishes none of the 10-step
-    # chains, from the last start stage 62% (at 1.0: 41% and 90%; README, "Looking for R^3's regime")
-    c.rl.temperature = 1.3
     c.rl.eval_every = 0
     c.compare.seeds = (0, 1, 2)
-    # the paper's PPO for every strategy (`r3-grpo` etc. add critic-free arms), each tried with
-    # two learning rates on the validation split before its seeds run
-    c.compare.arms = ("rl", "staged", "r3")
+    # the paper's PPO for every strategy, and outcome-only RL and R^3 with the critic-free GRPO
+    # estimator; each arm tried with two learning rates on the validation split before its seeds run
+    c.compare.arms = ("rl", "staged", "r3", "rl-grpo", "r3-grpo")
     c.compare.tune_lr = (1e-5, 1e-4)
     c.compare.tune_continued_lr = (1e-4, 3e-4)  # the SFT-continued control gets as many trials
     c.compare.sample_problems = 300

@@ -281,6 +281,46 @@ def plan(config, model_cfg, progress=print) -> dict:
     return result
 
 
+def concrete_phase(config, model_cfg, phase: str):
+    """The real `phase` ("sft_step" or "ppo_update") at the plan's shapes, on random weights and
+    all-ones tokens: `(fn, args)`, to call or to compile, for checking a plan against the program
+    it stands for (tests/test_plan.py, bench/plan_memory.py)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from r3jax import optim, ppo, sampling, sharding
+    from r3jax.models.transformer import init_params
+    from r3jax.models.value import actor_critic_params
+    from r3jax.train.rl import ppo_config
+    from r3jax.train.sft import SFTState, make_train_step
+
+    mesh = sharding.make_mesh(config.mesh)
+    boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
+    policy = jax.jit(lambda k: nn.unbox(init_params(model_cfg, k)),
+                     out_shardings=sharding.logical_shardings(boxed, mesh))(jax.random.key(0))
+    if phase == "sft_step":
+        c = config.sft
+        optimizer = optim.adamw(c.lr)
+        state = SFTState(policy, optimizer.init(policy), jnp.zeros((), jnp.int32))
+        shape = (c.batch_size, c.grad_accum, c.max_length)
+        batch = sharding.shard_batch({k: np.ones(shape, np.int32) for k in ("tokens", "attention_mask", "loss_mask")},
+                                     mesh)
+        return make_train_step(model_cfg, optimizer, c.logits_chunk), (state, batch, 1.0)
+    c = config.rl
+    params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
+    optimizer = optim.actor_critic(optim.adamw(c.lr), optim.adamw(c.critic_lr or c.lr), params)
+    rows, new = c.batch_size, c.max_new_tokens
+    length = c.max_prompt_length + new
+    experience = sharding.shard_batch(ppo.experience(sampling.Rollout(
+        np.ones((rows, length), np.int32), np.ones((rows, length), np.int32), np.zeros((rows, new), np.float32),
+        np.ones((rows, new), np.int32), np.full(rows, new, np.int32)), np.zeros(rows, np.float32)), mesh)
+    reference = sharding.compute_copy(model_cfg, mesh)(policy)
+    update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
+    return update, (ppo.init_state(params, optimizer), reference, experience, jax.random.key(0), 1.0, 1.0)
+
+
 MAX_REPLANS = 8
 KNOBS = (  # what to try, in turn, when a plan does not fit
     ("rl.logits_chunk", lambda c: c.rl.logits_chunk == 0, lambda c: c.rl.update(logits_chunk=128)),

@@ -13,6 +13,7 @@ from helpers import ENV, ROOT, rl_log
 TINY_JOB = [f"--config={ROOT}/configs/arith.py", "--config.mesh=(1,-1,1)",
             "--config.task.options.num_train=200", "--config.task.options.num_test=8",
             "--config.task.options.validation_size=8",
+            "--config.task.options.max_steps=3", "--config.sft.max_length=128", "--config.rl.max_prompt_length=96",
             "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
             "--config.model.num_layers=2", "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
             "--config.model.head_dim=16", "--config.sft.steps=6", "--config.sft.batch_size=8",

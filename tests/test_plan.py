@@ -1,19 +1,12 @@
 """The planner: its compiled memory agrees with the real run's, it finds the weight all-gathers of
 a training-layout decode step (and none in the replicated rollout layout), and bad input is one
 line with status 2."""
-import functools
 import os
 import runpy
 
-import jax
-import numpy as np
 import pytest
 
-from r3jax import optim, plan, ppo, sharding
-from r3jax.models.transformer import init_params
-from r3jax.models.value import actor_critic_params
-from r3jax.sampling import Rollout
-from r3jax.train.rl import ppo_config
+from r3jax import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,22 +39,8 @@ def test_decode_collectives_found_in_the_training_layout_only(tiny_plan):
 
 def test_planned_memory_agrees_with_the_real_update(tiny_plan):
     config, model_cfg, result = tiny_plan
-    mesh = sharding.make_mesh(config.mesh)
-    shardings = sharding.logical_shardings(jax.eval_shape(functools.partial(init_params, model_cfg),
-                                                          jax.random.key(0)), mesh)
-    policy = jax.jit(lambda k: __import__("flax").linen.unbox(init_params(model_cfg, k)), out_shardings=shardings)(
-        jax.random.key(0))
-    params = actor_critic_params(model_cfg, policy, config.rl.separate_critic)
-    optimizer = optim.actor_critic(optim.adamw(1e-6), optim.adamw(1e-6), params)
-    state = ppo.init_state(params, optimizer)
-    rows, new = config.rl.batch_size, config.rl.max_new_tokens
-    length = config.rl.max_prompt_length + new
-    rollout = sharding.shard_batch(ppo.experience(Rollout(
-        np.ones((rows, length), np.int32), np.ones((rows, length), np.int32), np.zeros((rows, new), np.float32),
-        np.ones((rows, new), np.int32), np.full(rows, new, np.int32)), np.zeros(rows, np.float32)), mesh)
-    reference = jax.tree.map(lambda p: p.astype(model_cfg.jnp_dtype), policy)
-    update = ppo.make_ppo_update(model_cfg, ppo_config(config.rl), optimizer)
-    real = update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0).compile().memory_analysis()
+    update, args = plan.concrete_phase(config, model_cfg, "ppo_update")
+    real = update.lower(*args).compile().memory_analysis()
     planned = result["phases"]["ppo_update"]
     for key, value in (("temp_bytes", real.temp_size_in_bytes), ("argument_bytes", real.argument_size_in_bytes)):
         assert 0.5 <= planned[key] / value <= 2.0, (key, planned[key], value)

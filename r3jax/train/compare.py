@@ -27,7 +27,8 @@ from r3jax.sampling import SamplingConfig
 from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
 
-DIFFERENCES = (("r3", "sft"), ("r3", "rl"), ("r3", "staged"), ("r3", "sft_continued"), ("staged", "rl"))
+DIFFERENCES = (("r3", "sft"), ("r3", "rl"), ("r3", "staged"), ("r3", "sft_continued"), ("staged", "rl"),
+               ("r3-grpo", "rl-grpo"))
 
 
 def arm_parts(arm: str) -> tuple[str, str]:
