@@ -192,7 +192,9 @@ def plot(summary: dict, path: str) -> None:
     names = list(arms)
     means = np.array([arms[n]["mean"] for n in names])
     errors = np.abs(np.array([arms[n]["ci95"] for n in names]).T - means)
-    left.bar(names, means, yerr=errors, capsize=6, color=[f"C{i}" for i in range(len(names))])
+    for i, name in enumerate(names):  # points, not bars from 0: the arms differ by a few points
+        left.errorbar([i], means[i:i + 1], yerr=errors[:, i:i + 1], fmt="o", capsize=6, color=f"C{i}")
+    left.set_xticks(range(len(names)), names)
     left.tick_params(axis="x", labelrotation=30)
     left.set_ylabel("test accuracy (k = 0, greedy)")
     left.set_title(f"arms, 95% intervals ({summary['num_test_problems']} problems)")
