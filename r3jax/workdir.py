@@ -17,7 +17,8 @@ NOT_DEFINING = ("eval.", "metrics.", "checkpoint.keep", "resume", "compare.outpu
                 "compare.sample_problems", "sft.checkpoint_every", "rl.checkpoint_every", "runtime.")
 # keys whose growth extends a finished phase, and the phase each extends
 EXTENDING = {"sft.steps": "sft", "sft.data_epochs": "sft", "rl.steps": "rl", "rl.token_budget": "rl",
-             "rl.data_epochs": "rl", "compare.seeds": "compare", "compare.arms": "compare"}
+             "rl.data_epochs": "rl", "compare.seeds": "compare", "compare.arms": "compare",
+             "compare.tune_lr": "compare", "compare.tune_kl_coef": "compare", "compare.tune_continued_lr": "compare"}
 TRAINING_MODES = ("train", "sft", "rl")  # phases of one workdir: one may follow another
 RESUME_CHOICES = ("", "continue", "restart")
 

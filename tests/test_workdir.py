@@ -65,8 +65,10 @@ def test_growing_a_phase_extends_it_and_a_longer_sft_retires_the_rl_phase(tmp_pa
     (tmp_path / "rl").mkdir()
     new = config_lib.base_config()
     new.sft.steps, new.rl.token_budget, new.compare.seeds, new.mode = 2000, 10, (0, 1, 2, 3), "rl"
+    new.compare.tune_lr = (1e-5, 3e-5)  # more tuning trials: the finished ones stay valid
     messages = workdir.claim(str(tmp_path), new)
     assert "extending: sft.steps 1000 -> 2000" in messages and "extending: compare.seeds [0, 1, 2] -> [0, 1, 2, 3]" in messages
+    assert "extending: compare.tune_lr [] -> [1e-05, 3e-05]" in messages
     assert messages[-1].endswith(f"moved to {tmp_path}/rl.before-sft-extension-1") and not (tmp_path / "rl").exists()
     shrunk = config_lib.base_config()
     shrunk.compare.seeds = (0,)  # fewer seeds is not an extension
