@@ -260,6 +260,13 @@ def test_compare_tunes_every_arm_on_validation(tmp_path):
     trials = summary["tuning"]["r3"]
     assert [t["rl.lr"] for t in trials] == [1e-6, 1e-4] and summary["protocol"]["tuning_trials_per_arm"] == 2
     assert all(0.0 <= t["validation_accuracy"] <= 1.0 for t in trials)
+    for trial, unit in zip(trials, sorted((tmp_path / "run" / "compare").glob("r3-seed0-*"),
+                                          key=lambda u: max(r["lr"] for r in read_jsonl(str(u / "rl.jsonl"))))):
+        rewards = [r["reward"] for r in read_jsonl(str(unit / "rl.jsonl"))]  # that trial's own log
+        third = max(1, len(rewards) // 3)
+        assert trial["training"]["reward_first_third"] == pytest.approx(np.mean(rewards[:third]))
+        assert trial["training"]["reward_last_third"] == pytest.approx(np.mean(rewards[-third:]))
+    assert all("training" not in t for t in summary["tuning"]["sft_continued"])  # no RL log to read
     assert [t["compare.continued_lr"] for t in summary["tuning"]["sft_continued"]] == [1e-5, 1e-4]
     assert summary["protocol"]["tuning_trials_sft_continued"] == 2
     best_lr = max(trials, key=lambda t: t["validation_accuracy"])["rl.lr"]
@@ -272,7 +279,7 @@ def test_compare_tunes_every_arm_on_validation(tmp_path):
     tested = [unit for unit in seed0 if list(unit.glob("result-*.json"))]
     assert len(tested) == 1 and list(tested[0].glob("validation-*.json"))
     assert max(r["lr"] for r in read_jsonl(str(tested[0] / "rl.jsonl"))) == pytest.approx(best_lr)
-    assert "(chosen)" in output.with_suffix(".md").read_text()
+    assert "(chosen)" in output.with_suffix(".md").read_text() and "| training reward | KL |" in output.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow

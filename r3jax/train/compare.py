@@ -22,7 +22,7 @@ from r3jax import curriculum, rollout as rollout_lib, sharding, stats, workdir a
 from r3jax.checkpoint import StopSignal
 from r3jax.config import ARMS
 from r3jax.evaluate import evaluate
-from r3jax.metrics import machine_info
+from r3jax.metrics import machine_info, read_jsonl
 from r3jax.sampling import SamplingConfig
 from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
@@ -103,6 +103,27 @@ def continued_trials(config) -> list[dict[str, float]]:
     return [{"compare.continued_lr": lr} for lr in config.compare.tune_continued_lr or (config.compare.continued_lr,)]
 
 
+def training_trend(run_dir: str) -> dict[str, float] | None:
+    """Whether RL moved what it optimises: the unit's training reward over the first and the last
+    third of its steps, and its KL to the reference over the last third; None without an RL log."""
+    path = os.path.join(run_dir, "rl.jsonl")
+    if not os.path.exists(path):
+        return None
+    records = read_jsonl(path)
+    third = max(1, len(records) // 3)
+    first, last = records[:third], records[-third:]
+    return {"reward_first_third": float(np.mean([r["reward"] for r in first])),
+            "reward_last_third": float(np.mean([r["reward"] for r in last])),
+            "kl_last_third": float(np.mean([r["kl"] for r in last]))}
+
+
+TRIAL_RESULTS = ("validation_accuracy", "training")  # a tuning record's outcome; the rest is its settings
+
+
+def trial_settings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in TRIAL_RESULTS}
+
+
 def with_settings(config, settings: dict):
     """A copy of `config` with {dotted key: value} applied."""
     changed = config.copy_and_resolve_references()
@@ -165,12 +186,18 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name.replace('_vs_', ' - ')} | {difference['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {verdict} |")
     if summary.get("tuning"):
         lines += ["", f"Tuning, greedy accuracy on the validation split (seed {summary['protocol']['seeds'][0]}); "
-                  "each arm's seeds ran its best trial:", "", "| arm | trial | validation accuracy |", "|---|---|---|"]
+                  "each arm's seeds ran its best trial. Training reward over the first and the last third "
+                  "of the trial's RL steps, and its KL to the reference over the last third:", "",
+                  "| arm | trial | validation accuracy | training reward | KL |", "|---|---|---|---|---|"]
         for name, arm_trials in summary["tuning"].items():
             best = max(arm_trials, key=lambda t: t["validation_accuracy"])
-            lines += [f"| {name} | " + ", ".join(f"{k} = {v:g}" for k, v in t.items() if k != "validation_accuracy")
-                      + f" | {t['validation_accuracy']:.3f}" + (" (chosen)" if t is best else "") + " |"
-                      for t in arm_trials]
+            for t in arm_trials:
+                trend = t.get("training")
+                moved = (f"{trend['reward_first_third']:.3f} → {trend['reward_last_third']:.3f} | "
+                         f"{trend['kl_last_third']:.2f}") if trend else " | "
+                lines.append(f"| {name} | " + ", ".join(f"{k} = {v:g}" for k, v in trial_settings(t).items())
+                             + f" | {t['validation_accuracy']:.3f}" + (" (chosen)" if t is best else "")
+                             + f" | {moved} |")
     stages = sorted({s for row in summary["premise"].values() for s in row}, key=lambda s: int(s.rsplit("_", 1)[1]))
     lines += ["", "SFT model's success at the RL temperature, validation split (the premise):", "",
               "| chain | " + " | ".join(s.replace("_", " ") for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
@@ -284,13 +311,16 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         if len(trials) > 1:
             tuning[name] = []
             for trial in trials:
-                result = trained(with_settings(arm_config, trial), unit(config.compare.seeds[0]),
-                                 config.compare.seeds[0], f"validation-{evaluation}", on_validation, train)
+                trial_config = with_settings(arm_config, trial)
+                result = trained(trial_config, unit(config.compare.seeds[0]), config.compare.seeds[0],
+                                 f"validation-{evaluation}", on_validation, train)
                 if result is None:
                     return None
-                tuning[name].append({**trial, "validation_accuracy": result["report"]["accuracy"]})
+                trend = training_trend(unit_dir(trial_config, out, *unit(config.compare.seeds[0])))
+                tuning[name].append({**trial, "validation_accuracy": result["report"]["accuracy"]}
+                                    | ({"training": trend} if trend else {}))
             best = max(tuning[name], key=lambda t: t["validation_accuracy"])
-            arm_config = with_settings(arm_config, {k: v for k, v in best.items() if k != "validation_accuracy"})
+            arm_config = with_settings(arm_config, trial_settings(best))
         results = []
         for seed in config.compare.seeds:
             result = trained(arm_config, unit(seed), seed, evaluation, on_test, train)
