@@ -279,11 +279,10 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
 
     tuning = {}
 
-    def trained(unit_config, unit: tuple, seed: int, result_name: str, evaluate_params, train):
-        """One arm and seed, trained once by `train(unit_config, seed, run_dir) -> (params, report
-        entries) | None` (later calls restore it), evaluated by `evaluate_params`, cached under
-        `result_name` in its unit."""
-        run_dir = unit_dir(unit_config, out, *unit)
+    def trained(unit_config, run_dir: str, seed: int, result_name: str, evaluate_params, train):
+        """One arm and seed in its unit `run_dir`, trained once by `train(unit_config, seed, run_dir)
+        -> (params, report entries) | None` (later calls restore it), evaluated by
+        `evaluate_params`, cached under `result_name` there."""
 
         def train_and_evaluate():
             trained_model = train(unit_config, seed, run_dir)
@@ -312,18 +311,19 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
             tuning[name] = []
             for trial in trials:
                 trial_config = with_settings(arm_config, trial)
-                result = trained(trial_config, unit(config.compare.seeds[0]), config.compare.seeds[0],
-                                 f"validation-{evaluation}", on_validation, train)
+                run_dir = unit_dir(trial_config, out, *unit(config.compare.seeds[0]))
+                result = trained(trial_config, run_dir, config.compare.seeds[0], f"validation-{evaluation}",
+                                 on_validation, train)
                 if result is None:
                     return None
-                trend = training_trend(unit_dir(trial_config, out, *unit(config.compare.seeds[0])))
+                trend = training_trend(run_dir)
                 tuning[name].append({**trial, "validation_accuracy": result["report"]["accuracy"]}
                                     | ({"training": trend} if trend else {}))
             best = max(tuning[name], key=lambda t: t["validation_accuracy"])
             arm_config = with_settings(arm_config, trial_settings(best))
         results = []
         for seed in config.compare.seeds:
-            result = trained(arm_config, unit(seed), seed, evaluation, on_test, train)
+            result = trained(arm_config, unit_dir(arm_config, out, *unit(seed)), seed, evaluation, on_test, train)
             if result is None:
                 return None
             results.append(result)
