@@ -27,14 +27,21 @@ from r3jax.sampling import SamplingConfig
 from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
 
-DIFFERENCES = (("r3", "sft"), ("r3", "rl"), ("r3", "staged"), ("r3", "sft_continued"), ("staged", "rl"),
-               ("r3-grpo", "rl-grpo"))
+DIFFERENCES = (("r3", "sft"), ("r3", "rl"), ("r3", "staged"), ("r3", "sft_continued"), ("staged", "rl"))
 
 
 def arm_parts(arm: str) -> tuple[str, str]:
     """`r3-grpo` -> ("r3", "grpo"); a bare arm is the paper's PPO (`gae`)."""
     strategy, _, estimator = arm.partition("-")
     return strategy, estimator or "gae"
+
+
+def difference_pairs(arms) -> list[tuple[str, str]]:
+    """DIFFERENCES, then the strategy-against-strategy ones again within each further estimator
+    among `arms` (`r3-grpo` vs `rl-grpo`)."""
+    estimators = dict.fromkeys(arm_parts(arm)[1] for arm in arms if arm_parts(arm)[1] != "gae")
+    return list(DIFFERENCES) + [(f"{first}-{estimator}", f"{second}-{estimator}") for estimator in estimators
+                                for first, second in DIFFERENCES if first in ARMS and second in ARMS]
 
 
 def premise_table(model_cfg, params, tokenizer, task: Task, demos, config, mesh) -> dict[str, dict[str, float]]:
@@ -219,7 +226,7 @@ def plot(summary: dict, path: str) -> None:
     names = list(arms)
     means = np.array([arms[n]["mean"] for n in names])
     errors = np.abs(np.array([arms[n]["ci95"] for n in names]).T - means)
-    for i, name in enumerate(names):  # points, not bars from 0: the arms differ by a few points
+    for i in range(len(names)):  # points, not bars from 0: the arms differ by a few points
         left.errorbar([i], means[i:i + 1], yerr=errors[:, i:i + 1], fmt="o", capsize=6, color=f"C{i}")
     left.set_xticks(range(len(names)), names)
     left.tick_params(axis="x", labelrotation=30)
@@ -367,7 +374,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
 
     arms = {name: summarise(arm_runs, lengths) for name, arm_runs in runs.items()}
     differences = {}
-    for first, second in DIFFERENCES:
+    for first, second in difference_pairs(config.compare.arms):
         if first in runs and second in runs:
             interval = stats.paired_difference(np.array([r["correct"] for r in runs[first]]),
                                                np.array([r["correct"] for r in runs[second]]))
