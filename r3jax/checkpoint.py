@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from r3jax.config import InputError
+from r3jax.errors import InputError
 
 
 class Checkpointer:

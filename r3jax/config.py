@@ -6,36 +6,48 @@ raise `ConfigError` with the key named; main.py turns that into one line and exi
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
-from typing import Any
+import sys
+from typing import Any, NamedTuple, Sequence
 
 import ml_collections
 
+from r3jax.errors import ConfigError
+
+# Choice lists, each used by one SCHEMA entry below and imported from here by the modules that
+# act on it: a new choice is added in one place, next to its key's default and meaning.
 MODES = ("train", "sft", "rl", "eval", "compare")
+RESUME_CHOICES = ("", "continue", "restart")
+TASKS = ("arith", "gsm8k", "gsm8k_pot", "svamp", "svamp_pot", "snli", "mnli", "race", "race_high",
+         "race_middle", "boardgameqa", "jsonl")
+MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16")
-ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed"}
+REMAT_CHOICES = ("none", "full", "save_dots")
+SCHEDULES = ("constant", "linear", "cosine")
+STRATEGIES = ("outcome", "staged", "mixed")
+STAGE_UNITS = ("steps", "epochs", "budget")
+KL_MODES = ("reward", "loss")
+ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+SPLITS = ("test", "validation", "train")
+WANDB_MODES = ("", "offline", "online")
+ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed"}  # compare.arms: arm -> rl.strategy
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 
-
-class InputError(ValueError):
-    """A user's mistake (a config value, a data file, a checkpoint): the message is one line
-    naming the key, file or path, and the CLI exits with status 2 without a traceback."""
-
-
-class ConfigError(InputError):
-    """A bad config value; the message starts with `config.<key>`."""
-
-
-# Every config key: (default, meaning). base_config() and `python -m r3jax.main --help` both read
-# this one table; a key added here is documented by construction.
+# Every config key: (default, meaning) or (default, meaning, choices). base_config(), validate()
+# and `python -m r3jax.main --help` all read this one table; a key added here is documented (and
+# its choices checked) by construction.
 SCHEMA: dict[str, Any] = {
     "seed": (0, "seeds the model's initialisation, the data order and sampling"),
-    "mode": ("train", "train (SFT then RL), sft, rl (from rl.init or this workdir's SFT), eval, compare"),
+    "mode": ("train", "train (SFT then RL), sft, rl (from rl.init or this workdir's SFT), eval, compare", MODES),
     "resume": ("", "a workdir whose stored config differs: '' refuses, 'continue' keeps what is there and "
-                   "runs under the new config, 'restart' moves the old workdir aside and starts afresh"),
+                   "runs under the new config, 'restart' moves the old workdir aside and starts afresh", RESUME_CHOICES),
     "task": {
         "name": ("arith", "the task: arith, gsm8k, gsm8k_pot, svamp, svamp_pot, snli, mnli, race, race_high, "
-                          "race_middle, boardgameqa, jsonl"),
+                          "race_middle, boardgameqa, jsonl", TASKS),
         "options": ({}, "the task's own options (README, Tasks). Every task: validation_size (a count or "
                         "fraction of train carved off for model selection), limit, reward_fn "
                         "(package.module:function). File tasks: train_path, test_path, tfds. jsonl: cut, "
@@ -53,15 +65,15 @@ SCHEMA: dict[str, Any] = {
                      "shape below"),
         "from_scratch": (True, "allow a from-scratch model; False makes model.path required"),
         "param_dtype": ("float32", "trainable weights and optimizer moments (master weights; bfloat16 ones "
-                                   "lose updates smaller than their spacing)"),
+                                   "lose updates smaller than their spacing)", DTYPES),
         "dtype": ("float32", "what the matmuls compute in (bfloat16 on accelerators); the frozen RL "
-                             "reference is kept in it"),
-        "export_dtype": ("", "exported HF weights; '' = param_dtype"),
+                             "reference is kept in it", DTYPES),
+        "export_dtype": ("", "exported HF weights; '' = param_dtype", ("", *DTYPES)),
         "scan_layers": (False, "the decoder layers as one scan over stacked weights (compile time flat in "
                                "depth)"),
         "remat": ("none", "what the backward pass recomputes: none, full (each layer's activations), "
-                          "save_dots (keeps the matmul outputs)"),
-        "model_type": ("llama", "from scratch: llama, mistral or qwen2"),
+                          "save_dots (keeps the matmul outputs)", REMAT_CHOICES),
+        "model_type": ("llama", "from scratch: llama, mistral or qwen2", MODEL_TYPES),
         "hidden_size": (128, "from scratch: width"),
         "intermediate_size": (384, "from scratch: MLP width"),
         "num_layers": (4, "from scratch: decoder layers"),
@@ -80,7 +92,7 @@ SCHEMA: dict[str, Any] = {
         "grad_accum": (1, "microbatches per update"),
         "lr": (2e-5, "peak learning rate (AdamW)"),
         "warmup_steps": (0, "linear warm-up"),
-        "schedule": ("linear", "decay after warm-up: constant, linear or cosine"),
+        "schedule": ("linear", "decay after warm-up: constant, linear or cosine", SCHEDULES),
         "weight_decay": (0.0, "AdamW weight decay"),
         "grad_clip": (1.0, "global gradient-norm clip; 0 = none"),
         "max_length": (1024, "longest SFT sequence; longer examples are left out"),
@@ -91,7 +103,7 @@ SCHEMA: dict[str, Any] = {
     },
     "rl": {
         "init": ("", "HF dir of the SFT model; '' = <workdir>/sft/best"),
-        "strategy": ("mixed", "start states: outcome (k = 0 only), staged (easiest stage first), mixed (R^3)"),
+        "strategy": ("mixed", "start states: outcome (k = 0 only), staged (easiest stage first), mixed (R^3)", STRATEGIES),
         "num_start_states": (5, "M start states per demonstration; 0 = one per step"),
         "steps": (1000, "RL steps (a batch sampled, then rl.epochs x rl.minibatches updates)"),
         "token_budget": (0, "> 0: stop after this many sampled completion tokens"),
@@ -101,15 +113,15 @@ SCHEMA: dict[str, Any] = {
         "separate_critic": (False, "a critic model of its own instead of a value head on the policy"),
         "critic_lr": (0.0, "value head or critic learning rate; 0 = rl.lr"),
         "warmup_steps": (0, "linear warm-up steps"),
-        "schedule": ("constant", "decay over the run's progress (steps or budget): constant, linear, cosine"),
+        "schedule": ("constant", "decay over the run's progress (steps or budget): constant, linear, cosine", SCHEDULES),
         "weight_decay": (0.0, "AdamW weight decay"),
         "grad_clip": (1.0, "global gradient-norm clip; 0 = none"),
         "kl_coef": (0.05, "KL penalty to the frozen SFT reference"),
-        "kl_mode": ("reward", "reward (per-token penalty in the reward, the paper's) or loss"),
+        "kl_mode": ("reward", "reward (per-token penalty in the reward, the paper's) or loss", KL_MODES),
         "estimator": ("gae", "gae (PPO with a critic, the paper's), or critic-free over rl.group_size "
-                             "completions: grpo, drgrpo, rloo, reinforce_pp"),
+                             "completions: grpo, drgrpo, rloo, reinforce_pp", ESTIMATORS),
         "group_size": (1, "completions per start state"),
-        "loss_agg": ("token_mean", "token_mean, seq_mean_token_mean or seq_mean_token_sum_norm"),
+        "loss_agg": ("token_mean", "token_mean, seq_mean_token_mean or seq_mean_token_sum_norm", LOSS_AGGREGATIONS),
         "dynamic_sampling": (False, "drop groups whose rewards are all equal and sample more (DAPO)"),
         "max_sampling_rounds": (3, "dynamic sampling: batches sampled at most per step"),
         "critic_warmup_steps": (0, "gae: first steps train only the critic"),
@@ -135,14 +147,14 @@ SCHEMA: dict[str, Any] = {
         "rollout_mesh": ((), "(data, fsdp, tensor) to sample in, the weights moved into it once per step; "
                              "() = the training layout"),
         "stage_length": (1.0, "staged: length of each stage in rl.stage_unit"),
-        "stage_unit": ("epochs", "staged: steps, epochs (over the stage's start states) or budget (a share)"),
+        "stage_unit": ("epochs", "staged: steps, epochs (over the stage's start states) or budget (a share)", STAGE_UNITS),
         "stage_weights": ((), "mixed: optional sampling weight per stage (stage 0 = the full task)"),
         "eval_every": (0, "steps between validation evaluations; 0 = never"),
         "eval_examples": (200, "validation problems per evaluation"),
         "checkpoint_every": (50, "steps between checkpoints"),
     },
     "eval": {
-        "split": ("test", "the split of the final evaluation: test, validation or train"),
+        "split": ("test", "the split of the final evaluation: test, validation or train", SPLITS),
         "num_examples": (0, "problems evaluated; 0 = all"),
         "batch_size": (32, "completions per sampler call"),
         "max_new_tokens": (700, "longest completion"),
@@ -152,7 +164,7 @@ SCHEMA: dict[str, Any] = {
     "checkpoint": {"keep": (2, "checkpoints kept per phase")},
     "metrics": {
         "sample_completions": (4, "completions per evaluation written to TensorBoard as text"),
-        "wandb": ("", "Weights & Biases: '' = off, offline (no network; `wandb sync` later) or online"),
+        "wandb": ("", "Weights & Biases: '' = off, offline (no network; `wandb sync` later) or online", WANDB_MODES),
         "wandb_project": ("r3jax", "W&B project"),
     },
     "compare": {
@@ -178,14 +190,22 @@ def _defaults(schema: dict) -> dict:
     return {name: _defaults(entry) if isinstance(entry, dict) else entry[0] for name, entry in schema.items()}
 
 
-def documented_keys(schema: dict = SCHEMA, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, meaning) for every key, in the table's order."""
+class Key(NamedTuple):
+    """One documented config key."""
+    name: str  # dotted, e.g. "rl.strategy"
+    default: Any
+    meaning: str
+    choices: tuple = ()  # the values allowed; () = any value of the default's kind
+
+
+def documented_keys(schema: dict = SCHEMA, prefix: str = "") -> list[Key]:
+    """Every key of the table, in its order."""
     rows = []
     for name, entry in schema.items():
         if isinstance(entry, dict):
             rows += documented_keys(entry, f"{prefix}{name}.")
         else:
-            rows.append((prefix + name, *entry))
+            rows.append(Key(prefix + name, *entry))
     return rows
 
 
@@ -210,8 +230,6 @@ def base_config() -> ml_collections.ConfigDict:
 def allow_config_imports(path: str) -> None:
     """Lets a config file's own imports (`from configs import arith`) resolve from the folder
     above its own, wherever the run starts."""
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     if root not in sys.path:
         sys.path.insert(0, root)
@@ -219,8 +237,6 @@ def allow_config_imports(path: str) -> None:
 
 def load_config_file(path: str, argument: str = "") -> ml_collections.ConfigDict:
     """`get_config([argument])` of a config file imported by its path."""
-    import importlib.util
-
     allow_config_imports(path)
     spec = importlib.util.spec_from_file_location("r3jax_user_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -242,6 +258,25 @@ def training_steps(section: ml_collections.ConfigDict, num_examples: int, exampl
     return section.steps
 
 
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) sizes with a -1 given the remaining devices; ValueError when the shape
+    is malformed or does not fit `num_devices`."""
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES) or shape.count(-1) > 1:
+        raise ValueError(f"{tuple(shape)}: need {len(MESH_AXES)} sizes (data, fsdp, tensor), at most one of them -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape and known and num_devices % known == 0:
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"{tuple(shape)} does not fit {num_devices} devices")
+    return tuple(shape)
+
+
+def data_parallel_size(shape: Sequence[int]) -> int:
+    """How many ways a batch splits on a mesh of (resolved) `shape`: its data x fsdp size."""
+    return math.prod(size for axis, size in zip(MESH_AXES, shape) if axis in BATCH_AXES)
+
+
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config.{key}: {message}")
@@ -249,8 +284,6 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     """The training mesh and the rollout mesh fit the devices; returns the training mesh's shape."""
-    from r3jax.sharding import resolve_mesh_shape
-
     for key, shape in (("rl.rollout_mesh", c.rl.rollout_mesh), ("mesh", c.mesh)):
         if shape or key == "mesh":
             try:
@@ -260,30 +293,46 @@ def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     return resolved
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises ConfigError naming the first bad key."""
-    from r3jax import optim, tasks
-    from r3jax.curriculum import STAGE_UNITS, STRATEGIES
-    from r3jax.models.transformer import REMAT_CHOICES
-    from r3jax.ppo import ESTIMATORS, LOSS_AGGREGATIONS
-    from r3jax.metrics import WANDB_MODES
-    from r3jax.sharding import data_parallel_size
-    from r3jax.workdir import RESUME_CHOICES
+def _value(c: ml_collections.ConfigDict, key: str) -> Any:
+    for part in key.split("."):
+        c = c[part]
+    return c
 
-    _check(c.mode in MODES, "mode", f"{c.mode!r} is not one of {MODES}")
-    _check(c.resume in RESUME_CHOICES, "resume", f"{c.resume!r} is not one of {RESUME_CHOICES}")
-    _check(c.metrics.wandb in WANDB_MODES, "metrics.wandb", f"{c.metrics.wandb!r} is not one of {WANDB_MODES}")
-    _check(c.metrics.sample_completions >= 0, "metrics.sample_completions",
-           f"must be non-negative, got {c.metrics.sample_completions}")
-    for key in ("param_dtype", "dtype", "export_dtype"):
-        _check(c.model[key] in DTYPES or (key == "export_dtype" and not c.model[key]), f"model.{key}",
-               f"{c.model[key]!r} is not one of {DTYPES}")
-    _check(c.model.remat in REMAT_CHOICES, "model.remat", f"{c.model.remat!r} is not one of {REMAT_CHOICES}")
-    _check(c.mode == "eval" or c.model.param_dtype == "float32", "model.param_dtype",
-           f"{c.model.param_dtype} master weights lose updates smaller than their spacing; train with "
-           "float32 and set model.dtype=bfloat16 to compute in bfloat16")
-    _check(c.task.name in tasks.REGISTRY, "task.name",
-           f"unknown task {c.task.name!r} (known: {', '.join(tasks.REGISTRY)})")
+
+def _validate_choices(c: ml_collections.ConfigDict) -> None:
+    """Every key with a choice list (SCHEMA's third element) holds one of its choices."""
+    for key in documented_keys():
+        value = _value(c, key.name)
+        _check(not key.choices or value in key.choices, key.name,
+               f"{value!r} is not one of {key.choices}")
+
+
+POSITIVE = ("sft.batch_size", "sft.grad_accum", "rl.batch_size", "rl.epochs", "rl.minibatches",
+            "rl.max_new_tokens", "rl.max_prompt_length", "eval.batch_size", "eval.max_new_tokens",
+            "checkpoint.keep", "sft.lr", "rl.lr", "rl.temperature", "sft.max_length", "sft.checkpoint_every",
+            "rl.checkpoint_every", "tokenizer.vocab_size", "rl.max_sampling_rounds", "eval.temperature")
+NON_NEGATIVE = ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", "rl.warmup_steps",
+                "sft.eval_every", "rl.eval_every", "sft.eval_examples", "rl.eval_examples", "eval.num_examples",
+                "rl.kl_coef", "rl.critic_lr", "rl.vf_coef", "rl.entropy_coef", "rl.value_clip", "rl.score_clip",
+                "rl.top_k", "sft.weight_decay", "rl.weight_decay", "sft.grad_clip", "rl.grad_clip",
+                "rl.num_start_states", "rl.clip_ratio_low", "rl.clip_ratio_high", "rl.critic_warmup_steps",
+                "rl.missing_eos_penalty", "metrics.sample_completions", "sft.logits_chunk", "rl.logits_chunk",
+                "eval.maj_k", "sft.data_epochs", "rl.data_epochs", "compare.samples", "compare.sample_problems")
+
+
+def _validate_ranges(c: ml_collections.ConfigDict) -> None:
+    for key in POSITIVE:
+        _check(_value(c, key) > 0, key, f"must be positive, got {_value(c, key)}")
+    for key in NON_NEGATIVE:
+        _check(_value(c, key) >= 0, key, f"must be non-negative, got {_value(c, key)}")
+    _check(0 < c.rl.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {c.rl.top_p}")
+    _check(c.rl.clip_ratio_low < 1, "rl.clip_ratio_low", f"must be below 1, got {c.rl.clip_ratio_low}")
+    for key in ("gamma", "lam"):
+        _check(0 <= c.rl[key] <= 1, f"rl.{key}", f"must be in [0, 1], got {c.rl[key]}")
+
+
+def _validate_paths(c: ml_collections.ConfigDict) -> None:
+    """Every file or directory the config names exists."""
     for key in ("train_path", "test_path"):
         path = c.task.options.get(key)
         _check(not path or os.path.exists(path), f"task.options.{key}", f"data file {path} not found")
@@ -297,76 +346,61 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         _check(os.path.exists(c.tokenizer.path), "tokenizer.path", f"{c.tokenizer.path} not found")
     if c.rl.init:
         _check(os.path.isdir(c.rl.init), "rl.init", f"SFT checkpoint directory {c.rl.init} not found")
-    _check(c.rl.strategy in STRATEGIES, "rl.strategy", f"{c.rl.strategy!r} is not one of {STRATEGIES}")
-    _check(c.rl.stage_unit in STAGE_UNITS, "rl.stage_unit", f"{c.rl.stage_unit!r} is not one of {STAGE_UNITS}")
-    _check(c.rl.kl_mode in ("reward", "loss"), "rl.kl_mode", f"{c.rl.kl_mode!r}: expected reward or loss")
-    _check(c.rl.estimator in ESTIMATORS, "rl.estimator", f"{c.rl.estimator!r} is not one of {ESTIMATORS}")
-    _check(c.rl.loss_agg in LOSS_AGGREGATIONS, "rl.loss_agg", f"{c.rl.loss_agg!r} is not one of {LOSS_AGGREGATIONS}")
-    _check(c.rl.group_size >= (1 if c.rl.estimator == "gae" else 2), "rl.group_size",
-           f"{c.rl.group_size}: rl.estimator={c.rl.estimator} needs at least "
-           f"{1 if c.rl.estimator == 'gae' else 2} completions per start state")
+
+
+def _validate_rl(c: ml_collections.ConfigDict) -> None:
+    """The RL settings that depend on one another."""
+    _check(c.mode == "eval" or c.model.param_dtype == "float32", "model.param_dtype",
+           f"{c.model.param_dtype} master weights lose updates smaller than their spacing; train with "
+           "float32 and set model.dtype=bfloat16 to compute in bfloat16")
+    needed = 1 if c.rl.estimator == "gae" else 2
+    _check(c.rl.group_size >= needed, "rl.group_size",
+           f"{c.rl.group_size}: rl.estimator={c.rl.estimator} needs at least {needed} completions per start state")
     _check(c.rl.batch_size % c.rl.group_size == 0, "rl.group_size",
            f"{c.rl.group_size} does not divide rl.batch_size {c.rl.batch_size} (rows = start states x group)")
     _check(not c.rl.dynamic_sampling or c.rl.group_size >= 2, "rl.dynamic_sampling",
            "needs rl.group_size >= 2: it drops groups whose rewards are all equal")
-    _check(c.rl.max_sampling_rounds >= 1, "rl.max_sampling_rounds", f"must be at least 1, got {c.rl.max_sampling_rounds}")
-    for key in ("clip_ratio_low", "clip_ratio_high", "critic_warmup_steps", "missing_eos_penalty"):
-        _check(c.rl[key] >= 0, f"rl.{key}", f"must be non-negative, got {c.rl[key]}")
-    _check(c.rl.clip_ratio_low < 1, "rl.clip_ratio_low", f"must be below 1, got {c.rl.clip_ratio_low}")
     _check(c.rl.critic_warmup_steps == 0 or c.rl.estimator == "gae", "rl.critic_warmup_steps",
            f"rl.estimator={c.rl.estimator} has no critic to warm up")
     _check(c.rl.stage_unit != "budget" or c.rl.token_budget > 0, "rl.stage_unit",
            "'budget' needs rl.token_budget > 0")
-    _check(c.eval.split in ("train", "validation", "test"), "eval.split", f"{c.eval.split!r}")
-    _check(c.task.options.get("validation_size", 0) >= 0, "task.options.validation_size",
-           f"must be a count or a fraction of the training data, got {c.task.options.get('validation_size')}")
-    _check(c.task.options.get("validation_size", 0) > 0 or not (c.sft.eval_every or c.rl.eval_every
-                                                                or c.eval.split == "validation"),
+    _check(c.rl.batch_size % c.rl.minibatches == 0, "rl.minibatches",
+           f"{c.rl.minibatches} does not divide rl.batch_size {c.rl.batch_size}")
+
+
+def _validate_selection(c: ml_collections.ConfigDict) -> None:
+    """Model selection reads a validation split that exists."""
+    validation_size = c.task.options.get("validation_size", 0)
+    _check(validation_size >= 0, "task.options.validation_size",
+           f"must be a count or a fraction of the training data, got {validation_size}")
+    _check(validation_size > 0 or not (c.sft.eval_every or c.rl.eval_every or c.eval.split == "validation"),
            "task.options.validation_size", "model selection (sft.eval_every, rl.eval_every) and "
            "eval.split=validation read a validation split carved from train: set it above 0")
-    for section in ("sft", "rl"):
-        _check(c[section].logits_chunk >= 0, f"{section}.logits_chunk",
-               f"must be 0 (all at once) or positive, got {c[section].logits_chunk}")
-    _check(c.eval.maj_k >= 0, "eval.maj_k", f"must be 0 (greedy only) or a sample count, got {c.eval.maj_k}")
-    _check(c.eval.temperature > 0, "eval.temperature", f"must be positive, got {c.eval.temperature}")
-    for section in ("sft", "rl"):
-        _check(c[section].data_epochs >= 0, f"{section}.data_epochs",
-               f"must be 0 (use {section}.steps) or a number of passes, got {c[section].data_epochs}")
-        _check(c[section].schedule in optim.SCHEDULES, f"{section}.schedule",
-               f"{c[section].schedule!r}: expected one of {optim.SCHEDULES}")
-    for key in ("sft.batch_size", "sft.grad_accum", "rl.batch_size", "rl.epochs", "rl.minibatches",
-                "rl.max_new_tokens", "rl.max_prompt_length", "eval.batch_size", "eval.max_new_tokens",
-                "checkpoint.keep", "sft.lr", "rl.lr", "rl.temperature", "sft.max_length", "sft.checkpoint_every",
-                "rl.checkpoint_every", "rl.num_start_states", "tokenizer.vocab_size"):
-        section, name = key.split(".")
-        _check(c[section][name] > 0 or (key == "rl.num_start_states" and c[section][name] == 0), key,
-               f"must be positive, got {c[section][name]}")
-    for key in ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", "rl.warmup_steps",
-                "sft.eval_every", "rl.eval_every", "sft.eval_examples", "rl.eval_examples", "eval.num_examples",
-                "rl.kl_coef", "rl.critic_lr", "rl.vf_coef", "rl.entropy_coef", "rl.value_clip", "rl.score_clip",
-                "rl.top_k", "sft.weight_decay", "rl.weight_decay", "sft.grad_clip", "rl.grad_clip"):
-        section, name = key.split(".")
-        _check(c[section][name] >= 0, key, f"must be non-negative, got {c[section][name]}")
-    _check(0 < c.rl.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {c.rl.top_p}")
-    for key in ("gamma", "lam"):
-        _check(0 <= c.rl[key] <= 1, f"rl.{key}", f"must be in [0, 1], got {c.rl[key]}")
+
+
+def _validate_compare(c: ml_collections.ConfigDict) -> None:
     for arm in c.compare.arms:
         strategy, _, estimator = arm.partition("-")
         _check(strategy in ARMS and (not estimator or estimator in ESTIMATORS), "compare.arms",
                f"{arm!r}: expected one of {tuple(ARMS)}, optionally with -<estimator> ({', '.join(ESTIMATORS)})")
-    _check(all(v > 0 for v in c.compare.tune_lr), "compare.tune_lr", f"{c.compare.tune_lr}: learning rates must be > 0")
-    _check(all(v > 0 for v in c.compare.tune_continued_lr), "compare.tune_continued_lr",
-           f"{c.compare.tune_continued_lr}: learning rates must be > 0")
+    for key in ("tune_lr", "tune_continued_lr"):
+        _check(all(v > 0 for v in c.compare[key]), f"compare.{key}",
+               f"{c.compare[key]}: learning rates must be > 0")
     _check(all(v >= 0 for v in c.compare.tune_kl_coef), "compare.tune_kl_coef",
            f"{c.compare.tune_kl_coef}: KL coefficients must be >= 0")
-    _check(c.compare.samples >= 0 and c.compare.sample_problems >= 0, "compare.samples",
-           "samples per problem and problems for sampled metrics must be non-negative")
     _check(c.compare.group_size >= 2 and c.rl.batch_size % c.compare.group_size == 0, "compare.group_size",
            f"{c.compare.group_size}: needs at least 2 completions per start state, dividing rl.batch_size")
-    _check(c.rl.batch_size % c.rl.minibatches == 0, "rl.minibatches",
-           f"{c.rl.minibatches} does not divide rl.batch_size {c.rl.batch_size}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError naming the first bad key."""
+    _validate_choices(c)
+    _validate_ranges(c)
+    _validate_paths(c)
+    _validate_rl(c)
+    _validate_selection(c)
+    _validate_compare(c)
     data_parallel = data_parallel_size(validate_mesh(c, num_devices))
     for key in ("sft.batch_size", "rl.batch_size", "eval.batch_size"):
-        section, name = key.split(".")
-        _check(c[section][name] % data_parallel == 0, key,
-               f"{c[section][name]} is not a multiple of the data-parallel size {data_parallel}")
+        _check(_value(c, key) % data_parallel == 0, key,
+               f"{_value(c, key)} is not a multiple of the data-parallel size {data_parallel}")

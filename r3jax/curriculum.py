@@ -16,8 +16,6 @@ import numpy as np
 
 from r3jax.tasks.base import Demonstration, Task
 
-STRATEGIES = ("outcome", "staged", "mixed")
-STAGE_UNITS = ("steps", "epochs", "budget")  # config.validate checks both choices
 
 
 def cut_steps(rationale: str, mode: str, num_chunks: int = 5) -> list[str]:

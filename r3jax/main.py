@@ -83,11 +83,12 @@ def help_text(argv: list[str]) -> str:
         lines.append(f"  --{name:16s} {flags.FLAGS[name].help}")
     lines += ["", "config keys, as --config.KEY=VALUE (default" + (f"; -> the value in {value}" if file_values else "")
               + "):"]
-    for key, default, meaning in documented_keys():
-        shown = repr(default)
-        if key in file_values and file_values[key] != default:
-            shown += f" -> {file_values[key]!r}"
-        lines.append(f"  {key} = {shown}\n      {meaning}")
+    for key in documented_keys():
+        shown = repr(key.default)
+        if key.name in file_values and file_values[key.name] != key.default:
+            shown += f" -> {file_values[key.name]!r}"
+        choices = f"\n      one of: {', '.join(map(repr, key.choices))}" if key.choices else ""
+        lines.append(f"  {key.name} = {shown}\n      {key.meaning}{choices}")
     return "\n".join(lines)
 
 
@@ -168,8 +169,8 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
         print(line)
     os.makedirs(workdir, exist_ok=True)
     if sharding.is_primary():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump({**json.loads(config.to_json_best_effort()), "runtime": runtime}, f, indent=2)
+        files.write_json(os.path.join(workdir, "config.json"),
+                         {**json.loads(config.to_json_best_effort()), "runtime": runtime})
     mesh = sharding.make_mesh(config.mesh)
     if sharding.is_primary():
         print(f"r3jax {config.mode}: task {task.name}, {jax.device_count()} {jax.devices()[0].platform} device(s), "

@@ -10,6 +10,11 @@ from typing import Iterable
 
 import numpy as np
 
+from r3jax import files
+from r3jax.config import from_section
+from r3jax.errors import InputError
+from r3jax.sharding import is_primary
+
 
 def machine_info() -> dict:
     """Where a result was measured: host, devices and library versions."""
@@ -40,7 +45,6 @@ def _scalar(value) -> float:
     return float(np.asarray(value))
 
 
-WANDB_MODES = ("", "offline", "online")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +60,6 @@ def _wandb_run(options: MetricsConfig, workdir: str, name: str, run_config: dict
     try:
         import wandb
     except ImportError:
-        from r3jax.config import InputError
-
         raise InputError("config.metrics.wandb: wandb is not installed (pip install wandb)") from None
     path = os.path.abspath(os.path.join(workdir, name))
     run_id = hashlib.sha1(path.encode()).hexdigest()[:16]
@@ -83,16 +85,13 @@ class MetricsWriter:
                  options: MetricsConfig = MetricsConfig(), run_config: dict | None = None):
         from tensorboardX import SummaryWriter
 
-        from r3jax.sharding import is_primary
-
         self.path = os.path.join(workdir, f"{name}.jsonl")
         self.active = is_primary()
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
         kept = [r for r in read_jsonl(self.path) if resume_step is not None and r["step"] <= resume_step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        files.write_jsonl(self.path, kept)
         self.file = open(self.path, "a")
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard", name))
         self.options = options
@@ -101,8 +100,6 @@ class MetricsWriter:
     @classmethod
     def for_run(cls, workdir: str, name: str, resume_step: int, config) -> "MetricsWriter":
         """The writer of a training phase under `config` (its `metrics` section; W&B records the config)."""
-        from r3jax.config import from_section
-
         return cls(workdir, name, resume_step, from_section(MetricsConfig, config.metrics), config.to_dict())
 
     def write(self, step: int, metrics: dict) -> dict:
@@ -188,7 +185,7 @@ def plot_curves(records: Iterable[dict], path: str, prefixes: Iterable[str] = ("
             ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path)
     plt.close(fig)
     return path
 

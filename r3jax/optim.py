@@ -13,7 +13,6 @@ import optax
 
 from r3jax.models.value import ActorCritic
 
-SCHEDULES = ("constant", "linear", "cosine")
 
 
 def lr_scale(kind: str, warmup_steps: int, step: int, progress: float) -> float:
@@ -23,7 +22,7 @@ def lr_scale(kind: str, warmup_steps: int, step: int, progress: float) -> float:
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     progress = min(max(progress, 0.0), 1.0)
     decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
-    return warm * decay[kind]  # kind is one of SCHEDULES (config.validate)
+    return warm * decay[kind]  # kind is one of config.SCHEDULES (validated)
 
 
 def adamw(lr: float, weight_decay: float = 0.0, grad_clip: float | None = 1.0) -> optax.GradientTransformation:

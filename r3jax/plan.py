@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import re
 import sys
 import time
+
+from r3jax import files
 
 PRESETS = {  # shapes only (HF config.json fields); no weights
     "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -388,9 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in report_lines(result, memory):
         print(line)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        files.write_json(args.out, result)
         print(f"plan written to {args.out}")
     return 0
 

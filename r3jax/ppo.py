@@ -20,13 +20,12 @@ import jax.numpy as jnp
 import optax
 
 from r3jax import optim
+from r3jax.config import ESTIMATORS, LOSS_AGGREGATIONS
 from r3jax.models.transformer import ModelConfig, forward, head_logits
 from r3jax.models.value import ActorCritic, hidden_and_values
 from r3jax.sampling import Rollout
 
 
-ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp")
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from r3jax import sharding
+from r3jax.config import data_parallel_size
 from r3jax.curriculum import StartState
 from r3jax.models.transformer import ModelConfig
 from r3jax.sampling import Rollout, SamplingConfig, sample
@@ -84,7 +85,7 @@ def dispatch_sampling(model_cfg: ModelConfig, params: Any, states: Sequence[Star
     device. The batch has at least `rows` rows (a fixed batch shape means one compile), rounded
     up to a multiple of the data-parallel size."""
     rows = max(rows, len(states))
-    rows += -rows % sharding.data_parallel_size(mesh.devices.shape)
+    rows += -rows % data_parallel_size(mesh.devices.shape)
     tokens, mask = sharding.shard_batch(encode_prompts(states, settings.pad_id, rows), mesh)
     return sample(model_cfg, params, tokens, mask, key, settings)
 

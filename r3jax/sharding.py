@@ -14,10 +14,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from r3jax.config import BATCH_AXES, MESH_AXES, resolve_mesh_shape
 from r3jax.models.transformer import ModelConfig, init_params
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
@@ -28,25 +26,6 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("layers", None),  # the stacked axis of scanned layers: every device holds its shard of every layer
 )
-
-
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """(data, fsdp, tensor) sizes with a -1 given the remaining devices; ValueError when the shape
-    is malformed or does not fit `num_devices`."""
-    shape = list(shape)
-    if len(shape) != len(MESH_AXES) or shape.count(-1) > 1:
-        raise ValueError(f"{tuple(shape)}: need {len(MESH_AXES)} sizes (data, fsdp, tensor), at most one of them -1")
-    known = int(np.prod([s for s in shape if s != -1]))
-    if -1 in shape and known and num_devices % known == 0:
-        shape[shape.index(-1)] = num_devices // known
-    if int(np.prod(shape)) != num_devices:
-        raise ValueError(f"{tuple(shape)} does not fit {num_devices} devices")
-    return tuple(shape)
-
-
-def data_parallel_size(shape: Sequence[int]) -> int:
-    """How many ways a batch splits on a mesh of (resolved) `shape`: its data x fsdp size."""
-    return int(np.prod([size for axis, size in zip(MESH_AXES, shape) if axis in BATCH_AXES]))
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from r3jax.config import InputError
+from r3jax.errors import InputError
 
 
 SENTENCEPIECE_FILE = "tokenizer.model"

@@ -10,7 +10,9 @@ import os
 import shutil
 from typing import Any
 
-from r3jax.config import ConfigError, base_config, flatten
+from r3jax.config import base_config, flatten
+from r3jax import files
+from r3jax.errors import ConfigError, UnreadableFileError
 
 # keys that change only what is evaluated, logged or kept: results are recomputed under them
 NOT_DEFINING = ("eval.", "metrics.", "checkpoint.keep", "resume", "compare.output", "compare.samples",
@@ -20,7 +22,6 @@ EXTENDING = {"sft.steps": "sft", "sft.data_epochs": "sft", "rl.steps": "rl", "rl
              "rl.data_epochs": "rl", "compare.seeds": "compare", "compare.arms": "compare",
              "compare.tune_lr": "compare", "compare.tune_kl_coef": "compare", "compare.tune_continued_lr": "compare"}
 TRAINING_MODES = ("train", "sft", "rl")  # phases of one workdir: one may follow another
-RESUME_CHOICES = ("", "continue", "restart")
 
 
 def _json_form(config) -> dict[str, Any]:
@@ -97,8 +98,14 @@ def claim(workdir: str, config, primary: bool = True) -> list[str]:
     stored_path = os.path.join(workdir, "config.json")
     if not os.path.exists(stored_path):
         return []
-    with open(stored_path) as f:
-        stored = json.load(f)
+    try:
+        stored = files.read_json(stored_path, "rerun with --config.resume=restart to move this workdir aside, "
+                                              "or give another --workdir")
+    except UnreadableFileError:
+        if config.resume != "restart":
+            raise
+        return [f"resume=restart: {stored_path} was unreadable; moved the old workdir to "
+                f"{_aside(workdir, 'old', primary)}"]
     old, new = stored_values(stored), defining_values(config)
     conflicts, extending = differences(old, new)
     described = [f"  {key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"

@@ -1,8 +1,10 @@
 """Config checks in-process: unknown keys name their closest known keys, master-weight dtypes,
 model selection on a validation split, and the learning-rate schedule by progress."""
 import os
+import re
 import runpy
 
+import numpy as np
 import pytest
 
 from r3jax import config as config_lib, main, optim
@@ -143,3 +145,82 @@ def test_default_workdirs_never_shared_between_tasks_or_modes(config_file, overr
         section, _, name = key.rpartition(".")
         (c[section] if section else c)[name] = value
     assert main.default_workdir(config_file, c) == expected
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """{module: the r3jax modules it imports}, function-level imports included."""
+    import ast
+
+    package = os.path.join(ROOT, "r3jax")
+    modules = {}
+    for folder, _, names in os.walk(package):
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                module = os.path.relpath(path[:-3], ROOT).replace(os.sep, ".").removesuffix(".__init__")
+                modules[module] = path
+    graph = {module: set() for module in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("r3jax"):
+                # `from package import submodule` imports the submodule; anything else, the module named
+                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                           for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[module] |= {target for target in targets if target in modules and target != module}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` as a path of modules, or [] when it has none."""
+    state, path = {}, []
+
+    def visit(module):
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[module] = "done"
+        path.pop()
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module)):
+            return found
+    return []
+
+
+def test_import_graph_has_no_cycle_and_config_is_a_leaf():
+    graph = _import_graph()
+    assert _cycle(graph) == []
+    assert graph["r3jax.config"] == {"r3jax.errors"} and graph["r3jax.errors"] == set()
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the checker finds one
+
+
+def test_choice_lists_are_the_ones_their_modules_act_on():
+    from r3jax import ppo, tasks
+    from r3jax.models.transformer import REMAT_POLICIES
+
+    assert set(tasks.REGISTRY) == set(config_lib.TASKS)
+    assert set(config_lib.REMAT_CHOICES) == {"none", *REMAT_POLICIES}
+    for schedule in config_lib.SCHEDULES:
+        assert 0 <= optim.lr_scale(schedule, 0, 5, 0.5) <= 1
+    for aggregation in config_lib.LOSS_AGGREGATIONS:
+        ppo.aggregate(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), aggregation)
+
+
+@pytest.mark.parametrize("key", [key for key in config_lib.documented_keys() if key.choices], ids=lambda k: k.name)
+def test_every_choice_is_checked_and_listed_in_help(key):
+    c = config_lib.base_config()
+    section, _, name = key.name.rpartition(".")
+    (c[section] if section else c)[name] = "no-such-choice"
+    with pytest.raises(config_lib.ConfigError, match=f"config.{key.name}: 'no-such-choice' is not one of"):
+        config_lib.validate(c, num_devices=1)
+    entry = re.split(r"\n  (?=\S)", main.help_text(["r3jax"]).split(f"\n  {key.name} = ", 1)[1])[0]
+    assert "one of: " + ", ".join(map(repr, key.choices)) in entry

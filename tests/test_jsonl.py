@@ -5,9 +5,9 @@ import os
 import pytest
 
 from r3jax import curriculum, tasks
-from r3jax.config import InputError
+from r3jax.errors import InputError
 from r3jax.tasks.answers import Score
-from r3jax.tasks.base import RecordError
+from r3jax.errors import RecordError
 
 QUESTION_RECORDS = [
     {"question": "Ann has 3 pens and buys 4 more, then doubles them. How many?",

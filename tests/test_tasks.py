@@ -5,7 +5,7 @@ import pytest
 
 from r3jax import tasks
 from r3jax.tasks import answers
-from r3jax.tasks.base import RecordError
+from r3jax.errors import RecordError
 
 
 @pytest.mark.parametrize("text, expected", [

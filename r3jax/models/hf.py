@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from r3jax import sharding as sharding_lib
-from r3jax.config import InputError
+from r3jax.errors import InputError
 from r3jax.models.transformer import ModelConfig, init_params
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

@@ -107,7 +107,6 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) ->
 
 # model.remat -> the jax.checkpoint policy of each decoder layer (None: save nothing, recompute all)
 REMAT_POLICIES = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-REMAT_CHOICES = ("none", *REMAT_POLICIES)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict[str, jnp.ndarray]] | dict[str, jnp.ndarray]:

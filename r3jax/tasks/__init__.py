@@ -7,8 +7,10 @@ from typing import Callable
 from r3jax.tasks import labels, math
 from r3jax.tasks.arith import ArithTask
 from r3jax.tasks.jsonl import JsonlTask
-from r3jax.tasks.base import Demonstration, RecordError, Task, data_dir
+from r3jax.errors import RecordError
+from r3jax.tasks.base import Demonstration, Task, data_dir
 
+# the names are config.TASKS (tests/test_config.py checks that both list the same tasks)
 REGISTRY: dict[str, Callable[..., Task]] = {
     "gsm8k": functools.partial(math.gsm8k, "cot"),
     "gsm8k_pot": functools.partial(math.gsm8k, "pot"),

@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from r3jax.config import InputError
+from r3jax.errors import InputError, RecordError
+from r3jax.tasks import tfds_source
 from r3jax.tasks.answers import Score
 
 DEFAULT_HEADER = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -22,10 +23,6 @@ def data_dir() -> str:
     """Where the shared data lives: $R3JAX_DATA_DIR, default ../shared/data beside the project."""
     default = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
     return os.path.abspath(os.environ.get("R3JAX_DATA_DIR", default))
-
-
-class RecordError(InputError):
-    """A malformed data record; the message names the file and line (jsonl) or index (json)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +129,6 @@ class Task:
             return read_records(self.paths[split])
         if not self.tfds_name:
             raise ValueError(f"task {self.name}: no TFDS source; give train_path/test_path")
-        from r3jax.tasks import tfds_source  # its module needs this one's RecordError
-
         return tfds_source.records(self.tfds_name, split)
 
     def load_split(self, split: str) -> list[Demonstration]:

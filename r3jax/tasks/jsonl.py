@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from r3jax.config import ConfigError
+from r3jax.errors import ConfigError
 from r3jax.tasks import answers
 from r3jax.tasks.answers import Score
-from r3jax.tasks.base import Demonstration, RecordError, Task, field, read_records
+from r3jax.errors import RecordError
+from r3jax.tasks.base import Demonstration, Task, field, read_records
 
 FORMATS = {"question": ("question", "rationale", "answer"), "prompt": ("prompt", "completion")}
 SEPARATORS = {"lines": "\n", "words": " "}

@@ -6,7 +6,8 @@ from typing import Sequence
 
 from r3jax.tasks import answers
 from r3jax.tasks.answers import Score
-from r3jax.tasks.base import Demonstration, RecordError, Task, data_dir, field
+from r3jax.errors import RecordError
+from r3jax.tasks.base import Demonstration, Task, data_dir, field
 
 NLI_OPTIONS = ("yes", "it is not possible to tell", "no")
 

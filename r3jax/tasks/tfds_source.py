@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from r3jax.tasks.base import RecordError
+from r3jax.errors import RecordError
 
 NLI_LABELS = {0: "yes", 1: "it is not possible to tell", 2: "no"}
 NLI_OPTIONS = "\n\nOPTIONS:\n- yes\n- it is not possible to tell\n- no"

@@ -11,14 +11,13 @@ length and start stage, on the validation split.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 
 import jax
 import numpy as np
 
-from r3jax import curriculum, rollout as rollout_lib, sharding, stats, workdir as workdir_lib
+from r3jax import curriculum, files, rollout as rollout_lib, sharding, stats, workdir as workdir_lib
 from r3jax.checkpoint import StopSignal
 from r3jax.config import ARMS
 from r3jax.evaluate import evaluate
@@ -143,13 +142,10 @@ def with_settings(config, settings: dict):
 def _cached(path: str, compute) -> dict:
     """A finished unit of the comparison: read it back, or compute and store it (process 0)."""
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+        return files.read_json(path, "delete it to recompute that unit")
     result = compute()
     if result is not None and sharding.is_primary():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f)
+        files.write_json(path, result, indent=None)
     return result
 
 
@@ -250,7 +246,7 @@ def plot(summary: dict, path: str) -> None:
     right.set_title("accuracy by chain length")
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -392,12 +388,9 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     if not sharding.is_primary():
         return summary
     output = config.compare.output or os.path.join(workdir, "compare.json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(summary, f, indent=2)
+    files.write_json(output, summary)
     plot(summary, os.path.splitext(output)[0] + ".png")
-    with open(os.path.splitext(output)[0] + ".md", "w") as f:
-        f.write(markdown(summary))
+    files.write_text(os.path.splitext(output)[0] + ".md", markdown(summary))
     for name, arm in arms.items():
         print(f"{name:14s} {arm['mean']:.3f} [{arm['ci95'][0]:.3f}, {arm['ci95'][1]:.3f}]")
     for name, difference in differences.items():

@@ -1,14 +1,13 @@
 """The main job: tokenizer -> model -> SFT -> R^3 -> evaluation, results table and curves."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from r3jax import config as config_lib, sharding, stats, tokenizer as tokenizer_lib
+from r3jax import config as config_lib, files, sharding, stats, tokenizer as tokenizer_lib
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import evaluate
 from r3jax.metrics import read_jsonl
@@ -65,8 +64,7 @@ def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
     """results.json and a markdown table in the workdir (process 0 only)."""
     if not sharding.is_primary():
         return
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    files.write_json(os.path.join(workdir, "results.json"), results)
     keys = sorted({k for r in results.values() for k in r if k.startswith("accuracy")},
                   key=lambda k: (k != "accuracy", len(k), k))
     correct = {name: [float(r["correct"]) for r in read_jsonl(os.path.join(workdir, f"{name}_predictions.jsonl"))]
@@ -82,8 +80,7 @@ def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
         lines += ["", f"{trained[0]} - sft: {difference.mean:+.3f} [{difference.lo:+.3f}, {difference.hi:+.3f}], "
                   f"{stats.verdict(difference)} (95% intervals: a bootstrap over the {len(correct['sft'])} problems, "
                   "paired for the difference)"]
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    files.write_text(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -150,5 +147,4 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
 def write_records(workdir: str, name: str, records: list[dict]) -> None:
     if not sharding.is_primary():
         return
-    with open(os.path.join(workdir, f"{name}_predictions.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    files.write_jsonl(os.path.join(workdir, f"{name}_predictions.jsonl"), records)

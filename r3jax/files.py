@@ -1,0 +1,59 @@
+"""Files that survive a crash: every result, config and log rewrite r3jax makes goes through
+`write_text`, `write_json`, `write_jsonl` or `save_figure` (a temp file beside the target, then
+`os.replace`, so a reader sees the old file or the new one, never half of one), and every file it
+reads back goes through `read_json`, which names the file and the way out when it is broken."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable, Iterable
+
+from r3jax.errors import UnreadableFileError
+
+
+def _replace_with(path: str, write: Callable[[str], None]) -> None:
+    """Calls `write(temp_path)` on a temp file in `path`'s folder, then renames it onto `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp_path)
+        os.replace(temp_path, path)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    def write(temp_path):
+        with open(temp_path, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    _replace_with(path, write)
+
+
+def write_json(path: str, value: Any, indent: int | None = 2) -> None:
+    write_text(path, json.dumps(value, indent=indent))
+
+
+def write_jsonl(path: str, records: Iterable[dict]) -> None:
+    write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG (the format named here, since the temp file has no .png)."""
+    _replace_with(path, lambda temp_path: fig.savefig(temp_path, dpi=dpi, format="png"))
+
+
+def read_json(path: str, remedy: str) -> Any:
+    """The JSON value in `path`; UnreadableFileError naming the file, what is wrong and `remedy`
+    (what the user can do) when it is empty, cut short or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UnreadableFileError(f"{path} cannot be read ({'empty' if not os.path.getsize(path) else error}), "
+                                  f"perhaps cut short by a crash: {remedy}") from None
