@@ -19,11 +19,11 @@ from r3jax.metrics import machine_info
 from r3jax.tasks.sandbox import Limits, probe_bwrap, run_program
 
 
-def programs_per_second(programs, workers: int, bwrap: str | None) -> tuple[float, list]:
+def programs_per_second(programs, workers: int, isolated: bool) -> tuple[float, list]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(lambda code: run_program(code, Limits(), bwrap), programs[:workers]))  # warm up
+        list(pool.map(lambda code: run_program(code, Limits(), isolated), programs[:workers]))  # warm up
         start = time.perf_counter()
-        values = list(pool.map(lambda code: run_program(code, Limits(), bwrap), programs))
+        values = list(pool.map(lambda code: run_program(code, Limits(), isolated), programs))
         return len(programs) / (time.perf_counter() - start), values
 
 
@@ -40,8 +40,8 @@ def main():
     programs = [d.response for d in demos]
     rows = []
     for workers in (1, args.workers):
-        for isolation, binary in (("process", None), ("bubblewrap", bwrap)):
-            rate, values = programs_per_second(programs, workers, binary)
+        for isolation in ("process", "bubblewrap"):
+            rate, values = programs_per_second(programs, workers, isolation == "bubblewrap")
             correct = sum(isinstance(v, float) and abs(v - float(d.answer)) <= 1e-2 for v, d in zip(values, demos))
             rows.append({"isolation": isolation, "workers": workers, "programs_per_s": rate, "correct": correct,
                          "programs": len(programs)})

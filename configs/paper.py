@@ -69,6 +69,8 @@ def get_config(task: str = "gsm8k"):
         c.rl.data_epochs = 50.0
         c.rl.lr = 3e-7
         c.rl.kl_coef = 0.01 if task.endswith("_pot") else 0.05
+        if task.endswith("_pot"):
+            c.task.options.require_isolation = True  # generated programs never run without bubblewrap
         c.rl.separate_critic = False
         c.rl.temperature = 1.0
     else:

@@ -3,6 +3,7 @@
 all a resumed run needs to draw the same data and samples."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -11,7 +12,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from r3jax.errors import InputError
+from r3jax.errors import InputError, UnreadableFileError
 
 
 class Checkpointer:
@@ -35,6 +36,10 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except json.JSONDecodeError as error:
+            raise UnreadableFileError(
+                f"{self.manager.directory}/{step}/meta/metadata cannot be read ({error}), perhaps cut short by a "
+                f"crash: delete {self.manager.directory}/{step} to resume from the checkpoint before it") from None
         except ValueError as error:
             raise InputError(f"checkpoint {self.manager.directory}/{step} does not match this run's "
                              f"model or optimizer (was the config changed? use a new --workdir): "

@@ -5,7 +5,9 @@ raise `ConfigError` with the key named; main.py turns that into one line and exi
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import importlib.util
 import math
 import os
@@ -242,6 +244,32 @@ def load_config_file(path: str, argument: str = "") -> ml_collections.ConfigDict
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(argument) if argument else module.get_config()
+
+
+def closest_keys(key: str, config: ml_collections.ConfigDict) -> str:
+    """The known keys nearest to a misspelt `key`, for the message that names it."""
+    return ", ".join(difflib.get_close_matches(key, list(flatten(config, sections=True)), n=3, cutoff=0.0))
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str, source: str) -> None:
+    """Sets `config.<key>` from the text of a --config.KEY=VALUE flag: a Python literal where the
+    text is one, else the text; ConfigError naming the key for an unknown key or a value of the
+    wrong type (ConfigDict keeps each key's type)."""
+    section, _, name = key.rpartition(".")
+    target = config
+    for part in filter(None, section.split(".")):
+        target = target.get(part) if hasattr(target, "get") else None
+    if not hasattr(target, "get") or name not in target:
+        raise ConfigError(f"config.{key}: unknown config key in {source} (closest known: "
+                          f"{closest_keys(key, config)})")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    try:
+        target[name] = value
+    except TypeError as error:
+        raise ConfigError(f"config.{key}: {text!r} does not fit the key's type ({error})") from None
 
 
 def from_section(cls, section: ml_collections.ConfigDict, **given):

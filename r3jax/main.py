@@ -7,7 +7,6 @@ run with status 3, keeping the last good checkpoint.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import sys
@@ -53,19 +52,18 @@ def _explain_override_failure(argv: list[str]) -> str | None:
     path, _, argument = value.partition(":")
     if not os.path.exists(path):
         return f"--config: config file {path} not found"
-    from r3jax.config import flatten, load_config_file
+    from r3jax.config import closest_keys, flatten, load_config_file
 
     try:
         config = load_config_file(path, argument)
     except Exception:  # the config file itself is broken: absl's own message says how
         return None
-    known = list(flatten(config, sections=True))
+    known = flatten(config, sections=True)
     for arg in argv:
         if arg.startswith("--config.") and "=" in arg:
             key = arg[len("--config."):].split("=", 1)[0]
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=3, cutoff=0.0)
-                return f"--config.{key}: unknown config key in {path} (closest known: {', '.join(close)})"
+                return f"--config.{key}: unknown config key in {path} (closest known: {closest_keys(key, config)})"
     return None
 
 
@@ -147,8 +145,9 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     non-finite loss (3) or a stop signal (75)."""
     import jax
 
-    from r3jax import config as config_lib, sharding, tasks, workdir as workdir_lib
+    from r3jax import config as config_lib, files, sharding, tasks, workdir as workdir_lib
     from r3jax.checkpoint import NonFiniteError
+    from r3jax.errors import InputError
     from r3jax.tasks.sandbox import IsolationError
 
     if "://" in workdir:
@@ -182,7 +181,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
         else:
             from r3jax.train import job
             result = job.run(config, workdir, task, mesh)
-    except config_lib.InputError as error:
+    except InputError as error:
         fail(str(error))
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -192,7 +191,13 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     if result is None:
         print(f"stopped by a signal; rerun with --workdir={workdir} to resume (exit status {EXIT_STOPPED})")
         sys.exit(EXIT_STOPPED)
-    print(f"results written to {workdir}")
+    print("\n".join(final_summary(workdir, runtime)))
+
+
+def final_summary(workdir: str, runtime: dict[str, str]) -> list[str]:
+    """The run's closing lines: how the task executed (a sandbox without OS isolation shows here,
+    as it does in config.json's `runtime`), and where the results are."""
+    return [f"{key}: {value}" for key, value in runtime.items()] + [f"results written to {workdir}"]
 
 
 if __name__ == "__main__":

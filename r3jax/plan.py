@@ -369,8 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-memory", default="80GB")
     parser.add_argument("--out", help="write the plan as JSON here")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. rl.logits_chunk=0 mesh=(1,-1,1)")
-    args = parser.parse_args(argv)
+                        help="config overrides, the same as --config.KEY=VALUE (as python -m r3jax.main takes them), "
+                             "e.g. --config.rl.logits_chunk=0 --config.mesh='(1,-1,1)'")
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [arg[len("--config."):] for arg in argv if arg.startswith("--config.")]
+    args = parser.parse_args([arg for arg in argv if not arg.startswith("--config.")])
+    args.set += overrides
     try:
         memory = parse_memory(args.device_memory)
         if args.devices < 1:
@@ -423,27 +427,16 @@ def _knob_value(config, name: str):
 
 
 def load_config(spec: str, overrides: list[str]):
-    """A config file's get_config([argument]) with KEY=VALUE overrides (Python literals)."""
-    import ast
-
-    from r3jax.config import load_config_file
+    """A config file's get_config([argument]) with KEY=VALUE overrides, parsed as `main` parses
+    --config.KEY=VALUE (config.apply_override)."""
+    from r3jax.config import apply_override, load_config_file
 
     path, _, argument = spec.partition(":")
     if not os.path.exists(path):
         raise PlanError(f"--config: config file {path} not found")
     config = load_config_file(path, argument)
     for override in overrides:
-        key, _, text = override.partition("=")
-        section, _, name = key.rpartition(".")
-        target = config
-        for part in filter(None, section.split(".")):
-            target = target[part]
-        if name not in target:
-            raise PlanError(f"--set {key}: unknown config key")
-        try:
-            target[name] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            target[name] = text
+        apply_override(config, *override.split("=", 1), path)
     return config
 
 

@@ -65,6 +65,17 @@ def test_paper_recipes_train_float32_masters_and_select_on_validation(task):
     assert arith.task.options.validation_size > 0 and arith.sft.eval_every > 0
 
 
+@pytest.mark.parametrize("task", ["gsm8k_pot", "svamp_pot"])
+def test_program_recipes_require_isolation(task):
+    c = runpy.run_path(os.path.join(ROOT, "configs", "paper.py"))["get_config"](task)
+    assert c.task.options.require_isolation is True
+
+
+def test_an_unisolated_sandbox_shows_in_the_final_summary():
+    lines = main.final_summary("runs/x", {"sandbox": "process (no bwrap binary)"})
+    assert lines == ["sandbox: process (no bwrap binary)", "results written to runs/x"]
+
+
 def test_lr_scale_hand_worked():
     assert optim.lr_scale("linear", 2, 0, 0.0) == 0.5  # warm-up: step 1 of 2
     assert optim.lr_scale("linear", 2, 1, 0.0) == 1.0

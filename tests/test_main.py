@@ -332,8 +332,11 @@ def broken_inputs(tmp_path, hf_dir):
     stored = config_lib.base_config()
     stored.task.name = "gsm8k"
     (other / "config.json").write_text(stored.to_json_best_effort())
+    truncated = tmp_path / "crashed_run"
+    truncated.mkdir()
+    (truncated / "config.json").write_text(stored.to_json_best_effort()[:100])  # a write cut short
     return {"unsupported": unsupported, "big_tokenizer": big_tokenizer, "broken": broken, "other": other,
-            "hf": hf_dir, "tmp": tmp_path}
+            "truncated": truncated, "hf": hf_dir, "tmp": tmp_path}
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -342,7 +345,8 @@ def broken_inputs(tmp_path, hf_dir):
     ({"model__path": "{hf}"}, "no tokenizer here"),
     ({"sft__max_length": 8}, "config.sft.max_length: 8 tokens fit none"),
     ({"workdir": "{other}"}, "was made by a different config:"),
-], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir"])
+    ({"workdir": "{truncated}"}, "crashed_run/config.json cannot be read"),
+], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir", "truncated-config"])
 def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, capsys):
     overrides = {k: v.format(**broken_inputs) if isinstance(v, str) else v for k, v in overrides.items()}
     workdir = overrides.pop("workdir", broken_inputs["tmp"] / "run")

@@ -2,6 +2,7 @@
 a training-layout decode step (and none in the replicated rollout layout), and bad input is one
 line with status 2."""
 import os
+import sys
 import runpy
 
 import pytest
@@ -69,7 +70,11 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 @pytest.mark.parametrize("args, named", [
     (["--config=configs/gsm8k.py", "--model=llama-3-70b"], "unknown preset"),
     (["--config=configs/gsm8k.py", "--set", "model.path=/nonexistent"], "/nonexistent has no config.json"),
-    (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--devices=6", "--set", "mesh=(1,4,1)"], "config.mesh"),
+    (["--config=configs/gsm8k.py", "--config.model.path=/nonexistent"], "/nonexistent has no config.json"),
+    (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--devices=6", "--config.mesh=(1,4,1)"], "config.mesh"),
+    (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--config.rl.kl_cof=0.1"],
+     "config.rl.kl_cof: unknown config key in configs/gsm8k.py (closest known: rl.kl_coef"),
+    (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--config.rl.steps=many"], "config.rl.steps: 'many'"),
     (["--config=configs/nope.py", "--model=llama-2-7b"], "configs/nope.py not found"),
     (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--device-memory=lots"], "--device-memory=lots"),
 ])
@@ -79,6 +84,20 @@ def test_bad_input_is_one_line(args, named, capsys, monkeypatch):
     assert plan.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and named in err[0], err
+
+
+def test_main_and_planner_read_an_override_alike(monkeypatch):
+    """`--config.KEY=VALUE` means the same to python -m r3jax.main (absl's config flags) and to
+    the planner (config.apply_override)."""
+    from r3jax import main
+
+    overrides = ["--config.mesh=(1,-1,1)", "--config.rl.lr=3e-5", "--config.rl.strategy=staged",
+                 "--config.model.scan_layers=True", "--config.compare.arms=('r3','rl-grpo')"]
+    planned = plan.load_config(f"{ROOT}/configs/arith.py", [arg[len("--config."):] for arg in overrides])
+    argv = ["r3jax", f"--config={ROOT}/configs/arith.py", *overrides]
+    monkeypatch.setattr(sys, "argv", argv)  # absl's config flags register their overrides from sys.argv
+    parsed = main.parse(argv)
+    assert planned.to_dict() == parsed.to_dict() and planned.rl.strategy == "staged"
 
 
 def test_presets_are_the_published_shapes():

@@ -153,7 +153,7 @@ def test_hostile_program_does_no_harm(name, host, bwrap):
     code = PROGRAMS[name].format(canary=str(canary), secret=str(host["secret"]), port=listener.getsockname()[1],
                                  marker=MARKER, project=os.getcwd(), bystander=host["bystander"].pid)
     start = time.monotonic()
-    value = sandbox.run_program(code, LIMITS, bwrap)
+    value = sandbox.run_program(code, LIMITS)
     elapsed = time.monotonic() - start
 
     assert elapsed < LIMITS.wall_seconds + 3, "time not bounded"
@@ -166,7 +166,7 @@ def test_hostile_program_does_no_harm(name, host, bwrap):
     time.sleep(0.2)
     assert _processes_with(MARKER) == [], "a process was left behind"
     assert host["bystander"].poll() is None, "the bystander process was killed"
-    assert sandbox.run_program("def solution():\n    return 42\n", LIMITS, bwrap) == 42.0  # the host still works
+    assert sandbox.run_program("def solution():\n    return 42\n", LIMITS) == 42.0  # the host still works
 
 
 def test_suite_covers_at_least_thirty_programs():
@@ -181,7 +181,7 @@ def test_isolation_hides_host_and_runs_unprivileged(bwrap):
     # the audit hook refuses sockets, so ask a subinterpreter
     unhooked = UNHOOKED.format(code=code + "open('/work/out', 'w').write(solution())") + \
         "def solution():\n    return open('/work/out').read()\n"
-    uid, visible_processes, net, root = sandbox.run_program(unhooked, LIMITS, bwrap).split(" ", 3)
+    uid, visible_processes, net, root = sandbox.run_program(unhooked, LIMITS).split(" ", 3)
     assert uid == str(sandbox.NOBODY) and net == "down"
     assert int(visible_processes) <= 3  # bwrap's init, the runner: none of the host's processes
     assert "home" not in root and "work" in root and "etc" not in root
@@ -198,6 +198,8 @@ def test_missing_bwrap_falls_back_with_one_warning_or_refuses(monkeypatch, capsy
         pool.close()
         with pytest.raises(sandbox.IsolationError, match="require_isolation"):
             sandbox.Sandbox(workers=1, limits=LIMITS, require_isolation=True)
+        with pytest.raises(sandbox.IsolationError, match="cannot isolate the program: no bwrap binary"):
+            sandbox.run_program("def solution():\n    return 3\n", LIMITS)  # isolated unless told otherwise
     finally:
         sandbox.probe_bwrap.cache_clear()
 
@@ -207,9 +209,9 @@ def test_the_audit_hook_alone_is_not_a_boundary(host):
     that go around the audit hook write the canary and reach the listening socket."""
     canary, listener = host["canary"], host["listener"]
     fill = dict(canary=str(canary), port=listener.getsockname()[1])
-    sandbox.run_program(PROGRAMS["unhooked_write_canary"].format(**fill), LIMITS, bwrap=None)
+    sandbox.run_program(PROGRAMS["unhooked_write_canary"].format(**fill), LIMITS, isolated=False)
     assert canary.read_text() == "pwned"
-    sandbox.run_program(PROGRAMS["unhooked_tcp_connect"].format(**fill), LIMITS, bwrap=None)
+    sandbox.run_program(PROGRAMS["unhooked_tcp_connect"].format(**fill), LIMITS, isolated=False)
     listener.setblocking(True)
     listener.settimeout(2)
     listener.accept()[0].close()

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from r3jax import config as config_lib, workdir
+from r3jax.errors import UnreadableFileError
 from r3jax.train import compare
 
 
@@ -74,6 +75,20 @@ def test_growing_a_phase_extends_it_and_a_longer_sft_retires_the_rl_phase(tmp_pa
     shrunk.compare.seeds = (0,)  # fewer seeds is not an extension
     with pytest.raises(config_lib.ConfigError, match="compare.seeds"):
         workdir.claim(str(tmp_path), shrunk)
+
+
+@pytest.mark.parametrize("content", ["", '{"seed": 0, "mode": "tr'], ids=["empty", "cut-short"])
+def test_an_unreadable_stored_config_is_named_and_restart_recovers(tmp_path, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(content)
+    config = config_lib.base_config()
+    with pytest.raises(UnreadableFileError, match=f"^{run}/config.json cannot be read .*--config.resume=restart"):
+        workdir.claim(str(run), config)
+    config.resume = "restart"
+    assert workdir.claim(str(run), config) == [
+        f"resume=restart: {run}/config.json was unreadable; moved the old workdir to {run}.old-1"]
+    assert not run.exists() and (tmp_path / "run.old-1" / "config.json").read_text() == content
 
 
 def test_bad_resume_value_is_named():

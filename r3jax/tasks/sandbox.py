@@ -101,10 +101,16 @@ def probe_bwrap() -> tuple[str | None, str]:
     return bwrap, ""
 
 
-def run_program(code: str, limits: Limits = Limits(), bwrap: str | None = None) -> float | str | bool | None:
+def run_program(code: str, limits: Limits = Limits(), isolated: bool = True) -> float | str | bool | None:
     """Returns `solution()`'s value (numbers as float), or None if the program failed or broke a
-    limit. Under `bwrap` (a binary that `probe_bwrap` accepted) it runs isolated; without, in a
-    plain limited process."""
+    limit. It runs under bubblewrap, or raises IsolationError where bubblewrap cannot isolate;
+    only `isolated=False`, said explicitly, runs it in a plain limited process."""
+    bwrap = None
+    if isolated:
+        bwrap, reason = probe_bwrap()
+        if bwrap is None:
+            raise IsolationError(f"sandbox: cannot isolate the program: {reason} (isolated=False runs it "
+                                 "with the limits and the audit hook alone)")
     nonce = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="r3jax-sandbox-") as host_dir:
         if bwrap:
@@ -155,7 +161,8 @@ class Sandbox:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
 
     def run(self, programs: Sequence[str]) -> list:
-        return list(self.pool.map(lambda code: run_program(code, self.limits, self.bwrap), programs))
+        isolated = self.bwrap is not None
+        return list(self.pool.map(lambda code: run_program(code, self.limits, isolated), programs))
 
     def close(self):
         self.pool.shutdown(wait=True)

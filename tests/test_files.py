@@ -1,0 +1,68 @@
+"""Crash-proof files: a write replaces the whole file or leaves the old one; a broken file is named."""
+import json
+import os
+
+import pytest
+
+from r3jax import files
+from r3jax.errors import UnreadableFileError
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "results.json"
+    files.write_json(str(path), {"accuracy": 0.5})
+
+    class Unserialisable:
+        pass
+
+    with pytest.raises(TypeError):
+        files.write_json(str(path), {"accuracy": Unserialisable()})
+    assert json.loads(path.read_text()) == {"accuracy": 0.5}
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_writers_round_trip_and_create_folders(tmp_path):
+    files.write_jsonl(str(tmp_path / "a" / "log.jsonl"), [{"step": 1}, {"step": 2}])
+    assert (tmp_path / "a" / "log.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    files.write_text(str(tmp_path / "b" / "table.md"), "| x |\n")
+    assert (tmp_path / "b" / "table.md").read_text() == "| x |\n"
+    files.write_json(str(tmp_path / "c.json"), {"k": [1, 2]})
+    assert files.read_json(str(tmp_path / "c.json"), "") == {"k": [1, 2]}
+
+
+def test_a_figure_is_a_png(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    files.save_figure(fig, str(tmp_path / "curves.png"))
+    plt.close(fig)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["curves.png"]
+
+
+@pytest.mark.parametrize("content, reason", [("", "empty"), ('{"a": ', "Expecting value")])
+def test_an_unreadable_file_is_named_with_the_way_out(tmp_path, content, reason):
+    path = tmp_path / "unit.json"
+    path.write_text(content)
+    with pytest.raises(UnreadableFileError, match=f"^{path} cannot be read \\({reason}.*: delete it$"):
+        files.read_json(str(path), "delete it")
+
+
+def test_a_checkpoint_with_broken_metadata_is_named(tmp_path):
+    import jax.numpy as jnp
+
+    from r3jax.checkpoint import Checkpointer
+
+    state = {"w": jnp.ones(3)}
+    checkpointer = Checkpointer(str(tmp_path), asynchronous=False)
+    checkpointer.save(1, state, {"step": 1})
+    checkpointer.close()
+    (tmp_path / "1" / "meta" / "metadata").write_text('{"st')
+    checkpointer = Checkpointer(str(tmp_path), asynchronous=False)
+    with pytest.raises(UnreadableFileError, match=f"^{tmp_path}/1/meta/metadata cannot be read .*delete {tmp_path}/1 "):
+        checkpointer.restore(1, state)
+    checkpointer.close()
