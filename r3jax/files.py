@@ -57,3 +57,14 @@ def read_json(path: str, remedy: str) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UnreadableFileError(f"{path} cannot be read ({'empty' if not os.path.getsize(path) else error}), "
                                   f"perhaps cut short by a crash: {remedy}") from None
+
+
+def cached_json(path: str, compute: Callable[[], Any], writer: bool = True) -> Any:
+    """The JSON value stored at `path`, or `compute()`'s, stored there (by the `writer` process)
+    unless it is None (a stopped computation)."""
+    if os.path.exists(path):
+        return read_json(path, "delete it to compute it again")
+    value = compute()
+    if value is not None and writer:
+        write_json(path, value, indent=None)
+    return value

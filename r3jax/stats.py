@@ -60,3 +60,23 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     if samples - correct < k:
         return 1.0
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def summarise_arm(runs: list[dict], lengths: list) -> dict:
+    """An arm of a comparison over its seeds (`runs`, one evaluation per seed, each with per-problem
+    `correct`): mean and 95% interval of greedy accuracy, per-seed values, per chain length
+    (`lengths`, one per problem), and the sampled metrics."""
+    correct = np.array([run["correct"] for run in runs])
+    interval = bootstrap(correct)
+    by_length = {}
+    for length in sorted(set(lengths)):
+        columns = np.array(lengths) == length
+        by_length[str(length)] = bootstrap(correct[:, columns])._asdict()
+    summary = {"mean": interval.mean, "ci95": [interval.lo, interval.hi],
+               "seeds": [float(np.mean(c)) for c in correct], "by_steps": by_length,
+               "tokens_sampled": [run["report"].get("tokens_sampled") for run in runs],
+               "rl_steps": [run["report"].get("steps") for run in runs]}
+    for key in ("sample_accuracy", "pass_at_k"):
+        if key in runs[0]:
+            summary[key] = float(np.mean([run[key] for run in runs]))
+    return summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -22,6 +23,7 @@ from r3jax.checkpoint import StopSignal
 from r3jax.config import ARMS
 from r3jax.evaluate import evaluate
 from r3jax.metrics import machine_info, read_jsonl
+from r3jax.report import TRIAL_RESULTS, comparison_markdown, comparison_plot, interval_text
 from r3jax.sampling import SamplingConfig
 from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
@@ -123,9 +125,6 @@ def training_trend(run_dir: str) -> dict[str, float] | None:
             "kl_last_third": float(np.mean([r["kl"] for r in last]))}
 
 
-TRIAL_RESULTS = ("validation_accuracy", "training")  # a tuning record's outcome; the rest is its settings
-
-
 def trial_settings(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in TRIAL_RESULTS}
 
@@ -139,115 +138,134 @@ def with_settings(config, settings: dict):
     return changed
 
 
-def _cached(path: str, compute) -> dict:
-    """A finished unit of the comparison: read it back, or compute and store it (process 0)."""
-    if os.path.exists(path):
-        return files.read_json(path, "delete it to recompute that unit")
-    result = compute()
-    if result is not None and sharding.is_primary():
-        files.write_json(path, result, indent=None)
-    return result
+class Trainers(NamedTuple):
+    """What the protocol runs, passed in (the real ones: `trainers`; tests pass stubs)."""
+    # (unit, its config under a trial, seed, run_dir) -> (params, report entries), None if stopped
+    train: Callable[["Unit", Any, int, str], tuple[Any, dict] | None]
+    on_validation: Callable[[Any], dict]  # params -> {"report": {"accuracy": ...}}
+    on_test: Callable[[Any], dict]  # params -> evaluate_model's result
+    premise: Callable[[], dict]  # the SFT model's premise table
+    sft_params: Any  # the SFT model: the arms' common start
 
 
-def summarise(runs: list[dict], lengths: list) -> dict:
-    """An arm over its seeds: mean and 95% interval of greedy accuracy, per-seed values, per chain
-    length, and the sampled metrics."""
-    correct = np.array([run["correct"] for run in runs])
-    interval = stats.bootstrap(correct)
-    by_length = {}
-    for length in sorted(set(lengths)):
-        columns = np.array(lengths) == length
-        by_length[str(length)] = stats.bootstrap(correct[:, columns])._asdict()
-    summary = {"mean": interval.mean, "ci95": [interval.lo, interval.hi],
-               "seeds": [float(np.mean(c)) for c in correct], "by_steps": by_length,
-               "tokens_sampled": [run["report"].get("tokens_sampled") for run in runs],
-               "rl_steps": [run["report"].get("steps") for run in runs]}
-    for key in ("sample_accuracy", "pass_at_k"):
-        if key in runs[0]:
-            summary[key] = float(np.mean([run[key] for run in runs]))
-    return summary
+class Unit(NamedTuple):
+    """One arm of the comparison: tried with each of `trials` on validation, then run per seed."""
+    name: str  # "r3", "rl-grpo", "sft_continued", ...
+    config: Any  # the arm's config, before a trial's settings
+    trials: list[dict]  # {dotted key: value} per tuning trial
+    strategy: str = ""  # an RL arm's rl.strategy
+    continued_updates: int = 0  # > 0: SFT continued for that many updates instead of RL
 
 
-def markdown(summary: dict) -> str:
-    """The comparison as markdown tables: arms, differences, premise."""
-    arms, lengths = summary["arms"], sorted({k for arm in summary["arms"].values() for k in arm["by_steps"]}, key=int)
-    lines = [f"Test accuracy at k = 0, greedy, {summary['num_test_problems']} {summary['split']} problems; "
-             "95% intervals from a bootstrap over problems and seeds.", "",
-             "| arm | accuracy [95% interval] | per seed | " + " | ".join(f"{n} steps" for n in lengths)
-             + " | one sample | pass@k | RL steps |", "|---" * (len(lengths) + 6) + "|"]
-    for name, arm in arms.items():
-        steps = [f"{arm['by_steps'][n]['mean']:.3f}" if n in arm["by_steps"] else "" for n in lengths]
-        rl_steps = [s for s in arm.get("rl_steps", []) if s is not None]
-        lines.append(f"| {name} | {arm['mean']:.3f} [{arm['ci95'][0]:.3f}, {arm['ci95'][1]:.3f}] | "
-                     + ", ".join(f"{v:.3f}" for v in arm["seeds"]) + " | " + " | ".join(steps)
-                     + f" | {arm.get('sample_accuracy', float('nan')):.3f} | {arm.get('pass_at_k', float('nan')):.3f} | "
-                     + (f"{min(rl_steps)}-{max(rl_steps)}" if rl_steps else "") + " |")
-    lines += ["", "| difference | mean [95% interval] | verdict |", "|---|---|---|"]
-    for name, difference in summary["differences"].items():
-        lo, hi = difference["ci95"]
-        verdict = stats.verdict(stats.Interval(difference["mean"], lo, hi))
-        lines.append(f"| {name.replace('_vs_', ' - ')} | {difference['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {verdict} |")
-    if summary.get("tuning"):
-        lines += ["", f"Tuning, greedy accuracy on the validation split (seed {summary['protocol']['seeds'][0]}); "
-                  "each arm's seeds ran its best trial. Training reward over the first and the last third "
-                  "of the trial's RL steps, and its KL to the reference over the last third:", "",
-                  "| arm | trial | validation accuracy | training reward | KL |", "|---|---|---|---|---|"]
-        for name, arm_trials in summary["tuning"].items():
-            best = max(arm_trials, key=lambda t: t["validation_accuracy"])
-            for t in arm_trials:
-                trend = t.get("training")
-                moved = (f"{trend['reward_first_third']:.3f} → {trend['reward_last_third']:.3f} | "
-                         f"{trend['kl_last_third']:.2f}") if trend else " | "
-                lines.append(f"| {name} | " + ", ".join(f"{k} = {v:g}" for k, v in trial_settings(t).items())
-                             + f" | {t['validation_accuracy']:.3f}" + (" (chosen)" if t is best else "")
-                             + f" | {moved} |")
-    stages = sorted({s for row in summary["premise"].values() for s in row}, key=lambda s: int(s.rsplit("_", 1)[1]))
-    lines += ["", "SFT model's success at the RL temperature, validation split (the premise):", "",
-              "| chain | " + " | ".join(s.replace("_", " ") for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
-    for length, row in sorted(summary["premise"].items(), key=lambda item: int(item[0].rsplit("_", 1)[1])):
-        lines.append(f"| {length.replace('steps_', '')} steps | " + " | ".join(f"{row.get(s, float('nan')):.2f}"
-                                                                          for s in stages) + " |")
-    return "\n".join(lines) + "\n"
+def rl_units(config) -> list[Unit]:
+    """Every RL arm of compare.arms, each with its estimator's settings."""
+    units = []
+    for arm in config.compare.arms:
+        strategy, estimator = arm_parts(arm)
+        arm_config = with_settings(config, {"rl.estimator": estimator,
+                                            "rl.group_size": 1 if estimator == "gae" else config.compare.group_size})
+        units.append(Unit(arm, arm_config, tuning_trials(config), strategy=ARMS[strategy]))
+    return units
 
 
-def plot(summary: dict, path: str) -> None:
-    import matplotlib
+def continued_unit(config, updates: int) -> Unit:
+    """SFT continued for `updates` optimizer steps: as many as R^3's runs made."""
+    return Unit("sft_continued", config, continued_trials(config), continued_updates=updates)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    arms = summary["arms"]
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.2))
-    names = list(arms)
-    means = np.array([arms[n]["mean"] for n in names])
-    errors = np.abs(np.array([arms[n]["ci95"] for n in names]).T - means)
-    for i in range(len(names)):  # points, not bars from 0: the arms differ by a few points
-        left.errorbar([i], means[i:i + 1], yerr=errors[:, i:i + 1], fmt="o", capsize=6, color=f"C{i}")
-    left.set_xticks(range(len(names)), names)
-    left.tick_params(axis="x", labelrotation=30)
-    left.set_ylabel("test accuracy (k = 0, greedy)")
-    left.set_title(f"arms, 95% intervals ({summary['num_test_problems']} problems)")
-    differences = summary["differences"]
-    labels = list(differences)
-    d_means = np.array([differences[d]["mean"] for d in labels])
-    d_errors = np.abs(np.array([differences[d]["ci95"] for d in labels]).T - d_means)
-    middle.errorbar(d_means, range(len(labels)), xerr=d_errors, fmt="o", capsize=5)
-    middle.axvline(0.0, color="grey", linestyle="--")
-    middle.set_yticks(range(len(labels)), labels)
-    middle.set_xlabel("accuracy difference (first arm minus second)")
-    middle.set_title("differences, paired 95% intervals")
-    for name in names:
-        steps = sorted(arms[name]["by_steps"], key=int)
-        right.plot([int(s) for s in steps], [arms[name]["by_steps"][s]["mean"] for s in steps], marker="o", label=name)
-    right.xaxis.set_major_locator(MaxNLocator(integer=True))
-    right.set_xlabel("reasoning steps in the problem")
-    right.set_ylabel("accuracy")
-    right.set_title("accuracy by chain length")
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    files.save_figure(fig, path)
-    plt.close(fig)
+def _unit_path(unit: Unit, config, out: str, seed: int) -> str:
+    parts = (unit.name, f"seed{seed}") + ((unit.continued_updates,) if unit.continued_updates else ())
+    return unit_dir(config, out, *parts)
+
+
+def _trained(trainers: Trainers, unit: Unit, unit_config, seed: int, path: str, result_name: str,
+             evaluate_params) -> dict | None:
+    """One arm and seed, trained once in its unit `path` and evaluated by `evaluate_params`; the
+    result cached under `result_name` there."""
+    def train_and_evaluate():
+        trained_model = trainers.train(unit, unit_config, seed, path)
+        if trained_model is None:
+            return None
+        params, entries = trained_model
+        evaluated = evaluate_params(params)
+        evaluated["report"].update(entries)
+        return evaluated
+
+    return files.cached_json(os.path.join(path, result_name), train_and_evaluate, sharding.is_primary())
+
+
+def run_unit(unit: Unit, config, out: str, evaluation: str, trainers: Trainers) -> tuple[list[dict], list[dict]] | None:
+    """(the test result of every seed, the tuning records): every trial with the first seed,
+    judged by greedy accuracy on the validation split (the test set stays unread); then every
+    seed with the best trial, on the test split. None when stopped."""
+    arm_config, tuning, first_seed = unit.config, [], config.compare.seeds[0]
+    if len(unit.trials) > 1:
+        for trial in unit.trials:
+            trial_config = with_settings(unit.config, trial)
+            path = _unit_path(unit, trial_config, out, first_seed)
+            result = _trained(trainers, unit, trial_config, first_seed, path, f"validation-{evaluation}",
+                              trainers.on_validation)
+            if result is None:
+                return None
+            trend = training_trend(path)
+            tuning.append({**trial, "validation_accuracy": result["report"]["accuracy"]}
+                          | ({"training": trend} if trend else {}))
+        best = max(tuning, key=lambda t: t["validation_accuracy"])
+        arm_config = with_settings(unit.config, trial_settings(best))
+    results = []
+    for seed in config.compare.seeds:
+        result = _trained(trainers, unit, arm_config, seed, _unit_path(unit, arm_config, out, seed), evaluation,
+                          trainers.on_test)
+        if result is None:
+            return None
+        results.append(result)
+    return results, tuning
+
+
+def differences(runs: dict[str, list[dict]], arms) -> dict[str, dict]:
+    """Every difference pair among the arms that ran, paired on the same problems."""
+    found = {}
+    for first, second in difference_pairs(arms):
+        if first in runs and second in runs:
+            interval = stats.paired_difference(np.array([r["correct"] for r in runs[first]]),
+                                               np.array([r["correct"] for r in runs[second]]))
+            found[f"{first}_vs_{second}"] = {"mean": interval.mean, "ci95": [interval.lo, interval.hi]}
+    return found
+
+
+def protocol(config, out: str, trainers: Trainers, lengths: list) -> dict | None:
+    """The comparison's results (compare.json's content but the machine and command) from the
+    units under `out`, trained and evaluated by `trainers`; None when stopped. `lengths`: the
+    chain length of each test problem."""
+    evaluation = f"result-{workdir_lib.evaluation_key(config)}.json"
+    premise = files.cached_json(os.path.join(unit_dir(config, out, "premise"), "premise.json"), trainers.premise,
+                                sharding.is_primary())
+    sft_result = files.cached_json(os.path.join(unit_dir(config, out, "sft"), evaluation),
+                                   lambda: trainers.on_test(trainers.sft_params), sharding.is_primary())
+    runs, tuning = {"sft": [sft_result]}, {}
+    units = rl_units(config)
+    while units:
+        unit = units.pop(0)
+        outcome = run_unit(unit, config, out, evaluation, trainers)
+        if outcome is None:
+            return None
+        runs[unit.name], trials = outcome
+        if len(unit.trials) > 1:
+            tuning[unit.name] = trials
+        if unit.name == "r3" and config.compare.continued_sft:
+            updates = round(np.mean([r["report"]["optimizer_updates"] for r in runs["r3"]]))
+            units.append(continued_unit(config, updates))
+    return {"num_test_problems": len(lengths), "split": config.eval.split,
+            "arms": {name: stats.summarise_arm(arm_runs, lengths) for name, arm_runs in runs.items()},
+            "differences": differences(runs, config.compare.arms), "premise": premise, "tuning": tuning,
+            "protocol": {"seeds": list(config.compare.seeds), "selection": "SFT best on the validation split",
+                         "tuning_trials_per_arm": len(tuning_trials(config)),
+                         "tuning_trials_sft_continued": len(continued_trials(config)),
+                         "sampled_metrics_problems": config.compare.sample_problems,
+                         "samples_per_problem": config.compare.samples, "sample_temperature": config.rl.temperature,
+                         "interval": "95%, bootstrap over problems and seeds; differences paired on problems"},
+            "budget": {"sampled_tokens": config.rl.token_budget, "max_rl_steps": config.rl.steps,
+                       "completions_per_step": config.rl.batch_size}}
 
 
 def continued_sft(config, model_cfg, policy, tokenizer, task: Task, mesh, run_dir: str, updates: int, seed: int,
@@ -260,8 +278,9 @@ def continued_sft(config, model_cfg, policy, tokenizer, task: Task, mesh, run_di
     return sft.train(c, model_cfg, policy, tokenizer, task, mesh, run_dir, stop)
 
 
-def run(config, workdir: str, task: Task, mesh) -> dict | None:
-    stop = StopSignal()
+def trainers(config, workdir: str, task: Task, mesh, stop: StopSignal) -> tuple[Trainers, list] | None:
+    """The real trainers and evaluator of the comparison, from the SFT model (trained here first
+    unless rl.init names one), and the test problems' chain lengths; None when stopped."""
     tokenizer = job.build_tokenizer(config, task, workdir)
     model_cfg, params = job.build_model(config, tokenizer, mesh)
     sft_dir = config.rl.init or sft.train(config, model_cfg, params, tokenizer, task, mesh, workdir, stop)
@@ -270,130 +289,53 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     test_demos = task.demonstrations(config.eval.split)
     if config.eval.num_examples:
         test_demos = test_demos[:config.eval.num_examples]
-    lengths = [dict(d.meta).get("num_steps", 0) for d in test_demos]
-    out = os.path.join(workdir, "compare")
-    evaluation = f"result-{workdir_lib.evaluation_key(config)}.json"
     model_cfg, policy = job.load_policy(sft_dir, config, mesh)
     validation_demos = task.demonstrations("validation")
-    premise = _cached(os.path.join(unit_dir(config, out, "premise"), "premise.json"), lambda: premise_table(
-        model_cfg, policy, tokenizer, task, validation_demos, config, mesh))
-    runs = {"sft": [_cached(os.path.join(unit_dir(config, out, "sft"), evaluation), lambda: evaluate_model(
-        model_cfg, policy, tokenizer, task, test_demos, config, mesh))]}
 
-    tuning = {}
-
-    def trained(unit_config, run_dir: str, seed: int, result_name: str, evaluate_params, train):
-        """One arm and seed in its unit `run_dir`, trained once by `train(unit_config, seed, run_dir)
-        -> (params, report entries) | None` (later calls restore it), evaluated by
-        `evaluate_params`, cached under `result_name` there."""
-
-        def train_and_evaluate():
-            trained_model = train(unit_config, seed, run_dir)
-            if trained_model is None:
-                return None
-            params, entries = trained_model
-            evaluated = evaluate_params(params)
-            evaluated["report"].update(entries)
-            return evaluated
-
-        return _cached(os.path.join(run_dir, result_name), train_and_evaluate)
+    def train(unit: Unit, unit_config, seed: int, run_dir: str):
+        _, start = job.load_policy(sft_dir, config, mesh)
+        if unit.continued_updates:
+            final_dir = continued_sft(unit_config, model_cfg, start, tokenizer, task, mesh, run_dir,
+                                      unit.continued_updates, seed, stop)
+            return None if final_dir is None else (job.load_policy(final_dir, config, mesh)[1],
+                                                   {"optimizer_updates": unit.continued_updates})
+        result = rl.train(unit_config, model_cfg, start, tokenizer, task, mesh, run_dir, stop,
+                          strategy=unit.strategy, seed=seed)
+        if result is None:
+            return None
+        return result["params"], {"steps": result["steps"], "tokens_sampled": result["tokens_sampled"],
+                                  "optimizer_updates": result["steps"] * config.rl.epochs * config.rl.minibatches}
 
     def on_validation(params) -> dict:
         report, _ = evaluate(model_cfg, params, tokenizer, task, validation_demos, mesh, config.eval.batch_size,
                              config.eval.max_new_tokens, desc="validation")
         return {"report": report}
 
-    def on_test(params) -> dict:
-        return evaluate_model(model_cfg, params, tokenizer, task, test_demos, config, mesh)
+    return Trainers(
+        train=train, on_validation=on_validation,
+        on_test=lambda params: evaluate_model(model_cfg, params, tokenizer, task, test_demos, config, mesh),
+        premise=lambda: premise_table(model_cfg, policy, tokenizer, task, validation_demos, config, mesh),
+        sft_params=policy), [dict(d.meta).get("num_steps", 0) for d in test_demos]
 
-    def tuned_runs(name: str, arm_config, trials: list[dict], unit, train) -> list[dict] | None:
-        """Every trial with the first seed, judged by greedy accuracy on the validation split (the
-        test set stays unread); then every seed with the best trial, on the test split. `unit(seed)`
-        names a run's unit."""
-        if len(trials) > 1:
-            tuning[name] = []
-            for trial in trials:
-                trial_config = with_settings(arm_config, trial)
-                run_dir = unit_dir(trial_config, out, *unit(config.compare.seeds[0]))
-                result = trained(trial_config, run_dir, config.compare.seeds[0], f"validation-{evaluation}",
-                                 on_validation, train)
-                if result is None:
-                    return None
-                trend = training_trend(run_dir)
-                tuning[name].append({**trial, "validation_accuracy": result["report"]["accuracy"]}
-                                    | ({"training": trend} if trend else {}))
-            best = max(tuning[name], key=lambda t: t["validation_accuracy"])
-            arm_config = with_settings(arm_config, trial_settings(best))
-        results = []
-        for seed in config.compare.seeds:
-            result = trained(arm_config, unit_dir(arm_config, out, *unit(seed)), seed, evaluation, on_test, train)
-            if result is None:
-                return None
-            results.append(result)
-        return results
 
-    def train_rl(strategy: str):
-        def train(arm_config, seed: int, run_dir: str):
-            _, start = job.load_policy(sft_dir, config, mesh)
-            result = rl.train(arm_config, model_cfg, start, tokenizer, task, mesh, run_dir, stop,
-                              strategy=ARMS[strategy], seed=seed)
-            if result is None:
-                return None
-            return result["params"], {"steps": result["steps"], "tokens_sampled": result["tokens_sampled"],
-                                      "optimizer_updates": result["steps"] * config.rl.epochs * config.rl.minibatches}
-        return train
-
-    for arm in config.compare.arms:
-        strategy, estimator = arm_parts(arm)
-        arm_config = with_settings(config, {"rl.estimator": estimator,
-                                            "rl.group_size": 1 if estimator == "gae" else config.compare.group_size})
-        runs[arm] = tuned_runs(arm, arm_config, tuning_trials(config), lambda seed, arm=arm: (arm, f"seed{seed}"),
-                               train_rl(strategy))
-        if runs[arm] is None:
-            return None
-
-    if config.compare.continued_sft and "r3" in runs:
-        updates = round(np.mean([r["report"]["optimizer_updates"] for r in runs["r3"]]))
-
-        def train_continued(arm_config, seed: int, run_dir: str):
-            _, start = job.load_policy(sft_dir, config, mesh)
-            final_dir = continued_sft(arm_config, model_cfg, start, tokenizer, task, mesh, run_dir, updates, seed, stop)
-            if final_dir is None:
-                return None
-            return job.load_policy(final_dir, config, mesh)[1], {"optimizer_updates": updates}
-
-        runs["sft_continued"] = tuned_runs("sft_continued", config, continued_trials(config),
-                                           lambda seed: ("sft_continued", f"seed{seed}", updates), train_continued)
-        if runs["sft_continued"] is None:
-            return None
+def run(config, workdir: str, task: Task, mesh) -> dict | None:
+    """The comparison in `workdir`: compare.json, .md and .png (process 0); None when stopped."""
+    stop = StopSignal()
+    built = trainers(config, workdir, task, mesh, stop)
+    summary = built and protocol(config, os.path.join(workdir, "compare"), *built)
+    if summary is None:
+        return None
     stop.restore()
-
-    arms = {name: summarise(arm_runs, lengths) for name, arm_runs in runs.items()}
-    differences = {}
-    for first, second in difference_pairs(config.compare.arms):
-        if first in runs and second in runs:
-            interval = stats.paired_difference(np.array([r["correct"] for r in runs[first]]),
-                                               np.array([r["correct"] for r in runs[second]]))
-            differences[f"{first}_vs_{second}"] = {"mean": interval.mean, "ci95": [interval.lo, interval.hi]}
-    summary = {"num_test_problems": len(test_demos), "split": config.eval.split, "arms": arms,
-               "differences": differences, "premise": premise, "tuning": tuning,
-               "protocol": {"seeds": list(config.compare.seeds), "selection": "SFT best on the validation split",
-                            "tuning_trials_per_arm": len(tuning_trials(config)),
-                            "tuning_trials_sft_continued": len(continued_trials(config)), "sampled_metrics_problems": config.compare.sample_problems,
-                            "samples_per_problem": config.compare.samples, "sample_temperature": config.rl.temperature,
-                            "interval": "95%, bootstrap over problems and seeds; differences paired on problems"},
-               "budget": {"sampled_tokens": config.rl.token_budget, "max_rl_steps": config.rl.steps,
-                          "completions_per_step": config.rl.batch_size},
-               "machine": machine_info(), "command": "python -m r3jax.main " + " ".join(sys.argv[1:])}
+    summary.update(machine=machine_info(), command="python -m r3jax.main " + " ".join(sys.argv[1:]))
     if not sharding.is_primary():
         return summary
     output = config.compare.output or os.path.join(workdir, "compare.json")
     files.write_json(output, summary)
-    plot(summary, os.path.splitext(output)[0] + ".png")
-    files.write_text(os.path.splitext(output)[0] + ".md", markdown(summary))
-    for name, arm in arms.items():
-        print(f"{name:14s} {arm['mean']:.3f} [{arm['ci95'][0]:.3f}, {arm['ci95'][1]:.3f}]")
-    for name, difference in differences.items():
-        print(f"{name:22s} {difference['mean']:+.3f} [{difference['ci95'][0]:+.3f}, {difference['ci95'][1]:+.3f}]")
+    comparison_plot(summary, os.path.splitext(output)[0] + ".png")
+    files.write_text(os.path.splitext(output)[0] + ".md", comparison_markdown(summary))
+    for name, arm in summary["arms"].items():
+        print(f"{name:14s} {interval_text(arm['mean'], *arm['ci95'])}")
+    for name, difference in summary["differences"].items():
+        print(f"{name:22s} {interval_text(difference['mean'], *difference['ci95'], signed=True)}")
     print(f"results written to {output}")
     return summary

@@ -7,12 +7,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from r3jax import config as config_lib, files, sharding, stats, tokenizer as tokenizer_lib
+from r3jax import config as config_lib, files, sharding, tokenizer as tokenizer_lib
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import evaluate
 from r3jax.metrics import read_jsonl
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, init_params
+from r3jax.report import results_markdown
 from r3jax.tasks import Task
 from r3jax.train import rl, sft
 
@@ -65,23 +66,11 @@ def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
     if not sharding.is_primary():
         return
     files.write_json(os.path.join(workdir, "results.json"), results)
-    keys = sorted({k for r in results.values() for k in r if k.startswith("accuracy")},
-                  key=lambda k: (k != "accuracy", len(k), k))
-    correct = {name: [float(r["correct"]) for r in read_jsonl(os.path.join(workdir, f"{name}_predictions.jsonl"))]
+    correct = {name: np.array([float(r["correct"]) for r in read_jsonl(os.path.join(workdir, f"{name}_predictions.jsonl"))])
                for name in results if os.path.exists(os.path.join(workdir, f"{name}_predictions.jsonl"))}
-    lines = [f"# {title}", "", "| model | " + " | ".join(keys) + " | 95% interval |", "|---" * (len(keys) + 2) + "|"]
-    for name, row in results.items():
-        interval = stats.bootstrap(np.array(correct[name])) if name in correct else None
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys)
-                     + (f" | [{interval.lo:.3f}, {interval.hi:.3f}] |" if interval else " | |"))
-    trained = [name for name in correct if name != "sft"]
-    if "sft" in correct and trained:
-        difference = stats.paired_difference(np.array(correct[trained[0]]), np.array(correct["sft"]))
-        lines += ["", f"{trained[0]} - sft: {difference.mean:+.3f} [{difference.lo:+.3f}, {difference.hi:+.3f}], "
-                  f"{stats.verdict(difference)} (95% intervals: a bootstrap over the {len(correct['sft'])} problems, "
-                  "paired for the difference)"]
-    files.write_text(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = results_markdown(results, correct, title)
+    files.write_text(os.path.join(workdir, "results.md"), table)
+    print(table, end="")
 
 
 def result_entries(name: str, report: dict, records: list[dict], model_cfg: ModelConfig, params: Any,

@@ -1,0 +1,120 @@
+"""Tables and plots of results, for the main job (results.md) and the comparison (compare.md and
+compare.png): one renderer, so an interval or a difference reads the same in both."""
+from __future__ import annotations
+
+import numpy as np
+
+from r3jax import files, stats
+
+TRIAL_RESULTS = ("validation_accuracy", "training")  # a tuning record's outcome; the rest is its settings
+
+
+def interval_text(mean: float, lo: float, hi: float, signed: bool = False) -> str:
+    """`0.877 [0.843, 0.910]`, or with `signed` `+0.000 [-0.017, +0.017]` (a difference)."""
+    number = "{:+.3f}" if signed else "{:.3f}"
+    return f"{number.format(mean)} [{number.format(lo)}, {number.format(hi)}]"
+
+
+def difference_text(difference: stats.Interval) -> str:
+    """A paired difference with its interval and the verdict the interval gives."""
+    return f"{interval_text(*difference, signed=True)}, {stats.verdict(difference)}"
+
+
+def results_markdown(results: dict[str, dict], correct: dict[str, np.ndarray], title: str) -> str:
+    """The main job's table: each model's accuracies (`results`), a 95% interval from its
+    per-problem `correct [problems]`, and the first trained model minus SFT, paired."""
+    keys = sorted({k for r in results.values() for k in r if k.startswith("accuracy")},
+                  key=lambda k: (k != "accuracy", len(k), k))
+    lines = [f"# {title}", "", "| model | " + " | ".join(keys) + " | 95% interval |", "|---" * (len(keys) + 2) + "|"]
+    for name, row in results.items():
+        interval = stats.bootstrap(correct[name]) if name in correct else None
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys)
+                     + (f" | [{interval.lo:.3f}, {interval.hi:.3f}] |" if interval else " | |"))
+    trained = [name for name in correct if name != "sft"]
+    if "sft" in correct and trained:
+        difference = stats.paired_difference(correct[trained[0]], correct["sft"])
+        lines += ["", f"{trained[0]} - sft: {difference_text(difference)} (95% intervals: a bootstrap over the "
+                  f"{len(correct['sft'])} problems, paired for the difference)"]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(summary: dict) -> str:
+    """The comparison as markdown tables: arms, differences, premise."""
+    arms, lengths = summary["arms"], sorted({k for arm in summary["arms"].values() for k in arm["by_steps"]}, key=int)
+    lines = [f"Test accuracy at k = 0, greedy, {summary['num_test_problems']} {summary['split']} problems; "
+             "95% intervals from a bootstrap over problems and seeds.", "",
+             "| arm | accuracy [95% interval] | per seed | " + " | ".join(f"{n} steps" for n in lengths)
+             + " | one sample | pass@k | RL steps |", "|---" * (len(lengths) + 6) + "|"]
+    for name, arm in arms.items():
+        steps = [f"{arm['by_steps'][n]['mean']:.3f}" if n in arm["by_steps"] else "" for n in lengths]
+        rl_steps = [s for s in arm.get("rl_steps", []) if s is not None]
+        lines.append(f"| {name} | {interval_text(arm['mean'], *arm['ci95'])} | "
+                     + ", ".join(f"{v:.3f}" for v in arm["seeds"]) + " | " + " | ".join(steps)
+                     + f" | {arm.get('sample_accuracy', float('nan')):.3f} | {arm.get('pass_at_k', float('nan')):.3f} | "
+                     + (f"{min(rl_steps)}-{max(rl_steps)}" if rl_steps else "") + " |")
+    lines += ["", "| difference | mean [95% interval] | verdict |", "|---|---|---|"]
+    for name, difference in summary["differences"].items():
+        interval = stats.Interval(difference["mean"], *difference["ci95"])
+        lines.append(f"| {name.replace('_vs_', ' - ')} | {interval_text(*interval, signed=True)} | "
+                     f"{stats.verdict(interval)} |")
+    if summary.get("tuning"):
+        lines += ["", f"Tuning, greedy accuracy on the validation split (seed {summary['protocol']['seeds'][0]}); "
+                  "each arm's seeds ran its best trial. Training reward over the first and the last third "
+                  "of the trial's RL steps, and its KL to the reference over the last third:", "",
+                  "| arm | trial | validation accuracy | training reward | KL |", "|---|---|---|---|---|"]
+        for name, arm_trials in summary["tuning"].items():
+            best = max(arm_trials, key=lambda t: t["validation_accuracy"])
+            for t in arm_trials:
+                trend = t.get("training")
+                moved = (f"{trend['reward_first_third']:.3f} → {trend['reward_last_third']:.3f} | "
+                         f"{trend['kl_last_third']:.2f}") if trend else " | "
+                lines.append(f"| {name} | " + ", ".join(f"{k} = {v:g}" for k, v in ((k, v) for k, v in t.items() if k not in TRIAL_RESULTS))
+                             + f" | {t['validation_accuracy']:.3f}" + (" (chosen)" if t is best else "")
+                             + f" | {moved} |")
+    stages = sorted({s for row in summary["premise"].values() for s in row}, key=lambda s: int(s.rsplit("_", 1)[1]))
+    lines += ["", "SFT model's success at the RL temperature, validation split (the premise):", "",
+              "| chain | " + " | ".join(s.replace("_", " ") for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for length, row in sorted(summary["premise"].items(), key=lambda item: int(item[0].rsplit("_", 1)[1])):
+        lines.append(f"| {length.replace('steps_', '')} steps | " + " | ".join(f"{row.get(s, float('nan')):.2f}"
+                                                                          for s in stages) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    arms = summary["arms"]
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.2))
+    names = list(arms)
+    means = np.array([arms[n]["mean"] for n in names])
+    errors = np.abs(np.array([arms[n]["ci95"] for n in names]).T - means)
+    for i in range(len(names)):  # points, not bars from 0: the arms differ by a few points
+        left.errorbar([i], means[i:i + 1], yerr=errors[:, i:i + 1], fmt="o", capsize=6, color=f"C{i}")
+    left.set_xticks(range(len(names)), names)
+    left.tick_params(axis="x", labelrotation=30)
+    left.set_ylabel("test accuracy (k = 0, greedy)")
+    left.set_title(f"arms, 95% intervals ({summary['num_test_problems']} problems)")
+    differences = summary["differences"]
+    labels = list(differences)
+    d_means = np.array([differences[d]["mean"] for d in labels])
+    d_errors = np.abs(np.array([differences[d]["ci95"] for d in labels]).T - d_means)
+    middle.errorbar(d_means, range(len(labels)), xerr=d_errors, fmt="o", capsize=5)
+    middle.axvline(0.0, color="grey", linestyle="--")
+    middle.set_yticks(range(len(labels)), labels)
+    middle.set_xlabel("accuracy difference (first arm minus second)")
+    middle.set_title("differences, paired 95% intervals")
+    for name in names:
+        steps = sorted(arms[name]["by_steps"], key=int)
+        right.plot([int(s) for s in steps], [arms[name]["by_steps"][s]["mean"] for s in steps], marker="o", label=name)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_xlabel("reasoning steps in the problem")
+    right.set_ylabel("accuracy")
+    right.set_title("accuracy by chain length")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    files.save_figure(fig, path)
+    plt.close(fig)

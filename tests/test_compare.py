@@ -1,0 +1,141 @@
+"""The comparison's protocol in-process with stub trainers (seconds, not minutes): its units,
+the cache that a rerun reuses, the tuning choice on validation, every difference pair, and the
+markdown and plot of the report."""
+import json
+import math
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+from r3jax import config as config_lib, report
+from r3jax.train import compare
+
+PROBLEMS = 24
+BEST_LR, BEST_CONTINUED_LR = 3e-5, 1e-4
+
+
+def _config():
+    c = config_lib.base_config()
+    c.mode = "compare"
+    c.rl.batch_size = 8
+    c.compare.update(seeds=(0, 1, 2), arms=("rl", "staged", "r3", "rl-grpo", "r3-grpo"), tune_lr=(1e-5, 3e-5, 1e-4),
+                     tune_continued_lr=(3e-5, 1e-4), samples=2)
+    return c
+
+
+class Stubs:
+    """Trainers whose models are their settings: validation accuracy peaks at BEST_LR (or
+    BEST_CONTINUED_LR), and test correctness is a fixed draw per arm and seed."""
+
+    def __init__(self):
+        self.trained, self.tested = [], []
+
+    def train(self, unit, unit_config, seed, run_dir):
+        self.trained.append(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        lr = unit_config.compare.continued_lr if unit.continued_updates else unit_config.rl.lr
+        if not unit.continued_updates:  # an RL log for the tuning record's training trend
+            with open(os.path.join(run_dir, "rl.jsonl"), "w") as f:
+                f.writelines(json.dumps({"step": s, "reward": 0.1 * s, "kl": 0.01}) + "\n" for s in range(1, 7))
+        params = {"name": unit.name, "lr": lr, "seed": seed, "strategy": unit.strategy,
+                  "estimator": unit_config.rl.estimator, "group_size": unit_config.rl.group_size}
+        entries = ({"optimizer_updates": unit.continued_updates} if unit.continued_updates
+                   else {"steps": 5, "tokens_sampled": 400, "optimizer_updates": 10})
+        return params, entries
+
+    @staticmethod
+    def on_validation(params):
+        best = BEST_CONTINUED_LR if params["name"] == "sft_continued" else BEST_LR
+        return {"report": {"accuracy": 0.9 - abs(math.log10(params["lr"] / best)) / 10}}
+
+    def on_test(self, params):
+        self.tested.append(params)
+        rng = np.random.default_rng(zlib.crc32(f"{params['name']}-{params.get('seed')}".encode()))
+        correct = (rng.random(PROBLEMS) < 0.7).astype(float)
+        return {"report": {"accuracy": float(correct.mean())}, "correct": correct.tolist(),
+                "sample_accuracy": 0.5, "pass_at_k": 0.6}
+
+    @staticmethod
+    def premise():
+        return {"steps_2": {"stage_0": 0.4, "stage_1": 0.9}, "steps_3": {"stage_0": 0.2, "stage_1": 0.8}}
+
+    def trainers(self):
+        return compare.Trainers(self.train, self.on_validation, self.on_test, self.premise, {"name": "sft"})
+
+
+def _run(tmp_path, stubs, config=None):
+    lengths = [2 + i % 2 for i in range(PROBLEMS)]
+    return compare.protocol(config or _config(), str(tmp_path / "compare"), stubs.trainers(), lengths)
+
+
+def test_every_arm_is_tuned_on_validation_then_run_per_seed(tmp_path):
+    stubs = Stubs()
+    summary = _run(tmp_path, stubs)
+    arms = ("rl", "staged", "r3", "rl-grpo", "r3-grpo")
+    assert list(summary["arms"]) == ["sft", *arms, "sft_continued"]
+    for arm in arms:  # 3 trials on seed 0, then seeds 1 and 2 with the best; seed 0's best unit is reused
+        units = {os.path.basename(d).rsplit("-", 1)[0] for d in stubs.trained if os.path.basename(d).startswith(f"{arm}-seed")}
+        assert units == {f"{arm}-seed0", f"{arm}-seed1", f"{arm}-seed2"}
+        assert len({d for d in stubs.trained if os.path.basename(d).startswith(f"{arm}-seed0")}) == 3
+        chosen = max(summary["tuning"][arm], key=lambda t: t["validation_accuracy"])
+        assert chosen["rl.lr"] == BEST_LR and [t["rl.lr"] for t in summary["tuning"][arm]] == [1e-5, 3e-5, 1e-4]
+        assert summary["tuning"][arm][0]["training"] == {"reward_first_third": pytest.approx(0.15),
+                                                         "reward_last_third": pytest.approx(0.55),
+                                                         "kl_last_third": pytest.approx(0.01)}
+    tested = [p for p in stubs.tested if p["name"] != "sft"]
+    assert all(p["lr"] == (BEST_CONTINUED_LR if p["name"] == "sft_continued" else BEST_LR) for p in tested)
+    assert sorted((p["name"], p["seed"]) for p in tested) == sorted((a, s) for a in (*arms, "sft_continued")
+                                                                    for s in (0, 1, 2))
+    grpo = [p for p in tested if p["name"].endswith("-grpo")]
+    assert {(p["estimator"], p["group_size"]) for p in grpo} == {("grpo", 4)}
+    assert {p["strategy"] for p in tested if p["name"].startswith("r3")} == {"mixed"}
+    assert {p["strategy"] for p in tested if p["name"].startswith("rl")} == {"outcome"}
+    continued = [d for d in stubs.trained if "sft_continued" in d]
+    assert all(os.path.basename(d).split("-")[2] == "10" for d in continued)  # as many updates as R^3 made
+    assert summary["protocol"]["tuning_trials_per_arm"] == 3 and summary["protocol"]["tuning_trials_sft_continued"] == 2
+
+
+def test_a_rerun_reuses_every_unit(tmp_path):
+    first = _run(tmp_path, Stubs())
+    again = Stubs()
+    assert _run(tmp_path, again) == first and again.trained == [] and again.tested == []
+
+
+def test_every_difference_pair_is_paired_on_problems(tmp_path):
+    summary = _run(tmp_path, Stubs())
+    assert list(summary["differences"]) == [
+        "r3_vs_sft", "r3_vs_rl", "r3_vs_staged", "r3_vs_sft_continued", "staged_vs_rl", "r3-grpo_vs_rl-grpo"]
+    arms = summary["arms"]
+    for name, difference in summary["differences"].items():
+        first, second = name.split("_vs_")
+        assert difference["mean"] == pytest.approx(arms[first]["mean"] - arms[second]["mean"])
+        assert difference["ci95"][0] <= difference["mean"] <= difference["ci95"][1]
+
+
+def test_a_single_trial_is_not_a_tuning_and_a_stop_returns_none(tmp_path):
+    c = _config()
+    c.compare.update(tune_lr=(), tune_continued_lr=(), arms=("r3",), seeds=(0,))
+    summary = _run(tmp_path, Stubs(), c)
+    assert summary["tuning"] == {} and list(summary["arms"]) == ["sft", "r3", "sft_continued"]
+    stopped = Stubs()
+    stopped.train = lambda *args: None
+    assert _run(tmp_path / "stopped", stopped, c) is None
+
+
+def test_the_report_shows_every_arm_difference_trial_and_the_premise(tmp_path):
+    summary = _run(tmp_path, Stubs())
+    summary["machine"], summary["command"] = {}, "python -m r3jax.main"
+    text = report.comparison_markdown(summary)
+    for arm in summary["arms"]:
+        assert f"| {arm} | {report.interval_text(summary['arms'][arm]['mean'], *summary['arms'][arm]['ci95'])} |" in text
+    assert "| r3-grpo - rl-grpo |" in text and "| r3 - sft |" in text
+    assert text.count("(chosen)") == 6 and "| 2 steps | 0.40 | 0.90 |" in text
+    report.comparison_plot(summary, str(tmp_path / "compare.png"))
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interval_texts_are_hand_worked():
+    assert report.interval_text(0.8766, 0.8425, 0.91) == "0.877 [0.843, 0.910]"
+    assert report.interval_text(0.0, -0.017, 0.017, signed=True) == "+0.000 [-0.017, +0.017]"
