@@ -11,8 +11,8 @@ from tqdm import tqdm
 from r3jax import sharding
 from r3jax.curriculum import StartState, start_states
 from r3jax.models.transformer import ModelConfig
-from r3jax.rollout import decode_completions, dispatch_sampling, tokenize_states
-from r3jax.sampling import Rollout, SamplingConfig
+from r3jax.rollout import decode_completions, dispatch_sampling, sampling_config, tokenize_states
+from r3jax.sampling import Rollout
 from r3jax.tasks.answers import majority
 from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer
@@ -49,9 +49,7 @@ def evaluate(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, task: Ta
     `sample_accuracy`, the mean over single samples). Returns (report, per-example records)."""
     states = tokenize_states(tokenizer, task, [start_states(task, demo, None)[0] for demo in demos])
     samples = maj_k or 1
-    settings = SamplingConfig(max_new_tokens=max_new_tokens, greedy=not maj_k,
-                              temperature=temperature if maj_k else 1.0, stop_ids=tokenizer.stop_ids,
-                              pad_id=tokenizer.pad_id)
+    settings = sampling_config(tokenizer, max_new_tokens, temperature if maj_k else 1.0, greedy=not maj_k)
     rows = [state for state in states for _ in range(samples)]  # a problem's samples are adjacent
     texts, predictions = [], []
 

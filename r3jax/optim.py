@@ -31,6 +31,18 @@ def adamw(lr: float, weight_decay: float = 0.0, grad_clip: float | None = 1.0) -
     return optax.chain(*parts)
 
 
+def sft_optimizer(section) -> optax.GradientTransformation:
+    """config.sft's optimizer: what the SFT trainer steps and the planner compiles."""
+    return adamw(section.lr, section.weight_decay, section.grad_clip)
+
+
+def rl_optimizer(section, params: ActorCritic) -> optax.GradientTransformation:
+    """config.rl's optimizer over `params` (the policy at rl.lr, what only the critic owns at
+    rl.critic_lr): what the RL trainer steps and the planner compiles."""
+    return actor_critic(adamw(section.lr, section.weight_decay, section.grad_clip),
+                        adamw(section.critic_lr or section.lr, section.weight_decay, section.grad_clip), params)
+
+
 def scaled(updates: Any, scale) -> Any:
     """Updates times the schedule's multiplier (AdamW's step, weight decay included, is linear in
     the learning rate)."""

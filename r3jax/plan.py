@@ -213,7 +213,7 @@ def plan(config, model_cfg, progress=print) -> dict:
         return compiled
 
     # SFT: one jitted step over batch_size x grad_accum sequences of sft.max_length
-    sft_opt = optim.adamw(config.sft.lr)
+    sft_opt = optim.sft_optimizer(config.sft)
     sft_state = SFTState(policy, _like_params(sft_opt.init, policy, mesh), jax.ShapeDtypeStruct((), jnp.int32))
     batch_spec = sharding.batch_sharding(mesh, 3)
     sft_batch = {k: jax.ShapeDtypeStruct((config.sft.batch_size, config.sft.grad_accum, config.sft.max_length),
@@ -224,7 +224,7 @@ def plan(config, model_cfg, progress=print) -> dict:
     # PPO update on rollouts of max_prompt_length + max_new_tokens
     params = _like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
                                                          critic=c.estimator == "gae"), policy, mesh)
-    optimizer = optim.actor_critic(optim.adamw(c.lr), optim.adamw(c.critic_lr or c.lr), params)
+    optimizer = optim.rl_optimizer(c, params)
     state = ppo.PPOState(params, _like_params(optimizer.init, params, mesh), jax.ShapeDtypeStruct((), jnp.int32))
     rows, length = c.batch_size, c.max_prompt_length + c.max_new_tokens
 
@@ -303,7 +303,7 @@ def concrete_phase(config, model_cfg, phase: str):
                      out_shardings=sharding.logical_shardings(boxed, mesh))(jax.random.key(0))
     if phase == "sft_step":
         c = config.sft
-        optimizer = optim.adamw(c.lr)
+        optimizer = optim.sft_optimizer(c)
         state = SFTState(policy, optimizer.init(policy), jnp.zeros((), jnp.int32))
         shape = (c.batch_size, c.grad_accum, c.max_length)
         batch = sharding.shard_batch({k: np.ones(shape, np.int32) for k in ("tokens", "attention_mask", "loss_mask")},
@@ -311,7 +311,7 @@ def concrete_phase(config, model_cfg, phase: str):
         return make_train_step(model_cfg, optimizer, c.logits_chunk), (state, batch, 1.0)
     c = config.rl
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
-    optimizer = optim.actor_critic(optim.adamw(c.lr), optim.adamw(c.critic_lr or c.lr), params)
+    optimizer = optim.rl_optimizer(c, params)
     rows, new = c.batch_size, c.max_new_tokens
     length = c.max_prompt_length + new
     experience = sharding.shard_batch(ppo.experience(sampling.Rollout(

@@ -95,3 +95,11 @@ def generate(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, states: 
     """Samples one completion per start state: the rollout and the completions' text."""
     rollout = dispatch_sampling(model_cfg, params, states, settings, key, mesh, rows)
     return rollout, decode_completions(tokenizer, rollout, len(states))
+
+
+def sampling_config(tokenizer: Tokenizer, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, greedy: bool = False) -> SamplingConfig:
+    """The sampler's settings, with `tokenizer`'s stop and pad ids: the one way every caller
+    builds them."""
+    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          greedy=greedy, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)

@@ -24,7 +24,6 @@ from r3jax.config import ARMS
 from r3jax.evaluate import evaluate
 from r3jax.metrics import machine_info, read_jsonl
 from r3jax.report import TRIAL_RESULTS, comparison_markdown, comparison_plot, interval_text
-from r3jax.sampling import SamplingConfig
 from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
 
@@ -52,8 +51,7 @@ def premise_table(model_cfg, params, tokenizer, task: Task, demos, config, mesh)
     c = config.rl
     states = rollout_lib.tokenize_states(tokenizer, task, [
         s for demo in demos for s in curriculum.start_states(task, demo, c.num_start_states or None)])
-    settings = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                              stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+    settings = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature)
     outcomes = collections.defaultdict(list)
     size = config.eval.batch_size
     for start in range(0, len(states), size):

@@ -158,13 +158,10 @@ def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, tas
     steps = config_lib.training_steps(c, len(curriculum.states), c.batch_size // c.group_size)
     if c.data_epochs:
         print(f"RL: {c.data_epochs:g} epochs over {len(curriculum.states):,} start states = {steps:,} steps")
-    policy_opt = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
-    critic_opt = optim.adamw(c.critic_lr or c.lr, c.weight_decay, c.grad_clip)
-    optimizer = optim.actor_critic(policy_opt, critic_opt, params)
+    optimizer = optim.rl_optimizer(c, params)
     ppo_cfg = ppo_config(c)
     update = ppo.make_ppo_update(model_cfg, ppo_cfg, optimizer)
-    settings = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=ppo_cfg.temperature, top_k=c.top_k,
-                              top_p=c.top_p, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+    settings = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, ppo_cfg.temperature, c.top_k, c.top_p)
     rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
     to_rollout_layout = sharding.compute_copy(model_cfg, rollout_mesh)
     eval_demos = task.demonstrations("validation")[:c.eval_examples]

@@ -123,7 +123,7 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
             print(f"SFT: finished at step {latest} ({last_dir}); skipped")
             return best_dir
         print(f"SFT: extending from step {latest} to {steps}")
-    optimizer = optim.adamw(c.lr, c.weight_decay, c.grad_clip)
+    optimizer = optim.sft_optimizer(c)
     train_step = make_train_step(model_cfg, optimizer, c.logits_chunk)
     eval_demos = task.demonstrations("validation")[:c.eval_examples]  # model selection never reads test
 
