@@ -145,6 +145,8 @@ SCHEMA: dict[str, Any] = {
         "top_p": (1.0, "sampling nucleus"),
         "max_new_tokens": (700, "longest completion"),
         "max_prompt_length": (512, "start states with longer prompts are left out"),
+        "length_bucket": (32, "the update batch is cut to its longest real prompt and completion, each rounded up "
+                              "to a multiple of this (few compiled shapes, no FLOP on columns of padding)"),
         "logits_chunk": (0, "completion positions per LM-head call in the PPO loss (memory); 0 = all"),
         "rollout_mesh": ((), "(data, fsdp, tensor) to sample in, the weights moved into it once per step; "
                              "() = the training layout"),
@@ -338,7 +340,8 @@ def _validate_choices(c: ml_collections.ConfigDict) -> None:
 POSITIVE = ("sft.batch_size", "sft.grad_accum", "rl.batch_size", "rl.epochs", "rl.minibatches",
             "rl.max_new_tokens", "rl.max_prompt_length", "eval.batch_size", "eval.max_new_tokens",
             "checkpoint.keep", "sft.lr", "rl.lr", "rl.temperature", "sft.max_length", "sft.checkpoint_every",
-            "rl.checkpoint_every", "tokenizer.vocab_size", "rl.max_sampling_rounds", "eval.temperature")
+            "rl.checkpoint_every", "tokenizer.vocab_size", "rl.max_sampling_rounds", "eval.temperature",
+            "rl.length_bucket")
 NON_NEGATIVE = ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", "rl.warmup_steps",
                 "sft.eval_every", "rl.eval_every", "sft.eval_examples", "rl.eval_examples", "eval.num_examples",
                 "rl.kl_coef", "rl.critic_lr", "rl.vf_coef", "rl.entropy_coef", "rl.value_clip", "rl.score_clip",

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import collections
-from typing import Any, Sequence
+import dataclasses
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -10,12 +11,10 @@ from tqdm import tqdm
 
 from r3jax import sharding
 from r3jax.curriculum import StartState, start_states
-from r3jax.models.transformer import ModelConfig
-from r3jax.rollout import decode_completions, dispatch_sampling, sampling_config, tokenize_states
+from r3jax.rollout import Policy, decode_completions, dispatch_sampling, sampling_config, tokenize_states
 from r3jax.sampling import Rollout
 from r3jax.tasks.answers import majority
-from r3jax.tasks.base import Task
-from r3jax.tokenizer import Tokenizer
+from r3jax.tasks.base import Demonstration, Task
 
 
 def accuracy_report(states: Sequence[StartState], scores) -> dict[str, float]:
@@ -41,15 +40,38 @@ def samples(task: Task, demos, records: list[dict]) -> list[dict]:
              "correct": bool(r["correct"])} for d, r in zip(demos, records)]
 
 
-def evaluate(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, task: Task, demos, mesh,
-             batch_size: int, max_new_tokens: int, desc: str = "eval", maj_k: int = 0,
-             temperature: float = 1.0) -> tuple[dict, list[dict]]:
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """config.eval: how problems are evaluated (config.from_section builds it)."""
+    batch_size: int = 32  # completions per sampler call
+    max_new_tokens: int = 700
+    maj_k: int = 0  # > 0: the majority answer of maj_k samples at `temperature`; 0: greedy
+    temperature: float = 1.0
+
+
+class Problems(NamedTuple):
+    """What an evaluation reads: a task's problems and how to evaluate them."""
+    task: Task
+    demos: Sequence[Demonstration]
+    settings: EvalSettings
+
+    def greedy(self) -> "Problems":
+        return self._replace(settings=dataclasses.replace(self.settings, maj_k=0))
+
+    def sampled(self, maj_k: int, temperature: float) -> "Problems":
+        return self._replace(settings=dataclasses.replace(self.settings, maj_k=maj_k, temperature=temperature))
+
+
+def evaluate(policy: Policy, problems: Problems, desc: str = "eval") -> tuple[dict, list[dict]]:
     """Accuracy on the full task (start state k = 0): greedy, or with `maj_k` > 0 the majority
     answer of `maj_k` completions sampled at `temperature` (the report then also holds
     `sample_accuracy`, the mean over single samples). Returns (report, per-example records)."""
+    (model_cfg, params, tokenizer, mesh), (task, demos, options) = policy, problems
+    maj_k, batch_size = options.maj_k, options.batch_size
     states = tokenize_states(tokenizer, task, [start_states(task, demo, None)[0] for demo in demos])
     samples = maj_k or 1
-    settings = sampling_config(tokenizer, max_new_tokens, temperature if maj_k else 1.0, greedy=not maj_k)
+    settings = sampling_config(tokenizer, options.max_new_tokens, options.temperature if maj_k else 1.0,
+                               greedy=not maj_k)
     rows = [state for state in states for _ in range(samples)]  # a problem's samples are adjacent
     texts, predictions = [], []
 

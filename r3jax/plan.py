@@ -21,7 +21,20 @@ import re
 import sys
 import time
 
-from r3jax import files
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from r3jax import files, optim, ppo, sampling, sharding
+from r3jax.config import apply_override, load_config_file, validate_mesh
+from r3jax.models import hf
+from r3jax.models.transformer import init_cache, init_params
+from r3jax.models.value import actor_critic_params
+from r3jax.train.job import EXECUTION_KEYS, scratch_model_config
+from r3jax.train.rl import ppo_config
+from r3jax.train.sft import SFTState, make_train_step
 
 PRESETS = {  # shapes only (HF config.json fields); no weights
     "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -119,17 +132,13 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 def model_config_for(config, preset: str | None):
     """The ModelConfig of `--model` (a preset), of config.model.path's config.json, or of a
     from-scratch config's model section."""
-    from r3jax.models import hf
-
-    execution = {k: config.model[k] for k in ("param_dtype", "dtype", "scan_layers", "remat")}
+    execution = {k: config.model[k] for k in EXECUTION_KEYS}
     if preset:
         if preset not in PRESETS:
             raise PlanError(f"--model={preset}: unknown preset (known: {', '.join(PRESETS)})")
         return hf.config_from_hf(PRESETS[preset], source=f"preset {preset}", **execution)
     if not config.model.path:
         if config.model.from_scratch:  # the config's own from-scratch shape
-            from r3jax.train.job import scratch_model_config
-
             return scratch_model_config(config, config.tokenizer.vocab_size)
         raise PlanError("give --model=<preset> or config.model.path (a directory with config.json)")
     if not os.path.exists(os.path.join(config.model.path, "config.json")):
@@ -146,8 +155,6 @@ def _memory(compiled) -> dict[str, int]:
 
 
 def _abstract(tree, shardings):
-    import jax
-
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
@@ -155,73 +162,53 @@ def _like_params(fn, params, mesh):
     """The abstract output of `fn(params)` (params and optimizer states built from them), each leaf
     placed like the parameter whose path ends its own path (Adam's moments like their weights),
     anything else replicated."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
     by_path = {jax.tree_util.keystr(path): leaf.sharding
                for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
     def placed(path, leaf):
         name = jax.tree_util.keystr(path)
         matches = [p for p in by_path if name.endswith(p) and by_path[p] is not None]
-        sharding = by_path[max(matches, key=len)] if matches else NamedSharding(mesh, PartitionSpec())
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+        placement = by_path[max(matches, key=len)] if matches else NamedSharding(mesh, PartitionSpec())
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement)
 
     return jax.tree_util.tree_map_with_path(placed, jax.eval_shape(fn, params))
 
 
 def _tree_bytes_per_device(tree) -> int:
-    import jax
-    import numpy as np
-
     return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def plan(config, model_cfg, progress=print) -> dict:
-    """Compiles the run's graphs for `config` on the current devices; returns the plan."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+class _Compiler:
+    """Compiles a run's phases one by one, recording each one's memory, collectives and compile time."""
 
-    from r3jax import optim, ppo, sampling, sharding
-    from r3jax.models.transformer import init_cache, init_params
-    from r3jax.models.value import actor_critic_params
-    from r3jax.train.rl import ppo_config
-    from r3jax.train.sft import SFTState, make_train_step
+    def __init__(self, progress):
+        self.progress, self.phases, self.seconds = progress, {}, {}
 
-    c = config.rl
-    mesh = sharding.make_mesh(config.mesh)
-    rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
-    key = jax.random.key(0)
-    boxed = jax.eval_shape(functools.partial(init_params, model_cfg), key)
-    policy = _abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
-    compute_cfg = model_cfg.replace(param_dtype=model_cfg.dtype)
-    reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype, sharding=x.sharding), policy)
-    result = {"model": dataclasses.asdict(model_cfg), "num_params": model_cfg.num_params(),
-              "devices": jax.device_count(), "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
-              "phases": {}}
-    timings = {}
-
-    def compile_phase(name, lowered_fn):
-        progress(f"compiling {name} ...")
+    def __call__(self, name: str, lowered_fn):
+        self.progress(f"compiling {name} ...")
         start = time.perf_counter()
         compiled = lowered_fn().compile()
-        timings[name] = time.perf_counter() - start
-        result["phases"][name] = {**_memory(compiled), "collective_bytes": collective_bytes(compiled.as_text()),
-                                  "compile_seconds": timings[name]}
+        self.seconds[name] = time.perf_counter() - start
+        self.phases[name] = {**_memory(compiled), "collective_bytes": collective_bytes(compiled.as_text()),
+                             "compile_seconds": self.seconds[name]}
         return compiled
 
-    # SFT: one jitted step over batch_size x grad_accum sequences of sft.max_length
-    sft_opt = optim.sft_optimizer(config.sft)
-    sft_state = SFTState(policy, _like_params(sft_opt.init, policy, mesh), jax.ShapeDtypeStruct((), jnp.int32))
-    batch_spec = sharding.batch_sharding(mesh, 3)
-    sft_batch = {k: jax.ShapeDtypeStruct((config.sft.batch_size, config.sft.grad_accum, config.sft.max_length),
-                                         jnp.int32, sharding=batch_spec) for k in ("tokens", "attention_mask", "loss_mask")}
-    compile_phase("sft_step", lambda: make_train_step(model_cfg, sft_opt, config.sft.logits_chunk).lower(
-        sft_state, sft_batch, 1.0))
 
-    # PPO update on rollouts of max_prompt_length + max_new_tokens
+def _plan_sft(compile_phase: _Compiler, config, model_cfg, policy, mesh) -> None:
+    """One jitted SFT step over batch_size x grad_accum sequences of sft.max_length."""
+    c = config.sft
+    optimizer = optim.sft_optimizer(c)
+    state = SFTState(policy, _like_params(optimizer.init, policy, mesh), jax.ShapeDtypeStruct((), jnp.int32))
+    batch = {k: jax.ShapeDtypeStruct((c.batch_size, c.grad_accum, c.max_length), jnp.int32,
+                                     sharding=sharding.batch_sharding(mesh, 3))
+             for k in ("tokens", "attention_mask", "loss_mask")}
+    compile_phase("sft_step", lambda: make_train_step(model_cfg, optimizer, c.logits_chunk).lower(state, batch, 1.0))
+
+
+def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference, mesh) -> ppo.PPOState:
+    """The PPO update on rollouts of rl.max_prompt_length + rl.max_new_tokens; returns its
+    (abstract) training state."""
+    c = config.rl
     params = _like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
                                                          critic=c.estimator == "gae"), policy, mesh)
     optimizer = optim.rl_optimizer(c, params)
@@ -232,53 +219,74 @@ def plan(config, model_cfg, progress=print) -> dict:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
 
     rollout = ppo.Experience(
-        sampling.Rollout(rows_spec(rows, length), rows_spec(rows, length), rows_spec(rows, c.max_new_tokens, dtype=jnp.float32),
-                rows_spec(rows, c.max_new_tokens), rows_spec(rows)),
+        sampling.Rollout(rows_spec(rows, length), rows_spec(rows, length),
+                         rows_spec(rows, c.max_new_tokens, dtype=jnp.float32), rows_spec(rows, c.max_new_tokens),
+                         rows_spec(rows)),
         rows_spec(rows, dtype=jnp.float32), rows_spec(rows, dtype=jnp.float32))
     update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
-    compile_phase("ppo_update", lambda: update.lower(state, reference, rollout, key, 1.0, 1.0))
+    compile_phase("ppo_update", lambda: update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0))
+    return state
 
-    # sampling: prefill and one decode step, in the rollout layout and in the training layout
-    def sampler_phases(layout: str, sample_mesh):
-        weights = _abstract(jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(model_cfg.jnp_dtype), p), policy),
-                            sharding.logical_shardings(boxed, sample_mesh))
-        prompt = c.max_prompt_length
-        cache_len = sampling.cache_length(model_cfg, prompt, c.max_new_tokens)
-        batch_axis = 1 if model_cfg.scan_layers else 0
-        cache = jax.eval_shape(lambda: init_cache(model_cfg, rows, cache_len))
-        cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
-            sample_mesh, x.ndim, batch_axis)), cache)
-        def spec(*shape):
-            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(sample_mesh, len(shape)))
 
-        compile_phase(f"prefill_{layout}", lambda: jax.jit(functools.partial(sampling.prefill, compute_cfg),
+def _plan_sampler(compile_phase: _Compiler, config, model_cfg, policy, boxed, layout: str, sample_mesh) -> int:
+    """Prefill and one decode step with the weights in `sample_mesh`'s layout; returns the
+    sampling weights' bytes per device."""
+    c, compute_cfg = config.rl, model_cfg.replace(param_dtype=model_cfg.dtype)
+    weights = _abstract(jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(model_cfg.jnp_dtype), p), policy),
+                        sharding.logical_shardings(boxed, sample_mesh))
+    rows, prompt = c.batch_size, c.max_prompt_length
+    cache_len = sampling.cache_length(model_cfg, prompt, c.max_new_tokens)
+    batch_axis = 1 if model_cfg.scan_layers else 0
+    cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
+        sample_mesh, x.ndim, batch_axis)), jax.eval_shape(lambda: init_cache(model_cfg, rows, cache_len)))
+
+    def spec(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(sample_mesh, len(shape)))
+
+    compile_phase(f"prefill_{layout}", lambda: jax.jit(functools.partial(sampling.prefill, compute_cfg),
+                                                       donate_argnums=4).lower(
+        weights, spec(rows, prompt), spec(rows, prompt), spec(rows, cache_len), cache))
+    compile_phase(f"decode_step_{layout}", lambda: jax.jit(functools.partial(sampling.decode_step, compute_cfg),
                                                            donate_argnums=4).lower(
-            weights, spec(rows, prompt), spec(rows, prompt), spec(rows, cache_len), cache))
-        compile_phase(f"decode_step_{layout}", lambda: jax.jit(functools.partial(sampling.decode_step, compute_cfg),
-                                                               donate_argnums=4).lower(
-            weights, spec(rows), spec(rows), spec(rows, cache_len), cache, jax.ShapeDtypeStruct((), jnp.int32)))
-        return _tree_bytes_per_device(weights)
+        weights, spec(rows), spec(rows), spec(rows, cache_len), cache, jax.ShapeDtypeStruct((), jnp.int32)))
+    return _tree_bytes_per_device(weights)
 
-    rollout_weight_bytes = sampler_phases("rollout", rollout_mesh)
-    sampler_phases("training", mesh)
 
-    phases = result["phases"]
-    weight_bytes = model_cfg.num_params() * np.dtype(model_cfg.jnp_dtype).itemsize
+def _totals(phases: dict, model_cfg, state: ppo.PPOState, reference, rollout_weight_bytes: int) -> dict:
+    """The plan's per-device totals from its compiled phases and abstract state."""
     state_bytes = _tree_bytes_per_device(state.params)
-    result.update(
-        weight_bytes=int(weight_bytes), compile_seconds=timings,
-        param_bytes_per_device=state_bytes,
-        optimizer_state_bytes_per_device=_tree_bytes_per_device(state.opt_state),
-        reference_bytes_per_device=_tree_bytes_per_device(reference),
-        rollout_weight_bytes_per_device=rollout_weight_bytes,
-        # sampling holds the training state and the reference while the rollout copy decodes
-        sampling_peak_bytes_per_device=max(phases["prefill_rollout"]["peak_bytes"], phases["decode_step_rollout"]["peak_bytes"])
-        + state_bytes + _tree_bytes_per_device(state.opt_state) + _tree_bytes_per_device(reference),
+    optimizer_bytes, reference_bytes = _tree_bytes_per_device(state.opt_state), _tree_bytes_per_device(reference)
+    # sampling holds the training state and the reference while the rollout copy decodes
+    sampling_peak = (max(phases["prefill_rollout"]["peak_bytes"], phases["decode_step_rollout"]["peak_bytes"])
+                     + state_bytes + optimizer_bytes + reference_bytes)
+    return dict(
+        weight_bytes=int(model_cfg.num_params() * np.dtype(model_cfg.jnp_dtype).itemsize),
+        param_bytes_per_device=state_bytes, optimizer_state_bytes_per_device=optimizer_bytes,
+        reference_bytes_per_device=reference_bytes, rollout_weight_bytes_per_device=rollout_weight_bytes,
+        sampling_peak_bytes_per_device=sampling_peak,
         decode_collective_bytes={layout: sum(phases[f"decode_step_{layout}"]["collective_bytes"].values())
                                  for layout in ("rollout", "training")},
-        update_collective_bytes=sum(phases["ppo_update"]["collective_bytes"].values()))
-    result["peak_bytes_per_device"] = max(phases["sft_step"]["peak_bytes"], phases["ppo_update"]["peak_bytes"],
-                                          result["sampling_peak_bytes_per_device"])
+        update_collective_bytes=sum(phases["ppo_update"]["collective_bytes"].values()),
+        peak_bytes_per_device=max(phases["sft_step"]["peak_bytes"], phases["ppo_update"]["peak_bytes"], sampling_peak))
+
+
+def plan(config, model_cfg, progress=print) -> dict:
+    """Compiles the run's graphs for `config` on the current devices; returns the plan."""
+    mesh = sharding.make_mesh(config.mesh)
+    rollout_mesh = sharding.make_mesh(config.rl.rollout_mesh) if config.rl.rollout_mesh else mesh
+    boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
+    policy = _abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
+    reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype, sharding=x.sharding), policy)
+    compile_phase = _Compiler(progress)
+    _plan_sft(compile_phase, config, model_cfg, policy, mesh)
+    state = _plan_update(compile_phase, config, model_cfg, policy, reference, mesh)
+    rollout_weight_bytes = _plan_sampler(compile_phase, config, model_cfg, policy, boxed, "rollout", rollout_mesh)
+    _plan_sampler(compile_phase, config, model_cfg, policy, boxed, "training", mesh)
+    result = {"model": dataclasses.asdict(model_cfg), "num_params": model_cfg.num_params(),
+              "devices": jax.device_count(), "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
+              "phases": compile_phase.phases}
+    result.update(compile_seconds=compile_phase.seconds)
+    result.update(_totals(compile_phase.phases, model_cfg, state, reference, rollout_weight_bytes))
     return result
 
 
@@ -286,17 +294,6 @@ def concrete_phase(config, model_cfg, phase: str):
     """The real `phase` ("sft_step" or "ppo_update") at the plan's shapes, on random weights and
     all-ones tokens: `(fn, args)`, to call or to compile, for checking a plan against the program
     it stands for (tests/test_plan.py, bench/plan_memory.py)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from r3jax import optim, ppo, sampling, sharding
-    from r3jax.models.transformer import init_params
-    from r3jax.models.value import actor_critic_params
-    from r3jax.train.rl import ppo_config
-    from r3jax.train.sft import SFTState, make_train_step
-
     mesh = sharding.make_mesh(config.mesh)
     boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
     policy = jax.jit(lambda k: nn.unbox(init_params(model_cfg, k)),
@@ -382,9 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
         os.environ["JAX_PLATFORMS"] = "cpu"
         config = load_config(args.config, args.set)
-        from r3jax import config as config_lib
-
-        config_lib.validate_mesh(config, args.devices)
+        validate_mesh(config, args.devices)
         model_cfg = model_config_for(config, args.model)
     except (PlanError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -429,7 +424,6 @@ def _knob_value(config, name: str):
 def load_config(spec: str, overrides: list[str]):
     """A config file's get_config([argument]) with KEY=VALUE overrides, parsed as `main` parses
     --config.KEY=VALUE (config.apply_override)."""
-    from r3jax.config import apply_override, load_config_file
 
     path, _, argument = spec.partition(":")
     if not os.path.exists(path):

@@ -49,6 +49,7 @@ class PPOConfig:
     score_clip: float = 0.0  # 0: off; the non-math recipe clips rewards to +-5
     max_log_ratio: float = 20.0
     logits_chunk: int = 0  # completion positions per LM-head call in completion_logprobs; 0: all
+    max_new_tokens: int = 0  # seq_mean_token_sum_norm's constant (the sampling budget); 0: the batch's width
 
 
 class PPOState(NamedTuple):
@@ -197,11 +198,12 @@ def group_advantages(scores: jnp.ndarray, group_size: int, estimator: str, row_m
     return advantages
 
 
-def aggregate(values: jnp.ndarray, mask: jnp.ndarray, mode: str) -> jnp.ndarray:
+def aggregate(values: jnp.ndarray, mask: jnp.ndarray, mode: str, max_new_tokens: int = 0) -> jnp.ndarray:
     """A scalar from per-token `values [batch, new]`: `token_mean` over every token of the batch
     (DAPO), `seq_mean_token_mean` (each sequence's token mean, then the mean over sequences: the
     R^3/ReFT code, GRPO), or `seq_mean_token_sum_norm` (each sequence's token sum over the constant
-    `new`, then the mean: Dr.GRPO). Rows with no tokens do not count."""
+    `max_new_tokens`, the sampling budget, then the mean: Dr.GRPO; 0 takes the batch's width `new`,
+    which a trimmed batch would shrink). Rows with no tokens do not count."""
     if mode == "token_mean":
         return masked_mean(values, mask)
     row_tokens = mask.sum(axis=1)
@@ -210,7 +212,7 @@ def aggregate(values: jnp.ndarray, mask: jnp.ndarray, mode: str) -> jnp.ndarray:
     if mode == "seq_mean_token_mean":
         return masked_mean(row_sums / jnp.maximum(row_tokens, 1.0), rows)
     if mode == "seq_mean_token_sum_norm":
-        return masked_mean(row_sums / mask.shape[1], rows)
+        return masked_mean(row_sums / (max_new_tokens or mask.shape[1]), rows)
     raise ValueError(f"loss_agg {mode!r}: expected one of {LOSS_AGGREGATIONS}")
 
 
@@ -227,7 +229,7 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: PPOConfig):
     """The clipped surrogate aggregated by `cfg.loss_agg`; returns (loss, clip fraction)."""
     per_token, clipped = clipped_surrogate(logp, old_logp, advantages, cfg.clip_ratio_low, cfg.clip_ratio_high,
                                            cfg.max_log_ratio)
-    return aggregate(per_token, mask, cfg.loss_agg), masked_mean(clipped, mask)
+    return aggregate(per_token, mask, cfg.loss_agg, cfg.max_new_tokens), masked_mean(clipped, mask)
 
 
 def value_loss(values, old_values, returns, mask, value_clip):
@@ -298,21 +300,24 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
     hidden, values = hidden_and_values(model_cfg, params, rollout.tokens, rollout.attention_mask)
     old_logp, _ = completion_logprobs(model_cfg, params.policy, hidden, rollout.tokens, num_new,
                                       cfg.temperature, cfg.logits_chunk)
-    _, ref_hidden = forward(model_cfg, ref_params, rollout.tokens, rollout.attention_mask, with_head=False)
-    ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rollout.tokens, num_new,
-                                      cfg.temperature, cfg.logits_chunk)
+    ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
+    if cfg.kl_coef:
+        _, ref_hidden = forward(model_cfg, ref_params, rollout.tokens, rollout.attention_mask, with_head=False)
+        ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rollout.tokens, num_new,
+                                          cfg.temperature, cfg.logits_chunk)
     old_values = jnp.zeros_like(mask) if values is None else values[:, -num_new - 1:-1] * mask
     scores = jnp.clip(data.scores, -cfg.score_clip, cfg.score_clip) if cfg.score_clip else data.scores
     advantages, returns = _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg)
     batch = PreparedBatch(rollout.tokens, rollout.attention_mask, rollout.completion_mask, old_logp, ref_logp,
                           old_values, advantages, returns)
-    kl = (old_logp - ref_logp) * mask
-    metrics = {"score": masked_mean(data.scores, row_mask), "kl": masked_mean(kl.sum(1), row_mask),
-               "sampler_kl": masked_mean(rollout.logprobs - old_logp, mask),
+    metrics = {"score": masked_mean(data.scores, row_mask), "sampler_kl": masked_mean(rollout.logprobs - old_logp, mask),
                "response_length": masked_mean(mask.sum(1), row_mask), "return": masked_mean(returns, mask)}
+    per_sequence = {"response_length": mask.sum(1)}
+    if cfg.kl_coef:
+        per_sequence["kl"] = ((old_logp - ref_logp) * mask).sum(1)
+        metrics["kl"] = masked_mean(per_sequence["kl"], row_mask)
     if values is not None:
         metrics["value_explained_variance"] = explained_variance(old_values, returns, mask)
-    per_sequence = {"kl": kl.sum(1), "response_length": mask.sum(1)}
     return jax.lax.stop_gradient(batch), metrics, per_sequence
 
 

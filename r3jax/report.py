@@ -66,11 +66,11 @@ def comparison_markdown(summary: dict) -> str:
             best = max(arm_trials, key=lambda t: t["validation_accuracy"])
             for t in arm_trials:
                 trend = t.get("training")
-                moved = (f"{trend['reward_first_third']:.3f} → {trend['reward_last_third']:.3f} | "
-                         f"{trend['kl_last_third']:.2f}") if trend else " | "
-                lines.append(f"| {name} | " + ", ".join(f"{k} = {v:g}" for k, v in ((k, v) for k, v in t.items() if k not in TRIAL_RESULTS))
-                             + f" | {t['validation_accuracy']:.3f}" + (" (chosen)" if t is best else "")
-                             + f" | {moved} |")
+                kl = f"{trend['kl_last_third']:.2f}" if trend and "kl_last_third" in trend else ""
+                moved = f"{trend['reward_first_third']:.3f} → {trend['reward_last_third']:.3f} | {kl}" if trend else " | "
+                settings = ", ".join(f"{k} = {v:g}" for k, v in t.items() if k not in TRIAL_RESULTS)
+                lines.append(f"| {name} | {settings} | {t['validation_accuracy']:.3f}"
+                             + (" (chosen)" if t is best else "") + f" | {moved} |")
     stages = sorted({s for row in summary["premise"].values() for s in row}, key=lambda s: int(s.rsplit("_", 1)[1]))
     lines += ["", "SFT model's success at the RL temperature, validation split (the premise):", "",
               "| chain | " + " | ".join(s.replace("_", " ") for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]

@@ -24,6 +24,18 @@ from r3jax.tasks.base import Demonstration, Task
 from r3jax.tokenizer import Span, Tokenizer, left_pad, tokens_within
 
 
+class Policy(NamedTuple):
+    """A model ready to sample and train: what the trainers, the evaluator and the results pass
+    as one value. The functions below it keep the order (model_cfg, params, ...)."""
+    model_cfg: ModelConfig
+    params: Any  # the model's weights, a pytree placed on `mesh`
+    tokenizer: Tokenizer
+    mesh: Any  # jax.sharding.Mesh
+
+    def with_params(self, params: Any) -> "Policy":
+        return self._replace(params=params)
+
+
 class EncodedDemo(NamedTuple):
     prompt: tuple[int, ...]    # BOS + the prompt's tokens: how every SFT sequence and start state begins
     response: tuple[int, ...]  # the response's tokens as a continuation of the prompt (no EOS)

@@ -101,7 +101,7 @@ BAD_VALUES = [
     ("rl.group_size", 3), ("rl.schedule", "step"), ("model.dtype", "bf16"), ("model.export_dtype", "fp8"),
     ("rl.missing_eos_penalty", -1.0), ("rl.max_sampling_rounds", 0), ("eval.split", "dev"),
     ("sft.eval_examples", -1), ("rl.score_clip", -5.0), ("sft.grad_clip", -1.0), ("mode", "serve"),
-    ("compare.arms", ("r3-ppo",)), ("rl.num_start_states", -1), ("eval.maj_k", -2),
+    ("compare.arms", ("r3-ppo",)), ("rl.num_start_states", -1), ("eval.maj_k", -2), ("rl.length_bucket", 0),
 ]
 
 
@@ -235,3 +235,22 @@ def test_every_choice_is_checked_and_listed_in_help(key):
         config_lib.validate(c, num_devices=1)
     entry = re.split(r"\n  (?=\S)", main.help_text(["r3jax"]).split(f"\n  {key.name} = ", 1)[1])[0]
     assert "one of: " + ", ".join(map(repr, key.choices)) in entry
+
+
+def test_functions_are_short_and_take_few_parameters():
+    """No function of r3jax/ runs past 60 lines or takes more than 8 parameters (an option
+    constructor, a task's __init__ with its options, aside)."""
+    import ast
+
+    too_long = []
+    for folder, _, names in os.walk(os.path.join(ROOT, "r3jax")):
+        for name in (n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.FunctionDef):
+                    lines = node.end_lineno - node.lineno + 1
+                    parameters = len([a for a in node.args.args + node.args.kwonlyargs if a.arg != "self"])
+                    if lines > 60 or (parameters > 8 and node.name != "__init__"):
+                        too_long.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name} "
+                                        f"({lines} lines, {parameters} parameters)")
+    assert too_long == []

@@ -10,8 +10,8 @@ import pytest
 from helpers import TINY, tiny_params
 from r3jax import sharding, tasks, tokenizer
 from r3jax.curriculum import start_states
-from r3jax.evaluate import evaluate
-from r3jax.rollout import generate, tokenize_states
+from r3jax.evaluate import EvalSettings, Problems, evaluate
+from r3jax.rollout import Policy, generate, tokenize_states
 from r3jax.sampling import SamplingConfig
 
 
@@ -25,11 +25,14 @@ def setup(tmp_path_factory):
     return task, tok, cfg, tiny_params(cfg, scale=6.0)
 
 
+GREEDY = EvalSettings(batch_size=4, max_new_tokens=12)
+
+
 def test_pipelined_records_match_their_own_chunks(setup):
     task, tok, cfg, params = setup
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     demos = task.demonstrations("test")
-    report, records = evaluate(cfg, params, tok, task, demos, mesh, batch_size=4, max_new_tokens=12)
+    report, records = evaluate(Policy(cfg, params, tok, mesh), Problems(task, demos, GREEDY))
     assert [r["id"] for r in records] == [d.id for d in demos]
 
     settings = SamplingConfig(max_new_tokens=12, greedy=True, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
@@ -48,9 +51,9 @@ def test_maj_at_k_near_zero_temperature_is_greedy(setup):
     task, tok, cfg, params = setup
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     demos = task.demonstrations("test")
-    greedy_report, greedy_records = evaluate(cfg, params, tok, task, demos, mesh, batch_size=4, max_new_tokens=12)
-    report, records = evaluate(cfg, params, tok, task, demos, mesh, batch_size=4, max_new_tokens=12,
-                               maj_k=3, temperature=1e-6)
+    policy, problems = Policy(cfg, params, tok, mesh), Problems(task, demos, GREEDY)
+    greedy_report, greedy_records = evaluate(policy, problems)
+    report, records = evaluate(policy, problems.sampled(3, 1e-6))
     assert [r["completions"] for r in records] == [g["completions"] * 3 for g in greedy_records]
     assert report["accuracy"] == greedy_report["accuracy"] == report["sample_accuracy"]
 
@@ -59,8 +62,7 @@ def test_maj_at_k_samples_differ_and_predictions_are_the_tasks_answers(setup):
     task, tok, cfg, params = setup
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     demos = task.demonstrations("test")
-    report, records = evaluate(cfg, params, tok, task, demos, mesh, batch_size=4, max_new_tokens=12,
-                               maj_k=3, temperature=1.0)
+    report, records = evaluate(Policy(cfg, params, tok, mesh), Problems(task, demos, GREEDY).sampled(3, 1.0))
     assert any(len(set(r["completions"])) > 1 for r in records)
     for record, demo in zip(records, demos):
         given = start_states(task, demo, None)[0].given

@@ -13,6 +13,7 @@ from helpers import TINY, tiny_params
 from r3jax import tasks, tokenizer
 from r3jax.models import hf
 from r3jax.sampling import SamplingConfig, sample
+from r3jax.rollout import Policy
 from r3jax.train import sft
 
 
@@ -40,14 +41,14 @@ def _greedy_both(params, cfg, tok, path, max_new=10):
 def test_export_generates_and_stops_where_the_sampler_stops(tok, tmp_path):
     cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
     params = tiny_params(cfg, scale=4.0)
-    sft.export(str(tmp_path / "plain"), cfg, params, tok)
+    sft.export(str(tmp_path / "plain"), Policy(cfg, params, tok, None))
     ours, theirs = _greedy_both(params, cfg, tok, str(tmp_path / "plain"))
     assert ours == theirs and len(ours) == 10  # no stop token within 10: the same 10 tokens
 
     forced = jax.tree.map(jnp.copy, params)  # EOS always wins: a large positive residual feature that only it reads
     forced["embed"]["embedding"] = forced["embed"]["embedding"].at[:, 0].set(100.0)
     forced["lm_head"]["kernel"] = forced["lm_head"]["kernel"].at[0, tok.eos_id].set(50.0)
-    sft.export(str(tmp_path / "forced"), cfg, forced, tok)
+    sft.export(str(tmp_path / "forced"), Policy(cfg, forced, tok, None))
     ours, theirs = _greedy_both(forced, cfg, tok, str(tmp_path / "forced"))
     assert ours == theirs == [tok.eos_id]
     generation = json.load(open(tmp_path / "forced" / "generation_config.json"))
@@ -58,7 +59,7 @@ def test_export_generates_and_stops_where_the_sampler_stops(tok, tmp_path):
 def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
     cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
     path = str(tmp_path / "best")
-    sft.export(path, cfg, tiny_params(cfg, seed=0), tok)
+    sft.export(path, Policy(cfg, tiny_params(cfg, seed=0), tok, None))
     first = sorted(os.listdir(path))
 
     def killed(directory):
@@ -66,13 +67,13 @@ def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(tok), "save", lambda self, directory: killed(directory))
     with pytest.raises(KeyboardInterrupt):
-        sft.export(path, cfg, tiny_params(cfg, seed=1), tok)
+        sft.export(path, Policy(cfg, tiny_params(cfg, seed=1), tok, None))
     monkeypatch.undo()
     assert sorted(os.listdir(path)) == first  # the previous export, untouched
     _, loaded = hf.load(path)
     np.testing.assert_array_equal(np.asarray(loaded["lm_head"]["kernel"]),
                                   np.asarray(tiny_params(cfg, seed=0)["lm_head"]["kernel"]))
-    sft.export(path, cfg, tiny_params(cfg, seed=1), tok)  # the rerun cleans the partial one up
+    sft.export(path, Policy(cfg, tiny_params(cfg, seed=1), tok, None))  # the rerun cleans the partial one up
     assert not os.path.exists(path + ".partial") and sorted(os.listdir(path)) == first
 
 

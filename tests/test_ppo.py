@@ -180,7 +180,7 @@ def test_critic_warmup_moves_only_the_critic():
 def test_sharded_update_equals_single_device(estimator):
     mesh = sharding.make_mesh((2, 2, 2))
     critic = estimator == "gae"
-    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=1 if critic else 4)
+    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=1 if critic else 4, kl_coef=0.05)
     params = actor_critic_params(TINY, tiny_params(), separate_critic=False, critic=critic)
     ref = tiny_params()
     optimizer = optim.adamw(1e-3)
@@ -237,7 +237,7 @@ def test_update_with_chunked_logits_equals_unchunked():
     batch = _toy_batch(params, jax.random.key(6))
     results = []
     for chunk in (0, 4):
-        update = ppo.make_ppo_update(TINY, dataclasses.replace(PPO_CFG, logits_chunk=chunk), optimizer)
+        update = ppo.make_ppo_update(TINY, dataclasses.replace(PPO_CFG, logits_chunk=chunk, kl_coef=0.05), optimizer)
         results.append(update(ppo.init_state(jax.tree.map(jnp.copy, params), optimizer), tiny_params(), batch,
                               jax.random.key(7)))
     (plain_state, plain, _), (chunked_state, chunked, _) = results

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import TINY, tiny_params
 from r3jax import config as config_lib, sharding, tasks, tokenizer
+from r3jax.rollout import Policy
 from r3jax.sampling import SamplingConfig
 from r3jax.tasks.answers import Score
 from r3jax.train import rl
@@ -43,7 +44,7 @@ def _collect(setup, c, data_position=0):
     schedule = rl.build_curriculum(c, task, tok, "mixed", seed=0)
     settings = SamplingConfig(max_new_tokens=c.max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    return rl.collect(c, schedule, task, tok, cfg, params, settings, jax.random.key(0), mesh, data_position, 0.0)
+    return rl.collect(c, schedule, task, Policy(cfg, params, tok, mesh), settings, jax.random.key(0), data_position, 0.0)
 
 
 def test_groups_are_adjacent_samples_of_one_start_state(setup):

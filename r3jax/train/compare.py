@@ -21,8 +21,9 @@ import numpy as np
 from r3jax import curriculum, files, rollout as rollout_lib, sharding, stats, workdir as workdir_lib
 from r3jax.checkpoint import StopSignal
 from r3jax.config import ARMS
-from r3jax.evaluate import evaluate
+from r3jax.evaluate import Problems, evaluate
 from r3jax.metrics import machine_info, read_jsonl
+from r3jax.rollout import Policy
 from r3jax.report import TRIAL_RESULTS, comparison_markdown, comparison_plot, interval_text
 from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
@@ -44,11 +45,11 @@ def difference_pairs(arms) -> list[tuple[str, str]]:
                                 for first, second in DIFFERENCES if first in ARMS and second in ARMS]
 
 
-def premise_table(model_cfg, params, tokenizer, task: Task, demos, config, mesh) -> dict[str, dict[str, float]]:
+def premise_table(policy: Policy, task: Task, demos, config) -> dict[str, dict[str, float]]:
     """The SFT model's success rate at the RL temperature from every start stage, per chain
     length: {"steps_n": {"stage_j": rate}}. R^3's premise: low from stage 0 on long chains, high
     from the last stage."""
-    c = config.rl
+    c, (model_cfg, params, tokenizer, mesh) = config.rl, policy
     states = rollout_lib.tokenize_states(tokenizer, task, [
         s for demo in demos for s in curriculum.start_states(task, demo, c.num_start_states or None)])
     settings = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature)
@@ -67,20 +68,18 @@ def premise_table(model_cfg, params, tokenizer, task: Task, demos, config, mesh)
     return dict(table)
 
 
-def evaluate_model(model_cfg, params, tokenizer, task: Task, test_demos, config, mesh) -> dict:
-    """Greedy per-problem correctness on the test problems, and on the first
+def evaluate_model(policy: Policy, problems: Problems, config) -> dict:
+    """Greedy per-problem correctness on the test `problems`, and on the first
     compare.sample_problems of them `compare.samples` samples each at the RL temperature:
     single-sample accuracy and pass@k."""
-    report, records = evaluate(model_cfg, params, tokenizer, task, test_demos, mesh, config.eval.batch_size,
-                               config.eval.max_new_tokens, desc="test")
+    report, records = evaluate(policy, problems, desc="test")
     result = {"report": report, "correct": [float(r["correct"]) for r in records]}
     k = config.compare.samples
     if k:
-        sampled, sample_records = evaluate(
-            model_cfg, params, tokenizer, task, test_demos[:config.compare.sample_problems], mesh,
-            config.eval.batch_size, config.eval.max_new_tokens, desc=f"test, {k} samples", maj_k=k,
-            temperature=config.rl.temperature)
-        right = [sum(task.score_answer(p, r["answer"]).correct for p in r["predictions"]) for r in sample_records]
+        subset = problems._replace(demos=problems.demos[:config.compare.sample_problems])
+        sampled, sample_records = evaluate(policy, subset.sampled(k, config.rl.temperature), desc=f"test, {k} samples")
+        right = [sum(problems.task.score_answer(p, r["answer"]).correct for p in r["predictions"])
+                 for r in sample_records]
         result.update(sample_accuracy=sampled["sample_accuracy"],
                       pass_at_k=float(np.mean([stats.pass_at_k(k, c, k) for c in right])))
     return result
@@ -118,9 +117,11 @@ def training_trend(run_dir: str) -> dict[str, float] | None:
     records = read_jsonl(path)
     third = max(1, len(records) // 3)
     first, last = records[:third], records[-third:]
-    return {"reward_first_third": float(np.mean([r["reward"] for r in first])),
-            "reward_last_third": float(np.mean([r["reward"] for r in last])),
-            "kl_last_third": float(np.mean([r["kl"] for r in last]))}
+    trend = {"reward_first_third": float(np.mean([r["reward"] for r in first])),
+             "reward_last_third": float(np.mean([r["reward"] for r in last]))}
+    if "kl" in last[0]:  # absent at rl.kl_coef = 0: no reference to measure against
+        trend["kl_last_third"] = float(np.mean([r["kl"] for r in last]))
+    return trend
 
 
 def trial_settings(record: dict) -> dict:
@@ -131,8 +132,11 @@ def with_settings(config, settings: dict):
     """A copy of `config` with {dotted key: value} applied."""
     changed = config.copy_and_resolve_references()
     for key, value in settings.items():
-        section, name = key.split(".")
-        changed[section][name] = value
+        *sections, name = key.split(".")
+        target = changed
+        for section in sections:
+            target = target[section]
+        target[name] = value
     return changed
 
 
@@ -266,54 +270,45 @@ def protocol(config, out: str, trainers: Trainers, lengths: list) -> dict | None
                        "completions_per_step": config.rl.batch_size}}
 
 
-def continued_sft(config, model_cfg, policy, tokenizer, task: Task, mesh, run_dir: str, updates: int, seed: int,
-                  stop: StopSignal):
-    """The fair control for "RL helps": the SFT model trained on by SFT for `updates` more steps."""
+def continued_sft(config, start: Policy, task: Task, run_dir: str, updates: int, stop: StopSignal) -> str | None:
+    """The fair control for "RL helps": the SFT model trained on by SFT for `updates` more steps
+    (with config.seed and compare.continued_lr)."""
     c = config.copy_and_resolve_references()
-    c.seed = seed
     c.sft.update(steps=updates, data_epochs=0.0, lr=config.compare.continued_lr, schedule="constant",
                  warmup_steps=0, eval_every=0)
-    return sft.train(c, model_cfg, policy, tokenizer, task, mesh, run_dir, stop)
+    return sft.train(c, start, task, run_dir, stop)
 
 
 def trainers(config, workdir: str, task: Task, mesh, stop: StopSignal) -> tuple[Trainers, list] | None:
     """The real trainers and evaluator of the comparison, from the SFT model (trained here first
     unless rl.init names one), and the test problems' chain lengths; None when stopped."""
     tokenizer = job.build_tokenizer(config, task, workdir)
-    model_cfg, params = job.build_model(config, tokenizer, mesh)
-    sft_dir = config.rl.init or sft.train(config, model_cfg, params, tokenizer, task, mesh, workdir, stop)
+    sft_dir = config.rl.init or sft.train(config, job.build_model(config, tokenizer, mesh), task, workdir, stop)
     if sft_dir is None:
         return None
-    test_demos = task.demonstrations(config.eval.split)
-    if config.eval.num_examples:
-        test_demos = test_demos[:config.eval.num_examples]
-    model_cfg, policy = job.load_policy(sft_dir, config, mesh)
-    validation_demos = task.demonstrations("validation")
+    problems = job.test_problems(config, task)
+    sft_model = job.load_policy(sft_dir, config, tokenizer, mesh)
+    validation = problems._replace(demos=task.demonstrations("validation"))
 
     def train(unit: Unit, unit_config, seed: int, run_dir: str):
-        _, start = job.load_policy(sft_dir, config, mesh)
+        start = job.load_policy(sft_dir, config, tokenizer, mesh)  # fresh buffers: training donates them
+        run_config = with_settings(unit_config, {"seed": seed} | ({"rl.strategy": unit.strategy} if unit.strategy else {}))
         if unit.continued_updates:
-            final_dir = continued_sft(unit_config, model_cfg, start, tokenizer, task, mesh, run_dir,
-                                      unit.continued_updates, seed, stop)
-            return None if final_dir is None else (job.load_policy(final_dir, config, mesh)[1],
+            final_dir = continued_sft(run_config, start, task, run_dir, unit.continued_updates, stop)
+            return None if final_dir is None else (job.load_policy(final_dir, config, tokenizer, mesh).params,
                                                    {"optimizer_updates": unit.continued_updates})
-        result = rl.train(unit_config, model_cfg, start, tokenizer, task, mesh, run_dir, stop,
-                          strategy=unit.strategy, seed=seed)
+        result = rl.train(run_config, start, task, run_dir, stop)
         if result is None:
             return None
         return result["params"], {"steps": result["steps"], "tokens_sampled": result["tokens_sampled"],
                                   "optimizer_updates": result["steps"] * config.rl.epochs * config.rl.minibatches}
 
-    def on_validation(params) -> dict:
-        report, _ = evaluate(model_cfg, params, tokenizer, task, validation_demos, mesh, config.eval.batch_size,
-                             config.eval.max_new_tokens, desc="validation")
-        return {"report": report}
-
     return Trainers(
-        train=train, on_validation=on_validation,
-        on_test=lambda params: evaluate_model(model_cfg, params, tokenizer, task, test_demos, config, mesh),
-        premise=lambda: premise_table(model_cfg, policy, tokenizer, task, validation_demos, config, mesh),
-        sft_params=policy), [dict(d.meta).get("num_steps", 0) for d in test_demos]
+        train=train,
+        on_validation=lambda params: {"report": evaluate(sft_model.with_params(params), validation, "validation")[0]},
+        on_test=lambda params: evaluate_model(sft_model.with_params(params), problems, config),
+        premise=lambda: premise_table(sft_model, task, validation.demos, config),
+        sft_params=sft_model.params), [dict(d.meta).get("num_steps", 0) for d in problems.demos]
 
 
 def run(config, workdir: str, task: Task, mesh) -> dict | None:

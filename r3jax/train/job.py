@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
 import numpy as np
 
 from r3jax import config as config_lib, files, sharding, tokenizer as tokenizer_lib
 from r3jax.checkpoint import StopSignal
-from r3jax.evaluate import evaluate
+from r3jax.evaluate import EvalSettings, Problems, evaluate
 from r3jax.metrics import read_jsonl
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, init_params
 from r3jax.report import results_markdown
+from r3jax.rollout import Policy
 from r3jax.tasks import Task
 from r3jax.train import rl, sft
 
@@ -39,10 +39,10 @@ def scratch_model_config(config, vocab_size: int) -> ModelConfig:
     return config_lib.from_section(ModelConfig, config.model, vocab_size=vocab_size)
 
 
-def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> tuple[ModelConfig, Any]:
+def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> Policy:
     """The model of config.model.path, else a from-scratch one; says which, and its size."""
     if config.model.path:
-        model_cfg, params = load_policy(config.model.path, config, mesh)
+        model_cfg, params, _, _ = load_policy(config.model.path, config, tokenizer, mesh)
         if tokenizer.vocab_size > model_cfg.vocab_size:
             raise config_lib.ConfigError(
                 f"config.tokenizer.path: the tokenizer has {tokenizer.vocab_size} ids but the model "
@@ -54,11 +54,20 @@ def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> tuple[Model
         print(f"model: {model_cfg.model_type}, {model_cfg.num_params():,} parameters "
               f"({config.model.path or 'from scratch'}), {model_cfg.num_layers} layers, "
               f"weights in {model_cfg.param_dtype}, compute in {model_cfg.dtype}")
-    return model_cfg, params
+    return Policy(model_cfg, params, tokenizer, mesh)
 
 
-def load_policy(path: str, config, mesh) -> tuple[ModelConfig, Any]:
-    return hf.load(path, mesh, **{k: config.model[k] for k in EXECUTION_KEYS})
+def load_policy(path: str, config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> Policy:
+    """The HF model in `path`, run as config.model says (EXECUTION_KEYS)."""
+    return Policy(*hf.load(path, mesh, **{k: config.model[k] for k in EXECUTION_KEYS}), tokenizer, mesh)
+
+
+def test_problems(config, task: Task) -> Problems:
+    """The final evaluation's problems: config.eval.split (its first eval.num_examples), greedy."""
+    demos = task.demonstrations(config.eval.split)
+    if config.eval.num_examples:
+        demos = demos[:config.eval.num_examples]
+    return Problems(task, demos, config_lib.from_section(EvalSettings, config.eval)).greedy()
 
 
 def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
@@ -73,17 +82,17 @@ def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
     print(table, end="")
 
 
-def result_entries(name: str, report: dict, records: list[dict], model_cfg: ModelConfig, params: Any,
-              tokenizer: tokenizer_lib.Tokenizer, task: Task, test_demos, mesh, config, workdir: str) -> dict:
-    """The results entries of one model: its greedy `report`, and with config.eval.maj_k its maj@k
-    evaluation. Writes the predictions of each."""
+def result_entries(name: str, policy: Policy, problems: Problems, config, workdir: str,
+                   entries: dict | None = None) -> dict:
+    """The results entries of one model: its greedy report on `problems` (with `entries` added),
+    and with config.eval.maj_k its maj@k evaluation. Writes the predictions of each."""
+    report, records = evaluate(policy, problems, desc=f"{name} test")
     write_records(workdir, name, records)
-    results = {name: report}
+    results = {name: {**report, **(entries or {})}}
     k = config.eval.maj_k
     if k:
         results[f"{name} maj@{k}"], maj_records = evaluate(
-            model_cfg, params, tokenizer, task, test_demos, mesh, config.eval.batch_size,
-            config.eval.max_new_tokens, desc=f"{name} maj@{k}", maj_k=k, temperature=config.eval.temperature)
+            policy, problems.sampled(k, config.eval.temperature), desc=f"{name} maj@{k}")
         write_records(workdir, f"{name}_maj{k}", maj_records)
     return results
 
@@ -93,41 +102,28 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     os.makedirs(workdir, exist_ok=True)
     stop = StopSignal()
     tokenizer = build_tokenizer(config, task, workdir)
-    model_cfg, params = build_model(config, tokenizer, mesh)
-    test_demos = task.demonstrations(config.eval.split)
-    if config.eval.num_examples:
-        test_demos = test_demos[:config.eval.num_examples]
+    policy = build_model(config, tokenizer, mesh)
+    problems = test_problems(config, task)
     if config.mode == "eval":
-        report, records = evaluate(model_cfg, params, tokenizer, task, test_demos, mesh,
-                                   config.eval.batch_size, config.eval.max_new_tokens)
-        results = result_entries("model", report, records, model_cfg, params, tokenizer, task, test_demos, mesh,
-                         config, workdir)
+        results = result_entries("model", policy, problems, config, workdir)
         write_results(workdir, results, f"{task.name}: evaluation")
         return results
     results = {}
     sft_dir = config.rl.init
     if config.mode in ("train", "sft"):
-        sft_dir = sft.train(config, model_cfg, params, tokenizer, task, mesh, workdir, stop)
+        sft_dir = sft.train(config, policy, task, workdir, stop)
         if sft_dir is None:
             return None
-        model_cfg, params = load_policy(sft_dir, config, mesh)
-        report, records = evaluate(model_cfg, params, tokenizer, task, test_demos, mesh,
-                                   config.eval.batch_size, config.eval.max_new_tokens, desc="SFT test")
-        results.update(result_entries("sft", report, records, model_cfg, params, tokenizer, task, test_demos, mesh,
-                              config, workdir))
+        results.update(result_entries("sft", load_policy(sft_dir, config, tokenizer, mesh), problems, config, workdir))
     if config.mode in ("train", "rl"):
-        sft_dir = sft_dir or os.path.join(workdir, "sft", "best")
-        model_cfg, params = load_policy(sft_dir, config, mesh)
-        result = rl.train(config, model_cfg, params, tokenizer, task, mesh, os.path.join(workdir, "rl"), stop)
+        start = load_policy(sft_dir or os.path.join(workdir, "sft", "best"), config, tokenizer, mesh)
+        result = rl.train(config, start, task, os.path.join(workdir, "rl"), stop)
         if result is None:
             return None
-        report, records = evaluate(model_cfg, result["params"], tokenizer, task, test_demos, mesh,
-                                   config.eval.batch_size, config.eval.max_new_tokens, desc="final eval")
-        report.update(steps=result["steps"], tokens_sampled=result["tokens_sampled"])
-        results.update(result_entries(f"r3-{config.rl.strategy}", report, records, model_cfg,
-                              result["params"], tokenizer, task, test_demos, mesh, config, workdir))
-        sft.export(os.path.join(workdir, "rl", "final"), model_cfg, result["params"], tokenizer,
-                   config.model.export_dtype)
+        final = start.with_params(result["params"])
+        results.update(result_entries(f"r3-{config.rl.strategy}", final, problems, config, workdir,
+                                      {"steps": result["steps"], "tokens_sampled": result["tokens_sampled"]}))
+        sft.export(os.path.join(workdir, "rl", "final"), final, config.model.export_dtype)
     stop.restore()
     write_results(workdir, results, f"{task.name}: test accuracy at start state k = 0 (greedy unless maj@k)")
     return results

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from tqdm import tqdm
 
@@ -33,14 +33,21 @@ class Phase:
     plot_keys: tuple[str, ...] | None = None  # curves of these keys (None: the plot's defaults)
 
 
-def run(phase: Phase, config, state: Any, meta: Meta, step_fn: Callable[[Any, Meta], tuple[Any, Meta, dict]],
-        done: Callable[[Meta], bool], position: Callable[[Meta], tuple[int, int, str]], stop: StopSignal,
-        evaluate_fn: Callable[[Any, Meta], tuple[dict, list[dict], Meta]] | None = None) -> tuple[Any, Meta, bool]:
+class Hooks(NamedTuple):
+    """What a phase does: its step, when it is done, where its progress bar stands, and its
+    periodic evaluation."""
+    step: Callable[[Any, Meta], tuple[Any, Meta, dict]]  # (state, meta) -> (state, meta, record)
+    done: Callable[[Meta], bool]
+    position: Callable[[Meta], tuple[int, int, str]]  # the progress bar's (done, total, unit)
+    # (state, meta) -> (the evaluation's record entries, a few evaluated samples, the meta to keep)
+    evaluate: Callable[[Any, Meta], tuple[dict, list[dict], Meta]] | None = None
+
+
+def run(phase: Phase, config, state: Any, meta: Meta, hooks: Hooks, stop: StopSignal) -> tuple[Any, Meta, bool]:
     """Runs (or resumes) a phase from `state` and `meta` (or from its last checkpoint) until
-    `done(meta)` or a stop signal. `position(meta)` is the progress bar's (done, total, unit);
-    `evaluate_fn(state, meta)` returns the evaluation's record entries, a few evaluated samples
-    (`MetricsWriter.write_samples`) and the meta to keep.
-    Returns (state, meta, finished): finished is False when a signal stopped it."""
+    `hooks.done(meta)` or a stop signal. Returns (state, meta, finished): finished is False when a
+    signal stopped it."""
+    step_fn, done, position, evaluate_fn = hooks
     checkpointer = Checkpointer(os.path.join(phase.workdir, "checkpoints"), keep=phase.keep)
     restored = checkpointer.latest_step() is not None
     if restored:

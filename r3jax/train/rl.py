@@ -9,21 +9,22 @@ import collections
 import dataclasses
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 
 from r3jax import config as config_lib, curriculum as curriculum_lib, optim, ppo, rollout as rollout_lib, sharding
 from r3jax.checkpoint import StopSignal
-from r3jax.evaluate import accuracy_report, evaluate, samples
+from r3jax.evaluate import EvalSettings, Problems, accuracy_report, evaluate, samples
 from r3jax.models.transformer import ModelConfig
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout, SamplingConfig
 from r3jax.curriculum import StartState
 from r3jax.tasks.answers import Score
-from r3jax.tasks.base import Task
+from r3jax.rollout import Policy
 from r3jax.tokenizer import Tokenizer
+from r3jax.tasks.base import Task
 from r3jax.train import loop
 
 
@@ -79,19 +80,39 @@ def assemble(parts: list[dict[str, np.ndarray]], rows: int, pad_id: int) -> ppo.
     return ppo.Experience(Rollout(*(batch[name] for name in Rollout._fields)), batch["scores"], batch["row_mask"])
 
 
+def _round_up(length: int, bucket: int) -> int:
+    return -(-max(length, 1) // bucket) * bucket
+
+
+def trim(experience: ppo.Experience, bucket: int) -> ppo.Experience:
+    """The update batch (host arrays) cut to its longest real prompt and its longest completion,
+    each rounded up to a multiple of `bucket` and never past the sampled width: the columns cut are
+    padding in every row (prompts are left-padded, completions end in padding), so every
+    per-sequence quantity is the padded batch's, with fewer positions to compute."""
+    rollout = experience.rollout
+    new = rollout.completion_mask.shape[1]
+    prompt = rollout.tokens.shape[1] - new
+    keep_prompt = min(prompt, _round_up(int(rollout.attention_mask[:, :prompt].sum(1).max()), bucket))
+    keep_new = min(new, _round_up(int(rollout.completion_mask.sum(1).max()), bucket))
+    columns = slice(prompt - keep_prompt, prompt + keep_new)
+    return experience._replace(rollout=rollout._replace(
+        tokens=rollout.tokens[:, columns], attention_mask=rollout.attention_mask[:, columns],
+        logprobs=rollout.logprobs[:, :keep_new], completion_mask=rollout.completion_mask[:, :keep_new]))
+
+
 def truncated(completions: np.ndarray, lengths: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
     """`[rows]` True where a completion `[rows, new]` ran out of tokens before a stop token."""
     last = completions[np.arange(len(lengths)), np.maximum(lengths - 1, 0)]
     return (lengths == 0) | ~np.isin(last, stop_ids)
 
 
-def collect(c, curriculum: curriculum_lib.Curriculum, task: Task, tokenizer: Tokenizer, model_cfg: ModelConfig,
-            sampling_params: Any, settings: SamplingConfig, base_key: jax.Array, mesh, data_position: int,
-            progress: float) -> tuple[Collected, int]:
+def collect(c, curriculum: curriculum_lib.Curriculum, task: Task, sampler: Policy, settings: SamplingConfig,
+            base_key: jax.Array, data_position: int, progress: float) -> tuple[Collected, int]:
     """Samples `rl.group_size` completions of each start state of the curriculum's batch at
-    `data_position` and scores them. With `rl.dynamic_sampling`, groups whose rewards are all
-    equal are dropped and further batches are sampled, up to `rl.max_sampling_rounds`, until the
-    batch is full. Returns the rows and the next data position."""
+    `data_position` from `sampler` (the policy in its rollout layout) and scores them. With
+    `rl.dynamic_sampling`, groups whose rewards are all equal are dropped and further batches are
+    sampled, up to `rl.max_sampling_rounds`, until the batch is full. Returns the rows and the next
+    data position."""
     group = c.group_size
     rounds_allowed = c.max_sampling_rounds if c.dynamic_sampling else 1
     states, scores, parts = [], [], []
@@ -100,8 +121,8 @@ def collect(c, curriculum: curriculum_lib.Curriculum, task: Task, tokenizer: Tok
     while rounds < rounds_allowed and len(states) < c.batch_size:
         round_states = [s for s in curriculum.batch(data_position, progress) for _ in range(group)]
         sample_key, _ = jax.random.split(jax.random.fold_in(base_key, data_position))
-        rollout, texts = rollout_lib.generate(model_cfg, sampling_params, tokenizer, round_states, settings,
-                                              sample_key, mesh)
+        rollout, texts = rollout_lib.generate(sampler.model_cfg, sampler.params, sampler.tokenizer, round_states,
+                                              settings, sample_key, sampler.mesh)
         round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
                                         [s.demo.answer for s in round_states])
         host = {key: sharding.to_host(value)[:len(round_states)] for key, value in rollout._asdict().items()}
@@ -143,77 +164,106 @@ def _host_metrics(states, scores, per_sequence: dict[str, np.ndarray]) -> dict[s
     return report
 
 
-def train(config, model_cfg: ModelConfig, policy: Any, tokenizer: Tokenizer, task: Task, mesh,
-          workdir: str, stop: StopSignal, strategy: str | None = None, seed: int | None = None,
-          ) -> dict[str, Any] | None:
-    """Runs (or resumes) RL from the SFT `policy` in `workdir`. Returns the final policy with the
-    steps taken and tokens sampled, or None when stopped early by a signal."""
-    c = config.rl
-    strategy = strategy or c.strategy
-    seed = config.seed if seed is None else seed
-    os.makedirs(workdir, exist_ok=True)
-    curriculum = build_curriculum(c, task, tokenizer, strategy, seed)
-    reference = sharding.compute_copy(model_cfg, mesh)(policy)  # own buffers: the training state is donated
+def _sampling_record(c, collected: Collected, tokens_sampled: int, lr: float, sample_s: float,
+                     update_s: float) -> dict[str, float]:
+    """A step's record entries beside the update's: equal groups per stage, tokens, learning rate,
+    timings, and dynamic sampling's rounds."""
+    record = {f"equal_groups/stage_{stage}": fraction for stage, fraction in collected.equal_groups.items()}
+    record.update({"tokens_sampled": tokens_sampled, "lr": lr, "time/sample_s": sample_s, "time/update_s": update_s,
+                   "sample_tokens_per_s": collected.new_tokens / max(sample_s, 1e-9)})
+    if c.dynamic_sampling:
+        record.update({"sampling_rounds": collected.rounds, "dropped_groups": collected.dropped_groups,
+                       "kept_rows": len(collected.states)})
+    return record
+
+
+def _learner(c, model_cfg: ModelConfig, policy: Any, mesh) -> tuple[ppo.PPOState, Callable]:
+    """(the initial PPO state from the SFT `policy`, learn): `learn(state, collected, key,
+    lr_scale, step) -> (state, record)` trims the batch, runs the one jitted update (counting the
+    distinct batch shapes it has compiled, `update_shapes`) and reads its metrics back."""
+    # own buffers (the training state is donated); none at all when no KL penalty reads it
+    reference = sharding.compute_copy(model_cfg, mesh)(policy) if c.kl_coef else None
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
+    optimizer = optim.rl_optimizer(c, params)
+    update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
+    shapes = set()
+
+    def learn(state: ppo.PPOState, collected: Collected, key: jax.Array, lr_scale: float, step: int):
+        batch = trim(collected.experience, c.length_bucket)
+        shapes.add(batch.rollout.tokens.shape)
+        state, update_metrics, per_sequence = update(state, reference, sharding.shard_batch(batch, mesh), key,
+                                                     lr_scale, 0.0 if step < c.critic_warmup_steps else 1.0)
+        record = {k: float(sharding.to_host(v)) for k, v in update_metrics.items()}  # waits for the update
+        record["update_shapes"] = len(shapes)
+        record.update(_host_metrics(collected.states, collected.scores,
+                                    {k: sharding.to_host(v) for k, v in per_sequence.items()}))
+        return state, record
+
+    return ppo.init_state(params, optimizer), learn
+
+
+def _steps(c, curriculum: curriculum_lib.Curriculum) -> int:
+    """rl.steps, or the steps of rl.data_epochs passes over the start states (said on the console)."""
     steps = config_lib.training_steps(c, len(curriculum.states), c.batch_size // c.group_size)
     if c.data_epochs:
         print(f"RL: {c.data_epochs:g} epochs over {len(curriculum.states):,} start states = {steps:,} steps")
-    optimizer = optim.rl_optimizer(c, params)
-    ppo_cfg = ppo_config(c)
-    update = ppo.make_ppo_update(model_cfg, ppo_cfg, optimizer)
-    settings = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, ppo_cfg.temperature, c.top_k, c.top_p)
+    return steps
+
+
+def _phase(config, strategy: str, workdir: str) -> loop.Phase:
+    c = config.rl
+    return loop.Phase(f"RL {strategy}", workdir, "rl", c.checkpoint_every, config.checkpoint.keep, c.eval_every,
+                      finite_keys=("loss", "reward", "kl", "grad_norm"),
+                      progress_bar=(("reward", "reward"), ("acc", "accuracy"), ("kl", "kl"), ("eval", "eval/accuracy")))
+
+
+def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> dict[str, Any] | None:
+    """Runs (or resumes) RL from the SFT model `start` in `workdir`, with config.rl.strategy and
+    config.seed. Returns the final policy's params with the steps taken and tokens sampled, or
+    None when stopped early by a signal."""
+    c, strategy, seed = config.rl, config.rl.strategy, config.seed
+    model_cfg, policy, tokenizer, mesh = start
+    os.makedirs(workdir, exist_ok=True)
+    curriculum = build_curriculum(c, task, tokenizer, strategy, seed)
+    initial_state, learn = _learner(c, model_cfg, policy, mesh)
+    steps = _steps(c, curriculum)
+    settings = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature, c.top_k, c.top_p)
     rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
     to_rollout_layout = sharding.compute_copy(model_cfg, rollout_mesh)
-    eval_demos = task.demonstrations("validation")[:c.eval_examples]
-    base_key = jax.random.key(seed)
-    budget = c.token_budget
+    validation = Problems(task, task.demonstrations("validation")[:c.eval_examples],
+                          config_lib.from_section(EvalSettings, config.eval)).greedy()
+    base_key, budget = jax.random.key(seed), c.token_budget
 
     def rl_step(state: ppo.PPOState, meta: dict) -> tuple[ppo.PPOState, dict, dict]:
         step, tokens_sampled = meta["step"], meta["tokens_sampled"]
         _, update_key = jax.random.split(jax.random.fold_in(base_key, step))
         progress = tokens_sampled / budget if budget else step / steps
         started = time.perf_counter()
-        collected, data_position = collect(c, curriculum, task, tokenizer, model_cfg,
-                                           to_rollout_layout(state.params.policy), settings, base_key, rollout_mesh,
-                                           meta["data_position"], progress)
+        sampler = Policy(model_cfg, to_rollout_layout(state.params.policy), tokenizer, rollout_mesh)
+        collected, data_position = collect(c, curriculum, task, sampler, settings, base_key, meta["data_position"],
+                                           progress)
         sampled = time.perf_counter()
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
         record = {}
         if collected.experience is not None:  # else every sampled group had equal rewards: nothing to learn
-            policy_weight = 0.0 if step < c.critic_warmup_steps else 1.0
-            state, update_metrics, per_sequence = update(
-                state, reference, sharding.shard_batch(collected.experience, mesh), update_key, lr_scale, policy_weight)
-            record = {k: float(sharding.to_host(v)) for k, v in update_metrics.items()}  # waits for the update
-            record.update(_host_metrics(collected.states, collected.scores,
-                                        {k: sharding.to_host(v) for k, v in per_sequence.items()}))
-        updated = time.perf_counter()
+            state, record = learn(state, collected, update_key, lr_scale, step)
         tokens_sampled += collected.new_tokens
-        record.update({f"equal_groups/stage_{stage}": fraction for stage, fraction in collected.equal_groups.items()})
-        record.update({"tokens_sampled": tokens_sampled, "lr": c.lr * lr_scale, "time/sample_s": sampled - started,
-                       "time/update_s": updated - sampled,
-                       "sample_tokens_per_s": collected.new_tokens / max(sampled - started, 1e-9)})
-        if c.dynamic_sampling:
-            record.update({"sampling_rounds": collected.rounds, "dropped_groups": collected.dropped_groups,
-                           "kept_rows": len(collected.states)})
+        record.update(_sampling_record(c, collected, tokens_sampled, c.lr * lr_scale, sampled - started,
+                                       time.perf_counter() - sampled))
         if strategy == "staged":
             record["stage"] = curriculum.stage_at(step, progress)
         return state, {"step": step + 1, "tokens_sampled": tokens_sampled, "data_position": data_position}, record
 
     def validate(state: ppo.PPOState, meta: dict) -> tuple[dict, list[dict], dict]:
-        report, records = evaluate(model_cfg, state.params.policy, tokenizer, task, eval_demos, mesh,
-                                   config.eval.batch_size, config.eval.max_new_tokens, desc="RL eval")
-        return ({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k}, samples(task, eval_demos, records),
-                meta)
+        report, records = evaluate(start.with_params(state.params.policy), validation, desc="RL eval")
+        return ({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k},
+                samples(task, validation.demos, records), meta)
 
-    phase = loop.Phase(f"RL {strategy}", workdir, "rl", c.checkpoint_every, config.checkpoint.keep, c.eval_every,
-                       finite_keys=("loss", "reward", "kl", "grad_norm"),
-                       progress_bar=(("reward", "reward"), ("acc", "accuracy"), ("kl", "kl"),
-                                     ("eval", "eval/accuracy")))
-    state, meta, finished = loop.run(
-        phase, config, ppo.init_state(params, optimizer), {"step": 0, "tokens_sampled": 0, "data_position": 0},
+    phase = _phase(config, strategy, workdir)
+    hooks = loop.Hooks(
         rl_step, lambda meta: meta["step"] >= steps or bool(budget and meta["tokens_sampled"] >= budget),
-        lambda meta: (meta["tokens_sampled"], budget, "tok") if budget else (meta["step"], steps, "step"),
-        stop, validate)
+        lambda meta: (meta["tokens_sampled"], budget, "tok") if budget else (meta["step"], steps, "step"), validate)
+    state, meta, finished = loop.run(phase, config, initial_state, {"step": 0, "tokens_sampled": 0, "data_position": 0}, hooks, stop)
     if not finished:
         return None
     return {"params": state.params.policy, "steps": meta["step"], "tokens_sampled": meta["tokens_sampled"]}

@@ -17,11 +17,11 @@ import optax
 from r3jax import config as config_lib, optim, sharding
 from r3jax.checkpoint import StopSignal, latest_step
 from r3jax.curriculum import epoch_order
-from r3jax.evaluate import evaluate, samples
+from r3jax.evaluate import EvalSettings, Problems, evaluate, samples
 from r3jax.models import hf
 from r3jax.models.transformer import ModelConfig, forward
 from r3jax.ppo import chunked_logprobs
-from r3jax.rollout import encode_demo, sft_example
+from r3jax.rollout import Policy, encode_demo, sft_example
 from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer, left_pad
 from r3jax.train import loop
@@ -33,12 +33,13 @@ class SFTState(NamedTuple):
     step: jnp.ndarray
 
 
-def export(path: str, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, dtype: str = "") -> None:
+def export(path: str, policy: Policy, dtype: str = "") -> None:
     """An HF model directory with its tokenizer, loadable by r3jax and by transformers (whose
     `generate()` stops at the tokenizer's stop ids); weights in `dtype` ("" = the params' own).
 
     Atomic: written beside `path`, then renamed over it, so a run killed mid-export leaves the
     previous export (or none), never a partial one."""
+    model_cfg, params, tokenizer, _ = policy
     partial = path.rstrip("/") + ".partial"
     if sharding.is_primary() and os.path.exists(partial):
         shutil.rmtree(partial)
@@ -101,11 +102,12 @@ def _batch_for_step(examples, step: int, c, seed: int, pad_id: int) -> dict[str,
     return {k: v.reshape(c.batch_size, c.grad_accum, -1) for k, v in batch.items()}
 
 
-def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, task: Task, mesh,
-          workdir: str, stop: StopSignal) -> str | None:
-    """Runs (or resumes, or extends) SFT in `<workdir>/sft`. Returns the HF dir of the best model
-    (by accuracy on the validation split, else the last), or None when stopped early by a signal."""
+def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> str | None:
+    """Runs (or resumes, or extends) SFT from `start` in `<workdir>/sft`. Returns the HF dir of the
+    best model (by accuracy on the validation split, else the last), or None when stopped early by
+    a signal."""
     c = config.sft
+    model_cfg, params, tokenizer, mesh = start
     out = os.path.join(workdir, "sft")
     best_dir, last_dir = os.path.join(out, "best"), os.path.join(out, "last")
     demos = task.demonstrations("train")
@@ -125,7 +127,8 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
         print(f"SFT: extending from step {latest} to {steps}")
     optimizer = optim.sft_optimizer(c)
     train_step = make_train_step(model_cfg, optimizer, c.logits_chunk)
-    eval_demos = task.demonstrations("validation")[:c.eval_examples]  # model selection never reads test
+    validation = Problems(task, task.demonstrations("validation")[:c.eval_examples],  # never test
+                          config_lib.from_section(EvalSettings, config.eval)).greedy()
 
     def sft_step(state: SFTState, meta: dict) -> tuple[SFTState, dict, dict]:
         step = meta["step"]
@@ -135,23 +138,22 @@ def train(config, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, tas
         return state, {**meta, "step": step + 1}, {k: float(v) for k, v in metrics.items()} | {"lr": c.lr * lr_scale}
 
     def select(state: SFTState, meta: dict) -> tuple[dict, list[dict], dict]:
-        report, records = evaluate(model_cfg, state.params, tokenizer, task, eval_demos, mesh,
-                                   config.eval.batch_size, config.eval.max_new_tokens, desc="SFT eval")
+        report, records = evaluate(start.with_params(state.params), validation, desc="SFT eval")
         if report["accuracy"] > meta["best"]["accuracy"]:
             meta = {**meta, "best": {"accuracy": report["accuracy"], "step": meta["step"]}}
-            export(best_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
-        return {f"eval/{k}": v for k, v in report.items()}, samples(task, eval_demos, records), meta
+            export(best_dir, start.with_params(state.params), config.model.export_dtype)
+        return {f"eval/{k}": v for k, v in report.items()}, samples(task, validation.demos, records), meta
 
     phase = loop.Phase("SFT", out, "sft", c.checkpoint_every, config.checkpoint.keep, c.eval_every, eval_at_end=True,
                        finite_keys=("loss", "grad_norm"), progress_bar=(("loss", "loss"), ("acc", "eval/accuracy")),
                        plot_keys=("loss", "eval/accuracy"))
     state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
-    state, meta, finished = loop.run(phase, config, state, {"step": 0, "best": {"accuracy": -1.0}}, sft_step,
-                                     lambda meta: meta["step"] >= steps, lambda meta: (meta["step"], steps, "step"),
-                                     stop, select)
+    hooks = loop.Hooks(sft_step, lambda meta: meta["step"] >= steps, lambda meta: (meta["step"], steps, "step"),
+                       select)
+    state, meta, finished = loop.run(phase, config, state, {"step": 0, "best": {"accuracy": -1.0}}, hooks, stop)
     if not finished:
         return None
-    export(last_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
+    export(last_dir, start.with_params(state.params), config.model.export_dtype)
     if meta["best"]["accuracy"] < 0:
-        export(best_dir, model_cfg, state.params, tokenizer, config.model.export_dtype)
+        export(best_dir, start.with_params(state.params), config.model.export_dtype)
     return best_dir

@@ -1,0 +1,128 @@
+"""The update on a trimmed batch (cut to its longest real prompt and completion) equals the update
+on the padded batch, to float32 rounding: parameters and metrics, for every estimator and loss
+aggregation, on one device and on 8; and with no KL penalty the reference is never read."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import TINY, tiny_params
+from r3jax import optim, ppo, sharding
+from r3jax.models.transformer import init_params
+from r3jax.models.value import actor_critic_params
+from r3jax.sampling import Rollout, SamplingConfig, sample
+from r3jax.tokenizer import left_pad
+from r3jax.train.rl import trim
+
+ROWS, NEW, EXTRA_PROMPT, EXTRA_NEW = 8, 6, 13, 21
+# float32 rounding: the padded batch sums attention and losses over more (masked, zero) terms
+TOLERANCE = dict(rtol=2e-5, atol=2e-6)
+
+
+def _padded_batch(params, group_size: int) -> ppo.Experience:
+    """A sampled batch, then widened as the sampler's buckets widen it: EXTRA_PROMPT more columns
+    of left padding and EXTRA_NEW more completion columns past every completion's end; the
+    completions cut at different lengths."""
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, TINY.vocab_size, size=n)) for n in rng.integers(2, 7, ROWS // group_size)]
+    tokens, mask = left_pad([p for p in prompts for _ in range(group_size)], 0)
+    rollout = sample(TINY, params.policy, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(5),
+                     SamplingConfig(max_new_tokens=NEW, pad_id=0))
+    rollout = Rollout(*map(np.asarray, rollout))
+    lengths = rng.integers(1, NEW + 1, size=ROWS)
+    lengths[0] = NEW  # the longest completion fills the sampled width
+    completion_mask = (np.arange(NEW)[None] < lengths[:, None]).astype(np.int32)
+    prompt = rollout.tokens.shape[1] - NEW
+    attention = np.concatenate([rollout.attention_mask[:, :prompt], completion_mask], axis=1)
+    tokens = np.where(attention > 0, rollout.tokens, 0)
+    widen = lambda x, left, right: np.pad(x, ((0, 0), (left, right)))
+    padded = Rollout(widen(tokens, EXTRA_PROMPT, EXTRA_NEW), widen(attention, EXTRA_PROMPT, EXTRA_NEW),
+                     widen(rollout.logprobs * completion_mask, 0, EXTRA_NEW), widen(completion_mask, 0, EXTRA_NEW),
+                     lengths.astype(np.int32))
+    scores = rng.random(ROWS).astype(np.float32)
+    return ppo.Experience(padded, scores, np.ones(ROWS, np.float32))
+
+
+def _update(cfg, params, batch, mesh=None):
+    optimizer = optim.adamw(1e-3)
+    state = ppo.init_state(jax.tree.map(jnp.copy, params), optimizer)
+    reference = tiny_params(seed=1)
+    if mesh is not None:
+        policy_shardings = sharding.logical_shardings(
+            jax.eval_shape(functools.partial(init_params, TINY), jax.random.key(0)), mesh)
+        state = ppo.init_state(jax.device_put(jax.tree.map(jnp.copy, params), params.replace(
+            policy=policy_shardings, value_head=jax.tree.map(lambda _: sharding.replicated(mesh), params.value_head),
+            critic_backbone=None if params.critic_backbone is None else policy_shardings)), optimizer)
+        reference, batch = jax.device_put(reference, policy_shardings), sharding.shard_batch(batch, mesh)
+    state, metrics, per_sequence = ppo.make_ppo_update(TINY, cfg, optimizer)(state, reference, batch,
+                                                                            jax.random.key(4))
+    return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}, per_sequence
+
+
+def _assert_same_update(cfg, params, mesh=None):
+    padded = _padded_batch(params, cfg.group_size)
+    trimmed = trim(padded, 4)
+    assert trimmed.rollout.tokens.shape[1] < padded.rollout.tokens.shape[1] - EXTRA_PROMPT  # both regions cut
+    assert trimmed.rollout.completion_mask.shape[1] == 8  # the longest completion, 6, rounded up to 4s
+    want_params, want, want_rows = _update(cfg, params, padded, mesh)
+    got_params, got, got_rows = _update(cfg, params, trimmed, mesh)
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], err_msg=key, **TOLERANCE)
+    for key in want_rows:
+        np.testing.assert_allclose(np.asarray(got_rows[key]), np.asarray(want_rows[key]), err_msg=key, **TOLERANCE)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOLERANCE), got_params, want_params)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got_params,
+                                         jax.tree.map(np.asarray, params)))
+    assert max(moved) > 1e-4  # the update did move the weights
+
+
+BASE = ppo.PPOConfig(kl_coef=0.05, epochs=2, minibatches=2, vf_coef=0.5, max_new_tokens=NEW + EXTRA_NEW)
+
+
+@pytest.mark.parametrize("estimator, separate_critic, loss_agg", [
+    ("gae", False, "token_mean"), ("gae", True, "token_mean"), ("grpo", False, "token_mean"),
+    ("grpo", False, "seq_mean_token_mean"), ("grpo", False, "seq_mean_token_sum_norm"),
+    ("rloo", False, "seq_mean_token_sum_norm"),
+], ids=["gae-value-head", "gae-separate-critic", "grpo-token-mean", "grpo-seq-mean", "grpo-sum-norm", "rloo"])
+def test_trimmed_update_equals_padded(estimator, separate_critic, loss_agg):
+    critic = estimator == "gae"
+    cfg = dataclasses.replace(BASE, estimator=estimator, group_size=1 if critic else 4, loss_agg=loss_agg)
+    _assert_same_update(cfg, actor_critic_params(TINY, tiny_params(), separate_critic, critic=critic))
+
+
+def test_trimmed_update_equals_padded_on_8_devices():
+    cfg = dataclasses.replace(BASE, estimator="grpo", group_size=4, loss_agg="seq_mean_token_sum_norm")
+    _assert_same_update(cfg, actor_critic_params(TINY, tiny_params(), False, critic=False),
+                        sharding.make_mesh((2, 2, 2)))
+
+
+def test_trim_rounds_to_the_bucket_and_never_widens():
+    batch = _padded_batch(actor_critic_params(TINY, tiny_params(), False), 1)
+    prompt = batch.rollout.tokens.shape[1] - NEW - EXTRA_NEW
+    longest_prompt = int(batch.rollout.attention_mask[:, :prompt].sum(1).max())
+    for bucket in (1, 3, 32, 1000):
+        trimmed = trim(batch, bucket)
+        new = trimmed.rollout.completion_mask.shape[1]
+        assert new == min(NEW + EXTRA_NEW, -(-NEW // bucket) * bucket)
+        assert trimmed.rollout.tokens.shape[1] - new == min(prompt, -(-longest_prompt // bucket) * bucket)
+        assert trimmed.rollout.logprobs.shape == trimmed.rollout.completion_mask.shape
+        assert int(trimmed.rollout.completion_mask.sum()) == int(batch.rollout.completion_mask.sum())
+        assert int(trimmed.rollout.attention_mask.sum()) == int(batch.rollout.attention_mask.sum())
+
+
+def test_without_a_kl_penalty_the_reference_is_never_read():
+    cfg = dataclasses.replace(BASE, kl_coef=0.0, estimator="grpo", group_size=4)
+    params = actor_critic_params(TINY, tiny_params(), False, critic=False)
+    batch = trim(_padded_batch(params, 4), 4)
+    optimizer = optim.adamw(1e-3)
+    update = ppo.make_ppo_update(TINY, cfg, optimizer)
+    with_reference = update(ppo.init_state(jax.tree.map(jnp.copy, params), optimizer), tiny_params(seed=1), batch,
+                            jax.random.key(4))
+    without = update(ppo.init_state(jax.tree.map(jnp.copy, params), optimizer), None, batch, jax.random.key(4))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, without[0].params),
+                 jax.tree.map(np.asarray, with_reference[0].params))
+    assert "kl" not in without[1] and "kl" not in without[2]
