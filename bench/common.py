@@ -1,10 +1,11 @@
 """Shared by the benchmarks: where results are written."""
 from __future__ import annotations
 
-import json
 import os
 
 import jax
+
+from r3jax import files
 
 
 def device_name() -> str:
@@ -14,8 +15,6 @@ def device_name() -> str:
 
 def write(name: str, payload: dict) -> str:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}-{device_name()}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    files.write_json(path, payload)
     print(f"wrote {path}")
     return path

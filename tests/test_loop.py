@@ -13,7 +13,7 @@ from r3jax.metrics import read_jsonl
 from r3jax.rollout import Policy
 from r3jax.train import rl, sft
 
-TIMING = ("time/", "sample_tokens_per_s")
+TIMING = ("time/", "sample_tokens_per_s", "compiled/")  # facts of the process, not of the trajectory
 
 
 class StopDuring:

@@ -109,7 +109,7 @@ TINY_RUN = ["--config=configs/arith.py", "--config.task.options.num_train=200",
             "--config.sft.eval_every=0", "--config.rl.steps=10", "--config.rl.batch_size=8",
             "--config.rl.max_new_tokens=24", "--config.rl.eval_every=0", "--config.rl.checkpoint_every=2",
             "--config.eval.batch_size=16", "--config.eval.max_new_tokens=24", "--config.eval.num_examples=16"]
-TIMING = ("time/", "sample_tokens_per_s")
+TIMING = ("time/", "sample_tokens_per_s", "compiled/")  # facts of the process, not of the trajectory
 
 
 def _wait_for_step(proc, workdir, step, timeout=300):
@@ -188,6 +188,7 @@ def test_embedded_default_fast(tmp_path):
     logged = set().union(*log)
     assert all(f"{name}/stage_{k}" in logged for name in ("reward", "kl", "response_length") for k in range(5))
     assert rewards[-8:].mean() > rewards[:8].mean(), rewards
+    assert 1 <= log[-1]["compiled/update_shapes"] <= 8  # trimmed batches, few compilations
     results = json.load(open(tmp_path / "results.json"))
     assert set(results) == {"sft", "r3-mixed"}
     for row in results.values():

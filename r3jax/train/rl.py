@@ -180,7 +180,7 @@ def _sampling_record(c, collected: Collected, tokens_sampled: int, lr: float, sa
 def _learner(c, model_cfg: ModelConfig, policy: Any, mesh) -> tuple[ppo.PPOState, Callable]:
     """(the initial PPO state from the SFT `policy`, learn): `learn(state, collected, key,
     lr_scale, step) -> (state, record)` trims the batch, runs the one jitted update (counting the
-    distinct batch shapes it has compiled, `update_shapes`) and reads its metrics back."""
+    distinct batch shapes it has compiled, `compiled/update_shapes`) and reads its metrics back."""
     # own buffers (the training state is donated); none at all when no KL penalty reads it
     reference = sharding.compute_copy(model_cfg, mesh)(policy) if c.kl_coef else None
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
@@ -194,7 +194,7 @@ def _learner(c, model_cfg: ModelConfig, policy: Any, mesh) -> tuple[ppo.PPOState
         state, update_metrics, per_sequence = update(state, reference, sharding.shard_batch(batch, mesh), key,
                                                      lr_scale, 0.0 if step < c.critic_warmup_steps else 1.0)
         record = {k: float(sharding.to_host(v)) for k, v in update_metrics.items()}  # waits for the update
-        record["update_shapes"] = len(shapes)
+        record["compiled/update_shapes"] = len(shapes)  # in this process: a resumed run counts afresh
         record.update(_host_metrics(collected.states, collected.scores,
                                     {k: sharding.to_host(v) for k, v in per_sequence.items()}))
         return state, record
