@@ -3,8 +3,13 @@ import os
 import shutil
 import tempfile
 
+# XLA's CPU backend without LLVM's optimisation passes: the suite's programs are tiny, so it spends
+# most of its time compiling, and this cuts that by about a third (the numerics are XLA's own).
+# Exported for the CLI runs the tests start as subprocesses.
+os.environ.setdefault("R3JAX_TEST_COMPILE_FLAGS", "--xla_backend_optimization_level=0")
 # 8 simulated CPU devices for the mesh tests; must be set before JAX initialises.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      + os.environ["R3JAX_TEST_COMPILE_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, shared with the CLI runs the tests start as
 # subprocesses: their identical programs compile once (the killed-run test: 93 s -> 57 s).
@@ -22,3 +27,15 @@ DATA_DIR = os.environ.get("R3JAX_DATA_DIR",
 @pytest.fixture(scope="session")
 def data_dir():
     return os.path.abspath(DATA_DIR)
+
+
+# The end-to-end files first: each takes minutes, and with `-n 2` (pytest-xdist) a long test left
+# for last keeps one core busy while the other idles.
+LONGEST_FIRST = ("test_main.py", "test_multihost.py", "test_trim.py", "test_precision.py", "test_loop.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)

@@ -39,8 +39,18 @@ def make_hf_model(kind: str, path: str, seed: int = 0, **overrides):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def xla_env(devices: int = 1) -> dict:
+    """The environment for a CLI run on `devices` simulated CPU devices, compiled as the suite is."""
+    flags = os.environ.get("R3JAX_TEST_COMPILE_FLAGS", "")
+    if devices > 1:
+        flags = f"--xla_force_host_platform_device_count={devices} {flags}"
+    return {**os.environ, "XLA_FLAGS": flags.strip()}
+
+
 # The CLI runs on this machine's one CPU device, not the 8 simulated ones of the mesh tests.
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ENV = xla_env()
 
 
 def rl_log(workdir) -> list[dict]:

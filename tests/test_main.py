@@ -101,7 +101,7 @@ def test_paper_recipe_validates_and_builds_its_start_states(task_name, hf_dir, d
     assert rl_steps == (5 if task_name in ("snli", "mnli", "race", "boardgameqa") else 47)
 
 
-TINY_RUN = ["--config=configs/arith.py", "--config.task.options.num_train=200",
+TINY_RUN = [f"--config={ROOT}/configs/arith.py", "--config.task.options.num_train=200",
             "--config.task.options.validation_size=16",
             "--config.task.options.num_test=16", "--config.task.options.max_steps=3",
             "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
@@ -123,10 +123,12 @@ def _wait_for_step(proc, workdir, step, timeout=300):
 
 
 def test_killed_run_resumes_exactly(tmp_path):
-    """SIGTERM then SIGKILL through the CLI (GRPO with dynamic sampling resumes in-process: test_loop.py)."""
+    """The main job at toy scale, whole, then SIGTERM and SIGKILL through the CLI (GRPO with
+    dynamic sampling resumes in-process: test_loop.py)."""
     reference = tmp_path / "uninterrupted"
-    result = run_cli(*TINY_RUN, f"--workdir={reference}")
+    result = run_cli(*TINY_RUN, "--workdir=uninterrupted", cwd=tmp_path)  # a relative workdir, as users type
     assert result.returncode == 0, result.stderr[-3000:]
+    _assert_main_job_outputs(reference)
 
     resumed = str(tmp_path / "resumed")
     proc = start_cli(*TINY_RUN, f"--workdir={resumed}")
@@ -153,50 +155,28 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert json.load(open(reference / "results.json")) == json.load(open(os.path.join(resumed, "results.json")))
 
 
+def _assert_main_job_outputs(workdir):
+    log = rl_log(str(workdir))
+    assert all(f"{name}/stage_{k}" in log[0] for name in ("reward", "kl", "response_length", "accuracy")
+               for k in range(5))  # rl.num_start_states = 5
+    assert 1 <= log[-1]["compiled/update_shapes"] <= 4  # trimmed batches, few compilations
+    results = json.load(open(workdir / "results.json"))
+    assert set(results) == {"sft", "r3-mixed"}
+    for row in results.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and "accuracy/steps_2" in row
+    table = (workdir / "results.md").read_text()
+    assert "| sft |" in table and "95% interval" in table and "r3-mixed - sft: " in table
+    for name in ("results.md", "sft/sft_curves.png", "rl/rl_curves.png", "sft/best/model.safetensors",
+                 "rl/final/model.safetensors"):
+        assert (workdir / name).exists(), name
+
+
 def test_non_finite_loss_stops_with_status_3_naming_the_step(tmp_path):
     result = run_cli(*TINY_RUN, "--config.sft.lr=1e30", "--config.sft.checkpoint_every=1", f"--workdir={tmp_path}")
     assert result.returncode == 3, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: SFT step 2: loss = nan") and "last good checkpoint at step 1" in last, last
     assert "Traceback" not in result.stderr and len(read_jsonl(str(tmp_path / "sft" / "sft.jsonl"))) == 1
-
-
-FAST_DEFAULT = [f"--config={ROOT}/configs/arith.py", "--config.task.options.num_train=1500",
-                "--config.task.options.num_test=64", "--config.sft.steps=160", "--config.sft.eval_every=0",
-                "--config.rl.steps=24", "--config.rl.batch_size=16", "--config.rl.eval_every=0",
-                "--config.rl.lr=3e-5",  # a larger step than the default, so 24 steps show a trend
-                # T = 1, not the default's 1.3: from this 160-step SFT model, 24 steps at 1.3 did
-                # not raise the reward
-                "--config.rl.temperature=1.0",
-                "--config.eval.num_examples=64", "--config.eval.batch_size=32",
-                # shorter chains and a wider model than the default's: 160 SFT steps then learn
-                # enough for RL's reward to move within 24 steps
-                "--config.task.options.max_steps=6", "--config.task.options.max_value=50",
-                "--config.model.hidden_size=128", "--config.model.intermediate_size=384", "--config.model.num_layers=4",
-                "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.sft.max_length=256",
-                "--config.rl.max_new_tokens=80", "--config.rl.max_prompt_length=160", "--config.eval.max_new_tokens=80"]
-
-
-def test_embedded_default_fast(tmp_path):
-    """The README's main job with a reduced budget: numbers come out and RL reward rises."""
-    result = run_cli(*FAST_DEFAULT, "--workdir=run", cwd=tmp_path)  # a relative workdir, as users type
-    assert result.returncode == 0, result.stderr[-3000:]
-    tmp_path = tmp_path / "run"
-    log = rl_log(str(tmp_path))
-    rewards = np.array([r["reward"] for r in log])
-    assert len(rewards) == 24 and all("accuracy" in r and "accuracy/stage_0" in r for r in log)
-    logged = set().union(*log)
-    assert all(f"{name}/stage_{k}" in logged for name in ("reward", "kl", "response_length") for k in range(5))
-    assert rewards[-8:].mean() > rewards[:8].mean(), rewards
-    assert 1 <= log[-1]["compiled/update_shapes"] <= 8  # trimmed batches, few compilations
-    results = json.load(open(tmp_path / "results.json"))
-    assert set(results) == {"sft", "r3-mixed"}
-    for row in results.values():
-        assert 0.0 <= row["accuracy"] <= 1.0 and "accuracy/steps_2" in row
-    table = (tmp_path / "results.md").read_text()
-    assert "| sft |" in table and "95% interval" in table and "r3-mixed - sft: " in table
-    for name in ("results.md", "sft/sft_curves.png", "rl/rl_curves.png", "sft/best/model.safetensors"):
-        assert (tmp_path / name).exists(), name
 
 
 def test_compare_mode_writes_the_comparison(tmp_path):
@@ -212,6 +192,7 @@ def test_compare_mode_writes_the_comparison(tmp_path):
             "--config.rl.batch_size=8", "--config.eval.num_examples=16", "--config.eval.batch_size=16",
             "--config.compare.seeds=(0,)", "--config.compare.arms=('r3','r3-grpo')",
             "--config.compare.samples=2", "--config.compare.sample_problems=8", "--config.compare.tune_lr=()",
+            "--config.rl.length_bucket=256",  # no trimming: one update shape per arm to compile
             "--config.compare.tune_continued_lr=()",
             "--config.task.options.max_steps=6", f"--config.compare.output={output}"]
     result = run_cli(*args)
@@ -244,6 +225,46 @@ def test_compare_mode_writes_the_comparison(tmp_path):
     again = run_cli(*args)  # every arm's report.json exists: nothing is trained twice
     assert again.returncode == 0 and "RL " not in again.stderr
     assert json.load(open(output))["arms"] == summary["arms"]
+
+
+FAST_DEFAULT = [f"--config={ROOT}/configs/arith.py", "--config.task.options.num_train=1500",
+                "--config.task.options.num_test=64", "--config.sft.steps=160", "--config.sft.eval_every=0",
+                "--config.rl.steps=24", "--config.rl.batch_size=16", "--config.rl.eval_every=0",
+                "--config.rl.lr=3e-5",  # a larger step than the default, so 24 steps show a trend
+                # T = 1, not the default's 1.3: from this 160-step SFT model, 24 steps at 1.3 did
+                # not raise the reward
+                "--config.rl.temperature=1.0",
+                "--config.eval.num_examples=64", "--config.eval.batch_size=32",
+                # shorter chains and a wider model than the default's: 160 SFT steps then learn
+                # enough for RL's reward to move within 24 steps
+                "--config.task.options.max_steps=6", "--config.task.options.max_value=50",
+                "--config.model.hidden_size=128", "--config.model.intermediate_size=384", "--config.model.num_layers=4",
+                "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.sft.max_length=256",
+                "--config.rl.max_new_tokens=80", "--config.rl.max_prompt_length=160", "--config.eval.max_new_tokens=80"]
+
+
+@pytest.mark.slow
+def test_embedded_default_learns(tmp_path):
+    """The README's main job with a reduced budget (about 4.5 minutes): RL reward rises. In CI the
+    update's learning is tested on toy tasks (test_ppo.py) and the job's outputs by the killed-run test."""
+    result = run_cli(*FAST_DEFAULT, "--workdir=run", cwd=tmp_path)  # a relative workdir, as users type
+    assert result.returncode == 0, result.stderr[-3000:]
+    tmp_path = tmp_path / "run"
+    log = rl_log(str(tmp_path))
+    rewards = np.array([r["reward"] for r in log])
+    assert len(rewards) == 24 and all("accuracy" in r and "accuracy/stage_0" in r for r in log)
+    logged = set().union(*log)
+    assert all(f"{name}/stage_{k}" in logged for name in ("reward", "kl", "response_length") for k in range(5))
+    assert rewards[-8:].mean() > rewards[:8].mean(), rewards
+    assert 1 <= log[-1]["compiled/update_shapes"] <= 8  # trimmed batches, few compilations
+    results = json.load(open(tmp_path / "results.json"))
+    assert set(results) == {"sft", "r3-mixed"}
+    for row in results.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and "accuracy/steps_2" in row
+    table = (tmp_path / "results.md").read_text()
+    assert "| sft |" in table and "95% interval" in table and "r3-mixed - sft: " in table
+    for name in ("results.md", "sft/sft_curves.png", "rl/rl_curves.png", "sft/best/model.safetensors"):
+        assert (tmp_path / name).exists(), name
 
 
 @pytest.mark.slow

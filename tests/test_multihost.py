@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import ENV, ROOT, rl_log
+from helpers import ROOT, rl_log, xla_env
 
 TINY_JOB = [f"--config={ROOT}/configs/arith.py", "--config.mesh=(1,-1,1)",
             "--config.task.options.num_train=200", "--config.task.options.num_test=8",
@@ -19,11 +19,8 @@ TINY_JOB = [f"--config={ROOT}/configs/arith.py", "--config.mesh=(1,-1,1)",
             "--config.model.head_dim=16", "--config.sft.steps=6", "--config.sft.batch_size=8",
             "--config.sft.eval_every=0", "--config.sft.checkpoint_every=3", "--config.rl.steps=3",
             "--config.rl.batch_size=8", "--config.rl.max_new_tokens=24", "--config.rl.eval_every=0",
+            "--config.rl.length_bucket=128",  # no trimming: one update shape for three processes to compile
             "--config.eval.num_examples=8", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24"]
-
-
-def _env(devices: int) -> dict:
-    return {**ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
 def _free_port() -> int:
@@ -35,14 +32,14 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path):
     single = tmp_path / "single"
     one = subprocess.run([sys.executable, "-m", "r3jax.main", *TINY_JOB, f"--workdir={single}"],
-                         cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, env=xla_env(4), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
 
     multi = tmp_path / "multi"
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, f"--workdir={multi}",
                                f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=xla_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (_, err) in zip(procs, outputs):
