@@ -24,7 +24,7 @@ MODES = ("train", "sft", "rl", "eval", "compare")
 RESUME_CHOICES = ("", "continue", "restart")
 TASKS = ("arith", "gsm8k", "gsm8k_pot", "svamp", "svamp_pot", "snli", "mnli", "race", "race_high",
          "race_middle", "boardgameqa", "jsonl")
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 REMAT_CHOICES = ("none", "full", "save_dots")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -45,6 +45,8 @@ BATCH_AXES = ("data", "fsdp")
 SCHEMA: dict[str, Any] = {
     "seed": (0, "seeds the model's initialisation, the data order and sampling"),
     "mode": ("train", "train (SFT then RL), sft, rl (from rl.init or this workdir's SFT), eval, compare", MODES),
+    "compile_cache": ("~/.cache/r3jax/jax", "JAX's persistent compilation cache, shared by runs and processes "
+                                            "(a rerun skips compiling); '' = off; JAX_COMPILATION_CACHE_DIR wins"),
     "resume": ("", "a workdir whose stored config differs: '' refuses, 'continue' keeps what is there and "
                    "runs under the new config, 'restart' moves the old workdir aside and starts afresh", RESUME_CHOICES),
     "task": {
@@ -75,7 +77,7 @@ SCHEMA: dict[str, Any] = {
                                "depth)"),
         "remat": ("none", "what the backward pass recomputes: none, full (each layer's activations), "
                           "save_dots (keeps the matmul outputs)", REMAT_CHOICES),
-        "model_type": ("llama", "from scratch: llama, mistral or qwen2", MODEL_TYPES),
+        "model_type": ("llama", "from scratch: llama, mistral, qwen2 or qwen3 (q/k norms)", MODEL_TYPES),
         "hidden_size": (128, "from scratch: width"),
         "intermediate_size": (384, "from scratch: MLP width"),
         "num_layers": (4, "from scratch: decoder layers"),

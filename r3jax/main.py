@@ -153,6 +153,8 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     if "://" in workdir:
         fail(f"--workdir={workdir}: remote URLs are not supported; mount the bucket (e.g. gcsfuse) on every "
              "host and give the mounted path")
+    if config.compile_cache and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache))
     try:
         config_lib.validate(config, jax.device_count())
         task = tasks.get(config.task.name, **config.task.options.to_dict())

@@ -12,7 +12,7 @@ import numpy as np
 
 from r3jax import files
 from r3jax.config import from_section
-from r3jax.errors import InputError
+from r3jax.errors import InputError, RecordError
 from r3jax.sharding import is_primary
 
 
@@ -139,17 +139,22 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The records of a metrics log ([] when it does not exist yet)."""
+    """The records of a metrics log ([] when it does not exist yet). A last line with no newline
+    that does not parse is a write cut short by a kill, and is left out."""
     if not os.path.exists(path):
         return []
-    records = []
     with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        lines = f.readlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise RecordError(f"{path}:{number}: not valid JSON ({error.msg})") from None
     return records
 
 

@@ -24,6 +24,7 @@ from r3jax.config import ESTIMATORS, LOSS_AGGREGATIONS
 from r3jax.models.transformer import ModelConfig, forward, head_logits
 from r3jax.models.value import ActorCritic, hidden_and_values
 from r3jax.sampling import Rollout
+from r3jax.sharding import StateStep
 
 
 
@@ -356,7 +357,7 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
         metrics.update(jax.tree.map(jnp.mean, step_metrics))
         return PPOState(params, opt_state, state.step + cfg.epochs * cfg.minibatches), metrics, per_sequence
 
-    return jax.jit(update, donate_argnums=0)
+    return StateStep(update)
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> PPOState:

@@ -71,6 +71,65 @@ def compute_copy(model_cfg: ModelConfig, mesh: Mesh) -> Callable[[Any], Any]:
                    out_shardings=shardings)
 
 
+class StateStep:
+    """`jax.jit(step, donate_argnums=0)` for `step(state, *args) -> (new_state, *outputs)`, with the
+    new state laid out as the state it was given (leaves on one device, such as a step counter,
+    replicated over the mesh of the rest). Left to sharding propagation, the updated state can come
+    out laid out otherwise (FSDP weights split over one mesh axis fewer, say), and the next call then
+    compiles the whole step again for that layout. Has `lower` as a jitted function does."""
+
+    def __init__(self, step: Callable[..., tuple]):
+        self.step = step
+        self.jitted: dict[tuple, Callable] = {}
+
+    @staticmethod
+    def _layout(state: Any) -> list[NamedSharding | None]:
+        """Each leaf's sharding as a jitted call returns it (no mesh axis of size 1, no trailing
+        None in the spec), so that the next call's inputs match the last one's exactly."""
+        shardings = [getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(state)]
+        mesh = next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None)
+        if mesh is None:
+            return [None] * len(shardings)
+
+        def canonical(spec: tuple) -> P:
+            def split(entry):
+                names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,))
+                              if n is not None and mesh.shape[n] > 1)
+                return names[0] if len(names) == 1 else (names or None)
+            spec = tuple(split(entry) for entry in spec)
+            while spec and spec[-1] is None:
+                spec = spec[:-1]
+            return P(*spec)
+        return [NamedSharding(mesh, canonical(tuple(s.spec)) if isinstance(s, NamedSharding) else P())
+                for s in shardings]
+
+    def _for(self, state: Any) -> tuple[Callable, list]:
+        layout = self._layout(state)
+        key = (jax.tree.structure(state), tuple(layout))
+        if key not in self.jitted:
+            def pinned(state, *args):
+                new_state, *outputs = self.step(state, *args)
+                leaves, treedef = jax.tree.flatten(new_state)
+                pinned_leaves = [leaf if sharding is None else jax.lax.with_sharding_constraint(leaf, sharding)
+                                 for leaf, sharding in zip(leaves, layout)]
+                return (jax.tree.unflatten(treedef, pinned_leaves), *outputs)
+            self.jitted[key] = jax.jit(pinned, donate_argnums=0)
+        return self.jitted[key], layout
+
+    def __call__(self, state: Any, *args):
+        jitted, layout = self._for(state)
+        leaves, treedef = jax.tree.flatten(state)
+        placed = [leaf if sharding is None or leaf.sharding == sharding else jax.device_put(leaf, sharding)
+                  for leaf, sharding in zip(leaves, layout)]
+        return jitted(jax.tree.unflatten(treedef, placed), *args)
+
+    def lower(self, state: Any, *args):
+        return self._for(state)[0].lower(state, *args)
+
+    def compilations(self) -> int:
+        return sum(jitted._cache_size() for jitted in self.jitted.values())
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
     """Shards the batch axis over data x fsdp, replicates the rest."""
     spec = [None] * ndim

@@ -15,7 +15,7 @@ from r3jax import files
 from r3jax.errors import ConfigError, UnreadableFileError
 
 # keys that change only what is evaluated, logged or kept: results are recomputed under them
-NOT_DEFINING = ("eval.", "metrics.", "checkpoint.keep", "resume", "compare.output", "compare.samples",
+NOT_DEFINING = ("eval.", "metrics.", "checkpoint.keep", "resume", "compile_cache", "compare.output", "compare.samples",
                 "compare.sample_problems", "sft.checkpoint_every", "rl.checkpoint_every", "runtime.")
 # keys whose growth extends a finished phase, and the phase each extends
 EXTENDING = {"sft.steps": "sft", "sft.data_epochs": "sft", "rl.steps": "rl", "rl.token_budget": "rl",

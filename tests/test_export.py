@@ -56,6 +56,22 @@ def test_export_generates_and_stops_where_the_sampler_stops(tok, tmp_path):
     assert json.load(open(tmp_path / "forced" / "config.json"))["bos_token_id"] == tok.bos_id
 
 
+def test_qwen3_from_scratch_exports_to_transformers_and_generates_alike(tok, tmp_path):
+    """model_type=qwen3 from scratch (q/k norms, tied embeddings): transformers loads the export as
+    Qwen3ForCausalLM and its greedy `generate` equals r3jax's greedy sampler."""
+    import transformers
+
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size, model_type="qwen3", tie_word_embeddings=True)
+    params = tiny_params(cfg, scale=4.0)
+    params["layers_1"]["attn"]["q_norm"]["scale"] = jnp.linspace(0.5, 2.0, cfg.head_dim)  # not the identity
+    sft.export(str(tmp_path), Policy(cfg, params, tok, None))
+    assert isinstance(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)),
+                      transformers.Qwen3ForCausalLM)
+    ours, theirs = _greedy_both(params, cfg, tok, str(tmp_path))
+    assert ours == theirs and len(ours) == 10
+    assert hf.read_config(str(tmp_path)) == cfg
+
+
 def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
     cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
     path = str(tmp_path / "best")

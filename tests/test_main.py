@@ -1,4 +1,5 @@
 """The CLI end to end: bad input, the GSM8K recipe on a tiny HF Llama, exact resume after kills."""
+import dataclasses
 import json
 import os
 import runpy
@@ -10,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ENV, ROOT, make_hf_model, rl_log
+from helpers import ENV, ROOT, TINY, make_hf_model, rl_log, tiny_params
 from r3jax import config as config_lib, curriculum, tasks, tokenizer
 from r3jax.metrics import read_jsonl
 
@@ -172,7 +173,12 @@ def _assert_main_job_outputs(workdir):
 
 
 def test_non_finite_loss_stops_with_status_3_naming_the_step(tmp_path):
-    result = run_cli(*TINY_RUN, "--config.sft.lr=1e30", "--config.sft.checkpoint_every=1", f"--workdir={tmp_path}")
+    """(And config.compile_cache, the default persistent compilation cache, fills as the run compiles.)"""
+    cache = tmp_path / "jit-cache"
+    env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    result = run_cli(*TINY_RUN, "--config.sft.lr=1e30", "--config.sft.checkpoint_every=1", f"--workdir={tmp_path}",
+                     f"--config.compile_cache={cache}", env=env)
+    assert os.listdir(cache)
     assert result.returncode == 3, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: SFT step 2: loss = nan") and "last good checkpoint at step 1" in last, last
@@ -359,6 +365,24 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
         assert f"  {key.name} = {key.default!r}" in out and key.meaning[:40] in out, key.name
         assert f"`{key.name}`" in reference, f"{key.name} is not in docs/configuration.md"
     assert "  sft.steps = 1000 -> 2000" in out and "  tokenizer.vocab_size = 256 -> 160" in out
+
+
+def test_rl_mode_announces_the_model_it_loads(tmp_path, capsys, monkeypatch):
+    """--config.mode=rl names the rl.init model at start-up (and builds no from-scratch one)."""
+    from r3jax.rollout import Policy
+    from r3jax.train import job, sft
+
+    arith = tasks.get("arith", num_train=200)
+    texts = [arith.prompt(d.question) + d.response for d in arith.demonstrations("train")]
+    tok = tokenizer.load(tokenizer.train_sentencepiece(texts, str(tmp_path / "tok"), vocab_size=TINY.vocab_size))
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
+    sft.export(str(tmp_path / "sft"), Policy(cfg, tiny_params(cfg), tok, None))
+    monkeypatch.setattr(job.rl, "train", lambda *args: None)  # the run stops as RL begins
+    monkeypatch.setattr(job, "init_params", None)  # a from-scratch model would fail here
+    code, out, _ = run_in_process(capsys, f"{ROOT}/configs/arith.py", tmp_path / "run", mode="rl",
+                                  rl__init=str(tmp_path / "sft"))
+    assert code == 75
+    assert f"model: llama, {cfg.num_params():,} parameters ({tmp_path / 'sft'}), 2 layers" in out
 
 
 def test_own_data_and_reward_end_to_end(tmp_path, capsys, monkeypatch):

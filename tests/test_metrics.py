@@ -12,6 +12,8 @@ def test_writer_truncates_on_resume_and_plots(tmp_path):
     for step in range(1, 7):
         writer.write(step, {"reward": step / 10, "reward/stage_0": step / 20, "accuracy": 0.5})
     writer.close()
+    with open(tmp_path / "rl.jsonl", "a") as f:
+        f.write('{"step": 7, "rew')  # a write cut short by SIGKILL
     resumed = MetricsWriter(str(tmp_path), "rl", resume_step=4)
     resumed.write(5, {"reward": 0.9, "accuracy": 0.6})
     resumed.close()

@@ -18,6 +18,8 @@ FAMILIES = {
                                    "original_max_position_embeddings": 32}},
     "mistral": {},
     "qwen2": {"tie_word_embeddings": True},
+    # head_dim apart from hidden / heads, as in Qwen3-0.6B (1024 wide, 16 heads of 128)
+    "qwen3": {"tie_word_embeddings": True, "head_dim": 24},
 }
 
 
@@ -57,6 +59,10 @@ def test_logits_match_transformers(checkpoint, pad_counts):
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
     if family == "qwen2":
         assert cfg.attention_bias and cfg.tie_word_embeddings and "lm_head" not in params
+    if family == "qwen3":
+        assert cfg.qk_norm and not cfg.attention_bias and cfg.head_dim == 24 and "lm_head" not in params
+        assert params["layers_0"]["attn"]["k_norm"]["scale"].shape == (24,)
+        assert cfg.num_params() == sum(p.numel() for p in model.parameters())
     if family == "llama3":
         assert cfg.rope_scaling is not None
 

@@ -106,6 +106,13 @@ def test_presets_are_the_published_shapes():
     cfg = hf.config_from_hf(plan.PRESETS["llama-2-7b"], source="preset")
     assert cfg.num_params() == 6_738_415_616  # Llama-2-7B's parameter count
     assert abs(hf.config_from_hf(plan.PRESETS["qwen2.5-1.5b"], source="preset").num_params() - 1.54e9) < 0.02e9
+    # Qwen3's model cards: total and non-embedding parameters, in billions
+    for name, (total, body) in {"qwen3-0.6b": (0.6, 0.44), "qwen3-1.7b": (1.7, 1.4), "qwen3-4b": (4.0, 3.6),
+                                "qwen3-8b": (8.2, 6.95)}.items():
+        cfg = hf.config_from_hf(plan.PRESETS[name], source="preset")
+        embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+        assert cfg.qk_norm and round(cfg.num_params() / 1e9, 1) == total, name
+        assert abs((cfg.num_params() - embeddings) / 1e9 - body) < 0.05, name  # the cards round
 
 
 @pytest.mark.slow

@@ -118,9 +118,45 @@ def test_update_is_one_compiled_call_without_host_transfers():
     with jax.transfer_guard("disallow"):
         state, metrics, _ = update(state, ref, batches[1], keys[1])
         state, metrics, _ = update(state, ref, batches[2], keys[2])
-    assert update._cache_size() == 1
+    assert update.compilations() == 1
     assert int(state.step) == 3 * PPO_CFG.epochs * PPO_CFG.minibatches
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_sharded_state_keeps_its_layout_so_steps_compile_once():
+    """FSDP x tensor params: the updated state (params and optimizer moments) comes back laid out
+    as it went in, so the second SFT step and PPO update reuse the first one's compilation."""
+    from r3jax.train import sft
+
+    mesh = sharding.make_mesh((1, 4, 2))
+    placed = jax.device_put(tiny_params(), sharding.logical_shardings(
+        jax.eval_shape(functools.partial(init_params, TINY), jax.random.key(0)), mesh))
+    optimizer = optim.adamw(1e-3)
+
+    def layout(state):  # each leaf's mesh axes per dimension; a one-device scalar counts as replicated
+        return [tuple(leaf.sharding.spec) + (None,) * (leaf.ndim - len(leaf.sharding.spec))
+                if isinstance(leaf.sharding, jax.sharding.NamedSharding) else (None,) * leaf.ndim
+                for leaf in jax.tree.leaves(state)]
+
+    update = ppo.make_ppo_update(TINY, PPO_CFG, optimizer)
+    params = actor_critic_params(TINY, jax.tree.map(jnp.copy, placed), separate_critic=False)
+    params = params.replace(value_head=jax.device_put(params.value_head, sharding.replicated(mesh)))
+    state = ppo.init_state(params, optimizer)
+    before = layout(state)
+    for key in jax.random.split(jax.random.key(0), 2):
+        batch = sharding.shard_batch(jax.tree.map(np.asarray, _toy_batch(state.params, key)), mesh)
+        state, _, _ = update(state, placed, batch, key)
+    assert update.compilations() == 1 and layout(state) == before
+
+    step = sft.make_train_step(TINY, optimizer)
+    state = sft.SFTState(placed, jax.jit(optimizer.init)(placed), jnp.zeros((), jnp.int32))
+    before = layout(state)
+    tokens = np.random.default_rng(0).integers(1, TINY.vocab_size, (8, 1, 12))
+    batch = sharding.shard_batch({"tokens": tokens, "attention_mask": np.ones_like(tokens),
+                                  "loss_mask": np.ones_like(tokens)}, mesh)
+    for _ in range(2):
+        state, _ = step(state, batch, 1.0)
+    assert step.compilations() == 1 and layout(state) == before
 
 
 @pytest.mark.parametrize("separate_critic", [False, True])
@@ -173,7 +209,8 @@ def test_critic_warmup_moves_only_the_critic():
     state, _, _ = update(ppo.init_state(params, optimizer), tiny_params(), batch, jax.random.key(3), 1.0, 0.0)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params.policy), before.policy)
     moved = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), state.params, before)
-    assert all(jax.tree.leaves(moved.value_head)) and all(jax.tree.leaves(moved.critic_backbone["layers_0"]))
+    assert "lm_head" not in params.critic_backbone  # values never read it: nothing stepped for nothing
+    assert all(jax.tree.leaves(moved.value_head)) and all(jax.tree.leaves(moved.critic_backbone))
 
 
 @pytest.mark.parametrize("estimator", ["gae", "grpo"])

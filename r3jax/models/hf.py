@@ -23,7 +23,7 @@ from r3jax.errors import InputError
 from r3jax.models.transformer import ModelConfig, init_params
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 class CheckpointError(InputError):
@@ -40,6 +40,9 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
+    if hf.get("use_sliding_window"):
+        raise CheckpointError(f"{source}: use_sliding_window is true; r3jax attends over the whole "
+                              "sequence (set it to false if the model was trained that way)")
     scaling = None
     if rope_type == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -69,7 +72,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     }
     if cfg.rope_scaling:
         hf["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
-    if cfg.model_type == "llama":
+    if cfg.model_type in ("llama", "qwen3"):
         hf["attention_bias"] = cfg.attention_bias
     return hf
 
@@ -104,6 +107,9 @@ def _tensor_map(cfg: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], Callab
             if cfg.attention_bias:
                 yield (f"{hf}.self_attn.{name}.bias", (ours, "attn", name, "bias"),
                        bias_into_heads(heads), flatten)
+        if cfg.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                yield f"{hf}.self_attn.{name}.weight", (ours, "attn", name, "scale"), identity, identity
         yield (f"{hf}.self_attn.o_proj.weight", (ours, "attn", "o_proj", "kernel"),
                lambda w: w.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                lambda w: w.reshape(-1, cfg.hidden_size).T)

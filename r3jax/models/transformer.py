@@ -62,9 +62,18 @@ class ModelConfig:
     def replace(self, **kwargs) -> "ModelConfig":
         return dataclasses.replace(self, **kwargs)
 
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3's per-head RMSNorm of queries and keys, before RoPE."""
+        return self.model_type == "qwen3"
+
     def num_params(self) -> int:
         embed = self.vocab_size * self.hidden_size
         attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.attention_bias:
+            attn += self.head_dim * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         mlp = 3 * self.hidden_size * self.intermediate_size
         layer = attn + mlp + 2 * self.hidden_size
         head = 0 if self.tie_word_embeddings else embed
@@ -184,12 +193,14 @@ def _param(init, *names):
 
 
 class RMSNorm(nn.Module):
+    """Over the last axis, of `size` (default: hidden_size)."""
     cfg: ModelConfig
+    size: int | None = None
 
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", _param(nn.initializers.ones, "norm"),
-                           (self.cfg.hidden_size,), self.cfg.jnp_param_dtype)
+                           (self.size or self.cfg.hidden_size,), self.cfg.jnp_param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
         return (normed.astype(self.cfg.jnp_dtype) * scale.astype(self.cfg.jnp_dtype))
@@ -211,10 +222,13 @@ class Attention(nn.Module):
         """x `[batch, seq, embed]`; kv_mask `[batch, keys]`; returns (`[batch, seq, embed]`, cache)."""
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg)
-        q = apply_rope(self._proj("q_proj", cfg.num_heads, x), positions, inv_freq)
+        q, k = self._proj("q_proj", cfg.num_heads, x), self._proj("k_proj", cfg.num_kv_heads, x)
+        if cfg.qk_norm:
+            q, k = RMSNorm(cfg, cfg.head_dim, name="q_norm")(q), RMSNorm(cfg, cfg.head_dim, name="k_norm")(k)
+        q = apply_rope(q, positions, inv_freq)
         # keys and values as [batch, kv_heads, keys, head_dim], the cache's layout: each decode
         # step then reads the cache as it lies, with no transposed copy of it
-        k = apply_rope(self._proj("k_proj", cfg.num_kv_heads, x), positions, inv_freq).transpose(0, 2, 1, 3)
+        k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)
         v = self._proj("v_proj", cfg.num_kv_heads, x).transpose(0, 2, 1, 3)
         if layer_cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),

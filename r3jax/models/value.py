@@ -32,11 +32,13 @@ def init_value_head(cfg: ModelConfig) -> dict[str, jnp.ndarray]:
 
 
 def actor_critic_params(cfg: ModelConfig, policy: Any, separate_critic: bool, critic: bool = True) -> ActorCritic:
-    """Starts the critic from the policy (a copy of its backbone when `separate_critic`); no
-    critic at all when `critic` is False."""
+    """Starts the critic from the policy (with `separate_critic`, a copy of it without the LM head,
+    which values never read); no critic at all when `critic` is False."""
     if not critic:
         return ActorCritic(policy)
-    backbone = jax.tree.map(jnp.copy, policy) if separate_critic else None
+    backbone = None
+    if separate_critic:
+        backbone = {name: jax.tree.map(jnp.copy, part) for name, part in policy.items() if name != "lm_head"}
     return ActorCritic(policy, init_value_head(cfg), backbone)
 
 

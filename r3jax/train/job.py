@@ -50,11 +50,15 @@ def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> Policy:
     else:
         model_cfg = scratch_model_config(config, tokenizer.vocab_size)
         params = sharding.init_sharded(lambda key: init_params(model_cfg, key), jax.random.key(config.seed), mesh)
-    if sharding.is_primary():
-        print(f"model: {model_cfg.model_type}, {model_cfg.num_params():,} parameters "
-              f"({config.model.path or 'from scratch'}), {model_cfg.num_layers} layers, "
-              f"weights in {model_cfg.param_dtype}, compute in {model_cfg.dtype}")
+    announce(model_cfg, config.model.path or "from scratch")
     return Policy(model_cfg, params, tokenizer, mesh)
+
+
+def announce(model_cfg: ModelConfig, source: str) -> None:
+    """The start-up line naming the model a run trains."""
+    if sharding.is_primary():
+        print(f"model: {model_cfg.model_type}, {model_cfg.num_params():,} parameters ({source}), "
+              f"{model_cfg.num_layers} layers, weights in {model_cfg.param_dtype}, compute in {model_cfg.dtype}")
 
 
 def load_policy(path: str, config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> Policy:
@@ -102,7 +106,7 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
     os.makedirs(workdir, exist_ok=True)
     stop = StopSignal()
     tokenizer = build_tokenizer(config, task, workdir)
-    policy = build_model(config, tokenizer, mesh)
+    policy = None if config.mode == "rl" else build_model(config, tokenizer, mesh)
     problems = test_problems(config, task)
     if config.mode == "eval":
         results = result_entries("model", policy, problems, config, workdir)
@@ -116,7 +120,10 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
             return None
         results.update(result_entries("sft", load_policy(sft_dir, config, tokenizer, mesh), problems, config, workdir))
     if config.mode in ("train", "rl"):
-        start = load_policy(sft_dir or os.path.join(workdir, "sft", "best"), config, tokenizer, mesh)
+        start_dir = sft_dir or os.path.join(workdir, "sft", "best")
+        start = load_policy(start_dir, config, tokenizer, mesh)
+        if policy is None:
+            announce(start.model_cfg, start_dir)
         result = rl.train(config, start, task, os.path.join(workdir, "rl"), stop)
         if result is None:
             return None

@@ -92,7 +92,7 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
         updates = optim.scaled(updates, lr_scale)
         return SFTState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return sharding.StateStep(step)
 
 
 def _batch_for_step(examples, step: int, c, seed: int, pad_id: int) -> dict[str, np.ndarray]:
