@@ -150,6 +150,9 @@ SCHEMA: dict[str, Any] = {
         "length_bucket": (32, "the update batch is cut to its longest real prompt and completion, each rounded up "
                               "to a multiple of this (few compiled shapes, no FLOP on columns of padding)"),
         "logits_chunk": (0, "completion positions per LM-head call in the PPO loss (memory); 0 = all"),
+        "reuse_sampler_logprobs": (False, "the update's old log-probs are the sampler's, not recomputed by a "
+                                          "forward pass (equal in float32; refused with top-k, top-p or "
+                                          "bfloat16 compute, where they differ)"),
         "rollout_mesh": ((), "(data, fsdp, tensor) to sample in, the weights moved into it once per step; "
                              "() = the training layout"),
         "stage_length": (1.0, "staged: length of each stage in rl.stage_unit"),
@@ -399,6 +402,9 @@ def _validate_rl(c: ml_collections.ConfigDict) -> None:
            "'budget' needs rl.token_budget > 0")
     _check(c.rl.batch_size % c.rl.minibatches == 0, "rl.minibatches",
            f"{c.rl.minibatches} does not divide rl.batch_size {c.rl.batch_size}")
+    _check(not c.rl.reuse_sampler_logprobs or (c.rl.top_k == 0 and c.rl.top_p == 1 and c.model.dtype == "float32"),
+           "rl.reuse_sampler_logprobs", "the sampler's log-probs equal the update's only in float32 without "
+           f"top-k or top-p (rl.top_k={c.rl.top_k}, rl.top_p={c.rl.top_p}, model.dtype={c.model.dtype})")
 
 
 def _validate_selection(c: ml_collections.ConfigDict) -> None:

@@ -22,7 +22,7 @@ import optax
 from r3jax import optim
 from r3jax.config import ESTIMATORS, LOSS_AGGREGATIONS
 from r3jax.models.transformer import ModelConfig, forward, head_logits
-from r3jax.models.value import ActorCritic, hidden_and_values
+from r3jax.models.value import ActorCritic, critic_values, hidden_and_values
 from r3jax.sampling import Rollout
 from r3jax.sharding import StateStep
 
@@ -51,6 +51,7 @@ class PPOConfig:
     max_log_ratio: float = 20.0
     logits_chunk: int = 0  # completion positions per LM-head call in completion_logprobs; 0: all
     max_new_tokens: int = 0  # seq_mean_token_sum_norm's constant (the sampling budget); 0: the batch's width
+    reuse_sampler_logprobs: bool = False  # old log-probs from the rollout, not from a policy forward
 
 
 class PPOState(NamedTuple):
@@ -298,9 +299,13 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
     num_new = rollout.completion_mask.shape[1]
     mask = rollout.completion_mask.astype(jnp.float32)
     row_mask = data.row_mask.astype(jnp.float32)
-    hidden, values = hidden_and_values(model_cfg, params, rollout.tokens, rollout.attention_mask)
-    old_logp, _ = completion_logprobs(model_cfg, params.policy, hidden, rollout.tokens, num_new,
-                                      cfg.temperature, cfg.logits_chunk)
+    if cfg.reuse_sampler_logprobs:
+        values = critic_values(model_cfg, params, rollout.tokens, rollout.attention_mask)
+        old_logp = rollout.logprobs * mask
+    else:
+        hidden, values = hidden_and_values(model_cfg, params, rollout.tokens, rollout.attention_mask)
+        old_logp, _ = completion_logprobs(model_cfg, params.policy, hidden, rollout.tokens, num_new,
+                                          cfg.temperature, cfg.logits_chunk)
     ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
     if cfg.kl_coef:
         _, ref_hidden = forward(model_cfg, ref_params, rollout.tokens, rollout.attention_mask, with_head=False)

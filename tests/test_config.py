@@ -35,6 +35,17 @@ def test_missing_config_file_is_one_line():
     assert message == "--config: config file /nonexistent/exp.py not found"
 
 
+@pytest.mark.parametrize("setting", [("rl", "top_k", 5), ("rl", "top_p", 0.9), ("model", "dtype", "bfloat16")])
+def test_reusing_sampler_logprobs_is_refused_where_they_differ(setting):
+    c = config_lib.base_config()
+    c.rl.reuse_sampler_logprobs = True
+    config_lib.validate(c, num_devices=1)
+    section, name, value = setting
+    c[section][name] = value
+    with pytest.raises(config_lib.ConfigError, match=f"^config.rl.reuse_sampler_logprobs: .*{section}.{name}={value}"):
+        config_lib.validate(c, num_devices=1)
+
+
 def test_bfloat16_master_weights_are_refused_for_training_only():
     c = config_lib.base_config()
     c.model.param_dtype = "bfloat16"

@@ -47,14 +47,21 @@ def head_values(head: dict[str, jnp.ndarray], hidden: jnp.ndarray) -> jnp.ndarra
     return hidden.astype(jnp.float32) @ head["kernel"] + head["bias"]
 
 
+def critic_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray,
+                  attention_mask: jnp.ndarray) -> jnp.ndarray | None:
+    """Values `[b, s]` (float32) from the critic's own forward pass, or None without a critic."""
+    if not params.has_critic:
+        return None
+    backbone = params.policy if params.critic_backbone is None else params.critic_backbone
+    _, hidden = forward(cfg, backbone, tokens, attention_mask, with_head=False)
+    return head_values(params.value_head, hidden)
+
+
 def hidden_and_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray,
                       attention_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """(the policy's final hidden states `[b, s, embed]`, values `[b, s]` or None without a critic);
     the policy's logits are left to the caller (`ppo.completion_logprobs`)."""
     _, hidden = forward(cfg, params.policy, tokens, attention_mask, with_head=False)
-    if not params.has_critic:
-        return hidden, None
-    if params.critic_backbone is not None:
-        _, critic_hidden = forward(cfg, params.critic_backbone, tokens, attention_mask, with_head=False)
-        return hidden, head_values(params.value_head, critic_hidden)
-    return hidden, head_values(params.value_head, hidden)
+    if params.has_critic and params.critic_backbone is None:
+        return hidden, head_values(params.value_head, hidden)
+    return hidden, critic_values(cfg, params, tokens, attention_mask)
