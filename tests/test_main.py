@@ -156,11 +156,11 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert json.load(open(reference / "results.json")) == json.load(open(os.path.join(resumed, "results.json")))
 
 
-def _assert_main_job_outputs(workdir):
+def _assert_main_job_outputs(workdir, max_update_shapes: int = 4):
     log = rl_log(str(workdir))
     assert all(f"{name}/stage_{k}" in log[0] for name in ("reward", "kl", "response_length", "accuracy")
                for k in range(5))  # rl.num_start_states = 5
-    assert 1 <= log[-1]["compiled/update_shapes"] <= 4  # trimmed batches, few compilations
+    assert 1 <= log[-1]["compiled/update_shapes"] <= max_update_shapes  # trimmed batches, few compilations
     results = json.load(open(workdir / "results.json"))
     assert set(results) == {"sft", "r3-mixed"}
     for row in results.values():
@@ -259,18 +259,8 @@ def test_embedded_default_learns(tmp_path):
     log = rl_log(str(tmp_path))
     rewards = np.array([r["reward"] for r in log])
     assert len(rewards) == 24 and all("accuracy" in r and "accuracy/stage_0" in r for r in log)
-    logged = set().union(*log)
-    assert all(f"{name}/stage_{k}" in logged for name in ("reward", "kl", "response_length") for k in range(5))
     assert rewards[-8:].mean() > rewards[:8].mean(), rewards
-    assert 1 <= log[-1]["compiled/update_shapes"] <= 8  # trimmed batches, few compilations
-    results = json.load(open(tmp_path / "results.json"))
-    assert set(results) == {"sft", "r3-mixed"}
-    for row in results.values():
-        assert 0.0 <= row["accuracy"] <= 1.0 and "accuracy/steps_2" in row
-    table = (tmp_path / "results.md").read_text()
-    assert "| sft |" in table and "95% interval" in table and "r3-mixed - sft: " in table
-    for name in ("results.md", "sft/sft_curves.png", "rl/rl_curves.png", "sft/best/model.safetensors"):
-        assert (tmp_path / name).exists(), name
+    _assert_main_job_outputs(tmp_path, max_update_shapes=8)
 
 
 @pytest.mark.slow
