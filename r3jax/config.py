@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 import sys
 from typing import Any, NamedTuple, Sequence
 
@@ -36,6 +37,7 @@ LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_no
 SPLITS = ("test", "validation", "train")
 WANDB_MODES = ("", "offline", "online")
 ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed"}  # compare.arms: arm -> rl.strategy
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -65,7 +67,7 @@ SCHEMA: dict[str, Any] = {
         "vocab_size": (256, "the vocabulary of a SentencePiece model trained on the task's text"),
     },
     "model": {
-        "path": ("", "a local HF checkpoint dir (Llama, Mistral, Qwen2); '' = a from-scratch model of the "
+        "path": ("", "a local HF checkpoint dir (Llama, Mistral, Qwen2, Qwen3); '' = a from-scratch model of the "
                      "shape below"),
         "from_scratch": (True, "allow a from-scratch model; False makes model.path required"),
         "param_dtype": ("float32", "trainable weights and optimizer moments (master weights; bfloat16 ones "
@@ -87,6 +89,14 @@ SCHEMA: dict[str, Any] = {
         "rope_theta": (10000.0, "from scratch: RoPE base"),
         "max_position_embeddings": (1024, "from scratch: longest sequence"),
         "tie_word_embeddings": (False, "from scratch: the LM head reuses the embedding"),
+        "lora": {
+            "rank": (0, "> 0: SFT and RL train LoRA adapters of this rank (float32) on a frozen base instead of "
+                        "every weight; the RL reference is the base with the adapters off (no copy)"),
+            "alpha": (16.0, "the adapters' output is scaled by alpha / rank"),
+            "targets": (".*_proj", "regular expression over the projections that get adapters: "
+                                   + ", ".join(LORA_MODULES)),
+            "base_dtype": ("float32", "the frozen base's weights (replaces model.param_dtype under LoRA)", DTYPES),
+        },
     },
     "mesh": ((-1, 1, 1), "(data, fsdp, tensor) device mesh; -1 takes the remaining devices"),
     "sft": {
@@ -384,9 +394,28 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
         _check(os.path.isdir(c.rl.init), "rl.init", f"SFT checkpoint directory {c.rl.init} not found")
 
 
+def lora_targets(pattern: str) -> tuple[str, ...]:
+    """The projections (LORA_MODULES) whose names `pattern`, a regular expression, matches in full;
+    ConfigError naming config.model.lora.targets when it is malformed or matches none."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise ConfigError(f"config.model.lora.targets: {pattern!r} is not a regular expression ({error})") from None
+    names = tuple(name for name in LORA_MODULES if regex.fullmatch(name))
+    _check(bool(names), "model.lora.targets", f"{pattern!r} matches no module (the modules: {', '.join(LORA_MODULES)})")
+    return names
+
+
+def _validate_lora(c: ml_collections.ConfigDict) -> None:
+    _check(c.model.lora.rank >= 0, "model.lora.rank", f"must be a positive rank, or 0 for no LoRA, got {c.model.lora.rank}")
+    if c.model.lora.rank:
+        _check(c.model.lora.alpha > 0, "model.lora.alpha", f"must be positive, got {c.model.lora.alpha}")
+        lora_targets(c.model.lora.targets)
+
+
 def _validate_rl(c: ml_collections.ConfigDict) -> None:
     """The RL settings that depend on one another."""
-    _check(c.mode == "eval" or c.model.param_dtype == "float32", "model.param_dtype",
+    _check(c.mode == "eval" or c.model.param_dtype == "float32" or c.model.lora.rank, "model.param_dtype",
            f"{c.model.param_dtype} master weights lose updates smaller than their spacing; train with "
            "float32 and set model.dtype=bfloat16 to compute in bfloat16")
     needed = 1 if c.rl.estimator == "gae" else 2
@@ -436,6 +465,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _validate_choices(c)
     _validate_ranges(c)
     _validate_paths(c)
+    _validate_lora(c)
     _validate_rl(c)
     _validate_selection(c)
     _validate_compare(c)

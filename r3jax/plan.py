@@ -29,10 +29,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from r3jax import files, optim, ppo, sampling, sharding
 from r3jax.config import apply_override, load_config_file, validate_mesh
-from r3jax.models import hf
+from r3jax.models import hf, lora
 from r3jax.models.transformer import init_cache, init_params
 from r3jax.models.value import actor_critic_params
-from r3jax.train.job import EXECUTION_KEYS, scratch_model_config
+from r3jax.train.job import execution_settings, scratch_model_config
 from r3jax.train.rl import ppo_config
 from r3jax.train.sft import SFTState, make_train_step
 
@@ -144,8 +144,12 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 
 def model_config_for(config, preset: str | None):
     """The ModelConfig of `--model` (a preset), of config.model.path's config.json, or of a
-    from-scratch config's model section."""
-    execution = {k: config.model[k] for k in EXECUTION_KEYS}
+    from-scratch config's model section; with config.model.lora's adapters."""
+    return lora.configure(_base_model_config(config, preset), config.model.lora)
+
+
+def _base_model_config(config, preset: str | None):
+    execution = execution_settings(config)
     if preset:
         if preset not in PRESETS:
             raise PlanError(f"--model={preset}: unknown preset (known: {', '.join(PRESETS)})")
@@ -207,18 +211,20 @@ class _Compiler:
         return compiled
 
 
-def _plan_sft(compile_phase: _Compiler, config, model_cfg, policy, mesh) -> None:
-    """One jitted SFT step over batch_size x grad_accum sequences of sft.max_length."""
+def _plan_sft(compile_phase: _Compiler, config, model_cfg, policy, frozen, mesh) -> None:
+    """One jitted SFT step over batch_size x grad_accum sequences of sft.max_length, training
+    `policy` (with LoRA its adapters, on the base `frozen`)."""
     c = config.sft
     optimizer = optim.sft_optimizer(c)
     state = SFTState(policy, _like_params(optimizer.init, policy, mesh), jax.ShapeDtypeStruct((), jnp.int32))
     batch = {k: jax.ShapeDtypeStruct((c.batch_size, c.grad_accum, c.max_length), jnp.int32,
                                      sharding=sharding.batch_sharding(mesh, 3))
              for k in ("tokens", "attention_mask", "loss_mask")}
-    compile_phase("sft_step", lambda: make_train_step(model_cfg, optimizer, c.logits_chunk).lower(state, batch, 1.0))
+    compile_phase("sft_step", lambda: make_train_step(model_cfg, optimizer, c.logits_chunk).lower(state, batch, 1.0,
+                                                                                                   frozen))
 
 
-def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference, mesh) -> ppo.PPOState:
+def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference, frozen, mesh) -> ppo.PPOState:
     """The PPO update on rollouts of rl.max_prompt_length + rl.max_new_tokens; returns its
     (abstract) training state."""
     c = config.rl
@@ -237,16 +243,19 @@ def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference,
                          rows_spec(rows)),
         rows_spec(rows, dtype=jnp.float32), rows_spec(rows, dtype=jnp.float32))
     update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
-    compile_phase("ppo_update", lambda: update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0))
+    compile_phase("ppo_update", lambda: update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0, frozen))
     return state
 
 
-def _plan_sampler(compile_phase: _Compiler, config, model_cfg, policy, boxed, layout: str, sample_mesh) -> int:
-    """Prefill and one decode step with the weights in `sample_mesh`'s layout; returns the
-    sampling weights' bytes per device."""
+def _plan_sampler(compile_phase: _Compiler, config, model_cfg, params, boxed, layout: str, sample_mesh) -> int:
+    """Prefill and one decode step with the weights in `sample_mesh`'s layout: a copy in the compute
+    dtype, or with LoRA on the training mesh the weights as they lie (as rl.train samples). Returns
+    the bytes per device of that copy (0 without one)."""
     c, compute_cfg = config.rl, model_cfg.replace(param_dtype=model_cfg.dtype)
-    weights = _abstract(jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(model_cfg.jnp_dtype), p), policy),
-                        sharding.logical_shardings(boxed, sample_mesh))
+    copied = not model_cfg.lora_rank or (layout == "rollout" and bool(config.rl.rollout_mesh))
+    weights = params if not copied else _abstract(
+        jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(model_cfg.jnp_dtype), p), params),
+        sharding.logical_shardings(boxed, sample_mesh))
     rows, prompt = c.batch_size, c.max_prompt_length
     cache_len = sampling.cache_length(model_cfg, prompt, c.max_new_tokens)
     batch_axis = 1 if model_cfg.scan_layers else 0
@@ -262,19 +271,21 @@ def _plan_sampler(compile_phase: _Compiler, config, model_cfg, policy, boxed, la
     compile_phase(f"decode_step_{layout}", lambda: jax.jit(functools.partial(sampling.decode_step, compute_cfg),
                                                            donate_argnums=4).lower(
         weights, spec(rows), spec(rows), spec(rows, cache_len), cache, jax.ShapeDtypeStruct((), jnp.int32)))
-    return _tree_bytes_per_device(weights)
+    return _tree_bytes_per_device(weights) if copied else 0
 
 
-def _totals(phases: dict, model_cfg, state: ppo.PPOState, reference, rollout_weight_bytes: int) -> dict:
+def _totals(phases: dict, model_cfg, state: ppo.PPOState, reference, frozen, rollout_weight_bytes: int) -> dict:
     """The plan's per-device totals from its compiled phases and abstract state."""
-    state_bytes = _tree_bytes_per_device(state.params)
+    state_bytes, frozen_bytes = _tree_bytes_per_device(state.params), _tree_bytes_per_device(frozen)
     optimizer_bytes, reference_bytes = _tree_bytes_per_device(state.opt_state), _tree_bytes_per_device(reference)
-    # sampling holds the training state and the reference while the rollout copy decodes
+    # sampling holds the training state, the reference and a frozen base while the rollout copy
+    # decodes; a LoRA model sampled as it lies has its base among the sampler's own arguments
     sampling_peak = (max(phases["prefill_rollout"]["peak_bytes"], phases["decode_step_rollout"]["peak_bytes"])
-                     + state_bytes + optimizer_bytes + reference_bytes)
+                     + state_bytes + optimizer_bytes + reference_bytes + (frozen_bytes if rollout_weight_bytes else 0))
     return dict(
         weight_bytes=int(model_cfg.num_params() * np.dtype(model_cfg.jnp_dtype).itemsize),
         param_bytes_per_device=state_bytes, optimizer_state_bytes_per_device=optimizer_bytes,
+        frozen_bytes_per_device=frozen_bytes,
         reference_bytes_per_device=reference_bytes, rollout_weight_bytes_per_device=rollout_weight_bytes,
         sampling_peak_bytes_per_device=sampling_peak,
         decode_collective_bytes={layout: sum(phases[f"decode_step_{layout}"]["collective_bytes"].values())
@@ -288,18 +299,20 @@ def plan(config, model_cfg, progress=print) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     rollout_mesh = sharding.make_mesh(config.rl.rollout_mesh) if config.rl.rollout_mesh else mesh
     boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
-    policy = _abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
-    reference = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype, sharding=x.sharding), policy)
+    params = _abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
+    policy, frozen = lora.trainable_and_frozen(model_cfg, params)
+    reference = None if frozen is not None else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype, sharding=x.sharding), policy)
     compile_phase = _Compiler(progress)
-    _plan_sft(compile_phase, config, model_cfg, policy, mesh)
-    state = _plan_update(compile_phase, config, model_cfg, policy, reference, mesh)
-    rollout_weight_bytes = _plan_sampler(compile_phase, config, model_cfg, policy, boxed, "rollout", rollout_mesh)
-    _plan_sampler(compile_phase, config, model_cfg, policy, boxed, "training", mesh)
+    _plan_sft(compile_phase, config, model_cfg, policy, frozen, mesh)
+    state = _plan_update(compile_phase, config, model_cfg, policy, reference, frozen, mesh)
+    rollout_weight_bytes = _plan_sampler(compile_phase, config, model_cfg, params, boxed, "rollout", rollout_mesh)
+    _plan_sampler(compile_phase, config, model_cfg, params, boxed, "training", mesh)
     result = {"model": dataclasses.asdict(model_cfg), "num_params": model_cfg.num_params(),
               "devices": jax.device_count(), "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
               "phases": compile_phase.phases}
     result.update(compile_seconds=compile_phase.seconds)
-    result.update(_totals(compile_phase.phases, model_cfg, state, reference, rollout_weight_bytes))
+    result.update(_totals(compile_phase.phases, model_cfg, state, reference, frozen, rollout_weight_bytes))
     return result
 
 
@@ -309,8 +322,9 @@ def concrete_phase(config, model_cfg, phase: str):
     it stands for (tests/test_plan.py, bench/plan_memory.py)."""
     mesh = sharding.make_mesh(config.mesh)
     boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
-    policy = jax.jit(lambda k: nn.unbox(init_params(model_cfg, k)),
-                     out_shardings=sharding.logical_shardings(boxed, mesh))(jax.random.key(0))
+    policy, frozen = lora.trainable_and_frozen(model_cfg, jax.jit(
+        lambda k: nn.unbox(init_params(model_cfg, k)), out_shardings=sharding.logical_shardings(boxed, mesh))(
+        jax.random.key(0)))
     if phase == "sft_step":
         c = config.sft
         optimizer = optim.sft_optimizer(c)
@@ -318,7 +332,7 @@ def concrete_phase(config, model_cfg, phase: str):
         shape = (c.batch_size, c.grad_accum, c.max_length)
         batch = sharding.shard_batch({k: np.ones(shape, np.int32) for k in ("tokens", "attention_mask", "loss_mask")},
                                      mesh)
-        return make_train_step(model_cfg, optimizer, c.logits_chunk), (state, batch, 1.0)
+        return make_train_step(model_cfg, optimizer, c.logits_chunk), (state, batch, 1.0, frozen)
     c = config.rl
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
     optimizer = optim.rl_optimizer(c, params)
@@ -327,9 +341,9 @@ def concrete_phase(config, model_cfg, phase: str):
     experience = sharding.shard_batch(ppo.experience(sampling.Rollout(
         np.ones((rows, length), np.int32), np.ones((rows, length), np.int32), np.zeros((rows, new), np.float32),
         np.ones((rows, new), np.int32), np.full(rows, new, np.int32)), np.zeros(rows, np.float32)), mesh)
-    reference = sharding.compute_copy(model_cfg, mesh)(policy)
+    reference = None if frozen is not None else sharding.compute_copy(model_cfg, mesh)(policy)
     update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
-    return update, (ppo.init_state(params, optimizer), reference, experience, jax.random.key(0), 1.0, 1.0)
+    return update, (ppo.init_state(params, optimizer), reference, experience, jax.random.key(0), 1.0, 1.0, frozen)
 
 
 MAX_REPLANS = 8
@@ -341,6 +355,8 @@ KNOBS = (  # what to try, in turn, when a plan does not fit
      lambda c: c.rl.update(minibatches=2 * c.rl.minibatches)),
     ("sft.grad_accum", lambda c: c.sft.batch_size % 2 == 0,
      lambda c: c.sft.update(batch_size=c.sft.batch_size // 2, grad_accum=2 * c.sft.grad_accum)),
+    # weights and Adam moments that no activation knob shrinks: adapters of rank 64 on a bfloat16 base
+    ("model.lora.rank", lambda c: c.model.lora.rank == 0, lambda c: c.model.lora.update(rank=64, base_dtype="bfloat16")),
 )
 
 
@@ -348,7 +364,8 @@ def report_lines(result: dict, memory: float) -> list[str]:
     phases = result["phases"]
     lines = [f"{result['num_params'] / 1e9:.2f}B parameters on {result['devices']} devices, mesh {result['mesh']}, "
              f"rollout mesh {result['rollout_mesh']}",
-             f"per device: params {result['param_bytes_per_device'] / GB:.1f} GB, optimizer state "
+             f"per device: trained params {result['param_bytes_per_device'] / GB:.1f} GB, frozen "
+             f"{result['frozen_bytes_per_device'] / GB:.1f} GB, optimizer state "
              f"{result['optimizer_state_bytes_per_device'] / GB:.1f} GB, reference "
              f"{result['reference_bytes_per_device'] / GB:.1f} GB, rollout weights "
              f"{result['rollout_weight_bytes_per_device'] / GB:.1f} GB"]
@@ -364,11 +381,17 @@ def report_lines(result: dict, memory: float) -> list[str]:
     if result["knobs_applied"]:
         lines.append(f"planned with {', '.join(result['knobs_applied'])} changed (first plan's peak: "
                      f"{result['first_plan_peak_bytes'] / GB:.1f} GB)")
-    resident = result["param_bytes_per_device"] + result["optimizer_state_bytes_per_device"]
-    if not result["fits"] and resident > HEADROOM * memory:
-        lines.append(f"the float32 weights and Adam moments alone need {resident / GB:.1f} GB per device: shard them "
-                     "over more devices (FSDP) or choose a smaller model; no activation knob can help")
+    if not result["fits"] and _resident_bytes(result) > HEADROOM * memory:
+        lines.append(f"the weights and Adam moments alone need {_resident_bytes(result) / GB:.1f} GB per device: "
+                     "shard them over more devices (FSDP), train LoRA adapters or choose a smaller model; no "
+                     "activation knob can help")
     return lines
+
+
+def _resident_bytes(result: dict) -> int:
+    """What a run holds per device whatever its activations: weights (trained and frozen) and Adam's moments."""
+    return sum(result[key] for key in ("param_bytes_per_device", "frozen_bytes_per_device",
+                                       "optimizer_state_bytes_per_device"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,6 +436,8 @@ def plan_until_it_fits(config, model_cfg, memory: float) -> dict:
     result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
     applied, first_peak = [], result["peak_bytes_per_device"]
     knobs = list(KNOBS)  # taken in turn; a knob leaves the list once it no longer applies
+    if _resident_bytes(result) > HEADROOM * memory:  # no activation knob can help: LoRA first
+        knobs.sort(key=lambda knob: knob[0] != "model.lora.rank")
     while not result["fits"] and knobs and len(applied) < MAX_REPLANS:
         name, applies, change = knobs.pop(0)
         if not applies(config):
@@ -422,7 +447,9 @@ def plan_until_it_fits(config, model_cfg, memory: float) -> dict:
         applied.append(f"{name}={_knob_value(config, name)}")
         print(f"does not fit ({result['peak_bytes_per_device'] / GB:.1f} GB): planning again with {', '.join(applied)}",
               file=sys.stderr)
-        model_cfg = model_cfg.replace(remat=config.model.remat)
+        model_cfg = lora.configure(model_cfg.replace(remat=config.model.remat,
+                                                     param_dtype=execution_settings(config)["param_dtype"]),
+                                   config.model.lora)
         result = plan(config, model_cfg, progress=lambda message: print(message, file=sys.stderr, flush=True))
         result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
     result.update(knobs_applied=applied, first_plan_peak_bytes=first_peak, device_memory_bytes=memory)
@@ -430,8 +457,7 @@ def plan_until_it_fits(config, model_cfg, memory: float) -> dict:
 
 
 def _knob_value(config, name: str):
-    section, key = name.split(".")
-    return config[section][key]
+    return functools.reduce(lambda section, key: section[key], name.split("."), config)
 
 
 def load_config(spec: str, overrides: list[str]):

@@ -21,6 +21,7 @@ import optax
 
 from r3jax import optim
 from r3jax.config import ESTIMATORS, LOSS_AGGREGATIONS
+from r3jax.models.lora import merge
 from r3jax.models.transformer import ModelConfig, forward, head_logits
 from r3jax.models.value import ActorCritic, critic_values, hidden_and_values
 from r3jax.sampling import Rollout
@@ -252,13 +253,13 @@ def explained_variance(values, returns, mask):
 
 
 def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, batch: PreparedBatch,
-                   policy_weight=1.0):
+                   policy_weight=1.0, frozen: dict | None = None):
     """Total loss of one minibatch and its metrics. `policy_weight` 0 leaves only the critic's
-    loss (critic warm-up)."""
+    loss (critic warm-up). `frozen`: the base under LoRA adapters (None: nothing is frozen)."""
     num_new = batch.completion_mask.shape[1]
     mask = batch.completion_mask.astype(jnp.float32)
-    hidden, values = hidden_and_values(model_cfg, params, batch.tokens, batch.attention_mask)
-    logp, entropy = completion_logprobs(model_cfg, params.policy, hidden, batch.tokens, num_new,
+    hidden, values = hidden_and_values(model_cfg, params, batch.tokens, batch.attention_mask, frozen)
+    logp, entropy = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, batch.tokens, num_new,
                                         cfg.temperature, cfg.logits_chunk)
     pg_loss, clip_frac = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, cfg)
     mean_entropy = masked_mean(entropy, mask)
@@ -292,23 +293,26 @@ def _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg: PPO
 
 
 def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, data: Experience,
-            ) -> tuple[PreparedBatch, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
+            frozen: dict | None = None) -> tuple[PreparedBatch, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
     """Old and reference log-probs, values, rewards and advantages (no gradients). Returns the
-    batch, scalar metrics, and per-sequence metrics (`[batch]`, for per-stage means on the host)."""
+    batch, scalar metrics, and per-sequence metrics (`[batch]`, for per-stage means on the host).
+    `ref_params`: the KL penalty's frozen reference, a model without adapters; None with LoRA,
+    whose reference is the frozen base itself (the adapters off)."""
     rollout = data.rollout
     num_new = rollout.completion_mask.shape[1]
     mask = rollout.completion_mask.astype(jnp.float32)
     row_mask = data.row_mask.astype(jnp.float32)
     if cfg.reuse_sampler_logprobs:
-        values = critic_values(model_cfg, params, rollout.tokens, rollout.attention_mask)
+        values = critic_values(model_cfg, params, rollout.tokens, rollout.attention_mask, frozen)
         old_logp = rollout.logprobs * mask
     else:
-        hidden, values = hidden_and_values(model_cfg, params, rollout.tokens, rollout.attention_mask)
-        old_logp, _ = completion_logprobs(model_cfg, params.policy, hidden, rollout.tokens, num_new,
+        hidden, values = hidden_and_values(model_cfg, params, rollout.tokens, rollout.attention_mask, frozen)
+        old_logp, _ = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rollout.tokens, num_new,
                                           cfg.temperature, cfg.logits_chunk)
     ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
     if cfg.kl_coef:
-        _, ref_hidden = forward(model_cfg, ref_params, rollout.tokens, rollout.attention_mask, with_head=False)
+        ref_params = frozen if ref_params is None else ref_params
+        _, ref_hidden = forward(model_cfg.base(), ref_params, rollout.tokens, rollout.attention_mask, with_head=False)
         ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rollout.tokens, num_new,
                                           cfg.temperature, cfg.logits_chunk)
     old_values = jnp.zeros_like(mask) if values is None else values[:, -num_new - 1:-1] * mask
@@ -329,14 +333,15 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
 
 def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.GradientTransformation,
                     ) -> Callable[..., tuple[PPOState, dict, dict]]:
-    """`update(state, ref_params, experience, key, lr_scale=1.0, policy_weight=1.0) -> (state,
-    metrics, per-sequence metrics)`, one jitted call with the state donated: prepare, then
+    """`update(state, ref_params, experience, key, lr_scale=1.0, policy_weight=1.0, frozen=None) ->
+    (state, metrics, per-sequence metrics)`, one jitted call with the state donated: prepare, then
     `lax.scan` over epochs x minibatches of clipped PPO steps. `lr_scale` is the schedule's
     multiplier for this RL step; `policy_weight` 0 keeps the policy where it is and trains only
-    the critic (warm-up)."""
+    the critic (warm-up); `frozen` is the base under LoRA adapters, never differentiated."""
 
-    def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0):
-        batch, metrics, per_sequence = prepare(model_cfg, cfg, state.params, ref_params, data)
+    def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0,
+               frozen=None):
+        batch, metrics, per_sequence = prepare(model_cfg, cfg, state.params, ref_params, data, frozen)
         size = batch.tokens.shape[0]
         if size % cfg.minibatches:
             raise ValueError(f"batch {size} does not split into {cfg.minibatches} minibatches")
@@ -344,7 +349,7 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
 
         def minibatch_step(carry, minibatch):
             params, opt_state = carry
-            grads, step_metrics = grad_fn(params, minibatch, policy_weight)
+            grads, step_metrics = grad_fn(params, minibatch, policy_weight, frozen)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             updates = optim.scaled(updates, lr_scale)
             updates = updates.replace(policy=optim.scaled(updates.policy, policy_weight))

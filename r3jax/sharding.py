@@ -24,6 +24,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("lora", None),  # a LoRA adapter's rank axis: small, replicated
     ("layers", None),  # the stacked axis of scanned layers: every device holds its shard of every layer
 )
 

@@ -35,6 +35,18 @@ def data_dir():
 LONGEST_FIRST = ("test_multihost.py", "test_main.py", "test_trim.py", "test_precision.py", "test_loop.py")
 
 
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """A SentencePiece tokenizer of arith's text with TINY's vocabulary."""
+    from helpers import TINY
+    from r3jax import tasks, tokenizer
+
+    task = tasks.get("arith", num_train=200)
+    texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")]
+    return tokenizer.load(tokenizer.train_sentencepiece(
+        texts, str(tmp_path_factory.mktemp("sp") / "tok"), vocab_size=TINY.vocab_size))
+
+
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.path.name

@@ -56,3 +56,9 @@ ENV = xla_env()
 
 def rl_log(workdir) -> list[dict]:
     return read_jsonl(os.path.join(workdir, "rl", "rl.jsonl"))
+
+
+def length_parity_reward(response: str, gold: str) -> float:
+    """A reward a random model earns half the time (`task.options.reward_fn=helpers:length_parity_reward`),
+    so RL tests see groups of both equal and unequal rewards."""
+    return float(len(response) % 2)

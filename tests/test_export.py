@@ -10,19 +10,10 @@ import numpy as np
 import pytest
 
 from helpers import TINY, tiny_params
-from r3jax import tasks, tokenizer
 from r3jax.models import hf
 from r3jax.sampling import SamplingConfig, sample
 from r3jax.rollout import Policy
 from r3jax.train import sft
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    task = tasks.get("arith", num_train=200)
-    texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")]
-    return tokenizer.load(tokenizer.train_sentencepiece(
-        texts, str(tmp_path_factory.mktemp("sp") / "tok"), vocab_size=TINY.vocab_size))
 
 
 def _greedy_both(params, cfg, tok, path, max_new=10):
@@ -36,7 +27,6 @@ def _greedy_both(params, cfg, tok, path, max_new=10):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     theirs = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False)[0, len(prompt):].tolist()
     return ours, theirs
-
 
 def test_export_generates_and_stops_where_the_sampler_stops(tok, tmp_path):
     cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
@@ -55,7 +45,6 @@ def test_export_generates_and_stops_where_the_sampler_stops(tok, tmp_path):
     assert generation["eos_token_id"] == tok.eos_id and generation["pad_token_id"] == tok.pad_id
     assert json.load(open(tmp_path / "forced" / "config.json"))["bos_token_id"] == tok.bos_id
 
-
 def test_qwen3_from_scratch_exports_to_transformers_and_generates_alike(tok, tmp_path):
     """model_type=qwen3 from scratch (q/k norms, tied embeddings): transformers loads the export as
     Qwen3ForCausalLM and its greedy `generate` equals r3jax's greedy sampler."""
@@ -70,7 +59,6 @@ def test_qwen3_from_scratch_exports_to_transformers_and_generates_alike(tok, tmp
     ours, theirs = _greedy_both(params, cfg, tok, str(tmp_path))
     assert ours == theirs and len(ours) == 10
     assert hf.read_config(str(tmp_path)) == cfg
-
 
 def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
     cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
@@ -91,7 +79,6 @@ def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
                                   np.asarray(tiny_params(cfg, seed=0)["lm_head"]["kernel"]))
     sft.export(path, Policy(cfg, tiny_params(cfg, seed=1), tok, None))  # the rerun cleans the partial one up
     assert not os.path.exists(path + ".partial") and sorted(os.listdir(path)) == first
-
 
 def test_pytorch_bin_checkpoint_is_refused_with_the_conversion_command(tmp_path):
     hf.save(str(tmp_path), TINY, tiny_params())

@@ -10,6 +10,7 @@ from helpers import TINY, tiny_params
 from r3jax import config as config_lib, sharding, tasks, tokenizer
 from r3jax.checkpoint import StopSignal
 from r3jax.metrics import read_jsonl
+from r3jax.models import lora
 from r3jax.rollout import Policy
 from r3jax.train import rl, sft
 
@@ -82,8 +83,14 @@ def test_finished_sft_is_skipped_and_more_steps_extend_it(tiny_setup, tmp_path, 
     assert (tmp_path / "sft" / "last" / "model.safetensors").stat().st_mtime > first_export
 
 
-def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tmp_path):
-    task, tok, cfg, mesh, config = tiny_setup
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tmp_path, lora_rank):
+    """With LoRA (rank 4, the base as the KL reference) the same, and the base stays as it was."""
+    _, tok, cfg, mesh, config = tiny_setup
+    # a reward the random policy earns half the time: some groups are dropped, the others train
+    task = tasks.get("arith", num_train=80, num_test=8, max_steps=3, validation_size=8,
+                     reward_fn="helpers:length_parity_reward")
+    cfg = cfg.replace(lora_rank=lora_rank, lora_targets=config_lib.LORA_MODULES if lora_rank else ())
     policy = tiny_params(cfg, scale=3.0)
     run = lambda workdir, stop: rl.train(config, Policy(cfg, jax.tree.map(np.copy, policy), tok, mesh), task,
                                          str(workdir), stop)
@@ -99,3 +106,7 @@ def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tm
         5, expected[-1]["tokens_sampled"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
                  resumed["params"], whole["params"])
+    trained, start = lora.trainable_and_frozen(cfg, whole["params"])[0], lora.trainable_and_frozen(cfg, policy)[0]
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start)))
+    if lora_rank:
+        jax.tree.map(np.testing.assert_array_equal, lora.split(whole["params"])[1], lora.split(policy)[1])

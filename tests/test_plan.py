@@ -47,6 +47,22 @@ def test_planned_memory_agrees_with_the_real_update(tiny_plan):
         assert 0.5 <= planned[key] / value <= 2.0, (key, planned[key], value)
 
 
+def test_lora_plan_keeps_optimizer_state_for_adapters_only(tiny_plan):
+    """The same run with rank-4 adapters on a bfloat16 base: no reference copy, Adam moments for the
+    adapters alone, and a frozen base of half the float32 reference's bytes."""
+    config, _, full = tiny_plan
+    config = config.copy_and_resolve_references()
+    config.model.lora.update(rank=4, base_dtype="bfloat16")
+    model_cfg = plan.model_config_for(config, None)
+    assert model_cfg.lora_rank == 4 and model_cfg.param_dtype == "bfloat16"
+    result = plan.plan(config, model_cfg, progress=lambda _: None)
+    assert result["reference_bytes_per_device"] == 0 < full["reference_bytes_per_device"]
+    assert result["frozen_bytes_per_device"] == full["reference_bytes_per_device"] // 2
+    # Adam's two moments of what trains (the adapters of policy and critic, the value head), nothing else
+    assert result["optimizer_state_bytes_per_device"] == pytest.approx(2 * result["param_bytes_per_device"], rel=0.01)
+    assert result["param_bytes_per_device"] < full["param_bytes_per_device"] / 2
+
+
 def test_collective_bytes_counts_loop_bodies_by_trip_count():
     hlo = """HloModule m
 

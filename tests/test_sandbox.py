@@ -59,9 +59,10 @@ def test_released_program_scores_one(data_dir):
 
 
 def test_pool_runs_programs_in_parallel():
+    """Each of four half-second programs returns when it started: the last started before the first
+    ended, so they ran at once (overlap, not a total time, which a loaded machine would stretch)."""
     with Sandbox(workers=4, limits=LIMITS) as sandbox:
-        start = time.monotonic()
-        values = sandbox.run(["import time\ndef solution():\n    time.sleep(0.5)\n    return 1\n"] * 4)
-        elapsed = time.monotonic() - start
-    assert values == [1.0] * 4
-    assert elapsed < 1.9  # four half-second programs at once, not one after another
+        starts = sandbox.run(["import time\ndef solution():\n    start = time.time()\n    time.sleep(0.5)\n"
+                              "    return start\n"] * 4)
+    assert all(isinstance(s, float) for s in starts)
+    assert max(starts) - min(starts) < 0.5

@@ -50,6 +50,12 @@ class ModelConfig:
     decode_block: int | None = None
     scan_layers: bool = False
     remat: str = "none"
+    # LoRA (models/lora.py): adapters of this rank beside the projections named in lora_targets,
+    # their output scaled by lora_alpha / lora_rank; 0 = none. Adapters are float32 whatever
+    # param_dtype (the frozen base's dtype) is.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def jnp_dtype(self):
@@ -61,6 +67,13 @@ class ModelConfig:
 
     def replace(self, **kwargs) -> "ModelConfig":
         return dataclasses.replace(self, **kwargs)
+
+    def base(self) -> "ModelConfig":
+        """This model without its LoRA adapters: the frozen base, which is also the RL reference."""
+        return self.replace(lora_rank=0, lora_targets=())
+
+    def has_adapter(self, module: str) -> bool:
+        return self.lora_rank > 0 and module in self.lora_targets
 
     @property
     def qk_norm(self) -> bool:
@@ -192,6 +205,34 @@ def _param(init, *names):
     return nn.with_logical_partitioning(init, names)
 
 
+class LoraDelta(nn.Module):
+    """A LoRA adapter's output `scale * (x A) B` for a projection of x's last `len(in_axes)` axes
+    onto `out_shape`. A is initialised as PEFT's (uniform, +-1/sqrt(fan-in)) and B to zero, so a
+    fresh adapter changes nothing."""
+    cfg: ModelConfig
+    in_axes: tuple[str, ...]   # logical names of the contracted input axes
+    out_shape: tuple[int, ...]
+    out_axes: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, n_in = self.cfg, len(self.in_axes)
+        fan_in = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
+        a = self.param("a", _param(fan_in, *self.in_axes, "lora"), (*x.shape[-n_in:], cfg.lora_rank), jnp.float32)
+        b = self.param("b", _param(nn.initializers.zeros, "lora", *self.out_axes), (cfg.lora_rank, *self.out_shape),
+                       jnp.float32)
+        down = jnp.tensordot(x.astype(cfg.jnp_dtype), a.astype(cfg.jnp_dtype), axes=n_in)
+        return jnp.tensordot(down, b.astype(cfg.jnp_dtype), axes=1) * (cfg.lora_alpha / cfg.lora_rank)
+
+
+def with_adapter(cfg: ModelConfig, name: str, x, y, in_axes, out_axes):
+    """`y`, the projection `name` of `x`, plus its LoRA adapter's output where the config gives it one
+    (params `<name>_lora/{a, b}` beside the projection's own, in the calling module)."""
+    if not cfg.has_adapter(name):
+        return y
+    return y + LoraDelta(cfg, in_axes, y.shape[x.ndim - len(in_axes):], out_axes, name=f"{name}_lora")(x)
+
+
 class RMSNorm(nn.Module):
     """Over the last axis, of `size` (default: hidden_size)."""
     cfg: ModelConfig
@@ -211,11 +252,12 @@ class Attention(nn.Module):
 
     def _proj(self, name, heads, x):
         cfg = self.cfg
-        return nn.DenseGeneral(
+        y = nn.DenseGeneral(
             (heads, cfg.head_dim), use_bias=cfg.attention_bias, name=name,
             dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
             kernel_init=_param(nn.initializers.normal(0.02), "embed", "heads", "head_dim"),
             bias_init=_param(nn.initializers.zeros, "heads", "head_dim"))(x)
+        return with_adapter(cfg, name, x, y, ("embed",), ("heads", "head_dim"))
 
     @nn.compact
     def __call__(self, x, positions, kv_mask, layer_cache, cache_start):
@@ -245,11 +287,11 @@ class Attention(nn.Module):
         else:
             out = attention(q, k, v, kv_mask, cache_start)
         out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-        out = nn.DenseGeneral(
+        projected = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
             dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
             kernel_init=_param(nn.initializers.normal(0.02), "heads", "head_dim", "embed"))(out)
-        return out, layer_cache
+        return with_adapter(cfg, "o_proj", out, projected, ("heads", "head_dim"), ("embed",)), layer_cache
 
 
 class MLP(nn.Module):
@@ -257,9 +299,9 @@ class MLP(nn.Module):
 
     def _dense(self, name, features, axes, x):
         cfg = self.cfg
-        return nn.Dense(features, use_bias=False, name=name, dtype=cfg.jnp_dtype,
-                        param_dtype=cfg.jnp_param_dtype,
-                        kernel_init=_param(nn.initializers.normal(0.02), *axes))(x)
+        y = nn.Dense(features, use_bias=False, name=name, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                     kernel_init=_param(nn.initializers.normal(0.02), *axes))(x)
+        return with_adapter(cfg, name, x, y, axes[:1], axes[1:])
 
     @nn.compact
     def __call__(self, x):

@@ -1,6 +1,9 @@
 """The critic: a scalar value head on the policy's backbone (the paper's choice) or on a
 backbone of its own, or none at all (critic-free estimators). Actor-critic params are one
 registered dataclass, `ActorCritic`, which the optimizer labels by field.
+
+With LoRA, `policy` and `critic_backbone` hold adapters only; the functions here take the frozen
+base they sit on as `frozen` (None: nothing is frozen).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from r3jax.models.lora import merge
 from r3jax.models.transformer import ModelConfig, forward
 
 
@@ -47,21 +51,21 @@ def head_values(head: dict[str, jnp.ndarray], hidden: jnp.ndarray) -> jnp.ndarra
     return hidden.astype(jnp.float32) @ head["kernel"] + head["bias"]
 
 
-def critic_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray,
-                  attention_mask: jnp.ndarray) -> jnp.ndarray | None:
+def critic_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray, attention_mask: jnp.ndarray,
+                  frozen: dict | None = None) -> jnp.ndarray | None:
     """Values `[b, s]` (float32) from the critic's own forward pass, or None without a critic."""
     if not params.has_critic:
         return None
     backbone = params.policy if params.critic_backbone is None else params.critic_backbone
-    _, hidden = forward(cfg, backbone, tokens, attention_mask, with_head=False)
+    _, hidden = forward(cfg, merge(frozen, backbone), tokens, attention_mask, with_head=False)
     return head_values(params.value_head, hidden)
 
 
-def hidden_and_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray,
-                      attention_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+def hidden_and_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray, attention_mask: jnp.ndarray,
+                      frozen: dict | None = None) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """(the policy's final hidden states `[b, s, embed]`, values `[b, s]` or None without a critic);
     the policy's logits are left to the caller (`ppo.completion_logprobs`)."""
-    _, hidden = forward(cfg, params.policy, tokens, attention_mask, with_head=False)
+    _, hidden = forward(cfg, merge(frozen, params.policy), tokens, attention_mask, with_head=False)
     if params.has_critic and params.critic_backbone is None:
         return hidden, head_values(params.value_head, hidden)
-    return hidden, critic_values(cfg, params, tokens, attention_mask)
+    return hidden, critic_values(cfg, params, tokens, attention_mask, frozen)

@@ -291,7 +291,7 @@ def trainers(config, workdir: str, task: Task, mesh, stop: StopSignal) -> tuple[
     validation = problems._replace(demos=task.demonstrations("validation"))
 
     def train(unit: Unit, unit_config, seed: int, run_dir: str):
-        start = job.load_policy(sft_dir, config, tokenizer, mesh)  # fresh buffers: training donates them
+        start = job.with_adapters(config, job.load_policy(sft_dir, config, tokenizer, mesh))  # fresh buffers: training donates them
         run_config = with_settings(unit_config, {"seed": seed} | ({"rl.strategy": unit.strategy} if unit.strategy else {}))
         if unit.continued_updates:
             final_dir = continued_sft(run_config, start, task, run_dir, unit.continued_updates, stop)

@@ -10,7 +10,7 @@ from r3jax import config as config_lib, files, sharding, tokenizer as tokenizer_
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import EvalSettings, Problems, evaluate
 from r3jax.metrics import read_jsonl
-from r3jax.models import hf
+from r3jax.models import hf, lora
 from r3jax.models.transformer import ModelConfig, init_params
 from r3jax.report import results_markdown
 from r3jax.rollout import Policy
@@ -35,8 +35,28 @@ def build_tokenizer(config, task: Task, workdir: str) -> tokenizer_lib.Tokenizer
     return tokenizer_lib.load(model_file)
 
 
+def execution_settings(config) -> dict:
+    """How config.model runs a model (EXECUTION_KEYS); under LoRA the weights are the frozen base's,
+    stored in model.lora.base_dtype."""
+    settings = {k: config.model[k] for k in EXECUTION_KEYS}
+    if config.model.lora.rank:
+        settings["param_dtype"] = config.model.lora.base_dtype
+    return settings
+
+
 def scratch_model_config(config, vocab_size: int) -> ModelConfig:
-    return config_lib.from_section(ModelConfig, config.model, vocab_size=vocab_size)
+    return config_lib.from_section(ModelConfig, config.model, vocab_size=vocab_size,
+                                   param_dtype=execution_settings(config)["param_dtype"])
+
+
+def with_adapters(config, policy: Policy) -> Policy:
+    """`policy` with fresh LoRA adapters of config.model.lora on its weights (unchanged when
+    lora.rank is 0): what SFT and RL train."""
+    model_cfg = lora.configure(policy.model_cfg, config.model.lora)
+    if not model_cfg.lora_rank:
+        return policy
+    adapters = lora.init_adapters(model_cfg, jax.random.fold_in(jax.random.key(config.seed), 1), policy.mesh)
+    return policy._replace(model_cfg=model_cfg, params=lora.merge(policy.params, adapters))
 
 
 def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> Policy:
@@ -50,20 +70,26 @@ def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> Policy:
     else:
         model_cfg = scratch_model_config(config, tokenizer.vocab_size)
         params = sharding.init_sharded(lambda key: init_params(model_cfg, key), jax.random.key(config.seed), mesh)
-    announce(model_cfg, config.model.path or "from scratch")
-    return Policy(model_cfg, params, tokenizer, mesh)
+    policy = with_adapters(config, Policy(model_cfg, params, tokenizer, mesh))
+    announce(policy, config.model.path or "from scratch")
+    return policy
 
 
-def announce(model_cfg: ModelConfig, source: str) -> None:
-    """The start-up line naming the model a run trains."""
-    if sharding.is_primary():
-        print(f"model: {model_cfg.model_type}, {model_cfg.num_params():,} parameters ({source}), "
-              f"{model_cfg.num_layers} layers, weights in {model_cfg.param_dtype}, compute in {model_cfg.dtype}")
+def announce(policy: Policy, source: str) -> None:
+    """The start-up lines naming the model a run trains, and with LoRA what of it trains."""
+    model_cfg = policy.model_cfg
+    if not sharding.is_primary():
+        return
+    print(f"model: {model_cfg.model_type}, {model_cfg.num_params():,} parameters ({source}), "
+          f"{model_cfg.num_layers} layers, weights in {model_cfg.param_dtype}, compute in {model_cfg.dtype}")
+    if model_cfg.lora_rank:
+        print(f"LoRA rank {model_cfg.lora_rank} on {', '.join(model_cfg.lora_targets)}: "
+              f"{lora.describe(model_cfg, policy.params)}")
 
 
 def load_policy(path: str, config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> Policy:
     """The HF model in `path`, run as config.model says (EXECUTION_KEYS)."""
-    return Policy(*hf.load(path, mesh, **{k: config.model[k] for k in EXECUTION_KEYS}), tokenizer, mesh)
+    return Policy(*hf.load(path, mesh, **execution_settings(config)), tokenizer, mesh)
 
 
 def test_problems(config, task: Task) -> Problems:
@@ -121,16 +147,16 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         results.update(result_entries("sft", load_policy(sft_dir, config, tokenizer, mesh), problems, config, workdir))
     if config.mode in ("train", "rl"):
         start_dir = sft_dir or os.path.join(workdir, "sft", "best")
-        start = load_policy(start_dir, config, tokenizer, mesh)
+        start = with_adapters(config, load_policy(start_dir, config, tokenizer, mesh))
         if policy is None:
-            announce(start.model_cfg, start_dir)
+            announce(start, start_dir)
         result = rl.train(config, start, task, os.path.join(workdir, "rl"), stop)
         if result is None:
             return None
         final = start.with_params(result["params"])
         results.update(result_entries(f"r3-{config.rl.strategy}", final, problems, config, workdir,
                                       {"steps": result["steps"], "tokens_sampled": result["tokens_sampled"]}))
-        sft.export(os.path.join(workdir, "rl", "final"), final, config.model.export_dtype)
+        sft.export(os.path.join(workdir, "rl", "final"), final, config.model.export_dtype, start_dir)
     stop.restore()
     write_results(workdir, results, f"{task.name}: test accuracy at start state k = 0 (greedy unless maj@k)")
     return results

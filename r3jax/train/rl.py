@@ -17,6 +17,7 @@ import numpy as np
 from r3jax import config as config_lib, curriculum as curriculum_lib, optim, ppo, rollout as rollout_lib, sharding
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import EvalSettings, Problems, accuracy_report, evaluate, samples
+from r3jax.models import lora
 from r3jax.models.transformer import ModelConfig
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout, SamplingConfig
@@ -177,12 +178,14 @@ def _sampling_record(c, collected: Collected, tokens_sampled: int, lr: float, sa
     return record
 
 
-def _learner(c, model_cfg: ModelConfig, policy: Any, mesh) -> tuple[ppo.PPOState, Callable]:
-    """(the initial PPO state from the SFT `policy`, learn): `learn(state, collected, key,
-    lr_scale, step) -> (state, record)` trims the batch, runs the one jitted update (counting the
-    distinct batch shapes it has compiled, `compiled/update_shapes`) and reads its metrics back."""
-    # own buffers (the training state is donated); none at all when no KL penalty reads it
-    reference = sharding.compute_copy(model_cfg, mesh)(policy) if c.kl_coef else None
+def _learner(c, model_cfg: ModelConfig, policy: Any, frozen: Any, mesh) -> tuple[ppo.PPOState, Callable]:
+    """(the initial PPO state from the SFT `policy` (what trains: with LoRA its adapters, on the
+    base `frozen`), learn): `learn(state, collected, key, lr_scale, step) -> (state, record)` trims
+    the batch, runs the one jitted update (counting the distinct batch shapes it has compiled,
+    `compiled/update_shapes`) and reads its metrics back."""
+    # the frozen SFT reference: a copy in its own buffers (the training state is donated); none
+    # when no KL penalty reads it, or with LoRA, where it is the frozen base (the adapters off)
+    reference = sharding.compute_copy(model_cfg, mesh)(policy) if c.kl_coef and frozen is None else None
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
     optimizer = optim.rl_optimizer(c, params)
     update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
@@ -192,7 +195,7 @@ def _learner(c, model_cfg: ModelConfig, policy: Any, mesh) -> tuple[ppo.PPOState
         batch = trim(collected.experience, c.length_bucket)
         shapes.add(batch.rollout.tokens.shape)
         state, update_metrics, per_sequence = update(state, reference, sharding.shard_batch(batch, mesh), key,
-                                                     lr_scale, 0.0 if step < c.critic_warmup_steps else 1.0)
+                                                     lr_scale, 0.0 if step < c.critic_warmup_steps else 1.0, frozen)
         record = {k: float(sharding.to_host(v)) for k, v in update_metrics.items()}  # waits for the update
         record["compiled/update_shapes"] = len(shapes)  # in this process: a resumed run counts afresh
         record.update(_host_metrics(collected.states, collected.scores,
@@ -200,6 +203,14 @@ def _learner(c, model_cfg: ModelConfig, policy: Any, mesh) -> tuple[ppo.PPOState
         return state, record
 
     return ppo.init_state(params, optimizer), learn
+
+
+def _sampling_weights(c, frozen: Any, policy: Any, to_rollout_layout: Callable[[Any], Any]) -> Any:
+    """The policy to sample from: in the rollout layout, in new buffers (the training state is
+    donated to the update); with LoRA on the training mesh, the base and adapters as they lie (the
+    sampler is done with them before the update runs, and a copy would double the base's memory)."""
+    weights = lora.merge(frozen, policy)
+    return weights if frozen is not None and not c.rollout_mesh else to_rollout_layout(weights)
 
 
 def _steps(c, curriculum: curriculum_lib.Curriculum) -> int:
@@ -219,13 +230,15 @@ def _phase(config, strategy: str, workdir: str) -> loop.Phase:
 
 def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> dict[str, Any] | None:
     """Runs (or resumes) RL from the SFT model `start` in `workdir`, with config.rl.strategy and
-    config.seed. Returns the final policy's params with the steps taken and tokens sampled, or
-    None when stopped early by a signal."""
+    config.seed: every weight, or with LoRA (adapters in `start`) the adapters alone. Returns the
+    final policy's params with the steps taken and tokens sampled, or None when stopped early by a
+    signal."""
     c, strategy, seed = config.rl, config.rl.strategy, config.seed
-    model_cfg, policy, tokenizer, mesh = start
+    model_cfg, _, tokenizer, mesh = start
+    policy, frozen = lora.trainable_and_frozen(model_cfg, start.params)
     os.makedirs(workdir, exist_ok=True)
     curriculum = build_curriculum(c, task, tokenizer, strategy, seed)
-    initial_state, learn = _learner(c, model_cfg, policy, mesh)
+    initial_state, learn = _learner(c, model_cfg, policy, frozen, mesh)
     steps = _steps(c, curriculum)
     settings = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature, c.top_k, c.top_p)
     rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
@@ -239,7 +252,8 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
         _, update_key = jax.random.split(jax.random.fold_in(base_key, step))
         progress = tokens_sampled / budget if budget else step / steps
         started = time.perf_counter()
-        sampler = Policy(model_cfg, to_rollout_layout(state.params.policy), tokenizer, rollout_mesh)
+        sampler = Policy(model_cfg, _sampling_weights(c, frozen, state.params.policy, to_rollout_layout), tokenizer,
+                         rollout_mesh)
         collected, data_position = collect(c, curriculum, task, sampler, settings, base_key, meta["data_position"],
                                            progress)
         sampled = time.perf_counter()
@@ -255,7 +269,8 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
         return state, {"step": step + 1, "tokens_sampled": tokens_sampled, "data_position": data_position}, record
 
     def validate(state: ppo.PPOState, meta: dict) -> tuple[dict, list[dict], dict]:
-        report, records = evaluate(start.with_params(state.params.policy), validation, desc="RL eval")
+        report, records = evaluate(start.with_params(lora.merge(frozen, state.params.policy)), validation,
+                                   desc="RL eval")
         return ({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k},
                 samples(task, validation.demos, records), meta)
 
@@ -266,4 +281,5 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
     state, meta, finished = loop.run(phase, config, initial_state, {"step": 0, "tokens_sampled": 0, "data_position": 0}, hooks, stop)
     if not finished:
         return None
-    return {"params": state.params.policy, "steps": meta["step"], "tokens_sampled": meta["tokens_sampled"]}
+    return {"params": lora.merge(frozen, state.params.policy), "steps": meta["step"],
+            "tokens_sampled": meta["tokens_sampled"]}

@@ -18,7 +18,7 @@ from r3jax import config as config_lib, optim, sharding
 from r3jax.checkpoint import StopSignal, latest_step
 from r3jax.curriculum import epoch_order
 from r3jax.evaluate import EvalSettings, Problems, evaluate, samples
-from r3jax.models import hf
+from r3jax.models import hf, lora
 from r3jax.models.transformer import ModelConfig, forward
 from r3jax.ppo import chunked_logprobs
 from r3jax.rollout import Policy, encode_demo, sft_example
@@ -33,9 +33,11 @@ class SFTState(NamedTuple):
     step: jnp.ndarray
 
 
-def export(path: str, policy: Policy, dtype: str = "") -> None:
+def export(path: str, policy: Policy, dtype: str = "", base_model: str = "") -> None:
     """An HF model directory with its tokenizer, loadable by r3jax and by transformers (whose
     `generate()` stops at the tokenizer's stop ids); weights in `dtype` ("" = the params' own).
+    A LoRA model is exported with its adapters folded in, and the adapters alone in PEFT's format
+    in `<path>/adapter`, for the HF model in `base_model`.
 
     Atomic: written beside `path`, then renamed over it, so a run killed mid-export leaves the
     previous export (or none), never a partial one."""
@@ -45,6 +47,9 @@ def export(path: str, policy: Policy, dtype: str = "") -> None:
         shutil.rmtree(partial)
     special_ids = {"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id,
                    "eos_token_id": tokenizer.eos_id if len(tokenizer.stop_ids) == 1 else list(tokenizer.stop_ids)}
+    if model_cfg.lora_rank:
+        lora.save_peft(os.path.join(partial, "adapter"), model_cfg, params, base_model)
+        model_cfg, params = model_cfg.base(), jax.jit(lora.fold, static_argnums=0)(model_cfg, params)
     hf.save(partial, model_cfg, params, dtype=dtype, special_ids=special_ids)
     if sharding.is_primary():
         tokenizer.save(partial)
@@ -72,14 +77,16 @@ def nll_sum(model_cfg: ModelConfig, params, batch: dict, logits_chunk: int = 0) 
 
 
 def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, logits_chunk: int = 0):
-    """`step(state, batch [micro, accum, length], lr_scale) -> (state, metrics)`, one jit, state
-    donated; `lr_scale` is the schedule's multiplier of the optimizer's peak learning rate."""
-    grad_fn = jax.value_and_grad(lambda p, b: nll_sum(model_cfg, p, b, logits_chunk), has_aux=True)
+    """`step(state, batch [micro, accum, length], lr_scale, frozen=None) -> (state, metrics)`, one
+    jit, state donated; `lr_scale` is the schedule's multiplier of the optimizer's peak learning
+    rate; `frozen` is the base under LoRA adapters (state.params), never differentiated."""
+    grad_fn = jax.value_and_grad(lambda p, b, frozen: nll_sum(model_cfg, lora.merge(frozen, p), b, logits_chunk),
+                                 has_aux=True)
 
-    def step(state: SFTState, batch: dict, lr_scale):
+    def step(state: SFTState, batch: dict, lr_scale, frozen=None):
         def accumulate(carry, microbatch):
             grads, loss_sum, count = carry
-            (micro_loss, micro_count), micro_grads = grad_fn(state.params, microbatch)
+            (micro_loss, micro_count), micro_grads = grad_fn(state.params, microbatch, frozen)
             return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -102,20 +109,26 @@ def _batch_for_step(examples, step: int, c, seed: int, pad_id: int) -> dict[str,
     return {k: v.reshape(c.batch_size, c.grad_accum, -1) for k, v in batch.items()}
 
 
+def _fitting_examples(task: Task, tokenizer: Tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """The (tokens, loss mask) of every training demonstration of at most `max_length` tokens."""
+    every = [sft_example(encode_demo(tokenizer, task, d), tokenizer.eos_id) for d in task.demonstrations("train")]
+    examples = [e for e in every if len(e[0]) <= max_length]
+    if not examples:
+        raise config_lib.ConfigError(f"config.sft.max_length: {max_length} tokens fit none of the training "
+                                     f"examples (the shortest has {min(len(tokens) for tokens, _ in every)})")
+    return examples
+
+
 def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> str | None:
-    """Runs (or resumes, or extends) SFT from `start` in `<workdir>/sft`. Returns the HF dir of the
-    best model (by accuracy on the validation split, else the last), or None when stopped early by
-    a signal."""
+    """Runs (or resumes, or extends) SFT from `start` in `<workdir>/sft`: every weight, or with
+    LoRA the adapters alone. Returns the HF dir of the best model (by accuracy on the validation
+    split, else the last), or None when stopped early by a signal."""
     c = config.sft
-    model_cfg, params, tokenizer, mesh = start
+    model_cfg, _, tokenizer, mesh = start
+    params, frozen = lora.trainable_and_frozen(model_cfg, start.params)
     out = os.path.join(workdir, "sft")
     best_dir, last_dir = os.path.join(out, "best"), os.path.join(out, "last")
-    demos = task.demonstrations("train")
-    every = [sft_example(encode_demo(tokenizer, task, d), tokenizer.eos_id) for d in demos]
-    examples = [e for e in every if len(e[0]) <= c.max_length]
-    if not examples:
-        raise config_lib.ConfigError(f"config.sft.max_length: {c.max_length} tokens fit none of the training "
-                                     f"examples (the shortest has {min(len(tokens) for tokens, _ in every)})")
+    examples = _fitting_examples(task, tokenizer, c.max_length)
     steps = config_lib.training_steps(c, len(examples), c.batch_size * c.grad_accum)
     if c.data_epochs:
         print(f"SFT: {c.data_epochs:g} epochs over {len(examples):,} examples = {steps:,} steps")
@@ -134,14 +147,20 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
         step = meta["step"]
         batch = sharding.shard_batch(_batch_for_step(examples, step, c, config.seed, tokenizer.pad_id), mesh)
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, step / steps)
-        state, metrics = train_step(state, batch, lr_scale)
+        state, metrics = train_step(state, batch, lr_scale, frozen)
         return state, {**meta, "step": step + 1}, {k: float(v) for k, v in metrics.items()} | {"lr": c.lr * lr_scale}
 
+    def model(state: SFTState) -> Policy:
+        return start.with_params(lora.merge(frozen, state.params))
+
+    def save(directory: str, state: SFTState) -> None:
+        export(directory, model(state), config.model.export_dtype, config.model.path)
+
     def select(state: SFTState, meta: dict) -> tuple[dict, list[dict], dict]:
-        report, records = evaluate(start.with_params(state.params), validation, desc="SFT eval")
+        report, records = evaluate(model(state), validation, desc="SFT eval")
         if report["accuracy"] > meta["best"]["accuracy"]:
             meta = {**meta, "best": {"accuracy": report["accuracy"], "step": meta["step"]}}
-            export(best_dir, start.with_params(state.params), config.model.export_dtype)
+            save(best_dir, state)
         return {f"eval/{k}": v for k, v in report.items()}, samples(task, validation.demos, records), meta
 
     phase = loop.Phase("SFT", out, "sft", c.checkpoint_every, config.checkpoint.keep, c.eval_every, eval_at_end=True,
@@ -153,7 +172,7 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
     state, meta, finished = loop.run(phase, config, state, {"step": 0, "best": {"accuracy": -1.0}}, hooks, stop)
     if not finished:
         return None
-    export(last_dir, start.with_params(state.params), config.model.export_dtype)
+    save(last_dir, state)
     if meta["best"]["accuracy"] < 0:
-        export(best_dir, start.with_params(state.params), config.model.export_dtype)
+        save(best_dir, state)
     return best_dir

@@ -1,0 +1,152 @@
+"""LoRA: low-rank adapters beside the projections, the base weights frozen.
+
+A LoRA model's params are one tree: the base's (the HF names, as without LoRA) plus, in each
+module with an adapted projection `<name>`, a float32 adapter `<name>_lora = {"a": [*in, rank],
+"b": [rank, *out]}` (models/transformer.py, LoraDelta). The trainers split that tree into what
+trains (the adapters) and what stays frozen (the base), and differentiate and keep optimizer state
+for the adapters alone. The base with the adapters off (`ModelConfig.base()`) is also the RL
+reference, so no second copy of the weights exists.
+
+Exports fold the adapters into the base (an ordinary HF checkpoint) and also write them alone in
+PEFT's format (`adapter_config.json`, `adapter_model.safetensors`), which `peft` loads onto the base.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from r3jax import sharding
+from r3jax.config import LORA_MODULES, lora_targets
+from r3jax.models.transformer import ModelConfig, init_params
+
+# The HF submodule that holds each projection an adapter can sit beside (config.LORA_MODULES)
+HF_SUBMODULE = {name: "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn" for name in LORA_MODULES}
+ADAPTER_SUFFIX = "_lora"
+
+
+def configure(model_cfg: ModelConfig, section) -> ModelConfig:
+    """`model_cfg` with config.model.lora's adapters (unchanged when lora.rank is 0)."""
+    if not section.rank:
+        return model_cfg
+    return model_cfg.replace(lora_rank=section.rank, lora_alpha=float(section.alpha),
+                             lora_targets=lora_targets(section.targets))
+
+
+def split(params: dict) -> tuple[dict, dict]:
+    """(adapters, base) of a LoRA model's params, each a tree of the same nesting."""
+    adapters, base = {}, {}
+    for key, value in params.items():
+        if key.endswith(ADAPTER_SUFFIX):
+            adapters[key] = value
+        elif isinstance(value, dict):
+            inner_adapters, base[key] = split(value)
+            if inner_adapters:
+                adapters[key] = inner_adapters
+        else:
+            base[key] = value
+    return adapters, base
+
+
+def merge(frozen: dict | None, trainable: Any) -> Any:
+    """The model's params from its frozen part (None: nothing is frozen) and its trained part."""
+    if frozen is None:
+        return trainable
+    merged = dict(frozen)
+    for key, value in trainable.items():
+        merged[key] = merge(frozen[key], value) if isinstance(value, dict) and key in frozen else value
+    return merged
+
+
+def trainable_and_frozen(model_cfg: ModelConfig, params: dict) -> tuple[dict, dict | None]:
+    """(what trains, what stays frozen): with LoRA the adapters and the base, else every weight and None."""
+    return split(params) if model_cfg.lora_rank else (params, None)
+
+
+def init_adapters(model_cfg: ModelConfig, key: jax.Array, mesh) -> dict:
+    """Fresh adapters (B = 0: the model's outputs are the base's), each shard made on its device;
+    the base's initialisation is traced but never computed."""
+    return sharding.init_sharded(lambda k: split(init_params(model_cfg, k))[0], key, mesh)
+
+
+def fold(model_cfg: ModelConfig, params: dict) -> dict:
+    """The base's params with each adapter's `scale * A B` added to its projection's kernel (in the
+    kernel's dtype): a LoRA model as a plain one."""
+    scale = model_cfg.lora_alpha / max(model_cfg.lora_rank, 1)
+
+    def delta(a, b):  # [*in, rank] x [rank, *out] -> [*in, *out]
+        return jnp.tensordot(a, b, axes=1)
+
+    if model_cfg.scan_layers:
+        delta = jax.vmap(delta)  # over the stacked layers
+    folded = {}
+    for key, value in params.items():
+        if key.endswith(ADAPTER_SUFFIX):
+            continue
+        if isinstance(value, dict):
+            value = fold(model_cfg, value)
+        adapter = params.get(key + ADAPTER_SUFFIX)
+        if adapter is not None:
+            kernel = value["kernel"]
+            added = kernel.astype(jnp.float32) + scale * delta(adapter["a"], adapter["b"])
+            value = {**value, "kernel": added.astype(kernel.dtype)}
+        folded[key] = value
+    return folded
+
+
+def _layer(model_cfg: ModelConfig, params: dict, index: int) -> dict:
+    if model_cfg.scan_layers:
+        return jax.tree.map(lambda x: x[index], params["layers"])
+    return params[f"layers_{index}"]
+
+
+def peft_tensors(model_cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """PEFT's adapter tensors (`...<proj>.lora_A.weight [rank, in]`, `lora_B.weight [out, rank]`)
+    of a LoRA model's params. A collective across hosts: every process must call it."""
+    tensors = {}
+    rank = model_cfg.lora_rank
+    for i in range(model_cfg.num_layers):
+        layer = _layer(model_cfg, params, i)
+        for name, submodule in HF_SUBMODULE.items():
+            if not model_cfg.has_adapter(name):
+                continue
+            ours = layer["attn" if submodule == "self_attn" else "mlp"][name + ADAPTER_SUFFIX]
+            a, b = sharding.to_host(ours["a"]), sharding.to_host(ours["b"])
+            prefix = f"base_model.model.model.layers.{i}.{submodule}.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, rank).T)
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(rank, -1).T)
+    return tensors
+
+
+def save_peft(path: str, model_cfg: ModelConfig, params: dict, base_model: str) -> None:
+    """An adapter-only PEFT directory for `PeftModel.from_pretrained(<the HF model in base_model>,
+    path)`. Multi-host: every process calls it; process 0 writes."""
+    tensors = peft_tensors(model_cfg, params)
+    if not sharding.is_primary():
+        return
+    os.makedirs(path, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": model_cfg.lora_rank, "lora_alpha": model_cfg.lora_alpha, "lora_dropout": 0.0,
+              "target_modules": list(model_cfg.lora_targets), "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "inference_mode": True}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def describe(model_cfg: ModelConfig, params: dict) -> str:
+    """"trainable N (B bytes), frozen M (C bytes)" of a model's params."""
+    trainable, frozen = trainable_and_frozen(model_cfg, params)
+
+    def size(tree):
+        leaves = jax.tree.leaves(tree)
+        return sum(x.size for x in leaves), sum(x.size * x.dtype.itemsize for x in leaves)
+
+    (count, nbytes), (frozen_count, frozen_bytes) = size(trainable), size(frozen)
+    return (f"trainable {count:,} parameters ({nbytes / 2**20:,.1f} MiB), "
+            f"frozen {frozen_count:,} ({frozen_bytes / 2**20:,.1f} MiB)")

@@ -1,0 +1,187 @@
+"""LoRA: fresh adapters change nothing, only adapters train (the base stays bit-identical and has no
+optimizer state), scanned/remat and sharded models agree with the plain one, and the exports (folded
+HF checkpoint, PEFT adapter) load in transformers and peft with r3jax's outputs."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import TINY, tiny_params
+from r3jax import config as config_lib, optim, ppo, sharding
+from r3jax.errors import ConfigError
+from r3jax.models import lora
+from r3jax.models.transformer import forward, init_params
+from r3jax.models.value import actor_critic_params
+from r3jax.rollout import Policy
+from r3jax.sampling import SamplingConfig, sample
+from r3jax.train import sft
+
+LORA = TINY.replace(lora_rank=4, lora_alpha=8.0, lora_targets=config_lib.LORA_MODULES)
+TOKENS = jnp.asarray([[0, 0, 5, 9, 14, 3, 7, 22], [4, 8, 15, 16, 23, 42, 11, 2]]) % TINY.vocab_size
+MASK = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+
+
+def _is_b(path) -> bool:
+    return path[-1].key == "b"
+
+
+def _trained_adapters(params, seed=1):
+    """`params` with every adapter's B random (as after training), so adapters change the outputs."""
+    adapters, base = lora.split(params)
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(adapters))))
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda path, x: 0.1 * jax.random.normal(next(keys), x.shape) if _is_b(path) else x, adapters)
+    return lora.merge(base, adapters)
+
+
+def test_fresh_adapters_leave_the_logits_exactly_the_base_ones():
+    params = tiny_params(LORA)
+    adapters, base = lora.split(params)
+    assert set(adapters["layers_0"]["attn"]) == {"q_proj_lora", "k_proj_lora", "v_proj_lora", "o_proj_lora"}
+    assert not any(k.endswith("_lora") for k in base["layers_0"]["attn"])
+    with_adapters = forward(LORA, params, TOKENS, MASK)[0]
+    np.testing.assert_array_equal(with_adapters, forward(TINY, base, TOKENS, MASK)[0])
+    np.testing.assert_array_equal(with_adapters, forward(TINY, tiny_params(TINY), TOKENS, MASK)[0])  # same base init
+
+
+def test_folded_adapters_give_the_lora_models_logits():
+    params = _trained_adapters(tiny_params(LORA))
+    lora_logits = forward(LORA, params, TOKENS, MASK)[0]
+    folded = lora.fold(LORA, params)
+    assert jax.tree.structure(folded) == jax.tree.structure(lora.split(params)[1])
+    assert float(jnp.abs(lora_logits - forward(TINY, lora.split(params)[1], TOKENS, MASK)[0]).max()) > 1e-3
+    np.testing.assert_allclose(forward(TINY, folded, TOKENS, MASK)[0], lora_logits, atol=2e-5)
+
+
+def _loss(cfg, adapters, base):
+    logits = forward(cfg, lora.merge(base, adapters), TOKENS, MASK)[0]
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+
+def _stack_layers(tree, cfg):
+    layers = [tree[f"layers_{i}"] for i in range(cfg.num_layers)]
+    rest = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)} if layers else rest
+
+
+def test_scanned_and_rematerialised_lora_equals_unrolled_in_logits_and_gradients():
+    params = _trained_adapters(tiny_params(LORA))
+    adapters, base = lora.split(params)
+    scanned = LORA.replace(scan_layers=True, remat="full")
+    stacked_adapters, stacked_base = _stack_layers(adapters, LORA), _stack_layers(base, LORA)
+    np.testing.assert_allclose(forward(scanned, lora.merge(stacked_base, stacked_adapters), TOKENS, MASK)[0],
+                               forward(LORA, params, TOKENS, MASK)[0], atol=1e-5)
+    unrolled_grads = jax.grad(_loss, argnums=1)(LORA, adapters, base)
+    scanned_grads = jax.grad(_loss, argnums=1)(scanned, stacked_adapters, stacked_base)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-4),
+                 scanned_grads, _stack_layers(unrolled_grads, LORA))
+    np.testing.assert_allclose(forward(scanned.base(), lora.fold(scanned, lora.merge(stacked_base, stacked_adapters)),
+                                       TOKENS, MASK)[0], forward(LORA, params, TOKENS, MASK)[0], atol=2e-5)
+
+
+def test_sharded_lora_equals_one_device():
+    mesh = sharding.make_mesh((1, 4, 2))
+    params = _trained_adapters(tiny_params(LORA))
+    shardings = sharding.logical_shardings(jax.eval_shape(functools.partial(init_params, LORA), jax.random.key(0)), mesh)
+    placed = jax.device_put(params, shardings)
+    adapter_specs = [leaf.sharding.spec for leaf in jax.tree.leaves(lora.split(placed)[0])]
+    assert all(spec[-1] is None for spec in adapter_specs[::2])  # each A's rank axis is replicated
+    adapters, base = lora.split(placed)
+    sharded = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(LORA, adapters, base)
+    single = jax.value_and_grad(_loss, argnums=1)(LORA, *lora.split(params))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5), sharded, single)
+
+
+def _sft_batch():
+    return {"tokens": TOKENS[:, None], "attention_mask": MASK[:, None],
+            "loss_mask": jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]])[:, None]}
+
+
+def test_lora_sft_trains_only_the_adapters():
+    params = tiny_params(LORA)
+    adapters, base = lora.split(params)
+    base_before = jax.tree.map(np.array, base)
+    optimizer = optim.adamw(1e-2)
+    state = sft.SFTState(adapters, jax.jit(optimizer.init)(adapters), jnp.zeros((), jnp.int32))
+    assert {leaf.size for leaf in jax.tree.leaves(state.opt_state)} - {1} <= {leaf.size for leaf in jax.tree.leaves(adapters)}
+    step = sft.make_train_step(LORA, optimizer)
+    for _ in range(2):
+        state, metrics = step(state, _sft_batch(), 1.0, base)
+    jax.tree.map(np.testing.assert_array_equal, base, base_before)
+    moved = jax.tree_util.tree_map_with_path(lambda path, new, old: not _is_b(path) or not np.array_equal(new, old),
+                                             state.params, adapters)
+    assert all(jax.tree.leaves(moved))  # every B moved off zero
+    full_loss = sft.nll_sum(TINY, lora.fold(LORA, lora.merge(base, state.params)), jax.tree.map(lambda x: x[:, 0], _sft_batch()))
+    next_state, next_metrics = step(state, _sft_batch(), 0.0, base)
+    np.testing.assert_allclose(next_metrics["loss"], full_loss[0] / full_loss[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_lora_ppo_update_trains_adapters_and_critic_against_the_base_as_reference(separate_critic):
+    params = _trained_adapters(tiny_params(LORA, scale=3.0))
+    adapters, base = lora.split(params)
+    base_before = jax.tree.map(np.array, base)
+    actor_critic = actor_critic_params(LORA, adapters, separate_critic)
+    assert actor_critic.critic_backbone is None or jax.tree.structure(actor_critic.critic_backbone) == jax.tree.structure(adapters)
+    cfg = ppo.PPOConfig(kl_coef=0.1, epochs=2)
+    optimizer = optim.actor_critic(optim.adamw(1e-2), optim.adamw(1e-2), actor_critic)
+    state = ppo.init_state(actor_critic, optimizer)
+    rollout = sample(LORA, params, TOKENS, MASK, jax.random.key(0), SamplingConfig(max_new_tokens=6, pad_id=0))
+    data = ppo.experience(rollout, jnp.asarray([1.0, 0.0]))
+    prepared, metrics, _ = ppo.prepare(LORA, cfg, actor_critic, None, data, base)
+    base_logp, _ = ppo.completion_logprobs(TINY, base, forward(TINY, base, rollout.tokens, rollout.attention_mask,
+                                                               with_head=False)[1], rollout.tokens, 6, 1.0)
+    np.testing.assert_allclose(prepared.ref_logprobs, base_logp, atol=1e-6)  # the reference: adapters off
+    np.testing.assert_allclose(prepared.old_logprobs * rollout.completion_mask, rollout.logprobs, atol=1e-5)
+    update = ppo.make_ppo_update(LORA, cfg, optimizer)
+    new_state, metrics, _ = update(state, None, data, jax.random.key(1), 1.0, 1.0, base)
+    jax.tree.map(np.testing.assert_array_equal, base, base_before)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["kl"]) > 0
+    for before, after in ((actor_critic.value_head, new_state.params.value_head), (adapters, new_state.params.policy)):
+        assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_exports_fold_adapters_and_write_a_peft_adapter_that_peft_loads(tok, tmp_path):
+    """The merged export generates in transformers exactly as r3jax with adapters, and the PEFT
+    adapter on the HF base gives r3jax's logits."""
+    import peft
+    import torch
+    import transformers
+
+    cfg = LORA.replace(vocab_size=tok.vocab_size)
+    params = _trained_adapters(tiny_params(cfg, scale=4.0))
+    base_dir, export_dir = str(tmp_path / "base"), str(tmp_path / "export")
+    sft.export(base_dir, Policy(cfg.base(), lora.split(params)[1], tok, None))
+    sft.export(export_dir, Policy(cfg, params, tok, None), base_model=base_dir)
+
+    prompt = tok.encode("Mia has 3 pens.", add_bos=True)
+    rollout = sample(cfg, params, jnp.asarray([prompt]), jnp.ones((1, len(prompt)), jnp.int32), jax.random.key(0),
+                     SamplingConfig(max_new_tokens=10, greedy=True, stop_ids=tok.stop_ids, pad_id=tok.pad_id))
+    ours = [int(t) for t, m in zip(rollout.completions[0], rollout.completion_mask[0]) if m]
+    merged = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    assert merged.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist() == ours
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, f"{export_dir}/adapter").eval()
+    with torch.no_grad():
+        theirs = adapted(torch.tensor([prompt])).logits.numpy()
+    ours_logits = forward(cfg, params, jnp.asarray([prompt]), jnp.ones((1, len(prompt)), jnp.int32))[0]
+    assert float(np.abs(ours_logits - forward(cfg.base(), lora.split(params)[1], jnp.asarray([prompt]),
+                                              jnp.ones((1, len(prompt)), jnp.int32))[0]).max()) > 1e-2
+    np.testing.assert_allclose(theirs, ours_logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rank", -1, "config.model.lora.rank: must be a positive rank"),
+    ("targets", "lm_head", "config.model.lora.targets: 'lm_head' matches no module (the modules: q_proj, k_proj"),
+    ("targets", "(q_proj", "config.model.lora.targets: '(q_proj' is not a regular expression"),
+    ("base_dtype", "nf5", "config.model.lora.base_dtype: 'nf5' is not one of"),
+])
+def test_bad_lora_settings_are_refused_naming_the_key(key, value, message):
+    config = config_lib.base_config()
+    config.model.lora.rank = 8
+    config.model.lora[key] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        config_lib.validate(config, 1)
