@@ -96,6 +96,9 @@ SCHEMA: dict[str, Any] = {
             "targets": (".*_proj", "regular expression over the projections that get adapters: "
                                    + ", ".join(LORA_MODULES)),
             "base_dtype": ("float32", "the frozen base's weights (replaces model.param_dtype under LoRA)", DTYPES),
+            "init_from": ("", "a PEFT adapter dir (e.g. a run's sft/best/adapter) the first phase's adapters start "
+                              "from, on the model it was trained on (model.path; mode=rl: rl.init); '' = fresh "
+                              "adapters. Its rank and targets must be this config's"),
         },
     },
     "mesh": ((-1, 1, 1), "(data, fsdp, tensor) device mesh; -1 takes the remaining devices"),
@@ -411,6 +414,10 @@ def _validate_lora(c: ml_collections.ConfigDict) -> None:
     if c.model.lora.rank:
         _check(c.model.lora.alpha > 0, "model.lora.alpha", f"must be positive, got {c.model.lora.alpha}")
         lora_targets(c.model.lora.targets)
+    path = c.model.lora.init_from
+    _check(not path or c.model.lora.rank, "model.lora.init_from", "needs model.lora.rank > 0 (the adapter's rank)")
+    _check(not path or os.path.exists(os.path.join(path, "adapter_config.json")), "model.lora.init_from",
+           f"{path} has no adapter_config.json (a PEFT adapter directory)")
 
 
 def _validate_rl(c: ml_collections.ConfigDict) -> None:

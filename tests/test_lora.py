@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TINY, tiny_params
+from helpers import TINY, make_hf_model, tiny_params
 from r3jax import config as config_lib, optim, ppo, sharding
-from r3jax.errors import ConfigError
-from r3jax.models import lora
+from r3jax.errors import ConfigError, InputError
+from r3jax.models import hf, lora
 from r3jax.models.transformer import forward, init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.rollout import Policy
@@ -178,6 +178,7 @@ def test_exports_fold_adapters_and_write_a_peft_adapter_that_peft_loads(tok, tmp
     ("targets", "lm_head", "config.model.lora.targets: 'lm_head' matches no module (the modules: q_proj, k_proj"),
     ("targets", "(q_proj", "config.model.lora.targets: '(q_proj' is not a regular expression"),
     ("base_dtype", "nf5", "config.model.lora.base_dtype: 'nf5' is not one of"),
+    ("init_from", "/no/adapter", "config.model.lora.init_from: /no/adapter has no adapter_config.json"),
 ])
 def test_bad_lora_settings_are_refused_naming_the_key(key, value, message):
     config = config_lib.base_config()
@@ -185,3 +186,50 @@ def test_bad_lora_settings_are_refused_naming_the_key(key, value, message):
     config.model.lora[key] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         config_lib.validate(config, 1)
+
+
+def _peft_adapter(tmp_path, targets=("q_proj", "o_proj", "down_proj"), rank=4, **hf_shape):
+    """A tiny HF Llama and a random (B not zero) adapter that peft made for it: (base dir, adapter dir, peft model)."""
+    import peft
+    import torch
+
+    base = make_hf_model("llama", str(tmp_path / "base"), **hf_shape)
+    torch.manual_seed(1)
+    adapted = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=8, target_modules=list(targets),
+                                                        init_lora_weights=False)).eval()
+    adapted.save_pretrained(str(tmp_path / "adapter"))
+    return str(tmp_path / "base"), str(tmp_path / "adapter"), adapted
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_an_adapter_peft_made_continues_with_pefts_logits(tmp_path, scan_layers):
+    """model.lora.init_from's reader: peft's own adapter on its HF base gives peft's logits in r3jax,
+    and written back out it is the same adapter."""
+    import torch
+    from safetensors.numpy import load_file
+
+    base_dir, adapter_dir, adapted = _peft_adapter(tmp_path)
+    cfg, base = hf.load(base_dir, scan_layers=scan_layers)
+    cfg = cfg.replace(lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "o_proj", "down_proj"))
+    params = lora.merge(base, lora.load_peft(adapter_dir, cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1])))
+    tokens = np.asarray([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        theirs = adapted(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(forward(cfg, params, jnp.asarray(tokens), jnp.ones_like(tokens))[0], theirs, atol=1e-4)
+    written = lora.peft_tensors(cfg, params)
+    saved = load_file(f"{adapter_dir}/adapter_model.safetensors")
+    assert set(written) == set(saved)
+    for name, tensor in written.items():
+        np.testing.assert_array_equal(tensor, saved[name])
+
+
+def test_an_adapter_of_another_shape_or_rank_is_refused_naming_it(tmp_path):
+    base_dir, adapter_dir, _ = _peft_adapter(tmp_path, hidden_size=32, intermediate_size=48)
+    cfg = TINY.replace(lora_rank=4, lora_targets=("q_proj", "o_proj", "down_proj"))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with pytest.raises(InputError, match=r"config.model.lora.init_from: .*: tensor base_model\.model\.model\.layers\.0\."
+                                         r"self_attn\.o_proj\.lora_B\.weight has shape \(32, 4\), this model's "
+                                         r"adapter there has \(48, 4\)"):
+        lora.load_peft(adapter_dir, cfg.replace(hidden_size=48), mesh)
+    with pytest.raises(InputError, match=r"holds rank 4 adapters on .*; the config asks for rank 8"):
+        lora.load_peft(adapter_dir, cfg.replace(lora_rank=8), mesh)

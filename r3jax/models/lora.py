@@ -13,16 +13,19 @@ PEFT's format (`adapter_config.json`, `adapter_model.safetensors`), which `peft`
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from r3jax import sharding
 from r3jax.config import LORA_MODULES, lora_targets
+from r3jax.errors import InputError
 from r3jax.models.transformer import ModelConfig, init_params
 
 # The HF submodule that holds each projection an adapter can sit beside (config.LORA_MODULES)
@@ -117,7 +120,7 @@ def peft_tensors(model_cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
                 continue
             ours = layer["attn" if submodule == "self_attn" else "mlp"][name + ADAPTER_SUFFIX]
             a, b = sharding.to_host(ours["a"]), sharding.to_host(ours["b"])
-            prefix = f"base_model.model.model.layers.{i}.{submodule}.{name}"
+            prefix = _peft_prefix(i, name + ADAPTER_SUFFIX)
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, rank).T)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(rank, -1).T)
     return tensors
@@ -137,6 +140,48 @@ def save_peft(path: str, model_cfg: ModelConfig, params: dict, base_model: str) 
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def load_peft(path: str, model_cfg: ModelConfig, mesh) -> dict:
+    """The adapters of a PEFT directory (as `save_peft` writes them) for `model_cfg`, placed on
+    `mesh`. InputError naming config.model.lora.init_from when the adapter's rank or targets differ
+    from the config's, or a tensor's shape from the model's (the first that does)."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        saved = json.load(f)
+    if saved.get("r") != model_cfg.lora_rank or set(saved.get("target_modules") or ()) != set(model_cfg.lora_targets):
+        raise InputError(f"config.model.lora.init_from: {path} holds rank {saved.get('r')} adapters on "
+                         f"{saved.get('target_modules')}; the config asks for rank {model_cfg.lora_rank} on "
+                         f"{list(model_cfg.lora_targets)}")
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    unrolled = model_cfg.replace(scan_layers=False)
+    shapes = jax.eval_shape(lambda k: split(nn.unbox(init_params(unrolled, k)))[0], jax.random.key(0))
+    layers = [{module: {name: {"a": _from_peft(tensors, f"{_peft_prefix(i, name)}.lora_A.weight", adapter["a"].shape, path),
+                               "b": _from_peft(tensors, f"{_peft_prefix(i, name)}.lora_B.weight", adapter["b"].shape, path)}
+                        for name, adapter in projections.items()}
+               for module, projections in shapes[f"layers_{i}"].items()}
+              for i in range(model_cfg.num_layers)]
+    adapters = ({"layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)} if model_cfg.scan_layers
+                else {f"layers_{i}": layer for i, layer in enumerate(layers)})
+    return jax.device_put(adapters, sharding.logical_shardings(
+        jax.eval_shape(lambda k: split(init_params(model_cfg, k))[0], jax.random.key(0)), mesh))
+
+
+def _peft_prefix(layer: int, adapter_name: str) -> str:
+    name = adapter_name[:-len(ADAPTER_SUFFIX)]
+    return f"base_model.model.model.layers.{layer}.{HF_SUBMODULE[name]}.{name}"
+
+
+def _from_peft(tensors: dict, name: str, shape: tuple[int, ...], path: str) -> np.ndarray:
+    """PEFT's `lora_A.weight [rank, in]` or `lora_B.weight [out, rank]` as r3jax's `a [*in, rank]`
+    or `b [rank, *out]` of `shape`."""
+    if name not in tensors:
+        raise InputError(f"config.model.lora.init_from: {path} has no tensor {name}")
+    is_a = name.endswith("lora_A.weight")
+    expected = (shape[-1], math.prod(shape[:-1])) if is_a else (math.prod(shape[1:]), shape[0])
+    if tensors[name].shape != expected:
+        raise InputError(f"config.model.lora.init_from: {path}: tensor {name} has shape {tensors[name].shape}, "
+                         f"this model's adapter there has {expected} (another base model?)")
+    return tensors[name].T.reshape(shape).astype(np.float32)
 
 
 def describe(model_cfg: ModelConfig, params: dict) -> str:

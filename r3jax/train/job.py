@@ -49,13 +49,16 @@ def scratch_model_config(config, vocab_size: int) -> ModelConfig:
                                    param_dtype=execution_settings(config)["param_dtype"])
 
 
-def with_adapters(config, policy: Policy) -> Policy:
-    """`policy` with fresh LoRA adapters of config.model.lora on its weights (unchanged when
-    lora.rank is 0): what SFT and RL train."""
+def with_adapters(config, policy: Policy, init_from: str = "") -> Policy:
+    """`policy` with LoRA adapters of config.model.lora on its weights (unchanged when lora.rank is
+    0): what SFT and RL train. Fresh ones, or those of the PEFT directory `init_from`."""
     model_cfg = lora.configure(policy.model_cfg, config.model.lora)
     if not model_cfg.lora_rank:
         return policy
-    adapters = lora.init_adapters(model_cfg, jax.random.fold_in(jax.random.key(config.seed), 1), policy.mesh)
+    if init_from:
+        adapters = lora.load_peft(init_from, model_cfg, policy.mesh)
+    else:
+        adapters = lora.init_adapters(model_cfg, jax.random.fold_in(jax.random.key(config.seed), 1), policy.mesh)
     return policy._replace(model_cfg=model_cfg, params=lora.merge(policy.params, adapters))
 
 
@@ -70,7 +73,7 @@ def build_model(config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> Policy:
     else:
         model_cfg = scratch_model_config(config, tokenizer.vocab_size)
         params = sharding.init_sharded(lambda key: init_params(model_cfg, key), jax.random.key(config.seed), mesh)
-    policy = with_adapters(config, Policy(model_cfg, params, tokenizer, mesh))
+    policy = with_adapters(config, Policy(model_cfg, params, tokenizer, mesh), config.model.lora.init_from)
     announce(policy, config.model.path or "from scratch")
     return policy
 
@@ -147,7 +150,9 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
         results.update(result_entries("sft", load_policy(sft_dir, config, tokenizer, mesh), problems, config, workdir))
     if config.mode in ("train", "rl"):
         start_dir = sft_dir or os.path.join(workdir, "sft", "best")
-        start = with_adapters(config, load_policy(start_dir, config, tokenizer, mesh))
+        # after SFT here, fresh adapters on the folded SFT model; mode=rl may continue an adapter
+        start = with_adapters(config, load_policy(start_dir, config, tokenizer, mesh),
+                              config.model.lora.init_from if config.mode == "rl" else "")
         if policy is None:
             announce(start, start_dir)
         result = rl.train(config, start, task, os.path.join(workdir, "rl"), stop)
