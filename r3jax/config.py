@@ -29,14 +29,14 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 REMAT_CHOICES = ("none", "full", "save_dots")
 SCHEDULES = ("constant", "linear", "cosine")
-STRATEGIES = ("outcome", "staged", "mixed")
+STRATEGIES = ("outcome", "staged", "mixed", "adaptive")
 STAGE_UNITS = ("steps", "epochs", "budget")
 KL_MODES = ("reward", "loss")
 ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 SPLITS = ("test", "validation", "train")
 WANDB_MODES = ("", "offline", "online")
-ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed"}  # compare.arms: arm -> rl.strategy
+ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed", "adaptive": "adaptive"}  # compare.arms: arm -> rl.strategy
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -120,7 +120,11 @@ SCHEMA: dict[str, Any] = {
     },
     "rl": {
         "init": ("", "HF dir of the SFT model; '' = <workdir>/sft/best"),
-        "strategy": ("mixed", "start states: outcome (k = 0 only), staged (easiest stage first), mixed (R^3)", STRATEGIES),
+        "strategy": ("mixed", "start states: outcome (k = 0 only), staged (easiest stage first), mixed (R^3), "
+                              "adaptive (each demonstration's start point moved by its samples' success)", STRATEGIES),
+        "full_task_fraction": (0.25, "adaptive: the share of every batch's start states at k = 0"),
+        "adaptive_band": ((0.2, 0.8), "adaptive: a demonstration's start point moves one state earlier when at least "
+                                      "the upper share of its samples succeed, one later at or below the lower"),
         "num_start_states": (5, "M start states per demonstration; 0 = one per step"),
         "steps": (1000, "RL steps (a batch sampled, then rl.epochs x rl.minibatches updates)"),
         "token_budget": (0, "> 0: stop after this many sampled completion tokens"),
@@ -191,7 +195,7 @@ SCHEMA: dict[str, Any] = {
     },
     "compare": {
         "seeds": ((0, 1, 2), "seeds of every arm, declared before any run"),
-        "arms": (("rl", "staged", "r3"), "rl (outcome only), staged, r3 (mixed), each optionally "
+        "arms": (("rl", "staged", "r3"), "rl (outcome only), staged, r3 (mixed), adaptive, each optionally "
                                           "-<estimator> (r3-grpo: critic-free over compare.group_size)"),
         "group_size": (4, "completions per start state of the critic-free arms"),
         "tune_lr": ((), "RL learning rates every arm is tried with (seed compare.seeds[0], greedy accuracy on "
@@ -375,6 +379,10 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
     for key in NON_NEGATIVE:
         _check(_value(c, key) >= 0, key, f"must be non-negative, got {_value(c, key)}")
     _check(0 < c.rl.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {c.rl.top_p}")
+    _check(0 <= c.rl.full_task_fraction <= 1, "rl.full_task_fraction", f"must be in [0, 1], got {c.rl.full_task_fraction}")
+    band = tuple(c.rl.adaptive_band)
+    _check(len(band) == 2 and 0 <= band[0] < band[1] <= 1, "rl.adaptive_band",
+           f"must be (low, high) with 0 <= low < high <= 1, got {band}")
     _check(c.rl.clip_ratio_low < 1, "rl.clip_ratio_low", f"must be below 1, got {c.rl.clip_ratio_low}")
     for key in ("gamma", "lam"):
         _check(0 <= c.rl[key] <= 1, f"rl.{key}", f"must be in [0, 1], got {c.rl[key]}")

@@ -2,8 +2,10 @@
 
 A start state gives the question plus the first k steps of a correct rationale; the policy writes
 the rest. Strategies: `outcome` (k = 0 only, plain RL), `staged` (from the easiest stage back to
-the full task), `mixed` (R^3: every start state in one shuffled set). Batches are a pure
-function of (seed, step), so a resumed run sees exactly the data it would have seen.
+the full task), `mixed` (R^3: every start state in one shuffled set), `adaptive` (each
+demonstration's own start point, moved by how its samples fare: `Curriculum.adapt`). Batches are a
+pure function of (seed, step) and, for `adaptive`, of the start points, which the trainer keeps in
+its checkpoints; so a resumed run sees exactly the data it would have seen.
 """
 from __future__ import annotations
 
@@ -82,14 +84,22 @@ def epoch_order(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
     return np.array([perms[e][o] for e, o in zip(epochs, offsets)])
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaptiveSettings:
+    """`adaptive`: the share of every batch at k = 0, and the success-rate band of the start-point rule."""
+    full_task_fraction: float = 0.25
+    band: tuple[float, float] = (0.2, 0.8)
+
+
 class Curriculum:
-    """Serves batches of start states for a strategy; `batch(step)` depends only on the step."""
+    """Serves batches of start states for a strategy; `batch(step)` depends only on the step (and,
+    for `adaptive`, on the start points it is given)."""
 
     def __init__(self, states: Sequence[StartState], strategy: str, batch_size: int, seed: int = 0,
                  stage_length: float = 1.0, stage_unit: str = "epochs",
-                 stage_weights: Sequence[float] | None = None):
+                 stage_weights: Sequence[float] | None = None, adaptive: AdaptiveSettings = AdaptiveSettings()):
         self.strategy, self.batch_size, self.seed = strategy, batch_size, seed
-        self.stage_unit = stage_unit
+        self.stage_unit, self.adaptive = stage_unit, adaptive
         if strategy == "outcome":
             states = [s for s in states if s.stage == 0]
         self.states = list(states)
@@ -103,6 +113,12 @@ class Curriculum:
                 raise ValueError(f"stage_weights has {len(stage_weights)} entries, stages go up to "
                                  f"{max(self.stages)}")
             self.stage_weights = np.asarray(stage_weights, float)
+        # per demonstration (in order of first appearance) its start states, full task first
+        by_demo: dict[str, list[StartState]] = {}
+        for state in self.states:
+            by_demo.setdefault(state.demo.id, []).append(state)
+        self.pools = [sorted(pool, key=lambda s: s.stage) for pool in by_demo.values()]
+        self.demo_index = {demo: i for i, demo in enumerate(by_demo)}
         self.stage_ends = np.cumsum([
             int(stage_length) if stage_unit == "steps"
             else max(1, math.ceil(stage_length * len(self.by_stage[s]) / batch_size))
@@ -119,7 +135,42 @@ class Curriculum:
             index = int(np.searchsorted(self.stage_ends, step, side="right"))
         return self.stages[min(index, len(self.stages) - 1)]
 
-    def batch(self, step: int, progress: float = 0.0) -> list[StartState]:
+    def initial_levels(self) -> list[int]:
+        """`adaptive`'s start points before any step: each demonstration's easiest start state (the
+        index into its start states, 0 = the full task)."""
+        return [len(pool) - 1 for pool in self.pools]
+
+    def adapt(self, levels: Sequence[int], outcomes: Sequence[tuple[StartState, bool]]) -> list[int]:
+        """The start points after a step whose samples (`outcomes`: each sampled start state and
+        whether its answer was correct) came back. A demonstration sampled at its own start point
+        moves one start state earlier (towards k = 0) when at least `band[1]` of those samples
+        succeeded, one later when at most `band[0]` did, and stays in between; never past either
+        end. Samples at other start points (the batch's full-task share) do not move it.
+
+        Why a success-rate band with hysteresis rather than AdaBack's continuous reveal ratio: R^3's
+        start points are a few fixed states per demonstration, so the ratio has to move in whole
+        states, and a band keeps each demonstration where its group of samples disagrees (the
+        samples a group estimator learns from) without flipping back and forth on one lucky group."""
+        low, high = self.adaptive.band
+        results: dict[int, list[bool]] = {}
+        for state, correct in outcomes:
+            demo = self.demo_index[state.demo.id]
+            if self.pools[demo][levels[demo]].stage == state.stage:
+                results.setdefault(demo, []).append(bool(correct))
+        new = list(levels)
+        for demo, successes in results.items():
+            rate = float(np.mean(successes))
+            if rate >= high:
+                new[demo] = max(new[demo] - 1, 0)
+            elif rate <= low:
+                new[demo] = min(new[demo] + 1, len(self.pools[demo]) - 1)
+        return new
+
+    def batch(self, step: int, progress: float = 0.0, levels: Sequence[int] | None = None) -> list[StartState]:
+        if self.strategy == "adaptive":
+            full_task = round(self.adaptive.full_task_fraction * self.batch_size)
+            chosen = epoch_order(self.seed, step, self.batch_size, len(self.pools))
+            return [self.pools[d][0 if slot < full_task else levels[d]] for slot, d in enumerate(chosen)]
         if self.strategy == "staged":
             stage = self.stage_at(step, progress)
             pool = self.by_stage[stage]

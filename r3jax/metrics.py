@@ -195,6 +195,31 @@ def plot_curves(records: Iterable[dict], path: str, prefixes: Iterable[str] = ("
     return path
 
 
+def plot_heatmap(records: Iterable[dict], path: str, prefix: str, title: str = "") -> str:
+    """A stage x step heat-map of the keys `<prefix>/stage_<j>` (e.g. each stage's share of the
+    start points), 0 where a step has no such key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if any(k.startswith(prefix + "/stage_") for k in r)]
+    stages = sorted({int(k.rsplit("_", 1)[1]) for r in records for k in r if k.startswith(prefix + "/stage_")})
+    grid = np.array([[r.get(f"{prefix}/stage_{stage}", 0.0) for r in records] for stage in stages])
+    fig, ax = plt.subplots(figsize=(8, 3))
+    image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest",
+                      extent=(records[0]["step"] - 0.5, records[-1]["step"] + 0.5, -0.5, len(stages) - 0.5))
+    ax.set_yticks(range(len(stages)), [str(stage) for stage in stages])
+    ax.set_xlabel("step")
+    ax.set_ylabel("stage (0 = full task)")
+    fig.colorbar(image, ax=ax, label="share")
+    ax.set_title(title or prefix)
+    fig.tight_layout()
+    files.save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Curves on demand, also of a run still in progress:
     `python -m r3jax.metrics runs/arith/rl/rl.jsonl [--out FILE.png] [--keys reward accuracy kl]`."""

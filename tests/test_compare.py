@@ -20,7 +20,7 @@ def _config():
     c = config_lib.base_config()
     c.mode = "compare"
     c.rl.batch_size = 8
-    c.compare.update(seeds=(0, 1, 2), arms=("rl", "staged", "r3", "rl-grpo", "r3-grpo"), tune_lr=(1e-5, 3e-5, 1e-4),
+    c.compare.update(seeds=(0, 1, 2), arms=("rl", "staged", "r3", "adaptive", "rl-grpo", "r3-grpo"), tune_lr=(1e-5, 3e-5, 1e-4),
                      tune_continued_lr=(3e-5, 1e-4), samples=2)
     return c
 
@@ -73,7 +73,7 @@ def _run(tmp_path, stubs, config=None):
 def test_every_arm_is_tuned_on_validation_then_run_per_seed(tmp_path):
     stubs = Stubs()
     summary = _run(tmp_path, stubs)
-    arms = ("rl", "staged", "r3", "rl-grpo", "r3-grpo")
+    arms = ("rl", "staged", "r3", "adaptive", "rl-grpo", "r3-grpo")
     assert list(summary["arms"]) == ["sft", *arms, "sft_continued"]
     for arm in arms:  # 3 trials on seed 0, then seeds 1 and 2 with the best; seed 0's best unit is reused
         units = {os.path.basename(d).rsplit("-", 1)[0] for d in stubs.trained if os.path.basename(d).startswith(f"{arm}-seed")}
@@ -92,6 +92,7 @@ def test_every_arm_is_tuned_on_validation_then_run_per_seed(tmp_path):
     assert {(p["estimator"], p["group_size"]) for p in grpo} == {("grpo", 4)}
     assert {p["strategy"] for p in tested if p["name"].startswith("r3")} == {"mixed"}
     assert {p["strategy"] for p in tested if p["name"].startswith("rl")} == {"outcome"}
+    assert {p["strategy"] for p in tested if p["name"] == "adaptive"} == {"adaptive"}
     continued = [d for d in stubs.trained if "sft_continued" in d]
     assert all(os.path.basename(d).split("-")[2] == "10" for d in continued)  # as many updates as R^3 made
     assert summary["protocol"]["tuning_trials_per_arm"] == 3 and summary["protocol"]["tuning_trials_sft_continued"] == 2
@@ -106,7 +107,8 @@ def test_a_rerun_reuses_every_unit(tmp_path):
 def test_every_difference_pair_is_paired_on_problems(tmp_path):
     summary = _run(tmp_path, Stubs())
     assert list(summary["differences"]) == [
-        "r3_vs_sft", "r3_vs_rl", "r3_vs_staged", "r3_vs_sft_continued", "staged_vs_rl", "r3-grpo_vs_rl-grpo"]
+        "r3_vs_sft", "r3_vs_rl", "r3_vs_staged", "r3_vs_sft_continued", "staged_vs_rl", "adaptive_vs_r3",
+        "r3-grpo_vs_rl-grpo"]
     arms = summary["arms"]
     for name, difference in summary["differences"].items():
         first, second = name.split("_vs_")
@@ -131,7 +133,7 @@ def test_the_report_shows_every_arm_difference_trial_and_the_premise(tmp_path):
     for arm in summary["arms"]:
         assert f"| {arm} | {report.interval_text(summary['arms'][arm]['mean'], *summary['arms'][arm]['ci95'])} |" in text
     assert "| r3-grpo - rl-grpo |" in text and "| r3 - sft |" in text
-    assert text.count("(chosen)") == 6 and "| 2 steps | 0.40 | 0.90 |" in text
+    assert text.count("(chosen)") == 7 and "| 2 steps | 0.40 | 0.90 |" in text
     report.comparison_plot(summary, str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -100,3 +100,35 @@ def test_batches_depend_only_on_step(arith_states):
     weighted = curriculum.Curriculum(arith_states, "mixed", batch_size=400, stage_weights=[1, 0, 0, 3])
     counts = collections.Counter(s.stage for s in weighted.batch(0))
     assert set(counts) == {0, 3} and counts[3] > 2 * counts[0]
+
+
+def test_adaptive_start_points_move_with_success_and_stay_within_the_demonstration(arith_states):
+    """A start point moves one state earlier after a group's successes (rate >= 0.8), one later
+    after failures (<= 0.2), stays in the band; never below k = 0 or past the last state; samples
+    at another start point (the full-task share) move nothing."""
+    adaptive = curriculum.Curriculum(arith_states, "adaptive", batch_size=8,
+                                     adaptive=curriculum.AdaptiveSettings(0.0, (0.2, 0.8)))
+    levels = adaptive.initial_levels()
+    assert len(levels) == 60 and set(levels) == {3}  # every demonstration at its easiest (k = 3 of 4 steps)
+    pools = adaptive.pools
+    at = lambda demo, level, results: [(pools[demo][level], ok) for ok in results]
+    outcomes = (at(0, 3, [True] * 4) + at(1, 3, [True, True, True, False]) + at(2, 3, [True, False, False, False])
+                + at(3, 3, [True, True, False, False]) + at(4, 0, [True] * 4))
+    moved = adaptive.adapt(levels, outcomes)
+    assert moved[:5] == [2, 3, 3, 3, 3] and moved[5:] == levels[5:]  # 4/4 earlier, 3/4 and 2/4 stay, 1/4 stays at the end
+    for _ in range(5):
+        moved = adaptive.adapt(moved, at(0, moved[0], [True] * 4) + at(2, moved[2], [False] * 4))
+    assert moved[0] == 0 and moved[2] == 3  # held at k = 0 and at the last state
+    moved = adaptive.adapt(moved, at(0, 0, [False] * 4))
+    assert moved[0] == 1
+
+
+def test_adaptive_batches_keep_the_full_task_share_and_follow_the_start_points(arith_states):
+    adaptive = curriculum.Curriculum(arith_states, "adaptive", batch_size=8,
+                                     adaptive=curriculum.AdaptiveSettings(0.25, (0.2, 0.8)))
+    levels = [demo % 4 for demo in range(60)]
+    for step in range(20):
+        batch = adaptive.batch(step, 0.0, levels)
+        assert [s.stage for s in batch[:2]] == [0, 0]  # 25% of 8
+        assert all(s.stage == levels[adaptive.demo_index[s.demo.id]] for s in batch[2:])
+    assert adaptive.batch(3, 0.0, levels) == adaptive.batch(3, 0.0, list(levels))  # a function of step and levels

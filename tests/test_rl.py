@@ -44,7 +44,7 @@ def _collect(setup, c, data_position=0):
     schedule = rl.build_curriculum(c, task, tok, "mixed", seed=0)
     settings = SamplingConfig(max_new_tokens=c.max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    return rl.collect(c, schedule, task, Policy(cfg, params, tok, mesh), settings, jax.random.key(0), data_position, 0.0)
+    return rl.collect(c, schedule.batch, task, Policy(cfg, params, tok, mesh), settings, jax.random.key(0), data_position)
 
 
 def test_groups_are_adjacent_samples_of_one_start_state(setup):

@@ -28,7 +28,8 @@ from r3jax.report import TRIAL_RESULTS, comparison_markdown, comparison_plot, in
 from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
 
-DIFFERENCES = (("r3", "sft"), ("r3", "rl"), ("r3", "staged"), ("r3", "sft_continued"), ("staged", "rl"))
+DIFFERENCES = (("r3", "sft"), ("r3", "rl"), ("r3", "staged"), ("r3", "sft_continued"), ("staged", "rl"),
+               ("adaptive", "r3"))
 
 
 def arm_parts(arm: str) -> tuple[str, str]:

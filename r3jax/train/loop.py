@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from r3jax import sharding
 from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
-from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
+from r3jax.metrics import MetricsWriter, plot_curves, plot_heatmap, read_jsonl
 
 Meta = dict[str, Any]
 
@@ -31,6 +31,7 @@ class Phase:
     finite_keys: tuple[str, ...] = ()  # a non-finite value of any of these stops the run
     progress_bar: tuple[tuple[str, str], ...] = ()  # (label, record key) shown beside the bar
     plot_keys: tuple[str, ...] | None = None  # curves of these keys (None: the plot's defaults)
+    heatmap: str = ""  # a prefix whose `<prefix>/stage_<j>` keys are also drawn as a stage x step heat-map
 
 
 class Hooks(NamedTuple):
@@ -81,6 +82,10 @@ def run(phase: Phase, config, state: Any, meta: Meta, hooks: Hooks, stop: StopSi
     checkpointer.close()
     writer.close()
     if sharding.is_primary():
-        plot_curves(read_jsonl(writer.path), os.path.join(phase.workdir, f"{phase.log}_curves.png"),
+        records = read_jsonl(writer.path)
+        plot_curves(records, os.path.join(phase.workdir, f"{phase.log}_curves.png"),
                     *((phase.plot_keys,) if phase.plot_keys else ()), title=phase.name)
+        if phase.heatmap and any(k.startswith(phase.heatmap + "/") for r in records for k in r):
+            plot_heatmap(records, os.path.join(phase.workdir, f"{phase.log}_{phase.heatmap}.png"), phase.heatmap,
+                         f"{phase.name}: {phase.heatmap} per stage")
     return state, meta, finished

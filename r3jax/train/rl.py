@@ -38,6 +38,7 @@ class Collected(NamedTuple):
     rounds: int
     dropped_groups: int              # groups left out because their rewards were all equal
     equal_groups: dict[int, float]   # per stage: fraction of sampled groups with all-equal rewards
+    outcomes: list[tuple[StartState, bool]]  # every sampled row, kept or not: its start state, correct or not
 
 
 def ppo_config(c) -> ppo.PPOConfig:
@@ -54,7 +55,8 @@ def build_curriculum(c, task: Task, tokenizer: Tokenizer, strategy: str, seed: i
         print(f"RL: left out {len(states) - len(fitting)} of {len(states)} start states longer than "
               f"rl.max_prompt_length={c.max_prompt_length}")
     return curriculum_lib.Curriculum(fitting, strategy, c.batch_size // c.group_size, seed, c.stage_length,
-                                 c.stage_unit, tuple(c.stage_weights) or None)
+                                     c.stage_unit, tuple(c.stage_weights) or None, curriculum_lib.AdaptiveSettings(
+                                         c.full_task_fraction, tuple(c.adaptive_band)))
 
 
 def _left_pad_to(array: np.ndarray, width: int, value: int) -> np.ndarray:
@@ -107,20 +109,21 @@ def truncated(completions: np.ndarray, lengths: np.ndarray, stop_ids: tuple[int,
     return (lengths == 0) | ~np.isin(last, stop_ids)
 
 
-def collect(c, curriculum: curriculum_lib.Curriculum, task: Task, sampler: Policy, settings: SamplingConfig,
-            base_key: jax.Array, data_position: int, progress: float) -> tuple[Collected, int]:
+def collect(c, batch_at: Callable[[int], list[StartState]], task: Task, sampler: Policy, settings: SamplingConfig,
+            base_key: jax.Array, data_position: int) -> tuple[Collected, int]:
     """Samples `rl.group_size` completions of each start state of the curriculum's batch at
-    `data_position` from `sampler` (the policy in its rollout layout) and scores them. With
+    `data_position` (`batch_at(position)`) from `sampler` (the policy in its rollout layout) and
+    scores them. With
     `rl.dynamic_sampling`, groups whose rewards are all equal are dropped and further batches are
     sampled, up to `rl.max_sampling_rounds`, until the batch is full. Returns the rows and the next
     data position."""
     group = c.group_size
     rounds_allowed = c.max_sampling_rounds if c.dynamic_sampling else 1
-    states, scores, parts = [], [], []
+    states, scores, parts, outcomes = [], [], [], []
     new_tokens = rounds = dropped = 0
     equal_by_stage: dict[int, list[bool]] = collections.defaultdict(list)
     while rounds < rounds_allowed and len(states) < c.batch_size:
-        round_states = [s for s in curriculum.batch(data_position, progress) for _ in range(group)]
+        round_states = [s for s in batch_at(data_position) for _ in range(group)]
         sample_key, _ = jax.random.split(jax.random.fold_in(base_key, data_position))
         rollout, texts = rollout_lib.generate(sampler.model_cfg, sampler.params, sampler.tokenizer, round_states,
                                               settings, sample_key, sampler.mesh)
@@ -133,6 +136,7 @@ def collect(c, curriculum: curriculum_lib.Curriculum, task: Task, sampler: Polic
             completions = host["tokens"][:, host["tokens"].shape[1] - host["logprobs"].shape[1]:]
             rewards -= c.missing_eos_penalty * truncated(completions, lengths, settings.stop_ids)
         new_tokens += int(lengths.sum())
+        outcomes += [(state, score.correct) for state, score in zip(round_states, round_scores)]
         data_position += 1
         rounds += 1
         equal = (rewards.reshape(-1, group) == rewards.reshape(-1, group)[:, :1]).all(axis=1)
@@ -150,7 +154,7 @@ def collect(c, curriculum: curriculum_lib.Curriculum, task: Task, sampler: Polic
         scores += [dataclasses.replace(round_scores[i], reward=float(rewards[i])) for i in kept_rows]
     experience = assemble(parts, c.batch_size, settings.pad_id) if parts else None
     return Collected(states, scores, experience, new_tokens, rounds, dropped,
-                     {stage: float(np.mean(flags)) for stage, flags in equal_by_stage.items()}), data_position
+                     {stage: float(np.mean(flags)) for stage, flags in equal_by_stage.items()}, outcomes), data_position
 
 
 def _host_metrics(states, scores, per_sequence: dict[str, np.ndarray]) -> dict[str, float]:
@@ -205,6 +209,19 @@ def _learner(c, model_cfg: ModelConfig, policy: Any, frozen: Any, mesh) -> tuple
     return ppo.init_state(params, optimizer), learn
 
 
+def _curriculum_record(curriculum: curriculum_lib.Curriculum, step: int, progress: float,
+                       levels: list[int] | None) -> dict[str, float]:
+    """A step's curriculum entries: the stage a staged run trains on; for adaptive, the share of
+    demonstrations whose start point is each stage (as this step sampled them) and their mean."""
+    if curriculum.strategy == "staged":
+        return {"stage": curriculum.stage_at(step, progress)}
+    if not levels:
+        return {}
+    stages = np.asarray([pool[level].stage for pool, level in zip(curriculum.pools, levels)])
+    record = {f"start_point/stage_{stage}": float(np.mean(stages == stage)) for stage in np.unique(stages)}
+    return record | {"start_point/mean_stage": float(stages.mean())}
+
+
 def _sampling_weights(c, frozen: Any, policy: Any, to_rollout_layout: Callable[[Any], Any]) -> Any:
     """The policy to sample from: in the rollout layout, in new buffers (the training state is
     donated to the update); with LoRA on the training mesh, the base and adapters as they lie (the
@@ -225,7 +242,8 @@ def _phase(config, strategy: str, workdir: str) -> loop.Phase:
     c = config.rl
     return loop.Phase(f"RL {strategy}", workdir, "rl", c.checkpoint_every, config.checkpoint.keep, c.eval_every,
                       finite_keys=("loss", "reward", "kl", "grad_norm"),
-                      progress_bar=(("reward", "reward"), ("acc", "accuracy"), ("kl", "kl"), ("eval", "eval/accuracy")))
+                      progress_bar=(("reward", "reward"), ("acc", "accuracy"), ("kl", "kl"), ("eval", "eval/accuracy")),
+                      heatmap="start_point")
 
 
 def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> dict[str, Any] | None:
@@ -254,8 +272,9 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
         started = time.perf_counter()
         sampler = Policy(model_cfg, _sampling_weights(c, frozen, state.params.policy, to_rollout_layout), tokenizer,
                          rollout_mesh)
-        collected, data_position = collect(c, curriculum, task, sampler, settings, base_key, meta["data_position"],
-                                           progress)
+        levels = meta.get("levels")  # adaptive's start points
+        collected, data_position = collect(c, lambda position: curriculum.batch(position, progress, levels), task,
+                                           sampler, settings, base_key, meta["data_position"])
         sampled = time.perf_counter()
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
         record = {}
@@ -264,9 +283,9 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
         tokens_sampled += collected.new_tokens
         record.update(_sampling_record(c, collected, tokens_sampled, c.lr * lr_scale, sampled - started,
                                        time.perf_counter() - sampled))
-        if strategy == "staged":
-            record["stage"] = curriculum.stage_at(step, progress)
-        return state, {"step": step + 1, "tokens_sampled": tokens_sampled, "data_position": data_position}, record
+        record.update(_curriculum_record(curriculum, step, progress, levels))
+        meta = {**meta, "step": step + 1, "tokens_sampled": tokens_sampled, "data_position": data_position}
+        return state, meta | ({"levels": curriculum.adapt(levels, collected.outcomes)} if levels else {}), record
 
     def validate(state: ppo.PPOState, meta: dict) -> tuple[dict, list[dict], dict]:
         report, records = evaluate(start.with_params(lora.merge(frozen, state.params.policy)), validation,
@@ -278,7 +297,10 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
     hooks = loop.Hooks(
         rl_step, lambda meta: meta["step"] >= steps or bool(budget and meta["tokens_sampled"] >= budget),
         lambda meta: (meta["tokens_sampled"], budget, "tok") if budget else (meta["step"], steps, "step"), validate)
-    state, meta, finished = loop.run(phase, config, initial_state, {"step": 0, "tokens_sampled": 0, "data_position": 0}, hooks, stop)
+    meta = {"step": 0, "tokens_sampled": 0, "data_position": 0}
+    if strategy == "adaptive":
+        meta["levels"] = curriculum.initial_levels()
+    state, meta, finished = loop.run(phase, config, initial_state, meta, hooks, stop)
     if not finished:
         return None
     return {"params": lora.merge(frozen, state.params.policy), "steps": meta["step"],
