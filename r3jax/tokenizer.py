@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from typing import Iterable, Sequence
@@ -13,6 +14,8 @@ from r3jax.errors import InputError
 
 
 SENTENCEPIECE_FILE = "tokenizer.model"
+# tokenizer_config.json's key, in directories r3jax wrote, naming the SentencePiece model r3jax reads there
+R3JAX_SENTENCEPIECE_KEY = "r3jax_sentencepiece"
 
 
 Span = tuple[int, int]  # (begin, end) characters of a token in the text it was encoded from
@@ -113,8 +116,47 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode(self.known(ids))
 
     def save(self, directory: str) -> None:
+        """The SentencePiece model, and beside it the same tokenizer as HF files (`tokenizer.json`,
+        `tokenizer_config.json`) that `transformers.AutoTokenizer` loads and that encode as r3jax
+        does, BOS included: what TRL, vLLM or any transformers user of an export then reads. r3jax
+        itself reads the SentencePiece model (`load`). The HF files are left out, with a line
+        saying so, for a model whose encoding they do not reproduce on a probe of its own pieces."""
         os.makedirs(directory, exist_ok=True)
         shutil.copyfile(self.model_file, os.path.join(directory, SENTENCEPIECE_FILE))
+        fast = self._fast_tokenizer()
+        pieces = (self.sp.id_to_piece(i) for i in range(self.vocab_size)
+                  if not (self.sp.is_control(i) or self.sp.is_unknown(i)))
+        probe = ["".join(pieces).replace("\u2581", " "),
+                 "  two  spaces, 12345 + 678 = 9\n\nQ: ?\nA: x"]
+        if any(fast.encode(text).ids != self.encode(text, add_bos=True) for text in probe):
+            print(f"{directory}: no tokenizer.json (its encoding would differ from {self.model_file}'s)")
+            return
+        fast.save(os.path.join(directory, "tokenizer.json"))
+        piece = self.sp.id_to_piece
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(self.bos_id),
+                  "eos_token": piece(self.eos_id), "pad_token": piece(self.pad_id), "unk_token": piece(self.sp.unk_id()),
+                  "add_bos_token": True, R3JAX_SENTENCEPIECE_KEY: SENTENCEPIECE_FILE}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+    def _fast_tokenizer(self):
+        """r3jax's SentencePiece settings (`train_sentencepiece`: BPE, digits split, no dummy prefix,
+        identity normalisation, "\n" a piece of its own) as a `tokenizers.Tokenizer` adding BOS."""
+        from tokenizers import AddedToken, Tokenizer as FastTokenizer, decoders, models, normalizers, pre_tokenizers, processors
+        from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+        extracted = SentencePieceExtractor(self.model_file).extract(models.BPE)
+        piece = self.sp.id_to_piece
+        fast = FastTokenizer(models.BPE(extracted["vocab"], extracted["merges"], unk_token=piece(self.sp.unk_id()),
+                                        fuse_unk=True, byte_fallback=False))
+        fast.normalizer = normalizers.Replace(" ", "\u2581")
+        fast.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
+        fast.decoder = decoders.Replace("\u2581", " ")
+        fast.add_special_tokens([AddedToken(piece(i), special=True) for i in (self.bos_id, self.eos_id, self.pad_id)])
+        fast.add_tokens([AddedToken("\n", normalized=False)])
+        fast.post_processor = processors.TemplateProcessing(single=f"{piece(self.bos_id)} $A",
+                                                            special_tokens=[(piece(self.bos_id), self.bos_id)])
+        return fast
 
 
 class HFTokenizer(Tokenizer):
@@ -149,12 +191,25 @@ class HFTokenizer(Tokenizer):
         self.tok.save_pretrained(directory)
 
 
+def _r3jax_sentencepiece(directory: str) -> str | None:
+    """The SentencePiece model r3jax saved in `directory` beside its HF files, if it did."""
+    config_file = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.exists(config_file):
+        return None
+    with open(config_file) as f:
+        name = json.load(f).get(R3JAX_SENTENCEPIECE_KEY)
+    return os.path.join(directory, name) if name and os.path.exists(os.path.join(directory, name)) else None
+
+
 def load(path: str) -> Tokenizer:
     """A `.model` file is SentencePiece; a directory holds an HF tokenizer, or only a
     SentencePiece `tokenizer.model` (as r3jax writes next to from-scratch models)."""
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
     if os.path.isdir(path):
+        written_by_r3jax = _r3jax_sentencepiece(path)
+        if written_by_r3jax:
+            return SentencePieceTokenizer(written_by_r3jax)
         hf_files = ("tokenizer.json", "tokenizer_config.json")
         if not any(os.path.exists(os.path.join(path, f)) for f in hf_files) and \
                 os.path.exists(os.path.join(path, SENTENCEPIECE_FILE)):

@@ -53,3 +53,19 @@ def test_save_beside_model_and_hf_directories(sp_file, tmp_path):
     assert ids[0] == loaded.bos_id and loaded.decode(ids) == "Mia has 3 pens."
     with pytest.raises(FileNotFoundError):
         tokenizer.load(str(tmp_path / "missing.model"))
+
+
+def test_a_saved_sentencepiece_tokenizer_encodes_alike_in_transformers(sp_file, tmp_path):
+    """What other tools read from an export: `AutoTokenizer` on the saved directory gives the ids
+    r3jax trains on, BOS first, for texts the tokenizer never saw (unknown characters, runs of
+    spaces, digits, newlines), and decodes them back; r3jax itself still reads the SentencePiece model."""
+    tok = tokenizer.load(sp_file)
+    tok.save(str(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    task = tasks.get("arith", num_train=400, seed=7)
+    texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")[300:]]
+    texts += ["  two  spaces ", "émoji \U0001F600 and 12345 + 678", "\n\nQ: ?\nA:", ""]
+    assert [hf(text)["input_ids"] for text in texts] == [tok.encode(text, add_bos=True) for text in texts]
+    assert hf.decode(hf(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert isinstance(tokenizer.load(str(tmp_path)), tokenizer.SentencePieceTokenizer)
