@@ -29,14 +29,14 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 REMAT_CHOICES = ("none", "full", "save_dots")
 SCHEDULES = ("constant", "linear", "cosine")
-STRATEGIES = ("outcome", "staged", "mixed", "adaptive")
+STRATEGIES = ("outcome", "staged", "mixed", "adaptive", "hint_on_failure")
 STAGE_UNITS = ("steps", "epochs", "budget")
 KL_MODES = ("reward", "loss")
 ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 SPLITS = ("test", "validation", "train")
 WANDB_MODES = ("", "offline", "online")
-ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed", "adaptive": "adaptive"}  # compare.arms: arm -> rl.strategy
+ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed", "adaptive": "adaptive", "hint_on_failure": "hint_on_failure"}  # compare.arms: arm -> rl.strategy
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -121,7 +121,8 @@ SCHEMA: dict[str, Any] = {
     "rl": {
         "init": ("", "HF dir of the SFT model; '' = <workdir>/sft/best"),
         "strategy": ("mixed", "start states: outcome (k = 0 only), staged (easiest stage first), mixed (R^3), "
-                              "adaptive (each demonstration's start point moved by its samples' success)", STRATEGIES),
+                              "adaptive (each demonstration's start point moved by its samples' success), "
+                              "hint_on_failure (k = 0; groups that all fail sampled again from a hint)", STRATEGIES),
         "full_task_fraction": (0.25, "adaptive: the share of every batch's start states at k = 0"),
         "adaptive_band": ((0.2, 0.8), "adaptive: a demonstration's start point moves one state earlier when at least "
                                       "the upper share of its samples succeed, one later at or below the lower"),
@@ -195,7 +196,7 @@ SCHEMA: dict[str, Any] = {
     },
     "compare": {
         "seeds": ((0, 1, 2), "seeds of every arm, declared before any run"),
-        "arms": (("rl", "staged", "r3"), "rl (outcome only), staged, r3 (mixed), adaptive, each optionally "
+        "arms": (("rl", "staged", "r3"), "rl (outcome only), staged, r3 (mixed), adaptive, hint_on_failure, each optionally "
                                           "-<estimator> (r3-grpo: critic-free over compare.group_size)"),
         "group_size": (4, "completions per start state of the critic-free arms"),
         "tune_lr": ((), "RL learning rates every arm is tried with (seed compare.seeds[0], greedy accuracy on "
@@ -438,6 +439,8 @@ def _validate_rl(c: ml_collections.ConfigDict) -> None:
            f"{c.rl.group_size}: rl.estimator={c.rl.estimator} needs at least {needed} completions per start state")
     _check(c.rl.batch_size % c.rl.group_size == 0, "rl.group_size",
            f"{c.rl.group_size} does not divide rl.batch_size {c.rl.batch_size} (rows = start states x group)")
+    _check(c.rl.strategy != "hint_on_failure" or c.rl.group_size >= 2, "rl.strategy",
+           "hint_on_failure needs rl.group_size >= 2: it hints groups all of whose samples failed")
     _check(not c.rl.dynamic_sampling or c.rl.group_size >= 2, "rl.dynamic_sampling",
            "needs rl.group_size >= 2: it drops groups whose rewards are all equal")
     _check(c.rl.critic_warmup_steps == 0 or c.rl.estimator == "gae", "rl.critic_warmup_steps",

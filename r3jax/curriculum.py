@@ -5,7 +5,9 @@ the rest. Strategies: `outcome` (k = 0 only, plain RL), `staged` (from the easie
 the full task), `mixed` (R^3: every start state in one shuffled set), `adaptive` (each
 demonstration's own start point, moved by how its samples fare: `Curriculum.adapt`). Batches are a
 pure function of (seed, step) and, for `adaptive`, of the start points, which the trainer keeps in
-its checkpoints; so a resumed run sees exactly the data it would have seen.
+its checkpoints; so a resumed run sees exactly the data it would have seen. `hint_on_failure`
+(POPE, BREAD) samples k = 0 only, and samples a group none of whose samples succeeded again from a
+hint: a start state of its demonstration, kept per demonstration like adaptive's start points.
 """
 from __future__ import annotations
 
@@ -84,6 +86,13 @@ def epoch_order(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
     return np.array([perms[e][o] for e, o in zip(epochs, offsets)])
 
 
+# The strategies that keep a start state per demonstration (`Curriculum.initial_levels`, `adapt`)
+PER_DEMONSTRATION = ("adaptive", "hint_on_failure")
+# hint_on_failure's rule, as adapt's band: any success shortens a hint by a step, none lengthens it.
+# (Always taking the shortest hint that has worked so far would never try a shorter one.)
+HINT_BAND = (0.0, 1e-9)
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaptiveSettings:
     """`adaptive`: the share of every batch at k = 0, and the success-rate band of the start-point rule."""
@@ -151,7 +160,7 @@ class Curriculum:
         start points are a few fixed states per demonstration, so the ratio has to move in whole
         states, and a band keeps each demonstration where its group of samples disagrees (the
         samples a group estimator learns from) without flipping back and forth on one lucky group."""
-        low, high = self.adaptive.band
+        low, high = HINT_BAND if self.strategy == "hint_on_failure" else self.adaptive.band
         results: dict[int, list[bool]] = {}
         for state, correct in outcomes:
             demo = self.demo_index[state.demo.id]
@@ -166,9 +175,15 @@ class Curriculum:
                 new[demo] = min(new[demo] + 1, len(self.pools[demo]) - 1)
         return new
 
+    def hint(self, state: StartState, levels: Sequence[int]) -> StartState:
+        """hint_on_failure: the start state of `state`'s demonstration to sample again from."""
+        demo = self.demo_index[state.demo.id]
+        return self.pools[demo][levels[demo]]
+
     def batch(self, step: int, progress: float = 0.0, levels: Sequence[int] | None = None) -> list[StartState]:
-        if self.strategy == "adaptive":
-            full_task = round(self.adaptive.full_task_fraction * self.batch_size)
+        if self.strategy in PER_DEMONSTRATION:
+            full_task = (self.batch_size if self.strategy == "hint_on_failure"
+                         else round(self.adaptive.full_task_fraction * self.batch_size))
             chosen = epoch_order(self.seed, step, self.batch_size, len(self.pools))
             return [self.pools[d][0 if slot < full_task else levels[d]] for slot, d in enumerate(chosen)]
         if self.strategy == "staged":

@@ -29,9 +29,8 @@ def data_dir():
     return os.path.abspath(DATA_DIR)
 
 
-# The end-to-end files first, handed out two tests at a time (`--maxschedchunk=2`): each takes
-# minutes, and on two workers (pytest-xdist) a long test left for last, or a first batch holding
-# all of them, keeps one core busy while the other idles.
+# The end-to-end files first: each takes minutes, and on two workers (pytest-xdist) a long test
+# left for last keeps one core busy while the other idles.
 LONGEST_FIRST = ("test_multihost.py", "test_main.py", "test_trim.py", "test_precision.py", "test_loop.py")
 
 

@@ -132,3 +132,14 @@ def test_adaptive_batches_keep_the_full_task_share_and_follow_the_start_points(a
         assert [s.stage for s in batch[:2]] == [0, 0]  # 25% of 8
         assert all(s.stage == levels[adaptive.demo_index[s.demo.id]] for s in batch[2:])
     assert adaptive.batch(3, 0.0, levels) == adaptive.batch(3, 0.0, list(levels))  # a function of step and levels
+
+
+def test_hint_on_failure_samples_the_full_task_and_moves_hints_by_any_success(arith_states):
+    hints = curriculum.Curriculum(arith_states, "hint_on_failure", batch_size=8)
+    levels = hints.initial_levels()
+    assert all(s.k == 0 for step in range(10) for s in hints.batch(step, 0.0, levels))
+    pools = hints.pools
+    outcomes = [(pools[0][3], False), (pools[0][3], True), (pools[1][3], False), (pools[1][3], False),
+                (pools[2][0], True), (pools[2][0], True)]  # a k = 0 success does not move a hint
+    assert hints.adapt(levels, outcomes)[:3] == [2, 3, 3]
+    assert hints.hint(pools[0][0], [2] + levels[1:]) is pools[0][2]

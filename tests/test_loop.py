@@ -83,11 +83,12 @@ def test_finished_sft_is_skipped_and_more_steps_extend_it(tiny_setup, tmp_path, 
     assert (tmp_path / "sft" / "last" / "model.safetensors").stat().st_mtime > first_export
 
 
-@pytest.mark.parametrize("lora_rank, strategy", [(0, "mixed"), (4, "mixed"), (0, "adaptive")],
-                         ids=["full", "lora", "adaptive"])
+@pytest.mark.parametrize("lora_rank, strategy", [(0, "mixed"), (4, "mixed"), (0, "adaptive"), (0, "hint_on_failure")],
+                         ids=["full", "lora", "adaptive", "hint"])
 def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tmp_path, lora_rank, strategy):
     """With LoRA (rank 4, the base as the KL reference) the same, and the base stays as it was; with
-    the adaptive curriculum the same, its start points restored from the checkpoint."""
+    the adaptive curriculum and with hints on failure the same, their start points and hints restored
+    from the checkpoint."""
     _, tok, cfg, mesh, config = tiny_setup
     config = config.copy_and_resolve_references()
     config.rl.update(strategy=strategy, adaptive_band=(0.5, 0.5001))  # a pair of samples moves or stays
@@ -114,6 +115,8 @@ def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tm
     assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start)))
     if lora_rank:
         jax.tree.map(np.testing.assert_array_equal, lora.split(whole["params"])[1], lora.split(policy)[1])
-    if strategy == "adaptive":  # the start points moved, and a resumed run moved them alike (the logs agree)
+    if strategy != "mixed" and not lora_rank:  # start points or hints moved, and alike when resumed (the logs agree)
         assert len({r["start_point/mean_stage"] for r in expected}) > 1
+    if strategy == "hint_on_failure":
+        assert sum(r["hinted_fraction"] for r in expected) > 0
         assert (tmp_path / "whole" / "rl_start_point.png").exists()

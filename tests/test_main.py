@@ -49,6 +49,8 @@ def test_bad_input_exits_2_naming_it(args, named):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # 150 s; in CI the recipes' settings are checked by the paper-recipe test, the sharded
+# update by tests/test_ppo.py and tests/test_trim.py on 8 devices, bfloat16 by tests/test_precision.py
 def test_gsm8k_recipe_on_tiny_hf_llama(tmp_path, data_dir):
     task = tasks.get("gsm8k", limit=64)
     texts = [task.prompt(d.question) + d.response for d in task.demonstrations("train")]
@@ -185,6 +187,8 @@ def test_non_finite_loss_stops_with_status_3_naming_the_step(tmp_path):
     assert "Traceback" not in result.stderr and len(read_jsonl(str(tmp_path / "sft" / "sft.jsonl"))) == 1
 
 
+@pytest.mark.slow  # 100 s; in CI the protocol runs in-process (tests/test_compare.py) and its trainers in
+# the main job's tests
 def test_compare_mode_writes_the_comparison(tmp_path):
     """The comparison end to end at toy scale, 2 arms x 1 seed (the protocol's units, tuning and
     differences are tested in-process in test_compare.py): every arm from one SFT model under one

@@ -115,3 +115,42 @@ def test_rollout_layout_samples_what_the_training_layout_samples(setup):
     np.testing.assert_array_equal(np.asarray(got[0].tokens), np.asarray(want[0].tokens))
     np.testing.assert_allclose(np.asarray(got[0].logprobs), np.asarray(want[0].logprobs), atol=1e-5)
     assert got[1] == want[1]
+
+
+class HalfCorrectTask(CoinTask):
+    """CoinTask whose rewarded completions count as correct, so some groups all fail and some do not."""
+
+    def score_batch(self, responses, golds):
+        return [Score(s.reward, s.reward > 0, True) for s in super().score_batch(responses, golds)]
+
+
+def test_hint_on_failure_samples_again_exactly_the_groups_that_all_failed(setup):
+    """From k = 0 first; then each group with no correct sample, and no other, again from its
+    demonstration's hint, a start state whose prompt is token-exact with SFT and ends on a step
+    boundary. Both are kept in a batch of twice rl.batch_size rows."""
+    from r3jax import curriculum
+    from r3jax.rollout import encode_demo, sft_example
+
+    _, tok, cfg, params = setup
+    task = HalfCorrectTask(num_train=64, num_test=8)
+    c = _rl_config(batch_size=16, group_size=2, strategy="hint_on_failure")
+    schedule = rl.build_curriculum(c, task, tok, "hint_on_failure", seed=0)
+    levels = [len(pool) - 1 - i % 2 for i, pool in enumerate(schedule.pools)]  # hints of two lengths
+    settings = SamplingConfig(max_new_tokens=c.max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    collected, _ = rl.collect(c, lambda position: schedule.batch(position, 0.0, levels), task,
+                              Policy(cfg, params, tok, mesh), settings, jax.random.key(0), 0,
+                              lambda state: schedule.hint(state, levels))
+    first, hinted = collected.outcomes[:16], collected.outcomes[16:]
+    assert all(state.k == 0 for state, _ in first)
+    failed = [first[i][0].demo.id for i in range(0, 16, 2) if not (first[i][1] or first[i + 1][1])]
+    assert 0 < len(failed) < 8 and collected.hinted_groups == len(failed)
+    assert [hinted[i][0].demo.id for i in range(0, len(hinted), 2)] == failed
+    for state, _ in hinted:
+        demo = schedule.demo_index[state.demo.id]
+        assert state is schedule.pools[demo][levels[demo]] and state.k > 0
+        assert state.given == "".join(curriculum.cut_steps(state.demo.rationale, task.cut)[:state.k])
+        tokens, _ = sft_example(encode_demo(tok, task, state.demo), tok.eos_id)
+        assert list(state.prompt_tokens) == tokens[:len(state.prompt_tokens)]
+    batch = collected.experience
+    assert batch.rollout.tokens.shape[0] == 32 and batch.row_mask.sum() == 16 + len(hinted)

@@ -29,7 +29,7 @@ from r3jax.tasks import Task
 from r3jax.train import job, rl, sft
 
 DIFFERENCES = (("r3", "sft"), ("r3", "rl"), ("r3", "staged"), ("r3", "sft_continued"), ("staged", "rl"),
-               ("adaptive", "r3"))
+               ("adaptive", "r3"), ("hint_on_failure", "r3"))
 
 
 def arm_parts(arm: str) -> tuple[str, str]:

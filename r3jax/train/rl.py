@@ -39,6 +39,7 @@ class Collected(NamedTuple):
     dropped_groups: int              # groups left out because their rewards were all equal
     equal_groups: dict[int, float]   # per stage: fraction of sampled groups with all-equal rewards
     outcomes: list[tuple[StartState, bool]]  # every sampled row, kept or not: its start state, correct or not
+    hinted_groups: int = 0           # hint_on_failure: groups sampled again from a hint
 
 
 def ppo_config(c) -> ppo.PPOConfig:
@@ -109,52 +110,78 @@ def truncated(completions: np.ndarray, lengths: np.ndarray, stop_ids: tuple[int,
     return (lengths == 0) | ~np.isin(last, stop_ids)
 
 
+def update_rows(c) -> int:
+    """Rows of one update batch: rl.batch_size, twice that with hint_on_failure (room for a hinted
+    resample of every group; rows left over are masked)."""
+    return c.batch_size * (2 if c.strategy == "hint_on_failure" else 1)
+
+
+def _sample_round(c, round_states: list[StartState], task: Task, sampler: Policy, settings: SamplingConfig,
+                  key: jax.Array) -> tuple[dict[str, np.ndarray], list[Score], np.ndarray]:
+    """One sampler call over `round_states` (each repeated for its group): the rollout's fields on
+    the host `[rows, ...]`, the scores, and the rewards (with rl.missing_eos_penalty)."""
+    rollout, texts = rollout_lib.generate(sampler.model_cfg, sampler.params, sampler.tokenizer, round_states,
+                                          settings, key, sampler.mesh)
+    round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
+                                    [s.demo.answer for s in round_states])
+    host = {name: sharding.to_host(value)[:len(round_states)] for name, value in rollout._asdict().items()}
+    rewards = np.array([s.reward for s in round_scores], np.float32)
+    if c.missing_eos_penalty:
+        completions = host["tokens"][:, host["tokens"].shape[1] - host["logprobs"].shape[1]:]
+        rewards -= c.missing_eos_penalty * truncated(completions, host["lengths"], settings.stop_ids)
+    return host, round_scores, rewards
+
+
 def collect(c, batch_at: Callable[[int], list[StartState]], task: Task, sampler: Policy, settings: SamplingConfig,
-            base_key: jax.Array, data_position: int) -> tuple[Collected, int]:
+            base_key: jax.Array, data_position: int, hint_for: Callable[[StartState], StartState] | None = None,
+            ) -> tuple[Collected, int]:
     """Samples `rl.group_size` completions of each start state of the curriculum's batch at
     `data_position` (`batch_at(position)`) from `sampler` (the policy in its rollout layout) and
-    scores them. With
-    `rl.dynamic_sampling`, groups whose rewards are all equal are dropped and further batches are
-    sampled, up to `rl.max_sampling_rounds`, until the batch is full. Returns the rows and the next
-    data position."""
-    group = c.group_size
+    scores them. With `rl.dynamic_sampling`, groups whose rewards are all equal are dropped and
+    further batches are sampled, up to `rl.max_sampling_rounds`, until the batch is full. With
+    `hint_for` (hint_on_failure), every group none of whose samples was correct is sampled again
+    from `hint_for(its start state)`, and both are kept. Returns the rows and the next data position."""
+    group, rows = c.group_size, update_rows(c)
     rounds_allowed = c.max_sampling_rounds if c.dynamic_sampling else 1
     states, scores, parts, outcomes = [], [], [], []
-    new_tokens = rounds = dropped = 0
+    new_tokens = rounds = dropped = hinted = 0
     equal_by_stage: dict[int, list[bool]] = collections.defaultdict(list)
+
+    def keep(round_states, round_scores, rewards, host, kept_rows):
+        part = {name: value[kept_rows] for name, value in host.items()}
+        parts.append(part | {"scores": rewards[kept_rows], "row_mask": np.ones(len(kept_rows), np.float32)})
+        states.extend(round_states[i] for i in kept_rows)
+        scores.extend(dataclasses.replace(round_scores[i], reward=float(rewards[i])) for i in kept_rows)
+
     while rounds < rounds_allowed and len(states) < c.batch_size:
         round_states = [s for s in batch_at(data_position) for _ in range(group)]
-        sample_key, _ = jax.random.split(jax.random.fold_in(base_key, data_position))
-        rollout, texts = rollout_lib.generate(sampler.model_cfg, sampler.params, sampler.tokenizer, round_states,
-                                              settings, sample_key, sampler.mesh)
-        round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
-                                        [s.demo.answer for s in round_states])
-        host = {key: sharding.to_host(value)[:len(round_states)] for key, value in rollout._asdict().items()}
-        lengths = host["lengths"]
-        rewards = np.array([s.reward for s in round_scores], np.float32)
-        if c.missing_eos_penalty:
-            completions = host["tokens"][:, host["tokens"].shape[1] - host["logprobs"].shape[1]:]
-            rewards -= c.missing_eos_penalty * truncated(completions, lengths, settings.stop_ids)
-        new_tokens += int(lengths.sum())
+        sample_key, hint_key = jax.random.split(jax.random.fold_in(base_key, data_position))
+        host, round_scores, rewards = _sample_round(c, round_states, task, sampler, settings, sample_key)
+        new_tokens += int(host["lengths"].sum())
         outcomes += [(state, score.correct) for state, score in zip(round_states, round_scores)]
         data_position += 1
         rounds += 1
         equal = (rewards.reshape(-1, group) == rewards.reshape(-1, group)[:, :1]).all(axis=1)
         for start, is_equal in zip(round_states[::group], equal):
             equal_by_stage[start.stage].append(bool(is_equal))
-        keep = np.repeat(~equal if c.dynamic_sampling else np.ones_like(equal), group)
         dropped += int((equal & c.dynamic_sampling).sum())
-        kept_rows = np.flatnonzero(keep)[:c.batch_size - len(states)]
-        if not len(kept_rows):
-            continue
-        part = {key: value[kept_rows] for key, value in host.items()}
-        part.update(scores=rewards[kept_rows], row_mask=np.ones(len(kept_rows), np.float32))
-        parts.append(part)
-        states += [round_states[i] for i in kept_rows]
-        scores += [dataclasses.replace(round_scores[i], reward=float(rewards[i])) for i in kept_rows]
-    experience = assemble(parts, c.batch_size, settings.pad_id) if parts else None
+        kept_rows = np.flatnonzero(np.repeat(~equal if c.dynamic_sampling else np.ones_like(equal), group))
+        kept_rows = kept_rows[:c.batch_size - len(states)]
+        if len(kept_rows):
+            keep(round_states, round_scores, rewards, host, kept_rows)
+        failed = [round_states[i] for i in range(0, len(round_states), group)
+                  if not any(score.correct for score in round_scores[i:i + group])]
+        if hint_for and failed and len(states) < rows:
+            hint_states = [hint_for(s) for s in failed[:(rows - len(states)) // group] for _ in range(group)]
+            host, round_scores, rewards = _sample_round(c, hint_states, task, sampler, settings, hint_key)
+            new_tokens += int(host["lengths"].sum())
+            outcomes += [(state, score.correct) for state, score in zip(hint_states, round_scores)]
+            hinted += len(hint_states) // group
+            keep(hint_states, round_scores, rewards, host, np.arange(len(hint_states)))
+    experience = assemble(parts, rows, settings.pad_id) if parts else None
     return Collected(states, scores, experience, new_tokens, rounds, dropped,
-                     {stage: float(np.mean(flags)) for stage, flags in equal_by_stage.items()}, outcomes), data_position
+                     {stage: float(np.mean(flags)) for stage, flags in equal_by_stage.items()}, outcomes,
+                     hinted), data_position
 
 
 def _host_metrics(states, scores, per_sequence: dict[str, np.ndarray]) -> dict[str, float]:
@@ -179,6 +206,8 @@ def _sampling_record(c, collected: Collected, tokens_sampled: int, lr: float, sa
     if c.dynamic_sampling:
         record.update({"sampling_rounds": collected.rounds, "dropped_groups": collected.dropped_groups,
                        "kept_rows": len(collected.states)})
+    if c.strategy == "hint_on_failure":
+        record["hinted_fraction"] = collected.hinted_groups / (c.batch_size // c.group_size)
     return record
 
 
@@ -273,8 +302,9 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
         sampler = Policy(model_cfg, _sampling_weights(c, frozen, state.params.policy, to_rollout_layout), tokenizer,
                          rollout_mesh)
         levels = meta.get("levels")  # adaptive's start points
-        collected, data_position = collect(c, lambda position: curriculum.batch(position, progress, levels), task,
-                                           sampler, settings, base_key, meta["data_position"])
+        collected, data_position = collect(
+            c, lambda position: curriculum.batch(position, progress, levels), task, sampler, settings, base_key,
+            meta["data_position"], (lambda s: curriculum.hint(s, levels)) if strategy == "hint_on_failure" else None)
         sampled = time.perf_counter()
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
         record = {}
@@ -298,7 +328,7 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
         rl_step, lambda meta: meta["step"] >= steps or bool(budget and meta["tokens_sampled"] >= budget),
         lambda meta: (meta["tokens_sampled"], budget, "tok") if budget else (meta["step"], steps, "step"), validate)
     meta = {"step": 0, "tokens_sampled": 0, "data_position": 0}
-    if strategy == "adaptive":
+    if strategy in curriculum_lib.PER_DEMONSTRATION:
         meta["levels"] = curriculum.initial_levels()
     state, meta, finished = loop.run(phase, config, initial_state, meta, hooks, stop)
     if not finished:
