@@ -34,11 +34,51 @@ ADAPTER_SUFFIX = "_lora"
 
 
 def configure(model_cfg: ModelConfig, section) -> ModelConfig:
-    """`model_cfg` with config.model.lora's adapters (unchanged when lora.rank is 0)."""
+    """`model_cfg` with config.model.lora's adapters and, with base_dtype int8, int8 projection
+    kernels (unchanged when lora.rank is 0)."""
     if not section.rank:
         return model_cfg
     return model_cfg.replace(lora_rank=section.rank, lora_alpha=float(section.alpha),
-                             lora_targets=lora_targets(section.targets))
+                             lora_targets=lora_targets(section.targets), int8_kernels=section.base_dtype == "int8")
+
+
+def _input_axes(model_cfg: ModelConfig, projection: str) -> tuple[int, ...]:
+    """The contracted axes of a projection's kernel (after a scanned model's layer axis)."""
+    first = 1 if model_cfg.scan_layers else 0
+    return tuple(range(first, first + (2 if projection == "o_proj" else 1)))
+
+
+def quantize(model_cfg: ModelConfig, params: dict) -> dict:
+    """A base's projection kernels as int8 codes and a float32 `kernel_scale` per output feature
+    (the largest magnitude over the kernel's input axes / 127, so each weight is off by at most
+    half a scale step); everything else as it is."""
+    quantized = {}
+    for key, value in params.items():
+        if key in LORA_MODULES and "kernel" in value:
+            kernel = value["kernel"].astype(jnp.float32)
+            axes = _input_axes(model_cfg, key)
+            scale = jnp.max(jnp.abs(kernel), axis=axes, keepdims=True) / 127.0
+            scale = jnp.where(scale > 0, scale, 1.0)
+            codes = jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8)
+            value = {**value, "kernel": codes, "kernel_scale": jnp.squeeze(scale, axes)}
+        elif isinstance(value, dict):
+            value = quantize(model_cfg, value)
+        quantized[key] = value
+    return quantized
+
+
+def quantize_placed(model_cfg: ModelConfig, params: dict, mesh) -> dict:
+    """`quantize` as one jitted call, each shard made on its device as the params' logical axes say."""
+    shardings = sharding.logical_shardings(
+        jax.eval_shape(lambda k: split(init_params(model_cfg, k))[1], jax.random.key(0)), mesh)
+    return jax.jit(lambda p: quantize(model_cfg, p), out_shardings=shardings)(params)
+
+
+def dequantized_kernel(model_cfg: ModelConfig, projection: str, value: dict) -> jnp.ndarray:
+    """A projection's kernel in float32, int8 codes times their scales where it is quantized."""
+    if "kernel_scale" not in value:
+        return value["kernel"].astype(jnp.float32)
+    return value["kernel"].astype(jnp.float32) * jnp.expand_dims(value["kernel_scale"], _input_axes(model_cfg, projection))
 
 
 def split(params: dict) -> tuple[dict, dict]:
@@ -79,7 +119,8 @@ def init_adapters(model_cfg: ModelConfig, key: jax.Array, mesh) -> dict:
 
 def fold(model_cfg: ModelConfig, params: dict) -> dict:
     """The base's params with each adapter's `scale * A B` added to its projection's kernel (in the
-    kernel's dtype): a LoRA model as a plain one."""
+    kernel's dtype; an int8 kernel dequantized, in param_dtype): a LoRA model as a plain one, of
+    config `model_cfg.base().replace(int8_kernels=False)`."""
     scale = model_cfg.lora_alpha / max(model_cfg.lora_rank, 1)
 
     def delta(a, b):  # [*in, rank] x [rank, *out] -> [*in, *out]
@@ -94,10 +135,12 @@ def fold(model_cfg: ModelConfig, params: dict) -> dict:
         if isinstance(value, dict):
             value = fold(model_cfg, value)
         adapter = params.get(key + ADAPTER_SUFFIX)
-        if adapter is not None:
-            kernel = value["kernel"]
-            added = kernel.astype(jnp.float32) + scale * delta(adapter["a"], adapter["b"])
-            value = {**value, "kernel": added.astype(kernel.dtype)}
+        if isinstance(value, dict) and ("kernel_scale" in value or adapter is not None):
+            kernel = dequantized_kernel(model_cfg, key, value)
+            if adapter is not None:
+                kernel = kernel + scale * delta(adapter["a"], adapter["b"])
+            dtype = model_cfg.jnp_param_dtype if "kernel_scale" in value else value["kernel"].dtype
+            value = {name: v for name, v in value.items() if name != "kernel_scale"} | {"kernel": kernel.astype(dtype)}
         folded[key] = value
     return folded
 

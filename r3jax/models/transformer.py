@@ -56,6 +56,9 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    # The frozen base's projection kernels stored as int8 with a float32 scale per output feature
+    # (`kernel_scale`), dequantized one layer at a time (models/lora.py: quantize).
+    int8_kernels: bool = False
 
     @property
     def jnp_dtype(self):
@@ -205,6 +208,36 @@ def _param(init, *names):
     return nn.with_logical_partitioning(init, names)
 
 
+class Projection(nn.Module):
+    """x's last `len(in_axes)` axes onto `out_shape` through `kernel [*in, *out]` (and `bias [*out]`),
+    as flax's DenseGeneral computes it; with `cfg.int8_kernels` the kernel is int8 times a float32
+    `kernel_scale [*out]`."""
+    cfg: ModelConfig
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str, ...]   # logical names of the contracted input axes
+    out_axes: tuple[str, ...]
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, n_in = self.cfg, len(self.in_axes)
+        shape = (*x.shape[-n_in:], *self.out_shape)
+        axes = (*self.in_axes, *self.out_axes)
+        if cfg.int8_kernels:
+            codes = self.param("kernel", _param(nn.initializers.zeros, *axes), shape, jnp.int8)
+            scale = self.param("kernel_scale", _param(nn.initializers.ones, *self.out_axes), self.out_shape,
+                               jnp.float32)
+            kernel = codes.astype(jnp.float32) * scale
+        else:
+            kernel = self.param("kernel", _param(nn.initializers.normal(0.02), *axes), shape, cfg.jnp_param_dtype)
+        y = jnp.tensordot(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype), axes=n_in)
+        if self.use_bias:
+            bias = self.param("bias", _param(nn.initializers.zeros, *self.out_axes), self.out_shape,
+                              cfg.jnp_param_dtype)
+            y = y + bias.astype(cfg.jnp_dtype)
+        return y
+
+
 class LoraDelta(nn.Module):
     """A LoRA adapter's output `scale * (x A) B` for a projection of x's last `len(in_axes)` axes
     onto `out_shape`. A is initialised as PEFT's (uniform, +-1/sqrt(fan-in)) and B to zero, so a
@@ -252,11 +285,7 @@ class Attention(nn.Module):
 
     def _proj(self, name, heads, x):
         cfg = self.cfg
-        y = nn.DenseGeneral(
-            (heads, cfg.head_dim), use_bias=cfg.attention_bias, name=name,
-            dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-            kernel_init=_param(nn.initializers.normal(0.02), "embed", "heads", "head_dim"),
-            bias_init=_param(nn.initializers.zeros, "heads", "head_dim"))(x)
+        y = Projection(cfg, (heads, cfg.head_dim), ("embed",), ("heads", "head_dim"), cfg.attention_bias, name=name)(x)
         return with_adapter(cfg, name, x, y, ("embed",), ("heads", "head_dim"))
 
     @nn.compact
@@ -287,10 +316,7 @@ class Attention(nn.Module):
         else:
             out = attention(q, k, v, kv_mask, cache_start)
         out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-        projected = nn.DenseGeneral(
-            cfg.hidden_size, axis=(-2, -1), use_bias=False, name="o_proj",
-            dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-            kernel_init=_param(nn.initializers.normal(0.02), "heads", "head_dim", "embed"))(out)
+        projected = Projection(cfg, (cfg.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj")(out)
         return with_adapter(cfg, "o_proj", out, projected, ("heads", "head_dim"), ("embed",)), layer_cache
 
 
@@ -299,8 +325,7 @@ class MLP(nn.Module):
 
     def _dense(self, name, features, axes, x):
         cfg = self.cfg
-        y = nn.Dense(features, use_bias=False, name=name, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                     kernel_init=_param(nn.initializers.normal(0.02), *axes))(x)
+        y = Projection(cfg, (features,), axes[:1], axes[1:], name=name)(x)
         return with_adapter(cfg, name, x, y, axes[:1], axes[1:])
 
     @nn.compact
