@@ -353,6 +353,8 @@ KNOBS = (  # what to try, in turn, when a plan does not fit
     ("model.remat", lambda c: c.model.remat == "none", lambda c: c.model.update(remat="full")),
     ("rl.minibatches", lambda c: c.rl.batch_size % (2 * c.rl.minibatches) == 0,
      lambda c: c.rl.update(minibatches=2 * c.rl.minibatches)),
+    ("rl.prepare_chunks", lambda c: c.rl.batch_size % (2 * c.rl.prepare_chunks) == 0,
+     lambda c: c.rl.update(prepare_chunks=2 * c.rl.prepare_chunks)),
     ("sft.grad_accum", lambda c: c.sft.batch_size % 2 == 0,
      lambda c: c.sft.update(batch_size=c.sft.batch_size // 2, grad_accum=2 * c.sft.grad_accum)),
     # weights and Adam moments that no activation knob shrinks: adapters of rank 64 on a bfloat16 base

@@ -53,6 +53,7 @@ class PPOConfig:
     logits_chunk: int = 0  # completion positions per LM-head call in completion_logprobs; 0: all
     max_new_tokens: int = 0  # seq_mean_token_sum_norm's constant (the sampling budget); 0: the batch's width
     reuse_sampler_logprobs: bool = False  # old log-probs from the rollout, not from a policy forward
+    prepare_chunks: int = 1  # slices of the batch's rows the no-gradient forward passes run one at a time
 
 
 class PPOState(NamedTuple):
@@ -292,6 +293,37 @@ def _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg: PPO
     return advantages, advantages
 
 
+def by_row_chunks(fn: Callable, chunks: int, *rows: jnp.ndarray):
+    """`fn(*rows)` for arrays whose first axis is the batch's rows, computed on `chunks` equal slices
+    of the rows one after another (`lax.map`), so only one slice's activations are alive at a time;
+    the same values as one call, as `fn` treats each row on its own."""
+    if chunks <= 1:
+        return fn(*rows)
+    sliced = jax.lax.map(lambda xs: fn(*xs), tuple(x.reshape(chunks, -1, *x.shape[1:]) for x in rows))
+    return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), sliced)
+
+
+def _old_and_reference(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, frozen,
+                       tokens, attention_mask, sampler_logprobs, mask):
+    """Per row, before the update: (old log-probs, old values (0 without a critic), reference
+    log-probs), each `[rows, new]` and masked; the forward passes `prepare` makes."""
+    num_new = mask.shape[1]
+    if cfg.reuse_sampler_logprobs:
+        values = critic_values(model_cfg, params, tokens, attention_mask, frozen)
+        old_logp = sampler_logprobs * mask
+    else:
+        hidden, values = hidden_and_values(model_cfg, params, tokens, attention_mask, frozen)
+        old_logp, _ = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, tokens, num_new,
+                                          cfg.temperature, cfg.logits_chunk)
+    ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
+    if cfg.kl_coef:
+        _, ref_hidden = forward(model_cfg.base(), ref_params, tokens, attention_mask, with_head=False)
+        ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, tokens, num_new, cfg.temperature,
+                                          cfg.logits_chunk)
+    old_values = jnp.zeros_like(mask) if values is None else values[:, -num_new - 1:-1] * mask
+    return old_logp, old_values, ref_logp
+
+
 def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, data: Experience,
             frozen: dict | None = None) -> tuple[PreparedBatch, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
     """Old and reference log-probs, values, rewards and advantages (no gradients). Returns the
@@ -299,23 +331,12 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
     `ref_params`: the KL penalty's frozen reference, a model without adapters; None with LoRA,
     whose reference is the frozen base itself (the adapters off)."""
     rollout = data.rollout
-    num_new = rollout.completion_mask.shape[1]
     mask = rollout.completion_mask.astype(jnp.float32)
     row_mask = data.row_mask.astype(jnp.float32)
-    if cfg.reuse_sampler_logprobs:
-        values = critic_values(model_cfg, params, rollout.tokens, rollout.attention_mask, frozen)
-        old_logp = rollout.logprobs * mask
-    else:
-        hidden, values = hidden_and_values(model_cfg, params, rollout.tokens, rollout.attention_mask, frozen)
-        old_logp, _ = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rollout.tokens, num_new,
-                                          cfg.temperature, cfg.logits_chunk)
-    ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
-    if cfg.kl_coef:
-        ref_params = frozen if ref_params is None else ref_params
-        _, ref_hidden = forward(model_cfg.base(), ref_params, rollout.tokens, rollout.attention_mask, with_head=False)
-        ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rollout.tokens, num_new,
-                                          cfg.temperature, cfg.logits_chunk)
-    old_values = jnp.zeros_like(mask) if values is None else values[:, -num_new - 1:-1] * mask
+    ref_params = frozen if ref_params is None else ref_params
+    old_logp, old_values, ref_logp = by_row_chunks(
+        functools.partial(_old_and_reference, model_cfg, cfg, params, ref_params, frozen), cfg.prepare_chunks,
+        rollout.tokens, rollout.attention_mask, rollout.logprobs, mask)
     scores = jnp.clip(data.scores, -cfg.score_clip, cfg.score_clip) if cfg.score_clip else data.scores
     advantages, returns = _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg)
     batch = PreparedBatch(rollout.tokens, rollout.attention_mask, rollout.completion_mask, old_logp, ref_logp,
@@ -326,7 +347,7 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
     if cfg.kl_coef:
         per_sequence["kl"] = ((old_logp - ref_logp) * mask).sum(1)
         metrics["kl"] = masked_mean(per_sequence["kl"], row_mask)
-    if values is not None:
+    if params.has_critic:
         metrics["value_explained_variance"] = explained_variance(old_values, returns, mask)
     return jax.lax.stop_gradient(batch), metrics, per_sequence
 

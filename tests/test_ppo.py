@@ -178,6 +178,19 @@ def test_reusing_the_samplers_logprobs_gives_the_same_update(estimator, separate
     assert grads[0] @ grads[1] / (np.linalg.norm(grads[0]) * np.linalg.norm(grads[1])) > 1 - 1e-6
 
 
+@pytest.mark.parametrize("estimator, separate_critic", [("grpo", False), ("gae", False), ("gae", True)])
+def test_prepare_in_row_chunks_equals_one_pass(estimator, separate_critic):
+    """rl.prepare_chunks: the no-gradient forward passes over 4 slices of the rows, one at a time,
+    give the one-pass batch and metrics to float32 rounding (1e-5: another batch shape sums in another
+    order), with a critic or without, KL on."""
+    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=4 if estimator == "grpo" else 1, kl_coef=0.05)
+    params = actor_critic_params(TINY, tiny_params(), separate_critic, critic=estimator == "gae")
+    data = _toy_batch(params, jax.random.key(6), group_size=cfg.group_size)
+    whole, chunked = (ppo.prepare(TINY, dataclasses.replace(cfg, prepare_chunks=chunks), params, tiny_params(seed=2),
+                                  data) for chunks in (1, 4))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-5), chunked, whole)
+
+
 @pytest.mark.parametrize("separate_critic", [False, True])
 def test_ppo_raises_reward_on_toy_task(separate_critic):
     policy = tiny_params()
