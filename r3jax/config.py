@@ -171,6 +171,8 @@ SCHEMA: dict[str, Any] = {
         "length_bucket": (32, "the update batch is cut to its longest real prompt and completion, each rounded up "
                               "to a multiple of this (few compiled shapes, no FLOP on columns of padding)"),
         "logits_chunk": (0, "completion positions per LM-head call in the PPO loss (memory); 0 = all"),
+        "rollout_rows": (0, "rows per sampler call when sampling a step's batch (memory: the KV cache and "
+                            "activations of that many rows); 0 = the whole batch at once"),
         "prepare_chunks": (1, "slices of the batch's rows that the update's no-gradient forward passes (old and "
                               "reference log-probs, values) run one at a time (memory); must divide rl.batch_size"),
         "reuse_sampler_logprobs": (False, "the update's old log-probs are the sampler's, not recomputed by a "
@@ -454,6 +456,7 @@ def _validate_rl(c: ml_collections.ConfigDict) -> None:
            "'budget' needs rl.token_budget > 0")
     _check(c.rl.batch_size % c.rl.minibatches == 0, "rl.minibatches",
            f"{c.rl.minibatches} does not divide rl.batch_size {c.rl.batch_size}")
+    _check(c.rl.rollout_rows >= 0, "rl.rollout_rows", f"must be 0 (all rows) or a row count, got {c.rl.rollout_rows}")
     _check(c.rl.prepare_chunks > 0 and c.rl.batch_size % c.rl.prepare_chunks == 0, "rl.prepare_chunks",
            f"{c.rl.prepare_chunks} does not divide rl.batch_size {c.rl.batch_size}")
     _check(not c.rl.reuse_sampler_logprobs or (c.rl.top_k == 0 and c.rl.top_p == 1 and c.model.dtype == "float32"),

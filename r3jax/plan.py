@@ -33,7 +33,7 @@ from r3jax.models import hf, lora
 from r3jax.models.transformer import init_cache, init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.train.job import execution_settings, scratch_model_config
-from r3jax.train.rl import ppo_config
+from r3jax.train.rl import ppo_config, update_rows
 from r3jax.train.sft import SFTState, make_train_step
 
 PRESETS = {  # shapes only (HF config.json fields); no weights
@@ -232,7 +232,7 @@ def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference,
                                                          critic=c.estimator == "gae"), policy, mesh)
     optimizer = optim.rl_optimizer(c, params)
     state = ppo.PPOState(params, _like_params(optimizer.init, params, mesh), jax.ShapeDtypeStruct((), jnp.int32))
-    rows, length = c.batch_size, c.max_prompt_length + c.max_new_tokens
+    rows, length = update_rows(c), c.max_prompt_length + c.max_new_tokens
 
     def rows_spec(*shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
@@ -256,7 +256,7 @@ def _plan_sampler(compile_phase: _Compiler, config, model_cfg, params, boxed, la
     weights = params if not copied else _abstract(
         jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(model_cfg.jnp_dtype), p), params),
         sharding.logical_shardings(boxed, sample_mesh))
-    rows, prompt = c.batch_size, c.max_prompt_length
+    rows, prompt = c.rollout_rows or c.batch_size, c.max_prompt_length
     cache_len = sampling.cache_length(model_cfg, prompt, c.max_new_tokens)
     batch_axis = 1 if model_cfg.scan_layers else 0
     cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
@@ -336,7 +336,7 @@ def concrete_phase(config, model_cfg, phase: str):
     c = config.rl
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
     optimizer = optim.rl_optimizer(c, params)
-    rows, new = c.batch_size, c.max_new_tokens
+    rows, new = update_rows(c), c.max_new_tokens
     length = c.max_prompt_length + new
     experience = sharding.shard_batch(ppo.experience(sampling.Rollout(
         np.ones((rows, length), np.int32), np.ones((rows, length), np.int32), np.zeros((rows, new), np.float32),
@@ -355,6 +355,8 @@ KNOBS = (  # what to try, in turn, when a plan does not fit
      lambda c: c.rl.update(minibatches=2 * c.rl.minibatches)),
     ("rl.prepare_chunks", lambda c: c.rl.batch_size % (2 * c.rl.prepare_chunks) == 0,
      lambda c: c.rl.update(prepare_chunks=2 * c.rl.prepare_chunks)),
+    ("rl.rollout_rows", lambda c: (c.rl.rollout_rows or c.rl.batch_size) >= 2,
+     lambda c: c.rl.update(rollout_rows=(c.rl.rollout_rows or c.rl.batch_size) // 2)),
     ("sft.grad_accum", lambda c: c.sft.batch_size % 2 == 0,
      lambda c: c.sft.update(batch_size=c.sft.batch_size // 2, grad_accum=2 * c.sft.grad_accum)),
     # weights and Adam moments that no activation knob shrinks: adapters of rank 64 on a bfloat16 base

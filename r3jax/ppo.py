@@ -303,19 +303,19 @@ def by_row_chunks(fn: Callable, chunks: int, *rows: jnp.ndarray):
     return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), sliced)
 
 
-def _old_and_reference(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, frozen,
-                       tokens, attention_mask, sampler_logprobs, mask):
-    """Per row, before the update: (old log-probs, old values (0 without a critic), reference
-    log-probs), each `[rows, new]` and masked; the forward passes `prepare` makes."""
+def _forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, frozen,
+                    tokens, attention_mask, mask):
+    """Per row, the forward passes `prepare` makes: (old log-probs, old values, reference log-probs),
+    each `[rows, new]` and masked, 0 where a pass is not made (old log-probs reused from the
+    sampler, no critic, no KL penalty)."""
     num_new = mask.shape[1]
+    old_logp = ref_logp = jnp.zeros_like(mask)
     if cfg.reuse_sampler_logprobs:
         values = critic_values(model_cfg, params, tokens, attention_mask, frozen)
-        old_logp = sampler_logprobs * mask
     else:
         hidden, values = hidden_and_values(model_cfg, params, tokens, attention_mask, frozen)
         old_logp, _ = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, tokens, num_new,
                                           cfg.temperature, cfg.logits_chunk)
-    ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
     if cfg.kl_coef:
         _, ref_hidden = forward(model_cfg.base(), ref_params, tokens, attention_mask, with_head=False)
         ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, tokens, num_new, cfg.temperature,
@@ -335,8 +335,12 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
     row_mask = data.row_mask.astype(jnp.float32)
     ref_params = frozen if ref_params is None else ref_params
     old_logp, old_values, ref_logp = by_row_chunks(
-        functools.partial(_old_and_reference, model_cfg, cfg, params, ref_params, frozen), cfg.prepare_chunks,
-        rollout.tokens, rollout.attention_mask, rollout.logprobs, mask)
+        functools.partial(_forward_passes, model_cfg, cfg, params, ref_params, frozen), cfg.prepare_chunks,
+        rollout.tokens, rollout.attention_mask, mask)
+    if cfg.reuse_sampler_logprobs:
+        old_logp = rollout.logprobs * mask
+    if not cfg.kl_coef:
+        ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
     scores = jnp.clip(data.scores, -cfg.score_clip, cfg.score_clip) if cfg.score_clip else data.scores
     advantages, returns = _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg)
     batch = PreparedBatch(rollout.tokens, rollout.attention_mask, rollout.completion_mask, old_logp, ref_logp,

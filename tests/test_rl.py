@@ -154,3 +154,17 @@ def test_hint_on_failure_samples_again_exactly_the_groups_that_all_failed(setup)
         assert list(state.prompt_tokens) == tokens[:len(state.prompt_tokens)]
     batch = collected.experience
     assert batch.rollout.tokens.shape[0] == 32 and batch.row_mask.sum() == 16 + len(hinted)
+
+
+def test_sampling_in_calls_of_fewer_rows_keeps_the_batch(setup):
+    """rl.rollout_rows: the batch sampled 3 rows per call (the last call padded, each call with a
+    key of its own) has the plain batch's shape, start states and prompt lengths, and consistent
+    masks."""
+    plain, _ = _collect(setup, _rl_config())
+    chunked, _ = _collect(setup, _rl_config(rollout_rows=3))
+    assert [s.prompt_tokens for s in chunked.states] == [s.prompt_tokens for s in plain.states]
+    a, b = plain.experience.rollout, chunked.experience.rollout
+    assert a.tokens.shape[0] == b.tokens.shape[0] == 8 and a.completion_mask.shape == b.completion_mask.shape
+    np.testing.assert_array_equal(b.attention_mask.sum(1) - b.completion_mask.sum(1),
+                                  a.attention_mask.sum(1) - a.completion_mask.sum(1))  # same prompts' lengths
+    assert np.isfinite(b.logprobs).all() and (b.lengths == b.completion_mask.sum(1)).all()

@@ -118,13 +118,24 @@ def update_rows(c) -> int:
 
 def _sample_round(c, round_states: list[StartState], task: Task, sampler: Policy, settings: SamplingConfig,
                   key: jax.Array) -> tuple[dict[str, np.ndarray], list[Score], np.ndarray]:
-    """One sampler call over `round_states` (each repeated for its group): the rollout's fields on
-    the host `[rows, ...]`, the scores, and the rewards (with rl.missing_eos_penalty)."""
-    rollout, texts = rollout_lib.generate(sampler.model_cfg, sampler.params, sampler.tokenizer, round_states,
-                                          settings, key, sampler.mesh)
+    """Samples `round_states` (each repeated for its group), rl.rollout_rows rows per sampler call
+    (0: all at once): the rollout's fields on the host `[rows, ...]`, prompts left-padded to the
+    widest call's, the scores, and the rewards (with rl.missing_eos_penalty)."""
+    size = c.rollout_rows or len(round_states)
+    calls, texts = [], []
+    for index, start in enumerate(range(0, len(round_states), size)):
+        chunk = round_states[start:start + size]
+        rollout, chunk_texts = rollout_lib.generate(sampler.model_cfg, sampler.params, sampler.tokenizer, chunk,
+                                                    settings, jax.random.fold_in(key, index) if index else key,
+                                                    sampler.mesh, rows=size)  # a short last call padded: one shape
+        calls.append({name: sharding.to_host(value)[:len(chunk)] for name, value in rollout._asdict().items()})
+        texts += chunk_texts
     round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
                                     [s.demo.answer for s in round_states])
-    host = {name: sharding.to_host(value)[:len(round_states)] for name, value in rollout._asdict().items()}
+    width = max(call["tokens"].shape[1] for call in calls)
+    host = {name: np.concatenate([_left_pad_to(call[name], width, settings.pad_id if name == "tokens" else 0)
+                                  if name in ("tokens", "attention_mask") else call[name] for call in calls])
+            for name in calls[0]}
     rewards = np.array([s.reward for s in round_scores], np.float32)
     if c.missing_eos_penalty:
         completions = host["tokens"][:, host["tokens"].shape[1] - host["logprobs"].shape[1]:]
