@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 from typing import Iterable, Sequence
@@ -10,6 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from r3jax import files
 from r3jax.errors import InputError
 
 
@@ -136,8 +136,7 @@ class SentencePieceTokenizer(Tokenizer):
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(self.bos_id),
                   "eos_token": piece(self.eos_id), "pad_token": piece(self.pad_id), "unk_token": piece(self.sp.unk_id()),
                   "add_bos_token": True, R3JAX_SENTENCEPIECE_KEY: SENTENCEPIECE_FILE}
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+        files.write_json(os.path.join(directory, "tokenizer_config.json"), config)
 
     def _fast_tokenizer(self):
         """r3jax's SentencePiece settings (`train_sentencepiece`: BPE, digits split, no dummy prefix,
@@ -196,8 +195,8 @@ def _r3jax_sentencepiece(directory: str) -> str | None:
     config_file = os.path.join(directory, "tokenizer_config.json")
     if not os.path.exists(config_file):
         return None
-    with open(config_file) as f:
-        name = json.load(f).get(R3JAX_SENTENCEPIECE_KEY)
+    name = files.read_json(config_file, "export the model again, or give config.tokenizer.path").get(
+        R3JAX_SENTENCEPIECE_KEY)
     return os.path.join(directory, name) if name and os.path.exists(os.path.join(directory, name)) else None
 
 

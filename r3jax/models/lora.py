@@ -12,7 +12,6 @@ PEFT's format (`adapter_config.json`, `adapter_model.safetensors`), which `peft`
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from r3jax import sharding
+from r3jax import files, sharding
 from r3jax.config import LORA_MODULES, lora_targets
 from r3jax.errors import InputError
 from r3jax.models.transformer import ModelConfig, init_params
@@ -180,8 +179,7 @@ def save_peft(path: str, model_cfg: ModelConfig, params: dict, base_model: str) 
               "r": model_cfg.lora_rank, "lora_alpha": model_cfg.lora_alpha, "lora_dropout": 0.0,
               "target_modules": list(model_cfg.lora_targets), "bias": "none", "fan_in_fan_out": False,
               "use_rslora": False, "inference_mode": True}
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    files.write_json(os.path.join(path, "adapter_config.json"), config)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -189,8 +187,8 @@ def load_peft(path: str, model_cfg: ModelConfig, mesh) -> dict:
     """The adapters of a PEFT directory (as `save_peft` writes them) for `model_cfg`, placed on
     `mesh`. InputError naming config.model.lora.init_from when the adapter's rank or targets differ
     from the config's, or a tensor's shape from the model's (the first that does)."""
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        saved = json.load(f)
+    saved = files.read_json(os.path.join(path, "adapter_config.json"), "give config.model.lora.init_from a whole "
+                                                                       "PEFT adapter directory")
     if saved.get("r") != model_cfg.lora_rank or set(saved.get("target_modules") or ()) != set(model_cfg.lora_targets):
         raise InputError(f"config.model.lora.init_from: {path} holds rank {saved.get('r')} adapters on "
                          f"{saved.get('target_modules')}; the config asks for rank {model_cfg.lora_rank} on "

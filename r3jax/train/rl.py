@@ -64,15 +64,21 @@ def _left_pad_to(array: np.ndarray, width: int, value: int) -> np.ndarray:
     return np.pad(array, ((0, 0), (width - array.shape[1], 0)), constant_values=value)
 
 
+def concatenate_rows(parts: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
+    """The rows of several sampler calls or rounds (dicts of Rollout fields and more) as one,
+    prompts left-padded to the widest part's."""
+    width = max(part["tokens"].shape[1] for part in parts)
+    return {key: np.concatenate([_left_pad_to(p[key], width, pad_id if key == "tokens" else 0)
+                                 if key in ("tokens", "attention_mask") else p[key] for p in parts])
+            for key in parts[0]}
+
+
 def assemble(parts: list[dict[str, np.ndarray]], rows: int, pad_id: int) -> ppo.Experience:
     """One update batch of exactly `rows` rows from the kept rows of several rounds (dicts of the
     Rollout fields, scores and row_mask): prompts left-padded to the widest round, then rows that
     copy the first and are masked out (no completion tokens, row_mask 0), so the update keeps one
     compiled batch shape."""
-    width = max(part["tokens"].shape[1] for part in parts)
-    batch = {key: np.concatenate([_left_pad_to(p[key], width, pad_id if key == "tokens" else 0)
-                                  if key in ("tokens", "attention_mask") else p[key] for p in parts])[:rows]
-             for key in parts[0]}
+    batch = {key: value[:rows] for key, value in concatenate_rows(parts, pad_id).items()}
     missing = rows - len(batch["scores"])
     if missing:
         filler = {key: np.repeat(value[:1], missing, axis=0) for key, value in batch.items()}
@@ -132,10 +138,7 @@ def _sample_round(c, round_states: list[StartState], task: Task, sampler: Policy
         texts += chunk_texts
     round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
                                     [s.demo.answer for s in round_states])
-    width = max(call["tokens"].shape[1] for call in calls)
-    host = {name: np.concatenate([_left_pad_to(call[name], width, settings.pad_id if name == "tokens" else 0)
-                                  if name in ("tokens", "attention_mask") else call[name] for call in calls])
-            for name in calls[0]}
+    host = concatenate_rows(calls, settings.pad_id)
     rewards = np.array([s.reward for s in round_scores], np.float32)
     if c.missing_eos_penalty:
         completions = host["tokens"][:, host["tokens"].shape[1] - host["logprobs"].shape[1]:]
