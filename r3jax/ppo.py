@@ -2,8 +2,10 @@
 
 Conventions: the update learns from an `Experience`: the sampler's `Rollout` (`tokens` and
 `attention_mask` `[batch, prompt + new]`, `logprobs` and `completion_mask` `[batch, new]`), the
-host's `scores` `[batch]` and a `row_mask` `[batch]` (0 for rows that only pad the batch). Values
-and log-probs at completion position t are those of the state before token t.
+host's `scores` `[batch]`, a `row_mask` `[batch]` (0 for rows that only pad the batch), and
+optionally the same rollouts packed (`packing.Packing`), which the forward passes then read
+instead of the padded rows. Values and log-probs at completion position t are those of the state
+before token t.
 
 Advantage estimators: `gae` (PPO with a critic, the paper's) or a critic-free group estimator
 (`grpo`, `drgrpo`, `rloo`, `reinforce_pp`) over the `group_size` adjacent samples of each start
@@ -24,10 +26,9 @@ from r3jax.config import ESTIMATORS, LOSS_AGGREGATIONS
 from r3jax.models.lora import merge
 from r3jax.models.transformer import ModelConfig, forward, head_logits
 from r3jax.models.value import ActorCritic, critic_values, hidden_and_values
+from r3jax.packing import Packing
 from r3jax.sampling import Rollout
 from r3jax.sharding import StateStep
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Experience(NamedTuple):
     rollout: Rollout         # as the sampler returned it, `[batch, ...]`
     scores: jnp.ndarray      # [batch] float32, from the host's reward
     row_mask: jnp.ndarray    # [batch] float32: 1 for a real row, 0 for one that only fills the batch
+    packing: Packing | None = None  # the rollouts packed into rows, for the forward passes
 
 
 def experience(rollout: Rollout, scores) -> Experience:
@@ -75,10 +77,34 @@ def experience(rollout: Rollout, scores) -> Experience:
     return Experience(rollout, scores, jnp.ones_like(scores))
 
 
+class ForwardRows(NamedTuple):
+    """What the model reads: padded rollout rows (`[batch, prompt + new]`, positions None) or
+    packed rows (`[rows, width]`: segment ids as the mask, positions, and `state_index`, see
+    `packing.Packing`)."""
+    tokens: jnp.ndarray
+    attention_mask: jnp.ndarray
+    positions: jnp.ndarray | None = None
+    state_index: jnp.ndarray | None = None
+
+    @staticmethod
+    def of(data: Experience) -> "ForwardRows":
+        if data.packing is None:
+            return ForwardRows(data.rollout.tokens, data.rollout.attention_mask)
+        return ForwardRows(data.packing.tokens, data.packing.segment_ids, data.packing.positions,
+                           data.packing.state_index)
+
+    def at_completion(self, x: jnp.ndarray, num_new: int) -> jnp.ndarray:
+        """`x [rows, width, ...]`, a forward's output on these rows, at the states that predict each
+        completion token: `[batch, new, ...]`."""
+        if self.state_index is None:
+            return x[:, -num_new - 1:-1]
+        return x.reshape(-1, *x.shape[2:])[self.state_index]
+
+
 class PreparedBatch(NamedTuple):
     """What the minibatch losses read, computed once per update without gradients."""
-    tokens: jnp.ndarray          # [batch, prompt + new]
-    attention_mask: jnp.ndarray  # [batch, prompt + new]
+    rows: ForwardRows
+    targets: jnp.ndarray         # [batch, new] the completion tokens
     completion_mask: jnp.ndarray  # [batch, new]
     old_logprobs: jnp.ndarray    # [batch, new] under the policy before the update
     ref_logprobs: jnp.ndarray    # [batch, new] under the frozen reference
@@ -131,13 +157,12 @@ def chunked_logprobs(model_cfg: ModelConfig, policy_params: Any, states: jnp.nda
     return unchunk(logp), unchunk(entropy)
 
 
-def completion_logprobs(model_cfg: ModelConfig, policy_params: Any, hidden: jnp.ndarray, tokens: jnp.ndarray,
-                        num_new: int, temperature: float, chunk: int = 0):
-    """`chunked_logprobs` of the completion tokens (the last `num_new` of `tokens [batch, seq]`)
-    from the final hidden states `[batch, seq, embed]`: the LM head runs only at completion
-    positions. `[batch, new]` log-probs and entropies."""
-    prompt_len = tokens.shape[1] - num_new
-    return chunked_logprobs(model_cfg, policy_params, hidden[:, prompt_len - 1:-1], tokens[:, prompt_len:],
+def completion_logprobs(model_cfg: ModelConfig, policy_params: Any, hidden: jnp.ndarray, rows: ForwardRows,
+                        targets: jnp.ndarray, temperature: float, chunk: int = 0):
+    """`chunked_logprobs` of the completion tokens `targets [batch, new]` from the final hidden
+    states of a forward over `rows` (`[rows, width, embed]`): the LM head runs only at the states
+    that predict them. `[batch, new]` log-probs and entropies."""
+    return chunked_logprobs(model_cfg, policy_params, rows.at_completion(hidden, targets.shape[1]), targets,
                             temperature, chunk)
 
 
@@ -259,8 +284,9 @@ def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, 
     loss (critic warm-up). `frozen`: the base under LoRA adapters (None: nothing is frozen)."""
     num_new = batch.completion_mask.shape[1]
     mask = batch.completion_mask.astype(jnp.float32)
-    hidden, values = hidden_and_values(model_cfg, params, batch.tokens, batch.attention_mask, frozen)
-    logp, entropy = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, batch.tokens, num_new,
+    rows = batch.rows
+    hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
+    logp, entropy = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rows, batch.targets,
                                         cfg.temperature, cfg.logits_chunk)
     pg_loss, clip_frac = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, cfg)
     mean_entropy = masked_mean(entropy, mask)
@@ -271,7 +297,7 @@ def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, 
     metrics = {"pg_loss": pg_loss, "clip_frac": clip_frac, "entropy": mean_entropy,
                "approx_kl": masked_mean(batch.old_logprobs - logp, mask)}
     if values is not None:
-        metrics["vf_loss"] = value_loss(values[:, -num_new - 1:-1], batch.old_values, batch.returns, mask,
+        metrics["vf_loss"] = value_loss(rows.at_completion(values, num_new), batch.old_values, batch.returns, mask,
                                         cfg.value_clip)
         loss = loss + cfg.vf_coef * metrics["vf_loss"]
     metrics["loss"] = loss
@@ -304,23 +330,24 @@ def by_row_chunks(fn: Callable, chunks: int, *rows: jnp.ndarray):
 
 
 def _forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, frozen,
-                    tokens, attention_mask, mask):
-    """Per row, the forward passes `prepare` makes: (old log-probs, old values, reference log-probs),
-    each `[rows, new]` and masked, 0 where a pass is not made (old log-probs reused from the
-    sampler, no critic, no KL penalty)."""
+                    rows: ForwardRows, targets, mask):
+    """The forward passes `prepare` makes: (old log-probs, old values, reference log-probs), each
+    `[batch, new]` and masked, 0 where a pass is not made (old log-probs reused from the sampler,
+    no critic, no KL penalty)."""
     num_new = mask.shape[1]
     old_logp = ref_logp = jnp.zeros_like(mask)
     if cfg.reuse_sampler_logprobs:
-        values = critic_values(model_cfg, params, tokens, attention_mask, frozen)
+        values = critic_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
     else:
-        hidden, values = hidden_and_values(model_cfg, params, tokens, attention_mask, frozen)
-        old_logp, _ = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, tokens, num_new,
+        hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
+        old_logp, _ = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rows, targets,
                                           cfg.temperature, cfg.logits_chunk)
     if cfg.kl_coef:
-        _, ref_hidden = forward(model_cfg.base(), ref_params, tokens, attention_mask, with_head=False)
-        ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, tokens, num_new, cfg.temperature,
+        _, ref_hidden = forward(model_cfg.base(), ref_params, rows.tokens, rows.attention_mask, with_head=False,
+                                positions=rows.positions)
+        ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rows, targets, cfg.temperature,
                                           cfg.logits_chunk)
-    old_values = jnp.zeros_like(mask) if values is None else values[:, -num_new - 1:-1] * mask
+    old_values = jnp.zeros_like(mask) if values is None else rows.at_completion(values, num_new) * mask
     return old_logp, old_values, ref_logp
 
 
@@ -334,16 +361,21 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
     mask = rollout.completion_mask.astype(jnp.float32)
     row_mask = data.row_mask.astype(jnp.float32)
     ref_params = frozen if ref_params is None else ref_params
-    old_logp, old_values, ref_logp = by_row_chunks(
-        functools.partial(_forward_passes, model_cfg, cfg, params, ref_params, frozen), cfg.prepare_chunks,
-        rollout.tokens, rollout.attention_mask, mask)
+    targets = rollout.tokens[:, -mask.shape[1]:]
+    passes = functools.partial(_forward_passes, model_cfg, cfg, params, ref_params, frozen)
+    if data.packing is None:
+        old_logp, old_values, ref_logp = by_row_chunks(
+            lambda tokens, attention_mask, *per_row: passes(ForwardRows(tokens, attention_mask), *per_row),
+            cfg.prepare_chunks, rollout.tokens, rollout.attention_mask, targets, mask)
+    else:  # a packed row mixes rollouts, so it cannot be cut by rollout rows (config refuses chunks)
+        old_logp, old_values, ref_logp = passes(ForwardRows.of(data), targets, mask)
     if cfg.reuse_sampler_logprobs:
         old_logp = rollout.logprobs * mask
     if not cfg.kl_coef:
         ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
     scores = jnp.clip(data.scores, -cfg.score_clip, cfg.score_clip) if cfg.score_clip else data.scores
     advantages, returns = _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg)
-    batch = PreparedBatch(rollout.tokens, rollout.attention_mask, rollout.completion_mask, old_logp, ref_logp,
+    batch = PreparedBatch(ForwardRows.of(data), targets, rollout.completion_mask, old_logp, ref_logp,
                           old_values, advantages, returns)
     metrics = {"score": masked_mean(data.scores, row_mask), "sampler_kl": masked_mean(rollout.logprobs - old_logp, mask),
                "response_length": masked_mean(mask.sum(1), row_mask), "return": masked_mean(returns, mask)}
@@ -367,9 +399,11 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
     def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0,
                frozen=None):
         batch, metrics, per_sequence = prepare(model_cfg, cfg, state.params, ref_params, data, frozen)
-        size = batch.tokens.shape[0]
+        size = batch.targets.shape[0]
         if size % cfg.minibatches:
             raise ValueError(f"batch {size} does not split into {cfg.minibatches} minibatches")
+        if batch.rows.state_index is not None and cfg.minibatches > 1:
+            raise ValueError("packed rows mix rollouts, so they cannot be split into minibatches")
         grad_fn = jax.grad(functools.partial(minibatch_loss, model_cfg, cfg), has_aux=True)
 
         def minibatch_step(carry, minibatch):
@@ -382,6 +416,8 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
             return (optax.apply_updates(params, updates), opt_state), step_metrics
 
         def epoch(carry, epoch_key):
+            if batch.rows.state_index is not None:  # one minibatch, whose order does not matter
+                return jax.lax.scan(minibatch_step, carry, jax.tree.map(lambda x: x[None], batch))
             order = jax.random.permutation(epoch_key, size)
             minibatches = jax.tree.map(
                 lambda x: x[order].reshape(cfg.minibatches, size // cfg.minibatches, *x.shape[1:]), batch)

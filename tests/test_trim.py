@@ -1,16 +1,18 @@
-"""The update on a trimmed batch (cut to its longest real prompt and completion) equals the update
-on the padded batch, to float32 rounding: parameters and metrics, for every estimator and loss
-aggregation, on one device and on 8; and with no KL penalty the reference is never read."""
+"""The update on a trimmed batch (cut to its longest real prompt and completion) and on a packed
+one (several rollouts per row, `packing.pack`) equals the update on the padded batch, to float32
+rounding: parameters and metrics, for every estimator and loss aggregation, on one device and on
+8; and with no KL penalty the reference is never read."""
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from helpers import TINY, tiny_params
-from r3jax import optim, ppo, sharding
+from r3jax import optim, packing, ppo, sharding
 from r3jax.models.transformer import init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout, SamplingConfig, sample
@@ -18,8 +20,10 @@ from r3jax.tokenizer import left_pad
 from r3jax.train.rl import trim
 
 ROWS, NEW, EXTRA_PROMPT, EXTRA_NEW = 8, 6, 13, 21
-# float32 rounding: the padded batch sums attention and losses over more (masked, zero) terms
+# float32 rounding: the padded batch sums attention and losses over more (masked, zero) terms, and
+# the packed one in another order
 TOLERANCE = dict(rtol=2e-5, atol=2e-6)
+PACK_WIDTH = 16  # two or three of the test's rollouts (4-12 real tokens) per row
 
 
 def _padded_batch(params, group_size: int) -> ppo.Experience:
@@ -47,7 +51,9 @@ def _padded_batch(params, group_size: int) -> ppo.Experience:
 
 
 def _update(cfg, params, batch, mesh=None):
-    optimizer = optim.adamw(1e-3)
+    # plain SGD: Adam's first steps move every weight by about +-lr whatever its gradient's size, so
+    # a gradient of rounding size (1e-8) would move a weight as far as a real one
+    optimizer = optax.sgd(0.05)
     state = ppo.init_state(jax.tree.map(jnp.copy, params), optimizer)
     reference = tiny_params(seed=1)
     if mesh is not None:
@@ -62,22 +68,33 @@ def _update(cfg, params, batch, mesh=None):
     return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}, per_sequence
 
 
+def packed(batch: ppo.Experience, row_multiple: int = 1) -> ppo.Experience:
+    rollout = batch.rollout
+    return batch._replace(packing=packing.pack(rollout.tokens, rollout.attention_mask,
+                                               rollout.completion_mask.shape[1], PACK_WIDTH, row_multiple))
+
+
 def _assert_same_update(cfg, params, mesh=None):
+    """The padded batch's update against the trimmed batch's (cfg as given) and the packed batch's
+    (one minibatch: packed rows mix rollouts, so they are not split)."""
     padded = _padded_batch(params, cfg.group_size)
     trimmed = trim(padded, 4)
     assert trimmed.rollout.tokens.shape[1] < padded.rollout.tokens.shape[1] - EXTRA_PROMPT  # both regions cut
     assert trimmed.rollout.completion_mask.shape[1] == 8  # the longest completion, 6, rounded up to 4s
-    want_params, want, want_rows = _update(cfg, params, padded, mesh)
-    got_params, got, got_rows = _update(cfg, params, trimmed, mesh)
-    assert want.keys() == got.keys()
-    for key in want:
-        np.testing.assert_allclose(got[key], want[key], err_msg=key, **TOLERANCE)
-    for key in want_rows:
-        np.testing.assert_allclose(np.asarray(got_rows[key]), np.asarray(want_rows[key]), err_msg=key, **TOLERANCE)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOLERANCE), got_params, want_params)
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got_params,
-                                         jax.tree.map(np.asarray, params)))
-    assert max(moved) > 1e-4  # the update did move the weights
+    one_minibatch = dataclasses.replace(cfg, minibatches=1)
+    for cfg, batch in ((cfg, trimmed), (one_minibatch, packed(trimmed, 1 if mesh is None else 4))):
+        want_params, want, want_rows = _update(cfg, params, padded, mesh)
+        got_params, got, got_rows = _update(cfg, params, batch, mesh)
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], err_msg=key, **TOLERANCE)
+        for key in want_rows:
+            np.testing.assert_allclose(np.asarray(got_rows[key]), np.asarray(want_rows[key]), err_msg=key,
+                                       **TOLERANCE)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOLERANCE), got_params, want_params)
+        moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got_params,
+                                             jax.tree.map(np.asarray, params)))
+        assert max(moved) > 1e-4  # the update did move the weights
 
 
 BASE = ppo.PPOConfig(kl_coef=0.05, epochs=2, minibatches=2, vf_coef=0.5, max_new_tokens=NEW + EXTRA_NEW)
@@ -138,3 +155,28 @@ def test_without_a_kl_penalty_the_reference_is_never_read():
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, without[0].params),
                  jax.tree.map(np.asarray, with_reference[0].params))
     assert "kl" not in without[1] and "kl" not in without[2]
+
+
+def test_pack_lays_each_rollout_whole_into_one_segment_and_indexes_its_completion_states():
+    batch = trim(_padded_batch(actor_critic_params(TINY, tiny_params(), False), 1), 4)
+    rollout, new = batch.rollout, batch.rollout.completion_mask.shape[1]
+    packing_ = packing.pack(rollout.tokens, rollout.attention_mask, new, PACK_WIDTH, row_multiple=3)
+    rows = packing_.tokens.shape[0]
+    assert rows % 3 == 0 and packing_.tokens.shape[1] == PACK_WIDTH
+    assert packing.real_fraction(packing_.segment_ids) > packing.real_fraction(rollout.attention_mask)
+    assert int((packing_.segment_ids > 0).sum()) == int(rollout.attention_mask.sum())  # every real token, once
+    for row in range(rows):  # positions restart at 0 in each segment
+        for segment in np.unique(packing_.segment_ids[row][packing_.segment_ids[row] > 0]):
+            where = packing_.segment_ids[row] == segment
+            np.testing.assert_array_equal(packing_.positions[row][where], np.arange(where.sum()))
+    flat_tokens = packing_.tokens.reshape(-1)
+    real = rollout.completion_mask > 0
+    # the state before completion token t, followed by that token itself
+    np.testing.assert_array_equal(flat_tokens[packing_.state_index + 1][real], rollout.tokens[:, -new:][real])
+    assert packing_.state_index.max() < rows * PACK_WIDTH
+
+
+def test_pack_refuses_a_rollout_wider_than_the_row():
+    batch = _padded_batch(actor_critic_params(TINY, tiny_params(), False), 1)
+    with pytest.raises(ValueError, match="does not fit a packed row of 3"):
+        packing.pack(batch.rollout.tokens, batch.rollout.attention_mask, NEW + EXTRA_NEW, 3)

@@ -8,6 +8,10 @@ The model is a pure function of its parameters:
 Batches are left-padded. `positions` count real tokens (cumulative sum of the attention mask
 minus one); `kv_mask` marks which key slots hold real tokens. A KV cache is a plain pytree
 (`init_cache`) whose slot s holds the key/value of the token at padded index s.
+
+Without a cache, rows may also be packed: several sequences share a row, `segment_ids` number them
+(1, 2, ...; 0 is padding), a token attends only within its own segment, and positions restart
+at 0 in each (`forward` with explicit `positions`).
 """
 from __future__ import annotations
 
@@ -145,16 +149,19 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict[str, jnp.
             for _ in range(cfg.num_layers)]
 
 
-def attention(q, k, v, kv_mask, cache_start) -> jnp.ndarray:
+def attention(q, k, v, kv_mask, cache_start, segment_ids=None) -> jnp.ndarray:
     """Causal attention of queries at slots `cache_start + [0, seq)` over every key slot.
 
     q `[batch, seq, kv_heads, groups, head_dim]`, k/v `[batch, kv_heads, keys, head_dim]`,
-    kv_mask `[batch, keys]`; returns `[batch, seq, kv_heads, groups, head_dim]`.
+    kv_mask `[batch, keys]`; returns `[batch, seq, kv_heads, groups, head_dim]`. `segment_ids
+    [batch, seq]` (no cache: keys are the queries) also keeps each query within its own segment.
     """
     scores = jnp.einsum("bqkgd,bksd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
     query_slots = cache_start + jnp.arange(q.shape[1])
     key_slots = jnp.arange(k.shape[2])
     allowed = (key_slots[None, :] <= query_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bkgqs,bksd->bqkgd", probs, v)
@@ -289,8 +296,9 @@ class Attention(nn.Module):
         return with_adapter(cfg, name, x, y, ("embed",), ("heads", "head_dim"))
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_start):
-        """x `[batch, seq, embed]`; kv_mask `[batch, keys]`; returns (`[batch, seq, embed]`, cache)."""
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids):
+        """x `[batch, seq, embed]`; kv_mask `[batch, keys]`; segment_ids `[batch, seq]` or None;
+        returns (`[batch, seq, embed]`, cache)."""
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg)
         q, k = self._proj("q_proj", cfg.num_heads, x), self._proj("k_proj", cfg.num_kv_heads, x)
@@ -314,7 +322,7 @@ class Attention(nn.Module):
         if layer_cache is not None and seq == 1 and block:
             out = decode_attention(q, k, v, kv_mask, cache_start, block)
         else:
-            out = attention(q, k, v, kv_mask, cache_start)
+            out = attention(q, k, v, kv_mask, cache_start, segment_ids)
         out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         projected = Projection(cfg, (cfg.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj")(out)
         return with_adapter(cfg, "o_proj", out, projected, ("heads", "head_dim"), ("embed",)), layer_cache
@@ -340,9 +348,9 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_start):
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids):
         attn_out, layer_cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="input_norm")(x), positions, kv_mask, layer_cache, cache_start)
+            RMSNorm(self.cfg, name="input_norm")(x), positions, kv_mask, layer_cache, cache_start, segment_ids)
         x = x + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
         return x, layer_cache
@@ -367,7 +375,7 @@ class Transformer(nn.Module):
     with_head: bool = True
 
     @nn.compact
-    def __call__(self, tokens, positions, kv_mask, cache=None, cache_start=0):
+    def __call__(self, tokens, positions, kv_mask, cache=None, cache_start=0, segment_ids=None):
         cfg = self.cfg
         embed = _embed_layer(cfg, name="embed")
         x = embed(tokens)
@@ -376,14 +384,15 @@ class Transformer(nn.Module):
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if cache is None else 0, nn.broadcast),
+                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if cache is None else 0, nn.broadcast,
+                                      nn.broadcast),
                              length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_cache = layers(cfg, name="layers")(x, positions, kv_mask, cache, cache_start)
+            x, new_cache = layers(cfg, name="layers")(x, positions, kv_mask, cache, cache_start, segment_ids)
         else:
             new_cache = []
             for i in range(cfg.num_layers):
                 x, layer_cache = layer(cfg, name=f"layers_{i}")(
-                    x, positions, kv_mask, None if cache is None else cache[i], cache_start)
+                    x, positions, kv_mask, None if cache is None else cache[i], cache_start, segment_ids)
                 new_cache.append(layer_cache)
         hidden = RMSNorm(cfg, name="final_norm")(x)
         new_cache = None if cache is None else new_cache
@@ -409,11 +418,17 @@ def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def forward(cfg: ModelConfig, params: Any, tokens: jnp.ndarray, attention_mask: jnp.ndarray,
-            with_head: bool = True):
-    """Full no-cache forward of a left-padded batch: (logits `[b, s, vocab]`, hidden `[b, s, embed]`);
-    logits None with `with_head=False`."""
+            with_head: bool = True, positions: jnp.ndarray | None = None):
+    """Full no-cache forward: (logits `[b, s, vocab]`, hidden `[b, s, embed]`); logits None with
+    `with_head=False`. Either a left-padded batch (`attention_mask` 0/1, positions counted from
+    it), or packed rows: `attention_mask` holds segment ids and `positions` restart in each."""
+    if positions is None:
+        positions = positions_from_mask(attention_mask)
+        segment_ids = None
+    else:
+        segment_ids = attention_mask
     logits, hidden, _ = Transformer(cfg, with_head).apply(
-        {"params": params}, tokens, positions_from_mask(attention_mask), attention_mask)
+        {"params": params}, tokens, positions, attention_mask > 0, segment_ids=segment_ids)
     return logits, hidden
 
 

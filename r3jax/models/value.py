@@ -52,20 +52,23 @@ def head_values(head: dict[str, jnp.ndarray], hidden: jnp.ndarray) -> jnp.ndarra
 
 
 def critic_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray, attention_mask: jnp.ndarray,
-                  frozen: dict | None = None) -> jnp.ndarray | None:
-    """Values `[b, s]` (float32) from the critic's own forward pass, or None without a critic."""
+                  frozen: dict | None = None, positions: jnp.ndarray | None = None) -> jnp.ndarray | None:
+    """Values `[b, s]` (float32) from the critic's own forward pass, or None without a critic.
+    `positions`: packed rows (`transformer.forward`)."""
     if not params.has_critic:
         return None
     backbone = params.policy if params.critic_backbone is None else params.critic_backbone
-    _, hidden = forward(cfg, merge(frozen, backbone), tokens, attention_mask, with_head=False)
+    _, hidden = forward(cfg, merge(frozen, backbone), tokens, attention_mask, with_head=False, positions=positions)
     return head_values(params.value_head, hidden)
 
 
 def hidden_and_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray, attention_mask: jnp.ndarray,
-                      frozen: dict | None = None) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+                      frozen: dict | None = None, positions: jnp.ndarray | None = None,
+                      ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """(the policy's final hidden states `[b, s, embed]`, values `[b, s]` or None without a critic);
-    the policy's logits are left to the caller (`ppo.completion_logprobs`)."""
-    _, hidden = forward(cfg, merge(frozen, params.policy), tokens, attention_mask, with_head=False)
+    the policy's logits are left to the caller (`ppo.completion_logprobs`). `positions`: packed
+    rows (`transformer.forward`)."""
+    _, hidden = forward(cfg, merge(frozen, params.policy), tokens, attention_mask, with_head=False, positions=positions)
     if params.has_critic and params.critic_backbone is None:
         return hidden, head_values(params.value_head, hidden)
-    return hidden, critic_values(cfg, params, tokens, attention_mask, frozen)
+    return hidden, critic_values(cfg, params, tokens, attention_mask, frozen, positions)
