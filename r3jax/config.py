@@ -170,6 +170,11 @@ SCHEMA: dict[str, Any] = {
         "max_prompt_length": (512, "start states with longer prompts are left out"),
         "length_bucket": (32, "the update batch is cut to its longest real prompt and completion, each rounded up "
                               "to a multiple of this (few compiled shapes, no FLOP on columns of padding)"),
+        "pack": (False, "the update's forward passes read the batch's rollouts packed end to end in rows of "
+                        "rl.pack_width (attention kept within each), not one padded row each; needs "
+                        "rl.minibatches = 1 and rl.prepare_chunks = 1"),
+        "pack_width": (0, "tokens per packed row, at least rl.max_prompt_length + rl.max_new_tokens (the longest "
+                          "rollout); 0 = that, rounded up to rl.length_bucket"),
         "logits_chunk": (0, "completion positions per LM-head call in the PPO loss (memory); 0 = all"),
         "rollout_rows": (0, "rows per sampler call when sampling a step's batch (memory: the KV cache and "
                             "activations of that many rows); 0 = the whole batch at once"),
@@ -378,7 +383,8 @@ NON_NEGATIVE = ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", 
                 "rl.top_k", "sft.weight_decay", "rl.weight_decay", "sft.grad_clip", "rl.grad_clip",
                 "rl.num_start_states", "rl.clip_ratio_low", "rl.clip_ratio_high", "rl.critic_warmup_steps",
                 "rl.missing_eos_penalty", "metrics.sample_completions", "sft.logits_chunk", "rl.logits_chunk",
-                "eval.maj_k", "sft.data_epochs", "rl.data_epochs", "compare.samples", "compare.sample_problems")
+                "eval.maj_k", "sft.data_epochs", "rl.data_epochs", "compare.samples", "compare.sample_problems",
+                "rl.pack_width")
 
 
 def _validate_ranges(c: ml_collections.ConfigDict) -> None:
@@ -459,6 +465,12 @@ def _validate_rl(c: ml_collections.ConfigDict) -> None:
     _check(c.rl.rollout_rows >= 0, "rl.rollout_rows", f"must be 0 (all rows) or a row count, got {c.rl.rollout_rows}")
     _check(c.rl.prepare_chunks > 0 and c.rl.batch_size % c.rl.prepare_chunks == 0, "rl.prepare_chunks",
            f"{c.rl.prepare_chunks} does not divide rl.batch_size {c.rl.batch_size}")
+    longest = c.rl.max_prompt_length + c.rl.max_new_tokens
+    _check(c.rl.pack_width == 0 or c.rl.pack_width >= longest, "rl.pack_width",
+           f"{c.rl.pack_width} is narrower than the longest rollout, rl.max_prompt_length + rl.max_new_tokens = {longest}")
+    _check(not c.rl.pack or (c.rl.minibatches == 1 and c.rl.prepare_chunks == 1), "rl.pack",
+           "packed rows mix rollouts, so they cannot be split by rollout: set rl.minibatches=1 and "
+           f"rl.prepare_chunks=1 (got {c.rl.minibatches} and {c.rl.prepare_chunks})")
     _check(not c.rl.reuse_sampler_logprobs or (c.rl.top_k == 0 and c.rl.top_p == 1 and c.model.dtype == "float32"),
            "rl.reuse_sampler_logprobs", "the sampler's log-probs equal the update's only in float32 without "
            f"top-k or top-p (rl.top_k={c.rl.top_k}, rl.top_p={c.rl.top_p}, model.dtype={c.model.dtype})")

@@ -46,6 +46,16 @@ def test_reusing_sampler_logprobs_is_refused_where_they_differ(setting):
         config_lib.validate(c, num_devices=1)
 
 
+@pytest.mark.parametrize("setting", [("minibatches", 2), ("prepare_chunks", 2)])
+def test_packing_is_refused_where_rows_would_be_split_by_rollout(setting):
+    c = config_lib.base_config()
+    c.rl.pack = True
+    config_lib.validate(c, num_devices=1)
+    c.rl[setting[0]] = setting[1]
+    with pytest.raises(config_lib.ConfigError, match=f"^config.rl.pack: .*rl.{setting[0]}=1"):
+        config_lib.validate(c, num_devices=1)
+
+
 def test_bfloat16_master_weights_are_refused_for_training_only():
     c = config_lib.base_config()
     c.model.param_dtype = "bfloat16"
@@ -113,6 +123,7 @@ BAD_VALUES = [
     ("rl.missing_eos_penalty", -1.0), ("rl.max_sampling_rounds", 0), ("eval.split", "dev"),
     ("sft.eval_examples", -1), ("rl.score_clip", -5.0), ("sft.grad_clip", -1.0), ("mode", "serve"),
     ("compare.arms", ("r3-ppo",)), ("rl.num_start_states", -1), ("eval.maj_k", -2), ("rl.length_bucket", 0),
+    ("rl.pack_width", 1000),  # narrower than the longest rollout, 512 + 700
 ]
 
 

@@ -83,15 +83,16 @@ def test_finished_sft_is_skipped_and_more_steps_extend_it(tiny_setup, tmp_path, 
     assert (tmp_path / "sft" / "last" / "model.safetensors").stat().st_mtime > first_export
 
 
-@pytest.mark.parametrize("lora_rank, strategy", [(0, "mixed"), (4, "mixed"), (0, "adaptive"), (0, "hint_on_failure")],
-                         ids=["full", "lora", "adaptive", "hint"])
-def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tmp_path, lora_rank, strategy):
+@pytest.mark.parametrize("lora_rank, strategy, pack", [(0, "mixed", False), (4, "mixed", False),
+                                                       (0, "adaptive", False), (0, "hint_on_failure", True)],
+                         ids=["full", "lora", "adaptive", "hint-packed"])
+def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tmp_path, lora_rank, strategy, pack):
     """With LoRA (rank 4, the base as the KL reference) the same, and the base stays as it was; with
     the adaptive curriculum and with hints on failure the same, their start points and hints restored
-    from the checkpoint."""
+    from the checkpoint; the hinted run also packs its update batches (rows left empty included)."""
     _, tok, cfg, mesh, config = tiny_setup
     config = config.copy_and_resolve_references()
-    config.rl.update(strategy=strategy, adaptive_band=(0.5, 0.5001))  # a pair of samples moves or stays
+    config.rl.update(strategy=strategy, adaptive_band=(0.5, 0.5001), pack=pack)  # a pair of samples moves or stays
     # a reward the random policy earns half the time: some groups are dropped, the others train
     task = tasks.get("arith", num_train=80, num_test=8, max_steps=3, validation_size=8,
                      reward_fn="helpers:length_parity_reward")
@@ -117,6 +118,7 @@ def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tm
         jax.tree.map(np.testing.assert_array_equal, lora.split(whole["params"])[1], lora.split(policy)[1])
     if strategy != "mixed" and not lora_rank:  # start points or hints moved, and alike when resumed (the logs agree)
         assert len({r["start_point/mean_stage"] for r in expected}) > 1
+    assert all(0 < r["update/real_fraction"] <= 1 for r in expected)  # packing's gain: tests/test_trim.py, bench
     if strategy == "hint_on_failure":
         assert sum(r["hinted_fraction"] for r in expected) > 0
         assert (tmp_path / "whole" / "rl_start_point.png").exists()

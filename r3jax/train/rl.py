@@ -14,7 +14,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from r3jax import config as config_lib, curriculum as curriculum_lib, optim, ppo, rollout as rollout_lib, sharding
+from r3jax import (config as config_lib, curriculum as curriculum_lib, optim, packing, ppo, rollout as rollout_lib,
+                   sharding)
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import EvalSettings, Problems, accuracy_report, evaluate, samples
 from r3jax.models import lora
@@ -108,6 +109,22 @@ def trim(experience: ppo.Experience, bucket: int) -> ppo.Experience:
     return experience._replace(rollout=rollout._replace(
         tokens=rollout.tokens[:, columns], attention_mask=rollout.attention_mask[:, columns],
         logprobs=rollout.logprobs[:, :keep_new], completion_mask=rollout.completion_mask[:, :keep_new]))
+
+
+def pack_width(c) -> int:
+    """Tokens per packed row: rl.pack_width, or the longest rollout rounded up to rl.length_bucket."""
+    return c.pack_width or _round_up(c.max_prompt_length + c.max_new_tokens, c.length_bucket)
+
+
+def update_batch(c, experience: ppo.Experience, batch_shards: int) -> ppo.Experience:
+    """The batch the update reads (host arrays): trimmed, and with rl.pack its rollouts also packed
+    into rows of `pack_width`, as many as a multiple of `batch_shards` (the mesh's data x fsdp)."""
+    batch = trim(experience, c.length_bucket)
+    if not c.pack:
+        return batch
+    rollout = batch.rollout
+    return batch._replace(packing=packing.pack(rollout.tokens, rollout.attention_mask, rollout.completion_mask.shape[1],
+                                               pack_width(c), batch_shards))
 
 
 def truncated(completions: np.ndarray, lengths: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:
@@ -229,22 +246,25 @@ def _learner(c, model_cfg: ModelConfig, policy: Any, frozen: Any, mesh) -> tuple
     """(the initial PPO state from the SFT `policy` (what trains: with LoRA its adapters, on the
     base `frozen`), learn): `learn(state, collected, key, lr_scale, step) -> (state, record)` trims
     the batch, runs the one jitted update (counting the distinct batch shapes it has compiled,
-    `compiled/update_shapes`) and reads its metrics back."""
+    `compiled/update_shapes`) and reads its metrics back; `update/real_fraction` is the share of
+    the forward passes' token positions that hold real tokens."""
     # the frozen SFT reference: a copy in its own buffers (the training state is donated); none
     # when no KL penalty reads it, or with LoRA, where it is the frozen base (the adapters off)
     reference = sharding.compute_copy(model_cfg, mesh)(policy) if c.kl_coef and frozen is None else None
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
     optimizer = optim.rl_optimizer(c, params)
     update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
-    shapes = set()
+    shapes, batch_shards = set(), config_lib.data_parallel_size(mesh.devices.shape)
 
     def learn(state: ppo.PPOState, collected: Collected, key: jax.Array, lr_scale: float, step: int):
-        batch = trim(collected.experience, c.length_bucket)
-        shapes.add(batch.rollout.tokens.shape)
+        batch = update_batch(c, collected.experience, batch_shards)
+        rows = ppo.ForwardRows.of(batch)
+        shapes.add((rows.tokens.shape, batch.rollout.tokens.shape))
         state, update_metrics, per_sequence = update(state, reference, sharding.shard_batch(batch, mesh), key,
                                                      lr_scale, 0.0 if step < c.critic_warmup_steps else 1.0, frozen)
         record = {k: float(sharding.to_host(v)) for k, v in update_metrics.items()}  # waits for the update
         record["compiled/update_shapes"] = len(shapes)  # in this process: a resumed run counts afresh
+        record["update/real_fraction"] = packing.real_fraction(rows.attention_mask)
         record.update(_host_metrics(collected.states, collected.scores,
                                     {k: sharding.to_host(v) for k, v in per_sequence.items()}))
         return state, record
