@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from r3jax import files, optim, ppo, sampling, sharding
-from r3jax.config import apply_override, load_config_file, validate_mesh
+from r3jax import files, optim, packing, ppo, sampling, sharding
+from r3jax.config import apply_override, data_parallel_size, load_config_file, validate_mesh
 from r3jax.models import hf, lora
 from r3jax.models.transformer import init_cache, init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.train.job import execution_settings, scratch_model_config
-from r3jax.train.rl import ppo_config, update_rows
+from r3jax.train.rl import pack_width, ppo_config, update_rows
 from r3jax.train.sft import SFTState, make_train_step
 
 PRESETS = {  # shapes only (HF config.json fields); no weights
@@ -207,6 +207,7 @@ class _Compiler:
         compiled = lowered_fn().compile()
         self.seconds[name] = time.perf_counter() - start
         self.phases[name] = {**_memory(compiled), "collective_bytes": collective_bytes(compiled.as_text()),
+                             "flops": float(compiled.cost_analysis().get("flops", 0.0)),
                              "compile_seconds": self.seconds[name]}
         return compiled
 
@@ -224,9 +225,19 @@ def _plan_sft(compile_phase: _Compiler, config, model_cfg, policy, frozen, mesh)
                                                                                                    frozen))
 
 
-def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference, frozen, mesh) -> ppo.PPOState:
-    """The PPO update on rollouts of rl.max_prompt_length + rl.max_new_tokens; returns its
-    (abstract) training state."""
+def packed_rows(c, rollout_tokens: int, batch_shards: int) -> tuple[int, int]:
+    """(rows, width) of a packed update (`rl.update_batch`) whose rollouts hold `rollout_tokens`
+    real tokens each on average."""
+    width, multiple = pack_width(c), max(2, batch_shards)
+    rows = -(-update_rows(c) * rollout_tokens // width)
+    return -(-rows // multiple) * multiple, width
+
+
+def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference, frozen, mesh,
+                 rollout_tokens: int) -> ppo.PPOState:
+    """The PPO update on rollouts of rl.max_prompt_length + rl.max_new_tokens (the worst case, which
+    the plan's memory is); with rl.pack also a packed update whose rollouts hold `rollout_tokens`
+    each (its compute). Returns the (abstract) training state."""
     c = config.rl
     params = _like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
                                                          critic=c.estimator == "gae"), policy, mesh)
@@ -244,6 +255,14 @@ def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference,
         rows_spec(rows, dtype=jnp.float32), rows_spec(rows, dtype=jnp.float32))
     update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
     compile_phase("ppo_update", lambda: update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0, frozen))
+    if c.pack:
+        packed, width = packed_rows(c, rollout_tokens, data_parallel_size(mesh.devices.shape))
+        completions = rows_spec(rows, c.max_new_tokens)
+        rollout = rollout._replace(rollout=rollout.rollout._replace(tokens=completions, attention_mask=completions),
+                                   packing=packing.Packing(rows_spec(packed, width), rows_spec(packed, width),
+                                                           rows_spec(packed, width), completions))
+        compile_phase("ppo_update_packed", lambda: update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0,
+                                                                frozen))
     return state
 
 
@@ -294,8 +313,11 @@ def _totals(phases: dict, model_cfg, state: ppo.PPOState, reference, frozen, rol
         peak_bytes_per_device=max(phases["sft_step"]["peak_bytes"], phases["ppo_update"]["peak_bytes"], sampling_peak))
 
 
-def plan(config, model_cfg, progress=print) -> dict:
-    """Compiles the run's graphs for `config` on the current devices; returns the plan."""
+def plan(config, model_cfg, progress=print, rollout_tokens: int = 0) -> dict:
+    """Compiles the run's graphs for `config` on the current devices; returns the plan.
+    `rollout_tokens`: the mean real tokens per rollout a packed update is planned at (0: half the
+    longest rollout)."""
+    rollout_tokens = rollout_tokens or (config.rl.max_prompt_length + config.rl.max_new_tokens) // 2
     mesh = sharding.make_mesh(config.mesh)
     rollout_mesh = sharding.make_mesh(config.rl.rollout_mesh) if config.rl.rollout_mesh else mesh
     boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
@@ -305,13 +327,17 @@ def plan(config, model_cfg, progress=print) -> dict:
         lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype, sharding=x.sharding), policy)
     compile_phase = _Compiler(progress)
     _plan_sft(compile_phase, config, model_cfg, policy, frozen, mesh)
-    state = _plan_update(compile_phase, config, model_cfg, policy, reference, frozen, mesh)
+    state = _plan_update(compile_phase, config, model_cfg, policy, reference, frozen, mesh, rollout_tokens)
     rollout_weight_bytes = _plan_sampler(compile_phase, config, model_cfg, params, boxed, "rollout", rollout_mesh)
     _plan_sampler(compile_phase, config, model_cfg, params, boxed, "training", mesh)
     result = {"model": dataclasses.asdict(model_cfg), "num_params": model_cfg.num_params(),
               "devices": jax.device_count(), "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
               "phases": compile_phase.phases}
     result.update(compile_seconds=compile_phase.seconds)
+    if config.rl.pack:
+        result.update(packed_update_rollout_tokens=rollout_tokens,
+                      packed_update_flops_ratio=(compile_phase.phases["ppo_update_packed"]["flops"]
+                                                 / max(compile_phase.phases["ppo_update"]["flops"], 1.0)))
     result.update(_totals(compile_phase.phases, model_cfg, state, reference, frozen, rollout_weight_bytes))
     return result
 
@@ -351,9 +377,10 @@ KNOBS = (  # what to try, in turn, when a plan does not fit
     ("rl.logits_chunk", lambda c: c.rl.logits_chunk == 0, lambda c: c.rl.update(logits_chunk=128)),
     ("sft.logits_chunk", lambda c: c.sft.logits_chunk == 0, lambda c: c.sft.update(logits_chunk=128)),
     ("model.remat", lambda c: c.model.remat == "none", lambda c: c.model.update(remat="full")),
-    ("rl.minibatches", lambda c: c.rl.batch_size % (2 * c.rl.minibatches) == 0,
+    # packed rows mix rollouts, so a packed update is not split by rollout
+    ("rl.minibatches", lambda c: not c.rl.pack and c.rl.batch_size % (2 * c.rl.minibatches) == 0,
      lambda c: c.rl.update(minibatches=2 * c.rl.minibatches)),
-    ("rl.prepare_chunks", lambda c: c.rl.batch_size % (2 * c.rl.prepare_chunks) == 0,
+    ("rl.prepare_chunks", lambda c: not c.rl.pack and c.rl.batch_size % (2 * c.rl.prepare_chunks) == 0,
      lambda c: c.rl.update(prepare_chunks=2 * c.rl.prepare_chunks)),
     ("rl.rollout_rows", lambda c: (c.rl.rollout_rows or c.rl.batch_size) >= 2,
      lambda c: c.rl.update(rollout_rows=(c.rl.rollout_rows or c.rl.batch_size) // 2)),
@@ -377,6 +404,9 @@ def report_lines(result: dict, memory: float) -> list[str]:
         lines.append(f"  {name:22s} peak {phase['peak_bytes'] / GB:6.1f} GB (temp {phase['temp_bytes'] / GB:5.1f} GB), "
                      f"collectives {sum(phase['collective_bytes'].values()) / GB:8.3f} GB, "
                      f"compiled in {phase['compile_seconds']:.0f} s")
+    if "packed_update_flops_ratio" in result:
+        lines.append(f"a packed update (rl.pack) at {result['packed_update_rollout_tokens']} real tokens per rollout "
+                     f"costs {result['packed_update_flops_ratio']:.2f}x the padded update's FLOPs (XLA's count)")
     decode = result["decode_collective_bytes"]
     lines.append(f"decode step moves {decode['rollout'] / GB:.3f} GB through collectives in the rollout layout, "
                  f"{decode['training'] / GB:.3f} GB in the training layout (weights: {result['weight_bytes'] / GB:.1f} GB)")
@@ -405,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--device-memory", default="80GB")
     parser.add_argument("--out", help="write the plan as JSON here")
+    parser.add_argument("--rollout-tokens", type=int, default=0,
+                        help="with rl.pack: the mean real tokens per rollout (prompt and completion) the packed "
+                             "update's compute is planned at; default half the longest rollout")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, the same as --config.KEY=VALUE (as python -m r3jax.main takes them), "
                              "e.g. --config.rl.logits_chunk=0 --config.mesh='(1,-1,1)'")
@@ -424,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PlanError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = plan_until_it_fits(config, model_cfg, memory)
+    result = plan_until_it_fits(config, model_cfg, memory, args.rollout_tokens)
     for line in report_lines(result, memory):
         print(line)
     if args.out:
@@ -433,10 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plan_until_it_fits(config, model_cfg, memory: float) -> dict:
+def plan_until_it_fits(config, model_cfg, memory: float, rollout_tokens: int = 0) -> dict:
     """The plan of `config`; if it does not fit, again with each knob that applies, cumulatively,
     until it fits or none is left. `knobs_applied` and `first_plan_peak_bytes` say what changed."""
-    result = plan(config, model_cfg, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    progress = lambda message: print(message, file=sys.stderr, flush=True)
+    result = plan(config, model_cfg, progress, rollout_tokens)
     result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
     applied, first_peak = [], result["peak_bytes_per_device"]
     knobs = list(KNOBS)  # taken in turn; a knob leaves the list once it no longer applies
@@ -454,7 +488,7 @@ def plan_until_it_fits(config, model_cfg, memory: float) -> dict:
         model_cfg = lora.configure(model_cfg.replace(remat=config.model.remat,
                                                      param_dtype=execution_settings(config)["param_dtype"]),
                                    config.model.lora)
-        result = plan(config, model_cfg, progress=lambda message: print(message, file=sys.stderr, flush=True))
+        result = plan(config, model_cfg, progress, rollout_tokens)
         result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
     result.update(knobs_applied=applied, first_plan_peak_bytes=first_peak, device_memory_bytes=memory)
     return result

@@ -68,7 +68,8 @@ class Experience(NamedTuple):
     rollout: Rollout         # as the sampler returned it, `[batch, ...]`
     scores: jnp.ndarray      # [batch] float32, from the host's reward
     row_mask: jnp.ndarray    # [batch] float32: 1 for a real row, 0 for one that only fills the batch
-    packing: Packing | None = None  # the rollouts packed into rows, for the forward passes
+    packing: Packing | None = None  # the rollouts packed into rows, for the forward passes (the
+    #                                 rollout then holds only its completion columns)
 
 
 def experience(rollout: Rollout, scores) -> Experience:

@@ -4,6 +4,7 @@ rounding: parameters and metrics, for every estimator and loss aggregation, on o
 8; and with no KL penalty the reference is never read."""
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from r3jax.models.transformer import init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout, SamplingConfig, sample
 from r3jax.tokenizer import left_pad
-from r3jax.train.rl import trim
+from r3jax.train.rl import trim, update_batch
 
 ROWS, NEW, EXTRA_PROMPT, EXTRA_NEW = 8, 6, 13, 21
 # float32 rounding: the padded batch sums attention and losses over more (masked, zero) terms, and
@@ -68,10 +69,9 @@ def _update(cfg, params, batch, mesh=None):
     return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}, per_sequence
 
 
-def packed(batch: ppo.Experience, row_multiple: int = 1) -> ppo.Experience:
-    rollout = batch.rollout
-    return batch._replace(packing=packing.pack(rollout.tokens, rollout.attention_mask,
-                                               rollout.completion_mask.shape[1], PACK_WIDTH, row_multiple))
+def packed(batch: ppo.Experience, batch_shards: int = 1) -> ppo.Experience:
+    """The batch as rl.pack gives it to the update: trimmed, packed, the rollout cut to its completions."""
+    return update_batch(types.SimpleNamespace(length_bucket=4, pack=True, pack_width=PACK_WIDTH), batch, batch_shards)
 
 
 def _assert_same_update(cfg, params, mesh=None):
@@ -82,7 +82,7 @@ def _assert_same_update(cfg, params, mesh=None):
     assert trimmed.rollout.tokens.shape[1] < padded.rollout.tokens.shape[1] - EXTRA_PROMPT  # both regions cut
     assert trimmed.rollout.completion_mask.shape[1] == 8  # the longest completion, 6, rounded up to 4s
     one_minibatch = dataclasses.replace(cfg, minibatches=1)
-    for cfg, batch in ((cfg, trimmed), (one_minibatch, packed(trimmed, 1 if mesh is None else 4))):
+    for cfg, batch in ((cfg, trimmed), (one_minibatch, packed(padded, 1 if mesh is None else 4))):
         want_params, want, want_rows = _update(cfg, params, padded, mesh)
         got_params, got, got_rows = _update(cfg, params, batch, mesh)
         assert want.keys() == got.keys()

@@ -112,19 +112,25 @@ def trim(experience: ppo.Experience, bucket: int) -> ppo.Experience:
 
 
 def pack_width(c) -> int:
-    """Tokens per packed row: rl.pack_width, or the longest rollout rounded up to rl.length_bucket."""
+    """Tokens per packed row: rl.pack_width, or the longest rollout rounded up to rl.length_bucket.
+    One width for the run: with the row count and the completion width it makes the update's
+    shape, so a run compiles few (on the main job's batches, 4 against 15 with each batch's
+    trimmed width, whose narrower rows attend across fewer segments: bench/padding.py)."""
     return c.pack_width or _round_up(c.max_prompt_length + c.max_new_tokens, c.length_bucket)
 
 
 def update_batch(c, experience: ppo.Experience, batch_shards: int) -> ppo.Experience:
     """The batch the update reads (host arrays): trimmed, and with rl.pack its rollouts also packed
-    into rows of `pack_width`, as many as a multiple of `batch_shards` (the mesh's data x fsdp)."""
+    into rows of `pack_width`, as many as a multiple of 2 and of `batch_shards` (the mesh's
+    data x fsdp); the rollout then keeps only its completion columns (the targets and their mask),
+    the prompts being in the packed rows."""
     batch = trim(experience, c.length_bucket)
     if not c.pack:
         return batch
-    rollout = batch.rollout
-    return batch._replace(packing=packing.pack(rollout.tokens, rollout.attention_mask, rollout.completion_mask.shape[1],
-                                               pack_width(c), batch_shards))
+    rollout, new = batch.rollout, batch.rollout.completion_mask.shape[1]
+    packed = packing.pack(rollout.tokens, rollout.attention_mask, new, pack_width(c), max(2, batch_shards))
+    return batch._replace(rollout=rollout._replace(tokens=rollout.tokens[:, -new:],
+                                                   attention_mask=rollout.completion_mask), packing=packed)
 
 
 def truncated(completions: np.ndarray, lengths: np.ndarray, stop_ids: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,207 @@
+"""The RL update on the padded batch, the trimmed batch (cut to its longest real prompt and
+completion in `rl.length_bucket` steps) and the packed batch (`rl.pack`: rollouts end to end in
+rows of `rl.pack_width`), in the same run, interleaved.
+
+    python bench/padding.py [--steps 6] [--repeats 3] [--sft runs/arith/sft/best]
+
+Two workloads, each with its own model and batches:
+- `main_job`: configs/arith.py's model shape, separate critic and R^3 curriculum (32 start states
+  per step), prompts left-padded to the sampler's power-of-two bucket and completion regions
+  `rl.max_new_tokens` wide. With `--sft` (the main job's exported SFT model) the batches are
+  sampled by that model as the main job samples them, and the whole RL step (sampling, then the
+  update) is timed per layout; without it, each completion is as long as its start state's gold
+  continuation.
+- `gsm8k`: configs/gsm8k.py's batches (64 of GSM8K's real start states per step, M = 5, prompts up
+  to 512 tokens, a 700-token completion region), each completion as long as its gold rationale,
+  tokenised by a SentencePiece model trained on the training questions and rationales, on a small
+  model shape (the main job's, 4 layers, a value head).
+
+Reports per workload and layout: the real fraction of the update's token positions, the distinct
+shapes (one compilation each), the steady update seconds (first call of each shape apart), median
+over the interleaved repeats, and their ratios. Results: bench/results/padding-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import write
+from r3jax import config as config_lib, optim, ppo, rollout as rollout_lib, sharding, tasks, tokenizer as tokenizer_lib
+from r3jax.metrics import machine_info
+from r3jax.models.transformer import init_params
+from r3jax.models.value import actor_critic_params
+from r3jax.sampling import Rollout, prompt_bucket
+from r3jax.tokenizer import left_pad
+from r3jax.train import job, rl
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+LAYOUTS = ("padded", "trimmed", "packed")
+
+
+def _tokenizer(task, vocab_size: int) -> tokenizer_lib.Tokenizer:
+    with tempfile.TemporaryDirectory() as folder:
+        texts = (task.prompt(d.question) + d.response for d in task.demonstrations("train"))
+        return tokenizer_lib.load(tokenizer_lib.train_sentencepiece(texts, os.path.join(folder, "tok"), vocab_size))
+
+
+def gold_length_batches(config, task, tokenizer, steps: int) -> list[ppo.Experience]:
+    """The first `steps` batches of config's R^3 curriculum as the sampler lays them out, each
+    completion as long as its start state's gold continuation (plus the stop token)."""
+    c = config.rl
+    curriculum = rl.build_curriculum(c, task, tokenizer, "mixed", config.seed)
+    rng = np.random.default_rng(0)
+    batches = []
+    for step in range(steps):
+        states = curriculum.batch(step)
+        tokens, mask = left_pad([list(s.prompt_tokens) for s in states], tokenizer.pad_id)
+        width = prompt_bucket(tokens.shape[1])
+        tokens, mask = (np.pad(x, ((0, 0), (width - x.shape[1], 0))) for x in (tokens, mask))
+        lengths = np.array([min(c.max_new_tokens, len(tokenizer.encode_continuation(s.target)[0]) + 1)
+                            for s in states])
+        completion_mask = (np.arange(c.max_new_tokens)[None] < lengths[:, None]).astype(np.int32)
+        completions = rng.integers(3, tokenizer.vocab_size, completion_mask.shape) * completion_mask
+        rollout = Rollout(np.concatenate([tokens, completions], 1).astype(np.int32),
+                          np.concatenate([mask, completion_mask], 1).astype(np.int32),
+                          np.zeros(completion_mask.shape, np.float32), completion_mask, lengths.astype(np.int32))
+        batches.append(ppo.Experience(rollout, rng.random(len(states)).astype(np.float32),
+                                      np.ones(len(states), np.float32)))
+    return batches
+
+
+def sampled_batches(config, task, sft_path: str, steps: int, mesh):
+    """(model config, policy params, batches, sampling seconds per step) of the first `steps` RL
+    steps sampled by the SFT model in `sft_path`, as the main job samples them."""
+    tokenizer = tokenizer_lib.load(sft_path)
+    policy = job.load_policy(sft_path, config, tokenizer, mesh)
+    c = config.rl
+    curriculum = rl.build_curriculum(c, task, tokenizer, "mixed", config.seed)
+    settings = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature, c.top_k, c.top_p)
+    batches, seconds, position = [], [], 0
+    for step in range(steps + 1):  # the first compiles the sampler
+        start = time.perf_counter()
+        collected, position = rl.collect(c, curriculum.batch, task, policy, settings, jax.random.key(step), position)
+        seconds.append(time.perf_counter() - start)
+        batches.append(jax.tree.map(np.asarray, collected.experience))
+    return policy.model_cfg, policy.params, batches[1:], seconds[1:]
+
+
+def layouts(config, batches) -> dict[str, list[ppo.Experience]]:
+    packed = config.rl.copy_and_resolve_references()
+    packed.pack = True
+    return {"padded": batches, "trimmed": [rl.trim(b, config.rl.length_bucket) for b in batches],
+            "packed": [rl.update_batch(packed, b, 1) for b in batches]}
+
+
+def real_fraction(layout: list[ppo.Experience]) -> float:
+    masks = [ppo.ForwardRows.of(b).attention_mask for b in layout]
+    return sum(int((m > 0).sum()) for m in masks) / sum(m.size for m in masks)
+
+
+def shapes(layout: list[ppo.Experience]) -> list:
+    return sorted({(ppo.ForwardRows.of(b).tokens.shape, b.rollout.tokens.shape) for b in layout})
+
+
+def timed_updates(config, model_cfg, policy, by_layout, repeats: int) -> dict[str, list[float]]:
+    """Steady seconds per update for each layout, over `repeats` interleaved passes; every shape is
+    compiled before anything is timed."""
+    c = config.rl
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=True)
+    optimizer = optim.rl_optimizer(c, params)
+    update = ppo.make_ppo_update(model_cfg, rl.ppo_config(c), optimizer)
+    seconds = {name: [] for name in by_layout}
+    states = {name: ppo.init_state(jax.tree.map(jnp.array, params), optimizer) for name in by_layout}
+
+    def run(name, batch):
+        start = time.perf_counter()
+        states[name], metrics, _ = update(states[name], policy, sharding.shard_batch(batch, mesh), jax.random.key(1))
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - start
+
+    for name, layout in by_layout.items():
+        for batch in {str(shapes([b])): b for b in layout}.values():
+            run(name, batch)
+    for _ in range(repeats):
+        for name, layout in by_layout.items():
+            seconds[name] += [run(name, batch) for batch in layout]
+    return seconds
+
+
+def report(config, model_cfg, policy, batches, repeats: int, sample_seconds: list[float] | None = None) -> dict:
+    by_layout = layouts(config, batches)
+    seconds = timed_updates(config, model_cfg, policy, by_layout, repeats)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    result = {"model": {k: getattr(model_cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "vocab_size")},
+              "steps": len(batches), "repeats": repeats, "length_bucket": config.rl.length_bucket,
+              "real_position_fraction": {name: real_fraction(layout) for name, layout in by_layout.items()},
+              "shapes": {name: shapes(layout) for name, layout in by_layout.items()},
+              "median_update_seconds": medians,
+              "update_over_padded": {name: medians[name] / medians["padded"] for name in LAYOUTS},
+              "update_seconds": seconds}
+    if sample_seconds:
+        sample = statistics.median(sample_seconds)
+        result["median_sample_seconds"] = sample
+        result["step_seconds"] = {name: sample + medians[name] for name in LAYOUTS}
+        result["step_over_padded"] = {name: (sample + medians[name]) / (sample + medians["padded"])
+                                      for name in LAYOUTS}
+    return result
+
+
+def main_job(args) -> dict:
+    config = config_lib.load_config_file(os.path.join(CONFIGS, "arith.py"))
+    task = tasks.get(config.task.name, **config.task.options.to_dict())
+    if args.sft:
+        mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        model_cfg, policy, batches, sample_seconds = sampled_batches(config, task, args.sft, args.steps, mesh)
+    else:
+        tokenizer = _tokenizer(task, config.tokenizer.vocab_size)
+        batches, sample_seconds = gold_length_batches(config, task, tokenizer, args.steps), None
+        model_cfg = job.scratch_model_config(config, tokenizer.vocab_size)
+        policy = jax.tree.map(np.asarray, nn.unbox(init_params(model_cfg, jax.random.key(0))))
+    return report(config, model_cfg, policy, batches, args.repeats, sample_seconds) | {
+        "batches": "sampled by the SFT model" if args.sft else "gold continuation lengths"}
+
+
+def gsm8k(args) -> dict:
+    config = config_lib.load_config_file(os.path.join(CONFIGS, "gsm8k.py"))
+    arith = config_lib.load_config_file(os.path.join(CONFIGS, "arith.py"))
+    config.model.update(arith.model.to_dict())
+    config.model.update(num_layers=4, path="")
+    config.rl.separate_critic = False
+    task = tasks.get(config.task.name, **config.task.options.to_dict())
+    tokenizer = _tokenizer(task, 2000)
+    model_cfg = job.scratch_model_config(config, tokenizer.vocab_size)
+    policy = jax.tree.map(np.asarray, nn.unbox(init_params(model_cfg, jax.random.key(0))))
+    batches = gold_length_batches(config, task, tokenizer, args.gsm8k_steps)
+    return report(config, model_cfg, policy, batches, args.gsm8k_repeats) | {"batches": "gold rationale lengths"}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--gsm8k-steps", type=int, default=3)
+    parser.add_argument("--gsm8k-repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sft", default="", help="the main job's exported SFT model (runs/arith/sft/best)")
+    args = parser.parse_args()
+    result = {"benchmark": "the RL update on padded, trimmed and packed batches (bench/padding.py)",
+              "machine": machine_info(), "load_average_before": os.getloadavg(),
+              "main_job": main_job(args), "gsm8k": gsm8k(args), "load_average_after": os.getloadavg()}
+    for workload in ("main_job", "gsm8k"):
+        for key in ("real_position_fraction", "shapes", "median_update_seconds", "update_over_padded",
+                    "step_over_padded"):
+            if key in result[workload]:
+                print(f"{workload} {key}: {result[workload][key]}")
+    write("padding", result)
+
+
+if __name__ == "__main__":
+    main()
