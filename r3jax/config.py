@@ -170,9 +170,9 @@ SCHEMA: dict[str, Any] = {
         "max_prompt_length": (512, "start states with longer prompts are left out"),
         "length_bucket": (32, "the update batch is cut to its longest real prompt and completion, each rounded up "
                               "to a multiple of this (few compiled shapes, no FLOP on columns of padding)"),
-        "pack": (False, "the update's forward passes read the batch's rollouts packed end to end in rows of "
-                        "rl.pack_width (attention kept within each), not one padded row each; needs "
-                        "rl.minibatches = 1 and rl.prepare_chunks = 1"),
+        "pack": (True, "the update's forward passes read the batch's rollouts packed end to end in rows of "
+                       "rl.pack_width (attention kept within each), not one padded row each; needs "
+                       "rl.minibatches = 1 and rl.prepare_chunks = 1 (False: padded rows, which those split)"),
         "pack_width": (0, "tokens per packed row, at least rl.max_prompt_length + rl.max_new_tokens (the longest "
                           "rollout); 0 = that, rounded up to rl.length_bucket"),
         "logits_chunk": (0, "completion positions per LM-head call in the PPO loss (memory); 0 = all"),
@@ -470,7 +470,7 @@ def _validate_rl(c: ml_collections.ConfigDict) -> None:
            f"{c.rl.pack_width} is narrower than the longest rollout, rl.max_prompt_length + rl.max_new_tokens = {longest}")
     _check(not c.rl.pack or (c.rl.minibatches == 1 and c.rl.prepare_chunks == 1), "rl.pack",
            "packed rows mix rollouts, so they cannot be split by rollout: set rl.minibatches=1 and "
-           f"rl.prepare_chunks=1 (got {c.rl.minibatches} and {c.rl.prepare_chunks})")
+           f"rl.prepare_chunks=1 (got {c.rl.minibatches} and {c.rl.prepare_chunks}), or rl.pack=False")
     _check(not c.rl.reuse_sampler_logprobs or (c.rl.top_k == 0 and c.rl.top_p == 1 and c.model.dtype == "float32"),
            "rl.reuse_sampler_logprobs", "the sampler's log-probs equal the update's only in float32 without "
            f"top-k or top-p (rl.top_k={c.rl.top_k}, rl.top_p={c.rl.top_p}, model.dtype={c.model.dtype})")

@@ -377,11 +377,11 @@ KNOBS = (  # what to try, in turn, when a plan does not fit
     ("rl.logits_chunk", lambda c: c.rl.logits_chunk == 0, lambda c: c.rl.update(logits_chunk=128)),
     ("sft.logits_chunk", lambda c: c.sft.logits_chunk == 0, lambda c: c.sft.update(logits_chunk=128)),
     ("model.remat", lambda c: c.model.remat == "none", lambda c: c.model.update(remat="full")),
-    # packed rows mix rollouts, so a packed update is not split by rollout
-    ("rl.minibatches", lambda c: not c.rl.pack and c.rl.batch_size % (2 * c.rl.minibatches) == 0,
-     lambda c: c.rl.update(minibatches=2 * c.rl.minibatches)),
-    ("rl.prepare_chunks", lambda c: not c.rl.pack and c.rl.batch_size % (2 * c.rl.prepare_chunks) == 0,
-     lambda c: c.rl.update(prepare_chunks=2 * c.rl.prepare_chunks)),
+    # splitting the update's rows by rollout unpacks it (packed rows mix rollouts)
+    ("rl.minibatches", lambda c: c.rl.batch_size % (2 * c.rl.minibatches) == 0,
+     lambda c: c.rl.update(minibatches=2 * c.rl.minibatches, pack=False)),
+    ("rl.prepare_chunks", lambda c: c.rl.batch_size % (2 * c.rl.prepare_chunks) == 0,
+     lambda c: c.rl.update(prepare_chunks=2 * c.rl.prepare_chunks, pack=False)),
     ("rl.rollout_rows", lambda c: (c.rl.rollout_rows or c.rl.batch_size) >= 2,
      lambda c: c.rl.update(rollout_rows=(c.rl.rollout_rows or c.rl.batch_size) // 2)),
     ("sft.grad_accum", lambda c: c.sft.batch_size % 2 == 0,
@@ -480,9 +480,10 @@ def plan_until_it_fits(config, model_cfg, memory: float, rollout_tokens: int = 0
         name, applies, change = knobs.pop(0)
         if not applies(config):
             continue
+        packed = config.rl.pack
         change(config)
         knobs.append((name, applies, change))
-        applied.append(f"{name}={_knob_value(config, name)}")
+        applied.append(f"{name}={_knob_value(config, name)}" + (", rl.pack=False" if packed > config.rl.pack else ""))
         print(f"does not fit ({result['peak_bytes_per_device'] / GB:.1f} GB): planning again with {', '.join(applied)}",
               file=sys.stderr)
         model_cfg = lora.configure(model_cfg.replace(remat=config.model.remat,
