@@ -27,7 +27,7 @@ TASKS = ("arith", "gsm8k", "gsm8k_pot", "svamp", "svamp_pot", "snli", "mnli", "r
          "race_middle", "boardgameqa", "jsonl")
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
-LORA_BASE_DTYPES = (*DTYPES, "int8")
+LORA_BASE_DTYPES = (*DTYPES, "int8", "nf4")
 REMAT_CHOICES = ("none", "full", "save_dots")
 SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("outcome", "staged", "mixed", "adaptive", "hint_on_failure")
@@ -98,7 +98,9 @@ SCHEMA: dict[str, Any] = {
                                    + ", ".join(LORA_MODULES)),
             "base_dtype": ("float32", "the frozen base's weights (replaces model.param_dtype under LoRA); int8: "
                                       "projection kernels in int8 with a float32 scale per output feature, the "
-                                      "rest in bfloat16", LORA_BASE_DTYPES),
+                                      "rest in bfloat16; nf4 (QLoRA): kernels as 4-bit NormalFloat codes with a "
+                                      "float32 scale per 64 input weights of each output feature, the rest in "
+                                      "bfloat16", LORA_BASE_DTYPES),
             "init_from": ("", "a PEFT adapter dir (e.g. a run's sft/best/adapter) the first phase's adapters start "
                               "from, on the model it was trained on (model.path; mode=rl: rl.init); '' = fresh "
                               "adapters. Its rank and targets must be this config's"),

@@ -192,7 +192,8 @@ def _like_params(fn, params, mesh):
 
 
 def _tree_bytes_per_device(tree) -> int:
-    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8
+                   for x in jax.tree.leaves(tree)))
 
 
 class _Compiler:

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 from r3jax import files, sharding
 from r3jax.config import LORA_MODULES, lora_targets
 from r3jax.errors import InputError
-from r3jax.models.transformer import ModelConfig, init_params
+from r3jax.models.transformer import NF4_LEVELS, ModelConfig, dequantize, init_params, nf4_block
 
 # The HF submodule that holds each projection an adapter can sit beside (config.LORA_MODULES)
 HF_SUBMODULE = {name: "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn" for name in LORA_MODULES}
@@ -33,12 +33,13 @@ ADAPTER_SUFFIX = "_lora"
 
 
 def configure(model_cfg: ModelConfig, section) -> ModelConfig:
-    """`model_cfg` with config.model.lora's adapters and, with base_dtype int8, int8 projection
-    kernels (unchanged when lora.rank is 0)."""
+    """`model_cfg` with config.model.lora's adapters and, with base_dtype int8 or nf4, quantized
+    projection kernels (unchanged when lora.rank is 0)."""
     if not section.rank:
         return model_cfg
     return model_cfg.replace(lora_rank=section.rank, lora_alpha=float(section.alpha),
-                             lora_targets=lora_targets(section.targets), int8_kernels=section.base_dtype == "int8")
+                             lora_targets=lora_targets(section.targets),
+                             quantized_kernels=section.base_dtype if section.base_dtype in QUANTIZED else "")
 
 
 def _input_axes(model_cfg: ModelConfig, projection: str) -> tuple[int, ...]:
@@ -47,19 +48,41 @@ def _input_axes(model_cfg: ModelConfig, projection: str) -> tuple[int, ...]:
     return tuple(range(first, first + (2 if projection == "o_proj" else 1)))
 
 
+def _int8_codes(kernel: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(int8 codes, a scale per output feature): the largest magnitude over the input `axes` / 127,
+    so each weight is off by at most half a scale step."""
+    scale = jnp.max(jnp.abs(kernel), axis=axes, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8), jnp.squeeze(scale, axes)
+
+
+def _nf4_codes(kernel: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(uint4 codes, a scale per block of `nf4_block` weights of the flattened input `axes` per output
+    feature): the block's largest magnitude, each weight then the NF4 level nearest to weight / scale,
+    so it is off by at most half the widest gap between levels times its scale."""
+    lead, n_in = axes[0], len(axes)
+    in_size = math.prod(kernel.shape[lead:lead + n_in])
+    block = nf4_block(in_size)
+    by_block = kernel.reshape(*kernel.shape[:lead], in_size // block, block, *kernel.shape[lead + n_in:])
+    scale = jnp.max(jnp.abs(by_block), axis=lead + 1, keepdims=True)
+    scale = jnp.where(scale > 0, scale, 1.0)
+    distance = jnp.abs((by_block / scale)[..., None] - jnp.asarray(NF4_LEVELS, jnp.float32))
+    codes = jnp.argmin(distance, axis=-1).astype(jnp.uint4).reshape(kernel.shape)
+    return codes, jnp.squeeze(scale, lead + 1)
+
+
+QUANTIZED = {"int8": _int8_codes, "nf4": _nf4_codes}
+
+
 def quantize(model_cfg: ModelConfig, params: dict) -> dict:
-    """A base's projection kernels as int8 codes and a float32 `kernel_scale` per output feature
-    (the largest magnitude over the kernel's input axes / 127, so each weight is off by at most
-    half a scale step); everything else as it is."""
+    """A base's projection kernels as `model_cfg.quantized_kernels` codes and their float32
+    `kernel_scale`s (`_int8_codes`, `_nf4_codes`); everything else as it is."""
     quantized = {}
     for key, value in params.items():
         if key in LORA_MODULES and "kernel" in value:
-            kernel = value["kernel"].astype(jnp.float32)
-            axes = _input_axes(model_cfg, key)
-            scale = jnp.max(jnp.abs(kernel), axis=axes, keepdims=True) / 127.0
-            scale = jnp.where(scale > 0, scale, 1.0)
-            codes = jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8)
-            value = {**value, "kernel": codes, "kernel_scale": jnp.squeeze(scale, axes)}
+            codes, scale = QUANTIZED[model_cfg.quantized_kernels](value["kernel"].astype(jnp.float32),
+                                                                  _input_axes(model_cfg, key))
+            value = {**value, "kernel": codes, "kernel_scale": scale}
         elif isinstance(value, dict):
             value = quantize(model_cfg, value)
         quantized[key] = value
@@ -74,10 +97,11 @@ def quantize_placed(model_cfg: ModelConfig, params: dict, mesh) -> dict:
 
 
 def dequantized_kernel(model_cfg: ModelConfig, projection: str, value: dict) -> jnp.ndarray:
-    """A projection's kernel in float32, int8 codes times their scales where it is quantized."""
+    """A projection's kernel in float32, dequantized where it is quantized."""
     if "kernel_scale" not in value:
         return value["kernel"].astype(jnp.float32)
-    return value["kernel"].astype(jnp.float32) * jnp.expand_dims(value["kernel_scale"], _input_axes(model_cfg, projection))
+    axes = _input_axes(model_cfg, projection)
+    return dequantize(model_cfg.quantized_kernels, value["kernel"], value["kernel_scale"], axes[0], len(axes))
 
 
 def split(params: dict) -> tuple[dict, dict]:
@@ -118,8 +142,8 @@ def init_adapters(model_cfg: ModelConfig, key: jax.Array, mesh) -> dict:
 
 def fold(model_cfg: ModelConfig, params: dict) -> dict:
     """The base's params with each adapter's `scale * A B` added to its projection's kernel (in the
-    kernel's dtype; an int8 kernel dequantized, in param_dtype): a LoRA model as a plain one, of
-    config `model_cfg.base().replace(int8_kernels=False)`."""
+    kernel's dtype; a quantized kernel dequantized, in param_dtype): a LoRA model as a plain one, of
+    config `model_cfg.base().replace(quantized_kernels="")`."""
     scale = model_cfg.lora_alpha / max(model_cfg.lora_rank, 1)
 
     def delta(a, b):  # [*in, rank] x [rank, *out] -> [*in, *out]

@@ -60,9 +60,11 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
-    # The frozen base's projection kernels stored as int8 with a float32 scale per output feature
-    # (`kernel_scale`), dequantized one layer at a time (models/lora.py: quantize).
-    int8_kernels: bool = False
+    # The frozen base's projection kernels stored as codes with float32 scales (`kernel_scale`),
+    # dequantized one layer at a time: "int8" (a scale per output feature) or "nf4" (QLoRA's
+    # NormalFloat4, a scale per block of NF4_BLOCK input weights of each output feature); "" =
+    # plain kernels. models/lora.py: quantize.
+    quantized_kernels: str = ""
 
     @property
     def jnp_dtype(self):
@@ -215,10 +217,36 @@ def _param(init, *names):
     return nn.with_logical_partitioning(init, names)
 
 
+# QLoRA's NormalFloat4 levels (Dettmers et al., 2023): quantiles of a standard normal scaled to
+# [-1, 1], with an exact 0; a code is the index of the level nearest to weight / its block's absmax
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+NF4_BLOCK = 64  # input weights per scale (QLoRA's block size), or fewer where a layer is narrower
+
+
+def nf4_block(in_size: int) -> int:
+    """Input weights per NF4 scale for a kernel of `in_size` contracted weights per output feature."""
+    return math.gcd(NF4_BLOCK, in_size)
+
+
+def dequantize(kind: str, codes: jnp.ndarray, scale: jnp.ndarray, lead: int, n_in: int) -> jnp.ndarray:
+    """A float32 kernel `[*lead, *in, *out]` from its codes (same shape) and scales: int8 codes times
+    `scale [*lead, *out]`; nf4 levels times `scale [*lead, blocks, *out]`, one per NF4 block of the
+    flattened input axes."""
+    if kind == "int8":
+        return codes.astype(jnp.float32) * jnp.expand_dims(scale, tuple(range(lead, lead + n_in)))
+    levels = jnp.asarray(NF4_LEVELS, jnp.float32)[codes.astype(jnp.int32)]
+    blocks = scale.shape[lead]
+    by_block = levels.reshape(*codes.shape[:lead], blocks, -1, *codes.shape[lead + n_in:])
+    return (by_block * jnp.expand_dims(scale, lead + 1)).reshape(codes.shape)
+
+
 class Projection(nn.Module):
     """x's last `len(in_axes)` axes onto `out_shape` through `kernel [*in, *out]` (and `bias [*out]`),
-    as flax's DenseGeneral computes it; with `cfg.int8_kernels` the kernel is int8 times a float32
-    `kernel_scale [*out]`."""
+    as flax's DenseGeneral computes it; with `cfg.quantized_kernels` the kernel is codes times
+    float32 `kernel_scale`s (`dequantize`)."""
     cfg: ModelConfig
     out_shape: tuple[int, ...]
     in_axes: tuple[str, ...]   # logical names of the contracted input axes
@@ -230,11 +258,13 @@ class Projection(nn.Module):
         cfg, n_in = self.cfg, len(self.in_axes)
         shape = (*x.shape[-n_in:], *self.out_shape)
         axes = (*self.in_axes, *self.out_axes)
-        if cfg.int8_kernels:
-            codes = self.param("kernel", _param(nn.initializers.zeros, *axes), shape, jnp.int8)
-            scale = self.param("kernel_scale", _param(nn.initializers.ones, *self.out_axes), self.out_shape,
-                               jnp.float32)
-            kernel = codes.astype(jnp.float32) * scale
+        if cfg.quantized_kernels:
+            int8 = cfg.quantized_kernels == "int8"
+            codes = self.param("kernel", _param(nn.initializers.zeros, *axes), shape, jnp.int8 if int8 else jnp.uint4)
+            blocks = () if int8 else (math.prod(shape[:n_in]) // nf4_block(math.prod(shape[:n_in])),)
+            scale = self.param("kernel_scale", _param(nn.initializers.ones, *((None,) * len(blocks)), *self.out_axes),
+                               (*blocks, *self.out_shape), jnp.float32)
+            kernel = dequantize(cfg.quantized_kernels, codes, scale, 0, n_in)
         else:
             kernel = self.param("kernel", _param(nn.initializers.normal(0.02), *axes), shape, cfg.jnp_param_dtype)
         y = jnp.tensordot(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype), axes=n_in)

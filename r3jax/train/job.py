@@ -39,8 +39,9 @@ def execution_settings(config) -> dict:
     """How config.model runs a model (EXECUTION_KEYS); under LoRA the weights are the frozen base's,
     stored in model.lora.base_dtype."""
     settings = {k: config.model[k] for k in EXECUTION_KEYS}
-    if config.model.lora.rank:  # an int8 base keeps what it does not quantise in bfloat16
-        settings["param_dtype"] = config.model.lora.base_dtype.replace("int8", "bfloat16")
+    if config.model.lora.rank:  # a quantized base keeps what it does not quantise in bfloat16
+        base_dtype = config.model.lora.base_dtype
+        settings["param_dtype"] = "bfloat16" if base_dtype in ("int8", "nf4") else base_dtype
     return settings
 
 
@@ -55,7 +56,7 @@ def with_adapters(config, policy: Policy, init_from: str = "") -> Policy:
     model_cfg = lora.configure(policy.model_cfg, config.model.lora)
     if not model_cfg.lora_rank:
         return policy
-    if model_cfg.int8_kernels:
+    if model_cfg.quantized_kernels:
         policy = policy._replace(params=lora.quantize_placed(model_cfg, policy.params, policy.mesh))
     if init_from:
         adapters = lora.load_peft(init_from, model_cfg, policy.mesh)

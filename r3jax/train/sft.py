@@ -49,7 +49,7 @@ def export(path: str, policy: Policy, dtype: str = "", base_model: str = "") -> 
                    "eos_token_id": tokenizer.eos_id if len(tokenizer.stop_ids) == 1 else list(tokenizer.stop_ids)}
     if model_cfg.lora_rank:
         lora.save_peft(os.path.join(partial, "adapter"), model_cfg, params, base_model)
-        model_cfg, params = (model_cfg.base().replace(int8_kernels=False),
+        model_cfg, params = (model_cfg.base().replace(quantized_kernels=""),
                              jax.jit(lora.fold, static_argnums=0)(model_cfg, params))
     hf.save(partial, model_cfg, params, dtype=dtype, special_ids=special_ids)
     if sharding.is_primary():
