@@ -24,6 +24,17 @@ class Packing(NamedTuple):
     #                          state that predicts completion token t of rollout b
 
 
+def round_up(count: int, multiple: int) -> int:
+    """`count` (at least 1) rounded up to a multiple of `multiple`."""
+    return -(-max(count, 1) // multiple) * multiple
+
+
+def row_multiple(batch_shards: int) -> int:
+    """What a packed batch's row count is a multiple of: the batch's shards (data x fsdp), and 2,
+    so that a run compiles fewer distinct row counts."""
+    return max(2, batch_shards)
+
+
 def real_spans(attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first real column, real length) `[batch]` of rows whose real tokens are one contiguous span."""
     real = attention_mask > 0
@@ -51,7 +62,7 @@ def pack(tokens: np.ndarray, attention_mask: np.ndarray, num_new: int, width: in
     distinct shapes to compile)."""
     starts, lengths = real_spans(attention_mask)
     row, column, used = first_fit_rows(lengths, width)
-    rows = -(-max(used, 1) // row_multiple) * row_multiple
+    rows = round_up(used, row_multiple)
     packed_tokens = np.zeros((rows, width), np.int32)
     segment_ids = np.zeros((rows, width), np.int32)
     positions = np.zeros((rows, width), np.int32)

@@ -229,9 +229,9 @@ def _plan_sft(compile_phase: _Compiler, config, model_cfg, policy, frozen, mesh)
 def packed_rows(c, rollout_tokens: int, batch_shards: int) -> tuple[int, int]:
     """(rows, width) of a packed update (`rl.update_batch`) whose rollouts hold `rollout_tokens`
     real tokens each on average."""
-    width, multiple = pack_width(c), max(2, batch_shards)
+    width = pack_width(c)
     rows = -(-update_rows(c) * rollout_tokens // width)
-    return -(-rows // multiple) * multiple, width
+    return packing.round_up(rows, packing.row_multiple(batch_shards)), width
 
 
 def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference, frozen, mesh,

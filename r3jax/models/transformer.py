@@ -259,9 +259,9 @@ class Projection(nn.Module):
         shape = (*x.shape[-n_in:], *self.out_shape)
         axes = (*self.in_axes, *self.out_axes)
         if cfg.quantized_kernels:
-            int8 = cfg.quantized_kernels == "int8"
+            int8, in_size = cfg.quantized_kernels == "int8", math.prod(shape[:n_in])
             codes = self.param("kernel", _param(nn.initializers.zeros, *axes), shape, jnp.int8 if int8 else jnp.uint4)
-            blocks = () if int8 else (math.prod(shape[:n_in]) // nf4_block(math.prod(shape[:n_in])),)
+            blocks = () if int8 else (in_size // nf4_block(in_size),)
             scale = self.param("kernel_scale", _param(nn.initializers.ones, *((None,) * len(blocks)), *self.out_axes),
                                (*blocks, *self.out_shape), jnp.float32)
             kernel = dequantize(cfg.quantized_kernels, codes, scale, 0, n_in)

@@ -41,7 +41,7 @@ def execution_settings(config) -> dict:
     settings = {k: config.model[k] for k in EXECUTION_KEYS}
     if config.model.lora.rank:  # a quantized base keeps what it does not quantise in bfloat16
         base_dtype = config.model.lora.base_dtype
-        settings["param_dtype"] = "bfloat16" if base_dtype in ("int8", "nf4") else base_dtype
+        settings["param_dtype"] = "bfloat16" if base_dtype in lora.QUANTIZED else base_dtype
     return settings
 
 

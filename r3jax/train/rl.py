@@ -91,10 +91,6 @@ def assemble(parts: list[dict[str, np.ndarray]], rows: int, pad_id: int) -> ppo.
     return ppo.Experience(Rollout(*(batch[name] for name in Rollout._fields)), batch["scores"], batch["row_mask"])
 
 
-def _round_up(length: int, bucket: int) -> int:
-    return -(-max(length, 1) // bucket) * bucket
-
-
 def trim(experience: ppo.Experience, bucket: int) -> ppo.Experience:
     """The update batch (host arrays) cut to its longest real prompt and its longest completion,
     each rounded up to a multiple of `bucket` and never past the sampled width: the columns cut are
@@ -103,8 +99,8 @@ def trim(experience: ppo.Experience, bucket: int) -> ppo.Experience:
     rollout = experience.rollout
     new = rollout.completion_mask.shape[1]
     prompt = rollout.tokens.shape[1] - new
-    keep_prompt = min(prompt, _round_up(int(rollout.attention_mask[:, :prompt].sum(1).max()), bucket))
-    keep_new = min(new, _round_up(int(rollout.completion_mask.sum(1).max()), bucket))
+    keep_prompt = min(prompt, packing.round_up(int(rollout.attention_mask[:, :prompt].sum(1).max()), bucket))
+    keep_new = min(new, packing.round_up(int(rollout.completion_mask.sum(1).max()), bucket))
     columns = slice(prompt - keep_prompt, prompt + keep_new)
     return experience._replace(rollout=rollout._replace(
         tokens=rollout.tokens[:, columns], attention_mask=rollout.attention_mask[:, columns],
@@ -116,19 +112,20 @@ def pack_width(c) -> int:
     One width for the run: with the row count and the completion width it makes the update's
     shape, so a run compiles few (on the main job's batches, 4 against 15 with each batch's
     trimmed width, whose narrower rows attend across fewer segments: bench/padding.py)."""
-    return c.pack_width or _round_up(c.max_prompt_length + c.max_new_tokens, c.length_bucket)
+    return c.pack_width or packing.round_up(c.max_prompt_length + c.max_new_tokens, c.length_bucket)
 
 
 def update_batch(c, experience: ppo.Experience, batch_shards: int) -> ppo.Experience:
     """The batch the update reads (host arrays): trimmed, and with rl.pack its rollouts also packed
-    into rows of `pack_width`, as many as a multiple of 2 and of `batch_shards` (the mesh's
-    data x fsdp); the rollout then keeps only its completion columns (the targets and their mask),
+    into rows of `pack_width`, as many as a multiple of `packing.row_multiple(batch_shards)`
+    (`batch_shards`: the mesh's data x fsdp); the rollout then keeps only its completion columns (the targets and their mask),
     the prompts being in the packed rows."""
     batch = trim(experience, c.length_bucket)
     if not c.pack:
         return batch
     rollout, new = batch.rollout, batch.rollout.completion_mask.shape[1]
-    packed = packing.pack(rollout.tokens, rollout.attention_mask, new, pack_width(c), max(2, batch_shards))
+    packed = packing.pack(rollout.tokens, rollout.attention_mask, new, pack_width(c),
+                          packing.row_multiple(batch_shards))
     return batch._replace(rollout=rollout._replace(tokens=rollout.tokens[:, -new:],
                                                    attention_mask=rollout.completion_mask), packing=packed)
 
