@@ -1,0 +1,382 @@
+"""Side by side with the peers: r3jax against TRL's GRPOTrainer on the main job's SFT model, with
+the same prompt ids, the project's arith reward and the same hyperparameters.
+
+    python bench/peers.py learning [--settings 1.3:3e-5 1.0:1e-5] [--seeds 0 1 2] [--steps 200]
+    python bench/peers.py speed [--steps 30] [--rounds 2]
+
+Each peer runs in its own virtualenv under bench/.peers/, created on first use from PEER_PINS
+(bench/peer_trl.py is TRL's side). The SFT model is bench/.peers/main-job/sft/best, made by the
+main job's SFT phase if missing, or --sft DIR.
+
+learning: per setting (temperature:lr) and seed, each system trains --steps steps of 64
+  completions (8 prompts x 8), one AdamW update per batch, no KL, and its final model is evaluated
+  by r3jax's one evaluator on the validation split: greedy and 4 samples per problem at the
+  setting's temperature. Writes bench/results/peers-learning.json and .png (reward curves with
+  seed bands).
+speed: the GRPO step above, and a PPO step with a critic at the earlier comparison's shape (the
+  3.95M Llama of bench/ppo_step.py, 16 x 64+64 tokens, 2 epochs): short runs of each system
+  interleaved over rounds, the first step apart from the steady ones, the 1-minute load average
+  recorded; r3jax's first round compiles into an empty compilation cache, later rounds read it.
+  Writes bench/results/peers-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from common import device_name, write
+from r3jax import files, stats, tasks
+from r3jax import tokenizer as tokenizer_lib
+from r3jax.curriculum import start_states
+from r3jax.metrics import machine_info, read_jsonl
+from r3jax.rollout import tokenize_states
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(ROOT, "bench", ".peers")
+PEER_PINS = {"trl": ["trl==0.29.1", "torch==2.13.0", "transformers==5.23.0", "accelerate==1.13.0",
+                     "datasets==4.8.4", "numpy==2.4.6"]}
+SYSTEMS = ("r3jax-grpo", "trl-grpo", "r3jax-ppo")
+GROUP, BATCH, EVAL_SAMPLES = 8, 64, 4
+# Knobs set alike on both sides; what could not be matched is listed in the results.
+SHARED = {"group_size": GROUP, "batch_size": BATCH, "max_new_tokens": 160, "grad_clip": 1.0, "epochs": 1}
+UNMATCHED = [
+    "prompt order: each trainer shuffles the same prompts with its own generator",
+    "group std: TRL divides by (unbiased std + 1e-4), r3jax by its own std and epsilon",
+    "random streams: sampling and initial state differ between torch and JAX at the same seed",
+    "r3jax-ppo: a separate critic (lr 3e-4, 2 epochs, GAE) in place of group baselines; TRL's PPO is not run",
+]
+
+
+def peer_python(name: str) -> str:
+    """The peer's virtualenv interpreter, created from PEER_PINS on first use; exits with one line
+    if the registry or a pin cannot be installed."""
+    venv = os.path.join(PEERS, name)
+    python = os.path.join(venv, "bin", "python")
+    if os.path.exists(os.path.join(venv, "installed")):
+        return python
+    log = os.path.join(PEERS, f"{name}-install.log")
+    os.makedirs(PEERS, exist_ok=True)
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "venv", venv], stdout=out, stderr=out).returncode == 0 and \
+            subprocess.run([python, "-m", "pip", "install", *PEER_PINS[name]], stdout=out, stderr=out).returncode == 0
+    if not done:
+        sys.exit(f"error: could not install {' '.join(PEER_PINS[name])} into {venv} (see {log})")
+    open(os.path.join(venv, "installed"), "w").close()
+    return python
+
+
+def peer_versions(name: str) -> dict[str, str]:
+    frozen = subprocess.run([peer_python(name), "-m", "pip", "freeze"], capture_output=True, text=True).stdout
+    wanted = {pin.split("==")[0] for pin in PEER_PINS[name]}
+    return dict(line.split("==") for line in frozen.split() if line.split("==")[0] in wanted)
+
+
+def job_config():
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import arith
+    return arith.get_config()
+
+
+def main_job(*overrides: str, log: str) -> None:
+    """One run of `python -m r3jax.main` on the main job's config with `overrides`; exits naming
+    its log if it fails."""
+    command = [sys.executable, "-m", "r3jax.main", f"--config={ROOT}/configs/arith.py", *overrides]
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w") as out:
+        if subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode:
+            sys.exit(f"error: {' '.join(command[2:])} failed (see {log})")
+
+
+def ensure_sft(sft: str | None) -> str:
+    if sft:
+        return sft
+    workdir = os.path.join(PEERS, "main-job")
+    best = os.path.join(workdir, "sft", "best")
+    if not os.path.exists(os.path.join(best, "config.json")):
+        print(f"making the main job's SFT model in {workdir}")
+        os.makedirs(workdir, exist_ok=True)
+        main_job("--config.mode=sft", f"--workdir={workdir}", log=os.path.join(workdir, "sft.log"))
+    return best
+
+
+def write_prompts(sft: str, path: str) -> None:
+    """The RL training prompts (start state k = 0 of every training demonstration) as r3jax
+    tokenizes them, with their gold answers: JSONL of prompt, prompt_ids, gold."""
+    options = job_config().task.options.to_dict()
+    task = tasks.get("arith", **options)
+    tokenizer = tokenizer_lib.load(sft)
+    states = tokenize_states(tokenizer, task, [start_states(task, d, None)[0] for d in task.demonstrations("train")])
+    with open(path, "w") as f:
+        for state in states:
+            f.write(json.dumps({"prompt": state.prompt_text, "prompt_ids": list(map(int, state.prompt_tokens)),
+                                "gold": state.demo.answer}) + "\n")
+
+
+def r3jax_run(sft: str, out: str, estimator: str, temperature: float, lr: float, steps: int, seed: int) -> None:
+    """r3jax's RL phase from `sft` (outcome reward at k = 0, no KL) with its model exported to out/rl/final."""
+    critic = ["--config.rl.separate_critic=True", "--config.rl.critic_lr=3e-4", "--config.rl.epochs=2",
+              "--config.rl.group_size=1"] if estimator == "gae" else \
+        [f"--config.rl.group_size={GROUP}", f"--config.rl.epochs={SHARED['epochs']}",
+         "--config.rl.separate_critic=False"]
+    main_job("--config.mode=rl", f"--config.rl.init={sft}", f"--workdir={out}", f"--config.seed={seed}",
+             "--config.rl.strategy=outcome", f"--config.rl.estimator={estimator}", *critic,
+             f"--config.rl.batch_size={BATCH}", "--config.rl.kl_coef=0", f"--config.rl.lr={lr}",
+             f"--config.rl.temperature={temperature}", f"--config.rl.steps={steps}",
+             f"--config.rl.grad_clip={SHARED['grad_clip']}", "--config.rl.loss_agg=token_mean",
+             "--config.rl.eval_every=0", f"--config.rl.checkpoint_every={steps}",
+             "--config.eval.num_examples=1",  # the final models are evaluated apart, by evaluate()
+             log=os.path.join(out, "run.log"))
+
+
+def trl_run(sft: str, prompts: str, out: str, temperature: float, lr: float, steps: int, seed: int) -> None:
+    spec = {"kind": "grpo", "model": sft, "prompts": prompts, "out": out, "steps": steps, "seed": seed,
+            "lr": lr, "temperature": temperature, "task_options": job_config().task.options.to_dict(),
+            "stop_ids": list(tokenizer_lib.load(sft).stop_ids), **SHARED}
+    peer_run(spec)
+
+
+def peer_run(spec: dict) -> None:
+    """bench/peer_trl.py on `spec` in TRL's virtualenv; exits naming its log if it fails."""
+    os.makedirs(spec["out"], exist_ok=True)
+    spec_path = os.path.join(spec["out"], "spec.json")
+    files.write_json(spec_path, spec)
+    log = os.path.join(spec["out"], "run.log")
+    with open(log, "w") as f:
+        code = subprocess.run([peer_python("trl"), os.path.join(ROOT, "bench", "peer_trl.py"), spec_path],
+                              env={**os.environ, "PYTHONPATH": ROOT}, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        sys.exit(f"error: TRL's {spec['kind']} run failed (see {log})")
+
+
+def evaluate_final(model: str, sft: str, out: str, temperature: float) -> dict:
+    """Greedy and single-sample accuracy on the validation split through r3jax's evaluator, the
+    sampler's keys the same for every model: {greedy, sample, greedy_correct, sample_correct}."""
+    main_job("--config.mode=eval", f"--config.model.path={model}", f"--config.tokenizer.path={sft}",
+             f"--workdir={out}", "--config.eval.split=validation",
+             f"--config.eval.maj_k={EVAL_SAMPLES}", f"--config.eval.temperature={temperature}",
+             log=os.path.join(out, "eval.log"))
+    task = tasks.get("arith", **job_config().task.options.to_dict())
+    greedy = read_jsonl(os.path.join(out, "model_predictions.jsonl"))
+    sampled = read_jsonl(os.path.join(out, f"model_maj{EVAL_SAMPLES}_predictions.jsonl"))
+    return {"greedy_correct": [float(r["correct"]) for r in greedy],
+            "sample_correct": [float(np.mean([task.score_answer(p, r["answer"]).correct for p in r["predictions"]]))
+                               for r in sampled]}
+
+
+def training_rewards(system: str, out: str) -> list[float]:
+    if system.startswith("r3jax"):
+        return [r["reward"] for r in read_jsonl(os.path.join(out, "rl", "rl.jsonl"))]
+    return [r["reward"] for r in read_jsonl(os.path.join(out, "steps.jsonl"))]
+
+
+def final_model(system: str, out: str) -> str:
+    return os.path.join(out, "rl", "final") if system.startswith("r3jax") else os.path.join(out, "final")
+
+
+def learning_unit(system: str, sft: str, prompts: str, temperature: float, lr: float, steps: int,
+                  seed: int) -> dict:
+    """One system's run at one setting and seed, cached in its directory: its per-step training
+    reward and the per-problem correctness of its final model."""
+    out = os.path.join(PEERS, "learning", f"{system}-t{temperature}-lr{lr}-steps{steps}-seed{seed}")
+    record_path = os.path.join(out, "record.json")
+    if os.path.exists(record_path):
+        return json.load(open(record_path))
+    started = time.time()
+    if system == "trl-grpo":
+        trl_run(sft, prompts, out, temperature, lr, steps, seed)
+    else:
+        r3jax_run(sft, out, "grpo" if system == "r3jax-grpo" else "gae", temperature, lr, steps, seed)
+    record = {"rewards": training_rewards(system, out), "train_s": time.time() - started,
+              **evaluate_final(final_model(system, out), sft, os.path.join(out, "eval"), temperature)}
+    files.write_json(record_path, record)
+    return record
+
+
+def sft_baseline(sft: str, temperature: float) -> dict:
+    """The SFT model's accuracies through the same evaluator: where every system starts."""
+    out = os.path.join(PEERS, "learning", f"sft-t{temperature}")
+    record_path = os.path.join(out, "record.json")
+    if not os.path.exists(record_path):
+        files.write_json(record_path, evaluate_final(sft, sft, os.path.join(out, "eval"), temperature))
+    record = json.load(open(record_path))
+    return {metric: stats.bootstrap(np.array([record[f"{metric}_correct"]]))._asdict() for metric in ("greedy", "sample")}
+
+
+def summarise(records: list[dict]) -> dict:
+    """Seed-pooled intervals of the final models' accuracies, and the mean reward curve with its
+    per-step seed range."""
+    curves = np.array([r["rewards"] for r in records])
+    summary = {"seeds": len(records), "reward_mean": curves.mean(0).tolist(), "reward_min": curves.min(0).tolist(),
+               "reward_max": curves.max(0).tolist(), "first_10_reward": float(curves[:, :10].mean()),
+               "last_10_reward": float(curves[:, -10:].mean())}
+    for metric in ("greedy", "sample"):
+        summary[metric] = stats.bootstrap(np.array([r[f"{metric}_correct"] for r in records]))._asdict()
+    return summary
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = results["settings"]
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    for ax, (setting, systems) in zip(axes[0], settings.items()):
+        for system, summary in systems.items():
+            if system == "sft":
+                continue
+            steps = np.arange(1, len(summary["reward_mean"]) + 1)
+            window = min(10, len(steps))
+            smooth = np.convolve(summary["reward_mean"], np.ones(window) / window, mode="valid")
+            line, = ax.plot(steps[window - 1:], smooth, label=f"{system} ({summary['seeds']} seeds)")
+            ax.fill_between(steps, summary["reward_min"], summary["reward_max"], color=line.get_color(), alpha=0.15)
+        ax.set(title=f"T, lr = {setting}", xlabel="step (64 completions)", ylabel="training reward")
+        ax.legend()
+    fig.suptitle("Training reward: mean over seeds (10-step average), band = seed range per step")
+    files.save_figure(fig, path)
+
+
+def learning(args) -> None:
+    sft = ensure_sft(args.sft)
+    prompts = os.path.join(PEERS, "prompts.jsonl")
+    write_prompts(sft, prompts)
+    results = {"machine": machine_info(), "trl": peer_versions("trl"), "sft": sft, "steps": args.steps,
+               "shared": SHARED, "unmatched": UNMATCHED, "eval": f"validation split, greedy and {EVAL_SAMPLES} "
+               "samples per problem at the setting's temperature, r3jax's evaluator, seed 0", "settings": {}}
+    for setting in args.settings:
+        temperature, lr = map(float, setting.split(":"))
+        per_system = {"sft": sft_baseline(sft, temperature)}
+        for system in args.systems:
+            records = [learning_unit(system, sft, prompts, temperature, lr, args.steps, seed) for seed in args.seeds]
+            per_system[system] = summarise(records)
+            print(f"{setting} {system}: reward {per_system[system]['first_10_reward']:.3f} -> "
+                  f"{per_system[system]['last_10_reward']:.3f}, sample accuracy {per_system[system]['sample']}")
+        results["settings"][setting] = per_system
+    path = os.path.join(ROOT, "bench", "results", "peers-learning.json")
+    files.write_json(path, results)
+    plot(results, path[:-len(".json")] + ".png")
+    print(f"wrote {path}")
+
+
+def speed_records(system: str, out: str) -> list[dict]:
+    """Per step: rollout_s, update_s, step_s (and TRL's load average)."""
+    if system == "trl-grpo":
+        return read_jsonl(os.path.join(out, "steps.jsonl"))
+    return [{"rollout_s": r["time/sample_s"], "update_s": r["time/update_s"],
+             "step_s": r["time/sample_s"] + r["time/update_s"]} for r in read_jsonl(os.path.join(out, "rl", "rl.jsonl"))]
+
+
+def speed_summary(runs: list[dict]) -> dict:
+    steady = [step for run in runs for step in run["steps"][1:]]
+    summary = {key: float(np.median([s[key] for s in steady])) for key in ("rollout_s", "update_s", "step_s")}
+    summary["first_step_s"] = [run["steps"][0]["step_s"] for run in runs]
+    summary["loadavg_1m"] = [run["loadavg_before"] for run in runs]
+    return summary
+
+
+def r3jax_ppo_steps(steps: int, seed: int) -> list[dict]:
+    """r3jax's PPO step at the earlier comparison's shape (bench/ppo_step.py's SMALL model, 16
+    prompts of 64 tokens, 64 sampled, a separate critic, 2 epochs): the jitted sampler, then the
+    one compiled update, each timed to completion."""
+    import jax
+    import jax.numpy as jnp
+    from ppo_step import BATCH, NEW, PROMPT, SMALL, fresh_weights, ppo_caller
+    from r3jax import optim, ppo, sampling
+
+    key = jax.random.key(seed)
+    update = ppo_caller(SMALL, ppo.PPOConfig(epochs=2, minibatches=1), optim.adamw(1e-6), key, separate_critic=True)
+    params = fresh_weights(SMALL, key)
+    prompts = jax.random.randint(key, (BATCH, PROMPT), 3, SMALL.vocab_size)
+    settings = sampling.SamplingConfig(max_new_tokens=NEW)
+    records = []
+    for step in range(steps):
+        started = time.perf_counter()
+        rollout = sampling.sample(SMALL, params, prompts, jnp.ones_like(prompts), jax.random.fold_in(key, step), settings)
+        jax.block_until_ready(rollout)
+        sampled = time.perf_counter()
+        update()
+        done = time.perf_counter()
+        records.append({"rollout_s": sampled - started, "update_s": done - sampled, "step_s": done - started})
+    return records
+
+
+def trl_ppo_steps(sft: str, out: str, steps: int, seed: int) -> list[dict]:
+    from ppo_step import BATCH, NEW, PROMPT, SMALL
+    model_config = {"vocab_size": SMALL.vocab_size, "hidden_size": SMALL.hidden_size,
+                    "intermediate_size": SMALL.intermediate_size, "num_hidden_layers": SMALL.num_layers,
+                    "num_attention_heads": SMALL.num_heads, "num_key_value_heads": SMALL.num_kv_heads,
+                    "head_dim": SMALL.head_dim, "max_position_embeddings": SMALL.max_position_embeddings}
+    peer_run({"kind": "ppo", "model_config": model_config, "tokenizer": sft, "out": out, "steps": steps,
+              "seed": seed, "lr": 1e-6, "temperature": 1.0, "batch_size": BATCH, "prompt_length": PROMPT,
+              "max_new_tokens": NEW, "grad_clip": 1.0, "epochs": 2})
+    return read_jsonl(os.path.join(out, "steps.jsonl"))
+
+
+def speed(args) -> None:
+    """Interleaved rounds of each system's GRPO run on the main job and PPO step at the earlier
+    comparison's shape; medians of the steady steps, the first steps apart."""
+    import shutil
+    sft = ensure_sft(args.sft)
+    prompts = os.path.join(PEERS, "prompts.jsonl")
+    write_prompts(sft, prompts)
+    cache = os.path.join(PEERS, "jit-cache")
+    shutil.rmtree(cache, ignore_errors=True)  # r3jax's first round compiles cold, the next warm
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    temperature, lr = 1.3, 3e-5
+    steps_of = {
+        "r3jax-grpo": lambda out, seed: (r3jax_run(sft, out, "grpo", temperature, lr, args.steps, seed),
+                                         speed_records("r3jax-grpo", out))[1],
+        "trl-grpo": lambda out, seed: (trl_run(sft, prompts, out, temperature, lr, args.steps, seed),
+                                       speed_records("trl-grpo", out))[1],
+        "r3jax-ppo": lambda out, seed: r3jax_ppo_steps(args.steps, seed),
+        "trl-ppo": lambda out, seed: trl_ppo_steps(sft, out, args.steps, seed),
+    }
+    runs = {system: [] for system in steps_of}
+    for round_ in range(args.rounds):
+        for system, run in steps_of.items():
+            out = os.path.join(PEERS, "speed", f"{system}-{round_}")
+            shutil.rmtree(out, ignore_errors=True)
+            loadavg = os.getloadavg()[0]
+            runs[system].append({"loadavg_before": loadavg, "steps": run(out, round_), "loadavg_after": os.getloadavg()[0]})
+            print(f"round {round_} {system}: median step {np.median([s['step_s'] for s in runs[system][-1]['steps'][1:]]):.3f} s")
+    summary = {system: speed_summary(system_runs) for system, system_runs in runs.items()}
+    ratios = {kind: {key: summary[f"r3jax-{kind}"][key] / summary[f"trl-{kind}"][key]
+                     for key in ("rollout_s", "update_s", "step_s")} for kind in ("grpo", "ppo")}
+    first_warm = summary["r3jax-grpo"]["first_step_s"][-1] / summary["r3jax-grpo"]["step_s"]
+    write("peers", {
+        "machine": machine_info(), "trl": peer_versions("trl"),
+        "grpo": {"temperature": temperature, "lr": lr, **SHARED, "model": "the main job's SFT model"},
+        "ppo": {"model": "bench/ppo_step.py's SMALL Llama (3.95M), random weights", "batch": 16, "prompt": 64,
+                "new_tokens": 64, "epochs": 2, "critic": "separate",
+                "trl_extra": "TRL also runs a reward model forward (r3jax's PPO step here scores nothing)"},
+        "steps_per_run": args.steps, "rounds": args.rounds, "median_steady": summary, "r3jax_over_trl": ratios,
+        "r3jax_grpo_first_step_warm_cache_over_steady": first_warm, "runs": runs})
+    for kind, ratio in ratios.items():
+        for key, value in ratio.items():
+            print(f"{kind} {key}: r3jax {summary[f'r3jax-{kind}'][key]:.3f} s, TRL {summary[f'trl-{kind}'][key]:.3f} s, "
+                  f"ratio {value:.2f}")
+    print(f"r3jax's first GRPO step with a warm cache: {first_warm:.2f}x a steady step (device {device_name()})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("learning", "speed"))
+    parser.add_argument("--sft", help="the SFT model (HF directory); default: made by the main job's SFT phase")
+    parser.add_argument("--settings", nargs="+", default=["1.3:3e-5", "1.0:1e-5"], help="temperature:lr")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (learning 200, speed 30)")
+    parser.add_argument("--rounds", type=int, default=2, help="speed: interleaved rounds per system")
+    args = parser.parse_args()
+    args.steps = args.steps or (200 if args.what == "learning" else 30)
+    {"learning": learning, "speed": speed}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
