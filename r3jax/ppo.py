@@ -57,6 +57,16 @@ class PPOConfig:
     prepare_chunks: int = 1  # slices of the batch's rows the no-gradient forward passes run one at a time
 
 
+def single_pass(cfg: PPOConfig) -> bool:
+    """One update per sampled batch (1 epoch, 1 minibatch) whose advantages do not read the old
+    log-probs (no KL penalty in the reward). The policy before the update is then the policy the
+    gradient pass runs, so its old log-probs are that pass's own, held constant: the ratio is 1
+    and the gradient is the policy gradient, as TRL's GRPOTrainer does with one iteration, and
+    `prepare` makes no policy forward of its own."""
+    return cfg.epochs * cfg.minibatches == 1 and not cfg.reuse_sampler_logprobs and \
+        (cfg.kl_coef == 0 or cfg.kl_mode == "loss")
+
+
 class PPOState(NamedTuple):
     params: ActorCritic
     opt_state: Any
@@ -107,7 +117,7 @@ class PreparedBatch(NamedTuple):
     rows: ForwardRows
     targets: jnp.ndarray         # [batch, new] the completion tokens
     completion_mask: jnp.ndarray  # [batch, new]
-    old_logprobs: jnp.ndarray    # [batch, new] under the policy before the update
+    old_logprobs: jnp.ndarray    # [batch, new] under the policy before the update (single_pass: the sampler's)
     ref_logprobs: jnp.ndarray    # [batch, new] under the frozen reference
     old_values: jnp.ndarray      # [batch, new] the critic's, 0 without one
     advantages: jnp.ndarray      # [batch, new]
@@ -289,14 +299,17 @@ def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, 
     hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
     logp, entropy = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rows, batch.targets,
                                         cfg.temperature, cfg.logits_chunk)
-    pg_loss, clip_frac = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, cfg)
+    old_logp = jax.lax.stop_gradient(logp) if single_pass(cfg) else batch.old_logprobs
+    pg_loss, clip_frac = policy_loss(logp, old_logp, batch.advantages, mask, cfg)
     mean_entropy = masked_mean(entropy, mask)
     loss = policy_weight * (pg_loss - cfg.entropy_coef * mean_entropy)
     kl_loss = masked_mean(k3_kl(logp, batch.ref_logprobs), mask)
     if cfg.kl_mode == "loss":
         loss = loss + policy_weight * cfg.kl_coef * kl_loss
     metrics = {"pg_loss": pg_loss, "clip_frac": clip_frac, "entropy": mean_entropy,
-               "approx_kl": masked_mean(batch.old_logprobs - logp, mask)}
+               "approx_kl": masked_mean(old_logp - logp, mask)}
+    if single_pass(cfg):
+        metrics["sampler_kl"] = masked_mean(batch.old_logprobs - logp, mask)
     if values is not None:
         metrics["vf_loss"] = value_loss(rows.at_completion(values, num_new), batch.old_values, batch.returns, mask,
                                         cfg.value_clip)
@@ -333,11 +346,11 @@ def by_row_chunks(fn: Callable, chunks: int, *rows: jnp.ndarray):
 def _forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, frozen,
                     rows: ForwardRows, targets, mask):
     """The forward passes `prepare` makes: (old log-probs, old values, reference log-probs), each
-    `[batch, new]` and masked, 0 where a pass is not made (old log-probs reused from the sampler,
-    no critic, no KL penalty)."""
+    `[batch, new]` and masked, 0 where a pass is not made (old log-probs reused from the sampler
+    or the gradient pass's own under single_pass, no critic, no KL penalty)."""
     num_new = mask.shape[1]
     old_logp = ref_logp = jnp.zeros_like(mask)
-    if cfg.reuse_sampler_logprobs:
+    if cfg.reuse_sampler_logprobs or single_pass(cfg):
         values = critic_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
     else:
         hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
@@ -370,7 +383,7 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
             cfg.prepare_chunks, rollout.tokens, rollout.attention_mask, targets, mask)
     else:  # a packed row mixes rollouts, so it cannot be cut by rollout rows (config refuses chunks)
         old_logp, old_values, ref_logp = passes(ForwardRows.of(data), targets, mask)
-    if cfg.reuse_sampler_logprobs:
+    if cfg.reuse_sampler_logprobs or single_pass(cfg):
         old_logp = rollout.logprobs * mask
     if not cfg.kl_coef:
         ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
@@ -378,8 +391,10 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
     advantages, returns = _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg)
     batch = PreparedBatch(ForwardRows.of(data), targets, rollout.completion_mask, old_logp, ref_logp,
                           old_values, advantages, returns)
-    metrics = {"score": masked_mean(data.scores, row_mask), "sampler_kl": masked_mean(rollout.logprobs - old_logp, mask),
-               "response_length": masked_mean(mask.sum(1), row_mask), "return": masked_mean(returns, mask)}
+    metrics = {"score": masked_mean(data.scores, row_mask), "response_length": masked_mean(mask.sum(1), row_mask),
+               "return": masked_mean(returns, mask)}
+    if not single_pass(cfg):  # else the gradient pass reports it
+        metrics["sampler_kl"] = masked_mean(rollout.logprobs - old_logp, mask)
     per_sequence = {"response_length": mask.sum(1)}
     if cfg.kl_coef:
         per_sequence["kl"] = ((old_logp - ref_logp) * mask).sum(1)

@@ -178,6 +178,35 @@ def test_reusing_the_samplers_logprobs_gives_the_same_update(estimator, separate
     assert grads[0] @ grads[1] / (np.linalg.norm(grads[0]) * np.linalg.norm(grads[1])) > 1 - 1e-6
 
 
+@pytest.mark.parametrize("estimator, separate_critic, kl_mode", [("grpo", False, "reward"), ("grpo", False, "loss"),
+                                                                 ("gae", True, "reward")])
+def test_a_single_pass_update_equals_the_two_pass_one(monkeypatch, estimator, separate_critic, kl_mode):
+    """One epoch of one minibatch without a KL penalty in the reward (ppo.single_pass): the loss
+    takes its old log-probs from its own forward, held constant, and `prepare` makes no policy
+    forward. Its loss, metrics and gradient equal those of the update that recomputes the old
+    log-probs in `prepare` (ppo.single_pass forced off) to float32 rounding."""
+    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=4 if estimator == "grpo" else 1, epochs=1, minibatches=1,
+                              kl_coef=0.05 if kl_mode == "loss" else 0.0, kl_mode=kl_mode)
+    assert ppo.single_pass(cfg)
+    params = actor_critic_params(TINY, tiny_params(), separate_critic, critic=estimator == "gae")
+    data = _toy_batch(params, jax.random.key(7), group_size=cfg.group_size)
+
+    def loss_and_grads():
+        batch, metrics, _ = ppo.prepare(TINY, cfg, params, tiny_params(seed=2), data)
+        (loss, step_metrics), grads = jax.value_and_grad(ppo.minibatch_loss, argnums=2, has_aux=True)(
+            TINY, cfg, params, batch)
+        return loss, {**metrics, **step_metrics}, np.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+
+    one_pass = loss_and_grads()
+    monkeypatch.setattr(ppo, "single_pass", lambda _: False)
+    two_pass = loss_and_grads()
+    np.testing.assert_allclose(one_pass[0], two_pass[0], rtol=1e-6, atol=1e-7)
+    assert set(one_pass[1]) == set(two_pass[1])
+    for name in one_pass[1]:
+        np.testing.assert_allclose(one_pass[1][name], two_pass[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(one_pass[2], two_pass[2], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("estimator, separate_critic", [("grpo", False), ("gae", False), ("gae", True)])
 def test_prepare_in_row_chunks_equals_one_pass(estimator, separate_critic):
     """rl.prepare_chunks: the no-gradient forward passes over 4 slices of the rows, one at a time,
