@@ -17,6 +17,8 @@ speed: the GRPO step above, and a PPO step with a critic at the earlier comparis
   3.95M Llama of bench/ppo_step.py, 16 x 64+64 tokens, 2 epochs): short runs of each system
   interleaved over rounds, the first step apart from the steady ones, the 1-minute load average
   recorded; r3jax's first round compiles into an empty compilation cache, later rounds read it.
+  Then the bare forward + backward + AdamW on the PPO step's model and tokens, JAX against
+  PyTorch in one process, to tell the framework's cost from the RL step's.
   Writes bench/results/peers-<device>.json.
 """
 from __future__ import annotations
@@ -208,6 +210,23 @@ def sft_baseline(sft: str, temperature: float) -> dict:
     return {metric: stats.bootstrap(np.array([record[f"{metric}_correct"]]))._asdict() for metric in ("greedy", "sample")}
 
 
+def differences(sft: str, temperature: float, lr: float, args) -> dict:
+    """Paired 95% intervals (the same validation problems resampled for both, seeds per system) of
+    each system minus TRL, and of each system minus the SFT model, in greedy and single-sample
+    accuracy."""
+    def correct(system: str, metric: str) -> np.ndarray:
+        if system == "sft":
+            return np.array([json.load(open(os.path.join(PEERS, "learning", f"sft-t{temperature}", "record.json")))[
+                f"{metric}_correct"]])
+        return np.array([learning_unit(system, sft, "", temperature, lr, args.steps, seed)[f"{metric}_correct"]
+                         for seed in args.seeds])
+
+    pairs = [(system, "trl-grpo") for system in args.systems if system.startswith("r3jax") and "trl-grpo" in args.systems]
+    pairs += [(system, "sft") for system in args.systems]
+    return {f"{a} - {b}": {metric: stats.paired_difference(correct(a, metric), correct(b, metric))._asdict()
+                           for metric in ("greedy", "sample")} for a, b in pairs}
+
+
 def summarise(records: list[dict]) -> dict:
     """Seed-pooled intervals of the final models' accuracies, and the mean reward curve with its
     per-step seed range."""
@@ -248,7 +267,8 @@ def learning(args) -> None:
     write_prompts(sft, prompts)
     results = {"machine": machine_info(), "trl": peer_versions("trl"), "sft": sft, "steps": args.steps,
                "shared": SHARED, "unmatched": UNMATCHED, "eval": f"validation split, greedy and {EVAL_SAMPLES} "
-               "samples per problem at the setting's temperature, r3jax's evaluator, seed 0", "settings": {}}
+               "samples per problem at the setting's temperature, r3jax's evaluator (the same sampling keys for every "
+               "model)", "settings": {}, "differences": {}}
     for setting in args.settings:
         temperature, lr = map(float, setting.split(":"))
         per_system = {"sft": sft_baseline(sft, temperature)}
@@ -258,6 +278,7 @@ def learning(args) -> None:
             print(f"{setting} {system}: reward {per_system[system]['first_10_reward']:.3f} -> "
                   f"{per_system[system]['last_10_reward']:.3f}, sample accuracy {per_system[system]['sample']}")
         results["settings"][setting] = per_system
+        results["differences"][setting] = differences(sft, temperature, lr, args)
     path = os.path.join(ROOT, "bench", "results", "peers-learning.json")
     files.write_json(path, results)
     plot(results, path[:-len(".json")] + ".png")
@@ -308,14 +329,55 @@ def r3jax_ppo_steps(steps: int, seed: int) -> list[dict]:
 
 def trl_ppo_steps(sft: str, out: str, steps: int, seed: int) -> list[dict]:
     from ppo_step import BATCH, NEW, PROMPT, SMALL
-    model_config = {"vocab_size": SMALL.vocab_size, "hidden_size": SMALL.hidden_size,
-                    "intermediate_size": SMALL.intermediate_size, "num_hidden_layers": SMALL.num_layers,
-                    "num_attention_heads": SMALL.num_heads, "num_key_value_heads": SMALL.num_kv_heads,
-                    "head_dim": SMALL.head_dim, "max_position_embeddings": SMALL.max_position_embeddings}
-    peer_run({"kind": "ppo", "model_config": model_config, "tokenizer": sft, "out": out, "steps": steps,
+    peer_run({"kind": "ppo", "model_config": torch_config(SMALL), "tokenizer": sft, "out": out, "steps": steps,
               "seed": seed, "lr": 1e-6, "temperature": 1.0, "batch_size": BATCH, "prompt_length": PROMPT,
               "max_new_tokens": NEW, "grad_clip": 1.0, "epochs": 2})
     return read_jsonl(os.path.join(out, "steps.jsonl"))
+
+
+def bare_steps(repeats: int = 10) -> dict:
+    """The bare training step (forward + backward + AdamW, no RL) on the PPO comparison's model and
+    tokens, in JAX (r3jax's SFT step) and in PyTorch (transformers' Llama with torch.optim.AdamW),
+    timed alternately in this process: median seconds of each after a warm-up call."""
+    import jax
+    import torch
+    import transformers
+    from ppo_step import BATCH, NEW, PROMPT, SMALL, make_rollout, sft_caller
+    from r3jax import optim
+
+    key = jax.random.key(0)
+    tokens = make_rollout(SMALL, key).rollout.tokens
+    jax_step = sft_caller(SMALL, optim.adamw(1e-6), key, tokens)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**torch_config(SMALL))).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    torch_tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+
+    def torch_step():
+        loss = model(input_ids=torch_tokens, labels=torch_tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    times = {"jax": [], "torch": []}
+    for name, step in (("jax", jax_step), ("torch", torch_step)):
+        step()  # compile / warm up
+    for _ in range(repeats):
+        for name, step in (("jax", jax_step), ("torch", torch_step)):
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    medians = {name: float(np.median(values)) for name, values in times.items()}
+    return {"tokens": [BATCH, PROMPT + NEW], "torch_threads": torch.get_num_threads(), "median_s": medians,
+            "jax_over_torch": medians["jax"] / medians["torch"], "times": times}
+
+
+def torch_config(cfg) -> dict:
+    """LlamaConfig's arguments for an r3jax ModelConfig."""
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.max_position_embeddings}
 
 
 def speed(args) -> None:
@@ -349,6 +411,7 @@ def speed(args) -> None:
     ratios = {kind: {key: summary[f"r3jax-{kind}"][key] / summary[f"trl-{kind}"][key]
                      for key in ("rollout_s", "update_s", "step_s")} for kind in ("grpo", "ppo")}
     first_warm = summary["r3jax-grpo"]["first_step_s"][-1] / summary["r3jax-grpo"]["step_s"]
+    bare = bare_steps()
     write("peers", {
         "machine": machine_info(), "trl": peer_versions("trl"),
         "grpo": {"temperature": temperature, "lr": lr, **SHARED, "model": "the main job's SFT model"},
@@ -356,11 +419,13 @@ def speed(args) -> None:
                 "new_tokens": 64, "epochs": 2, "critic": "separate",
                 "trl_extra": "TRL also runs a reward model forward (r3jax's PPO step here scores nothing)"},
         "steps_per_run": args.steps, "rounds": args.rounds, "median_steady": summary, "r3jax_over_trl": ratios,
-        "r3jax_grpo_first_step_warm_cache_over_steady": first_warm, "runs": runs})
+        "r3jax_grpo_first_step_warm_cache_over_steady": first_warm, "bare_train_step": bare, "runs": runs})
     for kind, ratio in ratios.items():
         for key, value in ratio.items():
             print(f"{kind} {key}: r3jax {summary[f'r3jax-{kind}'][key]:.3f} s, TRL {summary[f'trl-{kind}'][key]:.3f} s, "
                   f"ratio {value:.2f}")
+    print(f"bare forward + backward + AdamW: JAX {bare['median_s']['jax']:.3f} s, PyTorch {bare['median_s']['torch']:.3f} s, "
+          f"ratio {bare['jax_over_torch']:.2f}")
     print(f"r3jax's first GRPO step with a warm cache: {first_warm:.2f}x a steady step (device {device_name()})")
 
 
