@@ -2,6 +2,7 @@
 the same prompt ids, the project's arith reward and the same hyperparameters.
 
     python bench/peers.py learning [--settings 1.3:3e-5 1.0:1e-5] [--seeds 0 1 2] [--steps 200]
+                                   [--systems r3jax-grpo trl-grpo r3jax-ppo] [--out peers-learning]
     python bench/peers.py speed [--steps 30] [--rounds 2]
 
 Each peer runs in its own virtualenv under bench/.peers/, created on first use from PEER_PINS
@@ -11,8 +12,8 @@ main job's SFT phase if missing, or --sft DIR.
 learning: per setting (temperature:lr) and seed, each system trains --steps steps of 64
   completions (8 prompts x 8), one AdamW update per batch, no KL, and its final model is evaluated
   by r3jax's one evaluator on the validation split: greedy and 4 samples per problem at the
-  setting's temperature. Writes bench/results/peers-learning.json and .png (reward curves with
-  seed bands).
+  setting's temperature. Writes bench/results/<out>.json and .png (reward curves with seed
+  bands). Each run is kept in its directory under bench/.peers/learning and reused.
 speed: the GRPO step above, and a PPO step with a critic at the earlier comparison's shape (the
   3.95M Llama of bench/ppo_step.py, 16 x 64+64 tokens, 2 epochs): short runs of each system
   interleaved over rounds, the first step apart from the steady ones, the 1-minute load average
@@ -279,7 +280,7 @@ def learning(args) -> None:
                   f"{per_system[system]['last_10_reward']:.3f}, sample accuracy {per_system[system]['sample']}")
         results["settings"][setting] = per_system
         results["differences"][setting] = differences(sft, temperature, lr, args)
-    path = os.path.join(ROOT, "bench", "results", "peers-learning.json")
+    path = os.path.join(ROOT, "bench", "results", f"{args.out}.json")
     files.write_json(path, results)
     plot(results, path[:-len(".json")] + ".png")
     print(f"wrote {path}")
@@ -437,6 +438,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--steps", type=int, default=None, help="steps per run (learning 200, speed 30)")
+    parser.add_argument("--out", default="peers-learning", help="learning: bench/results/OUT.json and .png")
     parser.add_argument("--rounds", type=int, default=2, help="speed: interleaved rounds per system")
     args = parser.parse_args()
     args.steps = args.steps or (200 if args.what == "learning" else 30)
