@@ -25,6 +25,7 @@ speed: the GRPO step above, and a PPO step with a critic at the earlier comparis
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -34,7 +35,7 @@ import time
 import numpy as np
 
 from common import device_name, write
-from r3jax import files, stats, tasks
+from r3jax import config as config_lib, files, stats, tasks
 from r3jax import tokenizer as tokenizer_lib
 from r3jax.curriculum import start_states
 from r3jax.metrics import machine_info, read_jsonl
@@ -80,10 +81,19 @@ def peer_versions(name: str) -> dict[str, str]:
     return dict(line.split("==") for line in frozen.split() if line.split("==")[0] in wanted)
 
 
-def job_config():
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import arith
-    return arith.get_config()
+@functools.cache
+def task_options() -> dict:
+    """The main job's task options (configs/arith.py), for TRL's reward and for scoring samples."""
+    return config_lib.load_config_file(os.path.join(ROOT, "configs", "arith.py")).task.options.to_dict()
+
+
+@functools.cache
+def arith_task() -> tasks.Task:
+    return tasks.get("arith", **task_options())
+
+
+def read_record(path: str) -> dict:
+    return files.read_json(path, f"delete {os.path.dirname(path)} to run that unit again")
 
 
 def main_job(*overrides: str, log: str) -> None:
@@ -111,8 +121,7 @@ def ensure_sft(sft: str | None) -> str:
 def write_prompts(sft: str, path: str) -> None:
     """The RL training prompts (start state k = 0 of every training demonstration) as r3jax
     tokenizes them, with their gold answers: JSONL of prompt, prompt_ids, gold."""
-    options = job_config().task.options.to_dict()
-    task = tasks.get("arith", **options)
+    task = arith_task()
     tokenizer = tokenizer_lib.load(sft)
     states = tokenize_states(tokenizer, task, [start_states(task, d, None)[0] for d in task.demonstrations("train")])
     with open(path, "w") as f:
@@ -139,7 +148,7 @@ def r3jax_run(sft: str, out: str, estimator: str, temperature: float, lr: float,
 
 def trl_run(sft: str, prompts: str, out: str, temperature: float, lr: float, steps: int, seed: int) -> None:
     spec = {"kind": "grpo", "model": sft, "prompts": prompts, "out": out, "steps": steps, "seed": seed,
-            "lr": lr, "temperature": temperature, "task_options": job_config().task.options.to_dict(),
+            "lr": lr, "temperature": temperature, "task_options": task_options(),
             "stop_ids": list(tokenizer_lib.load(sft).stop_ids), **SHARED}
     peer_run(spec)
 
@@ -164,7 +173,7 @@ def evaluate_final(model: str, sft: str, out: str, temperature: float) -> dict:
              f"--workdir={out}", "--config.eval.split=validation",
              f"--config.eval.maj_k={EVAL_SAMPLES}", f"--config.eval.temperature={temperature}",
              log=os.path.join(out, "eval.log"))
-    task = tasks.get("arith", **job_config().task.options.to_dict())
+    task = arith_task()
     greedy = read_jsonl(os.path.join(out, "model_predictions.jsonl"))
     sampled = read_jsonl(os.path.join(out, f"model_maj{EVAL_SAMPLES}_predictions.jsonl"))
     return {"greedy_correct": [float(r["correct"]) for r in greedy],
@@ -189,7 +198,7 @@ def learning_unit(system: str, sft: str, prompts: str, temperature: float, lr: f
     out = os.path.join(PEERS, "learning", f"{system}-t{temperature}-lr{lr}-steps{steps}-seed{seed}")
     record_path = os.path.join(out, "record.json")
     if os.path.exists(record_path):
-        return json.load(open(record_path))
+        return read_record(record_path)
     started = time.time()
     if system == "trl-grpo":
         trl_run(sft, prompts, out, temperature, lr, steps, seed)
@@ -201,43 +210,43 @@ def learning_unit(system: str, sft: str, prompts: str, temperature: float, lr: f
     return record
 
 
-def sft_baseline(sft: str, temperature: float) -> dict:
-    """The SFT model's accuracies through the same evaluator: where every system starts."""
+def sft_record(sft: str, temperature: float) -> dict:
+    """The SFT model's per-problem correctness through the same evaluator: where every system starts."""
     out = os.path.join(PEERS, "learning", f"sft-t{temperature}")
     record_path = os.path.join(out, "record.json")
     if not os.path.exists(record_path):
         files.write_json(record_path, evaluate_final(sft, sft, os.path.join(out, "eval"), temperature))
-    record = json.load(open(record_path))
-    return {metric: stats.bootstrap(np.array([record[f"{metric}_correct"]]))._asdict() for metric in ("greedy", "sample")}
+    return read_record(record_path)
 
 
-def differences(sft: str, temperature: float, lr: float, args) -> dict:
+def correct(records: list[dict], metric: str) -> np.ndarray:
+    """`[seeds, problems]` correctness of `metric` (greedy or sample)."""
+    return np.array([r[f"{metric}_correct"] for r in records])
+
+
+def accuracy_intervals(records: list[dict]) -> dict:
+    """Greedy and single-sample accuracy with 95% intervals over problems and seeds."""
+    return {metric: stats.bootstrap(correct(records, metric))._asdict() for metric in ("greedy", "sample")}
+
+
+def differences(records: dict[str, list[dict]]) -> dict:
     """Paired 95% intervals (the same validation problems resampled for both, seeds per system) of
-    each system minus TRL, and of each system minus the SFT model, in greedy and single-sample
-    accuracy."""
-    def correct(system: str, metric: str) -> np.ndarray:
-        if system == "sft":
-            return np.array([json.load(open(os.path.join(PEERS, "learning", f"sft-t{temperature}", "record.json")))[
-                f"{metric}_correct"]])
-        return np.array([learning_unit(system, sft, "", temperature, lr, args.steps, seed)[f"{metric}_correct"]
-                         for seed in args.seeds])
-
-    pairs = [(system, "trl-grpo") for system in args.systems if system.startswith("r3jax") and "trl-grpo" in args.systems]
-    pairs += [(system, "sft") for system in args.systems]
-    return {f"{a} - {b}": {metric: stats.paired_difference(correct(a, metric), correct(b, metric))._asdict()
-                           for metric in ("greedy", "sample")} for a, b in pairs}
+    each r3jax system minus TRL, and of each system minus the SFT model (`records["sft"]`), in
+    greedy and single-sample accuracy."""
+    systems = [system for system in records if system != "sft"]
+    pairs = [(system, "trl-grpo") for system in systems if system.startswith("r3jax") and "trl-grpo" in records]
+    pairs += [(system, "sft") for system in systems]
+    return {f"{a} - {b}": {metric: stats.paired_difference(correct(records[a], metric), correct(records[b], metric))
+                           ._asdict() for metric in ("greedy", "sample")} for a, b in pairs}
 
 
 def summarise(records: list[dict]) -> dict:
     """Seed-pooled intervals of the final models' accuracies, and the mean reward curve with its
     per-step seed range."""
     curves = np.array([r["rewards"] for r in records])
-    summary = {"seeds": len(records), "reward_mean": curves.mean(0).tolist(), "reward_min": curves.min(0).tolist(),
-               "reward_max": curves.max(0).tolist(), "first_10_reward": float(curves[:, :10].mean()),
-               "last_10_reward": float(curves[:, -10:].mean())}
-    for metric in ("greedy", "sample"):
-        summary[metric] = stats.bootstrap(np.array([r[f"{metric}_correct"] for r in records]))._asdict()
-    return summary
+    return {"seeds": len(records), "reward_mean": curves.mean(0).tolist(), "reward_min": curves.min(0).tolist(),
+            "reward_max": curves.max(0).tolist(), "first_10_reward": float(curves[:, :10].mean()),
+            "last_10_reward": float(curves[:, -10:].mean()), **accuracy_intervals(records)}
 
 
 def plot(results: dict, path: str) -> None:
@@ -272,14 +281,16 @@ def learning(args) -> None:
                "model)", "settings": {}, "differences": {}}
     for setting in args.settings:
         temperature, lr = map(float, setting.split(":"))
-        per_system = {"sft": sft_baseline(sft, temperature)}
+        records = {"sft": [sft_record(sft, temperature)]}
+        per_system = {"sft": accuracy_intervals(records["sft"])}
         for system in args.systems:
-            records = [learning_unit(system, sft, prompts, temperature, lr, args.steps, seed) for seed in args.seeds]
-            per_system[system] = summarise(records)
+            records[system] = [learning_unit(system, sft, prompts, temperature, lr, args.steps, seed)
+                               for seed in args.seeds]
+            per_system[system] = summarise(records[system])
             print(f"{setting} {system}: reward {per_system[system]['first_10_reward']:.3f} -> "
                   f"{per_system[system]['last_10_reward']:.3f}, sample accuracy {per_system[system]['sample']}")
         results["settings"][setting] = per_system
-        results["differences"][setting] = differences(sft, temperature, lr, args)
+        results["differences"][setting] = differences(records)
     path = os.path.join(ROOT, "bench", "results", f"{args.out}.json")
     files.write_json(path, results)
     plot(results, path[:-len(".json")] + ".png")
@@ -381,6 +392,24 @@ def torch_config(cfg) -> dict:
             "max_position_embeddings": cfg.max_position_embeddings}
 
 
+SPEED_SYSTEMS = ("r3jax-grpo", "trl-grpo", "r3jax-ppo", "trl-ppo")
+SPEED_SETTING = (1.3, 3e-5)  # the GRPO step's temperature and lr
+
+
+def speed_run(system: str, sft: str, prompts: str, out: str, steps: int, seed: int) -> list[dict]:
+    """One short run of `system` in `out`: its per-step rollout_s, update_s and step_s."""
+    temperature, lr = SPEED_SETTING
+    if system == "r3jax-ppo":
+        return r3jax_ppo_steps(steps, seed)
+    if system == "trl-ppo":
+        return trl_ppo_steps(sft, out, steps, seed)
+    if system == "trl-grpo":
+        trl_run(sft, prompts, out, temperature, lr, steps, seed)
+    else:
+        r3jax_run(sft, out, "grpo", temperature, lr, steps, seed)
+    return speed_records(system, out)
+
+
 def speed(args) -> None:
     """Interleaved rounds of each system's GRPO run on the main job and PPO step at the earlier
     comparison's shape; medians of the steady steps, the first steps apart."""
@@ -391,23 +420,16 @@ def speed(args) -> None:
     cache = os.path.join(PEERS, "jit-cache")
     shutil.rmtree(cache, ignore_errors=True)  # r3jax's first round compiles cold, the next warm
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-    temperature, lr = 1.3, 3e-5
-    steps_of = {
-        "r3jax-grpo": lambda out, seed: (r3jax_run(sft, out, "grpo", temperature, lr, args.steps, seed),
-                                         speed_records("r3jax-grpo", out))[1],
-        "trl-grpo": lambda out, seed: (trl_run(sft, prompts, out, temperature, lr, args.steps, seed),
-                                       speed_records("trl-grpo", out))[1],
-        "r3jax-ppo": lambda out, seed: r3jax_ppo_steps(args.steps, seed),
-        "trl-ppo": lambda out, seed: trl_ppo_steps(sft, out, args.steps, seed),
-    }
-    runs = {system: [] for system in steps_of}
+    temperature, lr = SPEED_SETTING
+    runs = {system: [] for system in SPEED_SYSTEMS}
     for round_ in range(args.rounds):
-        for system, run in steps_of.items():
+        for system in SPEED_SYSTEMS:
             out = os.path.join(PEERS, "speed", f"{system}-{round_}")
             shutil.rmtree(out, ignore_errors=True)
             loadavg = os.getloadavg()[0]
-            runs[system].append({"loadavg_before": loadavg, "steps": run(out, round_), "loadavg_after": os.getloadavg()[0]})
-            print(f"round {round_} {system}: median step {np.median([s['step_s'] for s in runs[system][-1]['steps'][1:]]):.3f} s")
+            steps = speed_run(system, sft, prompts, out, args.steps, round_)
+            runs[system].append({"loadavg_before": loadavg, "steps": steps, "loadavg_after": os.getloadavg()[0]})
+            print(f"round {round_} {system}: median step {np.median([s['step_s'] for s in steps[1:]]):.3f} s")
     summary = {system: speed_summary(system_runs) for system, system_runs in runs.items()}
     ratios = {kind: {key: summary[f"r3jax-{kind}"][key] / summary[f"trl-{kind}"][key]
                      for key in ("rollout_s", "update_s", "step_s")} for kind in ("grpo", "ppo")}

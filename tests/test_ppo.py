@@ -185,8 +185,8 @@ def test_a_single_pass_update_equals_the_two_pass_one(monkeypatch, estimator, se
     takes its old log-probs from its own forward, held constant, and `prepare` makes no policy
     forward. Its loss, metrics and gradient equal those of the update that recomputes the old
     log-probs in `prepare` (ppo.single_pass forced off) to float32 rounding."""
-    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=4 if estimator == "grpo" else 1, epochs=1, minibatches=1,
-                              kl_coef=0.05 if kl_mode == "loss" else 0.0, kl_mode=kl_mode)
+    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=4 if estimator == "grpo" else 1, epochs=1,
+                              minibatches=1, kl_coef=0.05 if kl_mode == "loss" else 0.0, kl_mode=kl_mode)
     assert ppo.single_pass(cfg)
     params = actor_critic_params(TINY, tiny_params(), separate_critic, critic=estimator == "gae")
     data = _toy_batch(params, jax.random.key(7), group_size=cfg.group_size)
