@@ -37,6 +37,7 @@ ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce_pp")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 SPLITS = ("test", "validation", "train")
 WANDB_MODES = ("", "offline", "online")
+COMPARE_METRICS = ("greedy", "sample")
 ARMS = {"rl": "outcome", "staged": "staged", "r3": "mixed", "adaptive": "adaptive", "hint_on_failure": "hint_on_failure"}  # compare.arms: arm -> rl.strategy
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -211,7 +212,11 @@ SCHEMA: dict[str, Any] = {
     "compare": {
         "seeds": ((0, 1, 2), "seeds of every arm, declared before any run"),
         "arms": (("rl", "staged", "r3"), "rl (outcome only), staged, r3 (mixed), adaptive, hint_on_failure, each optionally "
-                                          "-<estimator> (r3-grpo: critic-free over compare.group_size)"),
+                                          "-<estimator> (r3-grpo: critic-free over compare.group_size); a bare arm "
+                                          "uses rl.estimator"),
+        "metric": ("greedy", "the primary metric, declared before any run: greedy accuracy on the test split, or "
+                             "single-sample accuracy at the RL temperature (the policy RL trains) on its first "
+                             "compare.sample_problems; tuning selects by it on validation", COMPARE_METRICS),
         "group_size": (4, "completions per start state of the critic-free arms"),
         "tune_lr": ((), "RL learning rates every arm is tried with (seed compare.seeds[0], greedy accuracy on "
                         "the validation split); () = rl.lr alone"),
@@ -500,6 +505,8 @@ def _validate_compare(c: ml_collections.ConfigDict) -> None:
            f"{c.compare.tune_kl_coef}: KL coefficients must be >= 0")
     _check(c.compare.group_size >= 2 and c.rl.batch_size % c.compare.group_size == 0, "compare.group_size",
            f"{c.compare.group_size}: needs at least 2 completions per start state, dividing rl.batch_size")
+    _check(c.compare.metric != "sample" or c.compare.samples > 0, "compare.metric",
+           "sample reads compare.samples samples per problem: set compare.samples above 0")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:

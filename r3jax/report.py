@@ -38,27 +38,46 @@ def results_markdown(results: dict[str, dict], correct: dict[str, np.ndarray], t
     return "\n".join(lines) + "\n"
 
 
+def metric_text(summary: dict) -> str:
+    """How the comparison's primary metric reads in a table's heading."""
+    if summary.get("metric", "greedy") == "greedy":
+        return "greedy"
+    return f"single-sample accuracy at T = {summary['protocol']['sample_temperature']:g}"
+
+
+def difference_table(differences: dict[str, dict], heading: str) -> list[str]:
+    """Markdown lines: each difference with its interval and verdict."""
+    lines = ["", heading, "", "| difference | mean [95% interval] | verdict |", "|---|---|---|"]
+    for name, difference in differences.items():
+        interval = stats.Interval(difference["mean"], *difference["ci95"])
+        lines.append(f"| {name.replace('_vs_', ' - ')} | {interval_text(*interval, signed=True)} | "
+                     f"{stats.verdict(interval)} |")
+    return lines
+
+
 def comparison_markdown(summary: dict) -> str:
     """The comparison as markdown tables: arms, differences, premise."""
     arms, lengths = summary["arms"], sorted({k for arm in summary["arms"].values() for k in arm["by_steps"]}, key=int)
-    lines = [f"Test accuracy at k = 0, greedy, {summary['num_test_problems']} {summary['split']} problems; "
-             "95% intervals from a bootstrap over problems and seeds.", "",
+    greedy = "greedy" in next(iter(arms.values()))  # the sampled primary metric, with greedy beside it
+    lines = [f"Test accuracy at k = 0, {metric_text(summary)}, {summary['num_test_problems']} {summary['split']} "
+             "problems; 95% intervals from a bootstrap over problems and seeds.", "",
              "| arm | accuracy [95% interval] | per seed | " + " | ".join(f"{n} steps" for n in lengths)
-             + " | one sample | pass@k | RL steps |", "|---" * (len(lengths) + 6) + "|"]
+             + (f" | greedy, {summary['greedy_problems']} problems" if greedy else "")
+             + " | one sample | pass@k | RL steps |", "|---" * (len(lengths) + 6 + greedy) + "|"]
     for name, arm in arms.items():
         steps = [f"{arm['by_steps'][n]['mean']:.3f}" if n in arm["by_steps"] else "" for n in lengths]
         rl_steps = [s for s in arm.get("rl_steps", []) if s is not None]
         lines.append(f"| {name} | {interval_text(arm['mean'], *arm['ci95'])} | "
                      + ", ".join(f"{v:.3f}" for v in arm["seeds"]) + " | " + " | ".join(steps)
+                     + (f" | {interval_text(arm['greedy']['mean'], *arm['greedy']['ci95'])}" if greedy else "")
                      + f" | {arm.get('sample_accuracy', float('nan')):.3f} | {arm.get('pass_at_k', float('nan')):.3f} | "
                      + (f"{min(rl_steps)}-{max(rl_steps)}" if rl_steps else "") + " |")
-    lines += ["", "| difference | mean [95% interval] | verdict |", "|---|---|---|"]
-    for name, difference in summary["differences"].items():
-        interval = stats.Interval(difference["mean"], *difference["ci95"])
-        lines.append(f"| {name.replace('_vs_', ' - ')} | {interval_text(*interval, signed=True)} | "
-                     f"{stats.verdict(interval)} |")
+    lines += difference_table(summary["differences"], f"Differences, {metric_text(summary)}:")
+    if greedy:
+        lines += difference_table(summary["greedy_differences"],
+                                  f"Differences, greedy accuracy on all {summary['greedy_problems']} problems:")
     if summary.get("tuning"):
-        lines += ["", f"Tuning, greedy accuracy on the validation split (seed {summary['protocol']['seeds'][0]}); "
+        lines += ["", f"Tuning, {metric_text(summary)} on the validation split (seed {summary['protocol']['seeds'][0]}); "
                   "each arm's seeds ran its best trial. Training reward over the first and the last third "
                   "of the trial's RL steps, and its KL to the reference over the last third:", "",
                   "| arm | trial | validation accuracy | training reward | KL |", "|---|---|---|---|---|"]
@@ -96,7 +115,7 @@ def comparison_plot(summary: dict, path: str) -> None:
         left.errorbar([i], means[i:i + 1], yerr=errors[:, i:i + 1], fmt="o", capsize=6, color=f"C{i}")
     left.set_xticks(range(len(names)), names)
     left.tick_params(axis="x", labelrotation=30)
-    left.set_ylabel("test accuracy (k = 0, greedy)")
+    left.set_ylabel(f"test accuracy (k = 0, {metric_text(summary)})")
     left.set_title(f"arms, 95% intervals ({summary['num_test_problems']} problems)")
     differences = summary["differences"]
     labels = list(differences)

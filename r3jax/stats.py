@@ -62,11 +62,11 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
 
 
-def summarise_arm(runs: list[dict], lengths: list) -> dict:
+def summarise_arm(runs: list[dict], lengths: list, scores: str = "correct") -> dict:
     """An arm of a comparison over its seeds (`runs`, one evaluation per seed, each with per-problem
-    `correct`): mean and 95% interval of greedy accuracy, per-seed values, per chain length
-    (`lengths`, one per problem), and the sampled metrics."""
-    correct = np.array([run["correct"] for run in runs])
+    `scores`, by default greedy `correct`): mean and 95% interval, per-seed values, per chain length
+    (`lengths`, one per scored problem), and the sampled metrics."""
+    correct = np.array([run[scores] for run in runs])
     interval = bootstrap(correct)
     by_length = {}
     for length in sorted(set(lengths)):

@@ -13,6 +13,7 @@ from r3jax import config as config_lib, report
 from r3jax.train import compare
 
 PROBLEMS = 24
+SAMPLED = 12  # compare.sample_problems
 BEST_LR, BEST_CONTINUED_LR = 3e-5, 1e-4
 
 
@@ -21,7 +22,7 @@ def _config():
     c.mode = "compare"
     c.rl.batch_size = 8
     c.compare.update(seeds=(0, 1, 2), arms=("rl", "staged", "r3", "adaptive", "rl-grpo", "r3-grpo"), tune_lr=(1e-5, 3e-5, 1e-4),
-                     tune_continued_lr=(3e-5, 1e-4), samples=2)
+                     tune_continued_lr=(3e-5, 1e-4), samples=2, sample_problems=SAMPLED)
     return c
 
 
@@ -54,8 +55,10 @@ class Stubs:
         self.tested.append(params)
         rng = np.random.default_rng(zlib.crc32(f"{params['name']}-{params.get('seed')}".encode()))
         correct = (rng.random(PROBLEMS) < 0.7).astype(float)
+        sample_correct = rng.integers(0, 3, SAMPLED) / 2  # 2 samples per problem: 0, 1/2 or 1 right
         return {"report": {"accuracy": float(correct.mean())}, "correct": correct.tolist(),
-                "sample_accuracy": 0.5, "pass_at_k": 0.6}
+                "sample_correct": sample_correct.tolist(), "sample_accuracy": float(sample_correct.mean()),
+                "pass_at_k": 0.6}
 
     @staticmethod
     def premise():
@@ -141,3 +144,60 @@ def test_the_report_shows_every_arm_difference_trial_and_the_premise(tmp_path):
 def test_interval_texts_are_hand_worked():
     assert report.interval_text(0.8766, 0.8425, 0.91) == "0.877 [0.843, 0.910]"
     assert report.interval_text(0.0, -0.017, 0.017, signed=True) == "+0.000 [-0.017, +0.017]"
+
+
+def test_the_sampled_primary_metric_ranks_arms_with_greedy_beside_it(tmp_path):
+    """compare.metric = sample: arms and differences on each problem's share of right samples over
+    the first compare.sample_problems, greedy on every problem beside them; bare arms take
+    rl.estimator."""
+    c = _config()
+    c.rl.estimator = "grpo"
+    c.compare.update(metric="sample", arms=("rl", "r3", "hint_on_failure"), tune_lr=(), tune_continued_lr=())
+    stubs = Stubs()
+    summary = _run(tmp_path, stubs, c)
+    assert summary["metric"] == "sample" and summary["num_test_problems"] == SAMPLED
+    assert summary["greedy_problems"] == PROBLEMS
+    tested = {(p["name"], p["seed"]): p for p in stubs.tested if p["name"] != "sft"}
+    assert {(p["estimator"], p["group_size"]) for p in tested.values() if p["name"] != "sft_continued"} == {("grpo", 4)}
+    results = {name: [stubs.on_test(tested[(name, seed)]) for seed in (0, 1, 2)] for name in ("r3", "hint_on_failure")}
+    for name, runs in results.items():
+        assert summary["arms"][name]["mean"] == pytest.approx(np.mean([r["sample_correct"] for r in runs]))
+        assert summary["arms"][name]["greedy"]["mean"] == pytest.approx(np.mean([r["correct"] for r in runs]))
+    assert set(summary["arms"]["r3"]["by_steps"]) == {"2", "3"}
+    assert list(summary["differences"]) == list(summary["greedy_differences"]) == [
+        "r3_vs_sft", "r3_vs_rl", "r3_vs_sft_continued", "hint_on_failure_vs_r3"]
+    hinted = summary["differences"]["hint_on_failure_vs_r3"]
+    assert hinted["mean"] == pytest.approx(summary["arms"]["hint_on_failure"]["mean"] - summary["arms"]["r3"]["mean"])
+    greedy = summary["greedy_differences"]["hint_on_failure_vs_r3"]
+    assert greedy["mean"] == pytest.approx(summary["arms"]["hint_on_failure"]["greedy"]["mean"]
+                                           - summary["arms"]["r3"]["greedy"]["mean"])
+    summary["machine"], summary["command"] = {}, "python -m r3jax.main"
+    text = report.comparison_markdown(summary)
+    assert f"single-sample accuracy at T = {c.rl.temperature:g}, {SAMPLED} test problems" in text
+    assert f"Differences, greedy accuracy on all {PROBLEMS} problems:" in text and "| hint_on_failure - r3 |" in text
+
+
+def test_evaluate_model_scores_each_problem_by_its_share_of_right_samples(monkeypatch):
+    """`sample_correct` is per problem the share of its samples that are right; its mean is the
+    single-sample accuracy, and pass@k counts a problem with any right sample."""
+    from r3jax import tasks
+    from r3jax.evaluate import EvalSettings, Problems
+    task = tasks.get("arith", num_train=20, num_test=4)
+    demos = task.demonstrations("test")
+    answers = [d.answer for d in demos]
+    right = [task.answers([f"#### {a}"])[0] for a in answers]  # what the evaluator's records hold
+    wrong = task.answers(["#### -1"])[0]
+    sampled = [[right[0]] * 2, [right[1], wrong], [wrong, wrong]]
+
+    def fake_evaluate(policy, problems, desc=""):
+        if not problems.settings.maj_k:
+            return {"accuracy": 0.5}, [{"correct": i % 2 == 0} for i in range(len(problems.demos))]
+        assert problems.settings.maj_k == 2 and len(problems.demos) == 3
+        return {"sample_accuracy": 0.5}, [{"predictions": p, "answer": a} for p, a in zip(sampled, answers)]
+
+    monkeypatch.setattr(compare, "evaluate", fake_evaluate)
+    c = _config()
+    c.compare.update(samples=2, sample_problems=3)
+    result = compare.evaluate_model(None, Problems(task, demos, EvalSettings()), c)
+    assert result["correct"] == [1.0, 0.0, 1.0, 0.0]
+    assert result["sample_correct"] == [1.0, 0.5, 0.0] and result["pass_at_k"] == pytest.approx(2 / 3)

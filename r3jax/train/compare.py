@@ -32,16 +32,16 @@ DIFFERENCES = (("r3", "sft"), ("r3", "rl"), ("r3", "staged"), ("r3", "sft_contin
                ("adaptive", "r3"), ("hint_on_failure", "r3"))
 
 
-def arm_parts(arm: str) -> tuple[str, str]:
-    """`r3-grpo` -> ("r3", "grpo"); a bare arm is the paper's PPO (`gae`)."""
+def arm_parts(arm: str, default_estimator: str) -> tuple[str, str]:
+    """`r3-grpo` -> ("r3", "grpo"); a bare arm uses `default_estimator` (rl.estimator)."""
     strategy, _, estimator = arm.partition("-")
-    return strategy, estimator or "gae"
+    return strategy, estimator or default_estimator
 
 
 def difference_pairs(arms) -> list[tuple[str, str]]:
-    """DIFFERENCES, then the strategy-against-strategy ones again within each further estimator
+    """DIFFERENCES, then the strategy-against-strategy ones again within each estimator suffix
     among `arms` (`r3-grpo` vs `rl-grpo`)."""
-    estimators = dict.fromkeys(arm_parts(arm)[1] for arm in arms if arm_parts(arm)[1] != "gae")
+    estimators = dict.fromkeys(arm_parts(arm, "")[1] for arm in arms if arm_parts(arm, "")[1])
     return list(DIFFERENCES) + [(f"{first}-{estimator}", f"{second}-{estimator}") for estimator in estimators
                                 for first, second in DIFFERENCES if first in ARMS and second in ARMS]
 
@@ -69,10 +69,13 @@ def premise_table(policy: Policy, task: Task, demos, config) -> dict[str, dict[s
     return dict(table)
 
 
+SCORES = {"greedy": "correct", "sample": "sample_correct"}  # compare.metric -> a result's per-problem scores
+
+
 def evaluate_model(policy: Policy, problems: Problems, config) -> dict:
-    """Greedy per-problem correctness on the test `problems`, and on the first
-    compare.sample_problems of them `compare.samples` samples each at the RL temperature:
-    single-sample accuracy and pass@k."""
+    """Greedy per-problem correctness on the test `problems` (`correct`), and on the first
+    compare.sample_problems of them `compare.samples` samples each at the RL temperature: each
+    problem's share of right samples (`sample_correct`), single-sample accuracy and pass@k."""
     report, records = evaluate(policy, problems, desc="test")
     result = {"report": report, "correct": [float(r["correct"]) for r in records]}
     k = config.compare.samples
@@ -81,7 +84,7 @@ def evaluate_model(policy: Policy, problems: Problems, config) -> dict:
         sampled, sample_records = evaluate(policy, subset.sampled(k, config.rl.temperature), desc=f"test, {k} samples")
         right = [sum(problems.task.score_answer(p, r["answer"]).correct for p in r["predictions"])
                  for r in sample_records]
-        result.update(sample_accuracy=sampled["sample_accuracy"],
+        result.update(sample_correct=[c / k for c in right], sample_accuracy=sampled["sample_accuracy"],
                       pass_at_k=float(np.mean([stats.pass_at_k(k, c, k) for c in right])))
     return result
 
@@ -164,7 +167,7 @@ def rl_units(config) -> list[Unit]:
     """Every RL arm of compare.arms, each with its estimator's settings."""
     units = []
     for arm in config.compare.arms:
-        strategy, estimator = arm_parts(arm)
+        strategy, estimator = arm_parts(arm, config.rl.estimator)
         arm_config = with_settings(config, {"rl.estimator": estimator,
                                             "rl.group_size": 1 if estimator == "gae" else config.compare.group_size})
         units.append(Unit(arm, arm_config, tuning_trials(config), strategy=ARMS[strategy]))
@@ -225,14 +228,31 @@ def run_unit(unit: Unit, config, out: str, evaluation: str, trainers: Trainers) 
     return results, tuning
 
 
-def differences(runs: dict[str, list[dict]], arms) -> dict[str, dict]:
-    """Every difference pair among the arms that ran, paired on the same problems."""
+def differences(runs: dict[str, list[dict]], arms, scores: str = "correct") -> dict[str, dict]:
+    """Every difference pair among the arms that ran, on each result's per-problem `scores`,
+    paired on the same problems."""
     found = {}
     for first, second in difference_pairs(arms):
         if first in runs and second in runs:
-            interval = stats.paired_difference(np.array([r["correct"] for r in runs[first]]),
-                                               np.array([r["correct"] for r in runs[second]]))
+            interval = stats.paired_difference(np.array([r[scores] for r in runs[first]]),
+                                               np.array([r[scores] for r in runs[second]]))
             found[f"{first}_vs_{second}"] = {"mean": interval.mean, "ci95": [interval.lo, interval.hi]}
+    return found
+
+
+def primary_results(runs: dict[str, list[dict]], lengths: list, config) -> dict:
+    """The arms and their differences on compare.metric; with the sampled metric, greedy accuracy
+    on every test problem beside it (`greedy` per arm, `greedy_differences`)."""
+    metric = config.compare.metric
+    scored = lengths[:config.compare.sample_problems] if metric == "sample" else lengths
+    arms = {name: stats.summarise_arm(arm_runs, scored, SCORES[metric]) for name, arm_runs in runs.items()}
+    found = {"metric": metric, "num_test_problems": len(scored), "arms": arms,
+             "differences": differences(runs, config.compare.arms, SCORES[metric])}
+    if metric != "greedy":
+        for name, arm_runs in runs.items():
+            greedy = stats.bootstrap(np.array([r["correct"] for r in arm_runs]))
+            arms[name]["greedy"] = {"mean": greedy.mean, "ci95": [greedy.lo, greedy.hi]}
+        found.update(greedy_problems=len(lengths), greedy_differences=differences(runs, config.compare.arms))
     return found
 
 
@@ -258,9 +278,7 @@ def protocol(config, out: str, trainers: Trainers, lengths: list) -> dict | None
         if unit.name == "r3" and config.compare.continued_sft:
             updates = round(np.mean([r["report"]["optimizer_updates"] for r in runs["r3"]]))
             units.append(continued_unit(config, updates))
-    return {"num_test_problems": len(lengths), "split": config.eval.split,
-            "arms": {name: stats.summarise_arm(arm_runs, lengths) for name, arm_runs in runs.items()},
-            "differences": differences(runs, config.compare.arms), "premise": premise, "tuning": tuning,
+    return {**primary_results(runs, lengths, config), "split": config.eval.split, "premise": premise, "tuning": tuning,
             "protocol": {"seeds": list(config.compare.seeds), "selection": "SFT best on the validation split",
                          "tuning_trials_per_arm": len(tuning_trials(config)),
                          "tuning_trials_sft_continued": len(continued_trials(config)),
@@ -290,6 +308,9 @@ def trainers(config, workdir: str, task: Task, mesh, stop: StopSignal) -> tuple[
     problems = job.test_problems(config, task)
     sft_model = job.load_policy(sft_dir, config, tokenizer, mesh)
     validation = problems._replace(demos=task.demonstrations("validation"))
+    if config.compare.metric == "sample":
+        validation = validation.sampled(config.compare.samples, config.rl.temperature)
+    validation_key = "sample_accuracy" if config.compare.metric == "sample" else "accuracy"
 
     def train(unit: Unit, unit_config, seed: int, run_dir: str):
         start = job.with_adapters(config, job.load_policy(sft_dir, config, tokenizer, mesh))  # fresh buffers: training donates them
@@ -306,7 +327,8 @@ def trainers(config, workdir: str, task: Task, mesh, stop: StopSignal) -> tuple[
 
     return Trainers(
         train=train,
-        on_validation=lambda params: {"report": evaluate(sft_model.with_params(params), validation, "validation")[0]},
+        on_validation=lambda params: {"report": {"accuracy": evaluate(sft_model.with_params(params), validation,
+                                                                      "validation")[0][validation_key]}},
         on_test=lambda params: evaluate_model(sft_model.with_params(params), problems, config),
         premise=lambda: premise_table(sft_model, task, validation.demos, config),
         sft_params=sft_model.params), [dict(d.meta).get("num_steps", 0) for d in problems.demos]
