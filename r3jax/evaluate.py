@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from r3jax import sharding
+from r3jax.config import from_section
 from r3jax.curriculum import StartState, start_states
 from r3jax.rollout import Policy, decode_completions, dispatch_sampling, sampling_config, tokenize_states
 from r3jax.sampling import Rollout
@@ -60,6 +61,12 @@ class Problems(NamedTuple):
 
     def sampled(self, maj_k: int, temperature: float) -> "Problems":
         return self._replace(settings=dataclasses.replace(self.settings, maj_k=maj_k, temperature=temperature))
+
+
+def greedy_problems(task: Task, demos: Sequence[Demonstration], eval_section) -> Problems:
+    """`demos` of `task` evaluated greedily, in the batches config.eval (`eval_section`) sets: the one
+    place its typed settings are built."""
+    return Problems(task, demos, from_section(EvalSettings, eval_section)).greedy()
 
 
 def evaluate(policy: Policy, problems: Problems, desc: str = "eval") -> tuple[dict, list[dict]]:

@@ -107,7 +107,9 @@ def comparison_plot(summary: dict, path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     arms = summary["arms"]
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.2))
+    curves = {name: arm["training"] for name, arm in arms.items() if "reward/stage_0" in arm.get("training", {})}
+    fig, panels = plt.subplots(1, 4 if curves else 3, figsize=(21 if curves else 16, 4.2))
+    left, middle, right = panels[:3]
     names = list(arms)
     means = np.array([arms[n]["mean"] for n in names])
     errors = np.abs(np.array([arms[n]["ci95"] for n in names]).T - means)
@@ -134,6 +136,16 @@ def comparison_plot(summary: dict, path: str) -> None:
     right.set_ylabel("accuracy")
     right.set_title("accuracy by chain length")
     right.legend(fontsize=7)
+    if curves:
+        training = panels[3]
+        for i, name in enumerate(names):
+            if name in curves:
+                training.plot(np.array(curves[name]["tokens"]) / 1e3, np.array(curves[name]["reward/stage_0"], float), marker=".",
+                              label=name, color=f"C{i}")
+        training.set_xlabel("sampled tokens (thousands)")
+        training.set_ylabel("training reward at k = 0, mean over seeds")
+        training.set_title("RL training reward from the full task")
+        training.legend(fontsize=7)
     fig.tight_layout()
     files.save_figure(fig, path)
     plt.close(fig)

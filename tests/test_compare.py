@@ -39,7 +39,8 @@ class Stubs:
         lr = unit_config.compare.continued_lr if unit.continued_updates else unit_config.rl.lr
         if not unit.continued_updates:  # an RL log for the tuning record's training trend
             with open(os.path.join(run_dir, "rl.jsonl"), "w") as f:
-                f.writelines(json.dumps({"step": s, "reward": 0.1 * s, "kl": 0.01}) + "\n" for s in range(1, 7))
+                f.writelines(json.dumps({"step": s, "reward": 0.1 * s, "kl": 0.01, "tokens_sampled": 80 * s,
+                                         "reward/stage_0": 0.05 * s + seed}) + "\n" for s in range(1, 7))
         params = {"name": unit.name, "lr": lr, "seed": seed, "strategy": unit.strategy,
                   "estimator": unit_config.rl.estimator, "group_size": unit_config.rl.group_size}
         entries = ({"optimizer_updates": unit.continued_updates} if unit.continued_updates
@@ -99,6 +100,27 @@ def test_every_arm_is_tuned_on_validation_then_run_per_seed(tmp_path):
     continued = [d for d in stubs.trained if "sft_continued" in d]
     assert all(os.path.basename(d).split("-")[2] == "10" for d in continued)  # as many updates as R^3 made
     assert summary["protocol"]["tuning_trials_per_arm"] == 3 and summary["protocol"]["tuning_trials_sft_continued"] == 2
+
+
+def test_each_rl_arm_has_its_training_reward_at_k0_over_the_budget(tmp_path):
+    """Reward at k = 0 averaged over seeds within equal shares of the token budget; the stub logs
+    0.05 * step + seed at 80 tokens a step, so with 6 shares of 480 tokens share i holds step i + 1."""
+    c = _config()
+    c.rl.token_budget = 480
+    c.compare.update(arms=("r3",), tune_lr=(), tune_continued_lr=())
+    assert compare.training_curves([str(tmp_path / "no-log")], 0) == {}
+    summary = _run(tmp_path, Stubs(), c)
+    assert "training" not in summary["arms"]["sft"] and "training" not in summary["arms"]["sft_continued"]
+    r3 = summary["arms"]["r3"]["training"]
+    assert len(r3["tokens"]) == 20 and r3["tokens"][-1] == 480
+    stubs = Stubs()
+    run_dirs = [str(tmp_path / f"run{seed}") for seed in (0, 1, 2)]
+    for seed, run_dir in enumerate(run_dirs):
+        stubs.train(compare.Unit("r3", c, []), c, seed, run_dir)
+    curves = compare.training_curves(run_dirs, 480, bins=6)
+    assert curves["tokens"] == [80, 160, 240, 320, 400, 480]
+    assert curves["reward/stage_0"] == pytest.approx([0.05 * step + 1 for step in range(1, 7)])
+    assert set(curves) == {"tokens", "reward/stage_0"}
 
 
 def test_a_rerun_reuses_every_unit(tmp_path):

@@ -128,6 +128,31 @@ def training_trend(run_dir: str) -> dict[str, float] | None:
     return trend
 
 
+CURVE_KEYS = ("reward/stage_0", "hinted_fraction", "start_point/mean_stage")  # an arm's training curves
+
+
+def training_curves(run_dirs: list[str], budget: int, bins: int = 20) -> dict[str, list[float]]:
+    """An arm's training logs over its seeds (`run_dirs`), each CURVE_KEYS entry that they log
+    averaged within `bins` equal shares of the token budget (0: of the most tokens a run sampled): {"tokens": [share ends], key: [mean]}.
+    Reward at k = 0 is the one training reward that every arm measures on the same start states."""
+    records = [record for run_dir in run_dirs for record in read_jsonl(os.path.join(run_dir, "rl.jsonl"))]
+    if not records:
+        return {}
+    budget = budget or max(record["tokens_sampled"] for record in records)  # 0: the run was given steps
+    ends = np.linspace(budget / bins, budget, bins)
+    sums = collections.defaultdict(lambda: np.zeros(bins))
+    counts = collections.defaultdict(lambda: np.zeros(bins))
+    for record in records:
+        share = min(int(np.searchsorted(ends, record["tokens_sampled"])), bins - 1)
+        for key in CURVE_KEYS:
+            if key in record:
+                sums[key][share] += record[key]
+                counts[key][share] += 1
+    curves = {key: [float(v) if c else None for v, c in zip(sums[key] / np.maximum(counts[key], 1), counts[key])]
+              for key in sums}  # None: no step ended in that share
+    return {"tokens": ends.tolist(), **curves} if curves else {}
+
+
 def trial_settings(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in TRIAL_RESULTS}
 
@@ -220,11 +245,11 @@ def run_unit(unit: Unit, config, out: str, evaluation: str, trainers: Trainers) 
         arm_config = with_settings(unit.config, trial_settings(best))
     results = []
     for seed in config.compare.seeds:
-        result = _trained(trainers, unit, arm_config, seed, _unit_path(unit, arm_config, out, seed), evaluation,
-                          trainers.on_test)
+        path = _unit_path(unit, arm_config, out, seed)
+        result = _trained(trainers, unit, arm_config, seed, path, evaluation, trainers.on_test)
         if result is None:
             return None
-        results.append(result)
+        results.append({**result, "run_dir": path})
     return results, tuning
 
 
@@ -246,6 +271,10 @@ def primary_results(runs: dict[str, list[dict]], lengths: list, config) -> dict:
     metric = config.compare.metric
     scored = lengths[:config.compare.sample_problems] if metric == "sample" else lengths
     arms = {name: stats.summarise_arm(arm_runs, scored, SCORES[metric]) for name, arm_runs in runs.items()}
+    for name, arm_runs in runs.items():
+        curves = training_curves([r["run_dir"] for r in arm_runs if "run_dir" in r], config.rl.token_budget)
+        if curves:
+            arms[name]["training"] = curves
     found = {"metric": metric, "num_test_problems": len(scored), "arms": arms,
              "differences": differences(runs, config.compare.arms, SCORES[metric])}
     if metric != "greedy":

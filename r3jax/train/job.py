@@ -8,7 +8,7 @@ import numpy as np
 
 from r3jax import config as config_lib, files, sharding, tokenizer as tokenizer_lib
 from r3jax.checkpoint import StopSignal
-from r3jax.evaluate import EvalSettings, Problems, evaluate
+from r3jax.evaluate import Problems, evaluate, greedy_problems
 from r3jax.metrics import read_jsonl
 from r3jax.models import hf, lora
 from r3jax.models.transformer import ModelConfig, init_params
@@ -103,7 +103,7 @@ def test_problems(config, task: Task) -> Problems:
     demos = task.demonstrations(config.eval.split)
     if config.eval.num_examples:
         demos = demos[:config.eval.num_examples]
-    return Problems(task, demos, config_lib.from_section(EvalSettings, config.eval)).greedy()
+    return greedy_problems(task, demos, config.eval)
 
 
 def write_results(workdir: str, results: dict[str, dict], title: str) -> None:

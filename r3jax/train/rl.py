@@ -17,7 +17,7 @@ import numpy as np
 from r3jax import (config as config_lib, curriculum as curriculum_lib, optim, packing, ppo, rollout as rollout_lib,
                    sharding)
 from r3jax.checkpoint import StopSignal
-from r3jax.evaluate import EvalSettings, Problems, accuracy_report, evaluate, samples
+from r3jax.evaluate import accuracy_report, evaluate, greedy_problems, samples
 from r3jax.models import lora
 from r3jax.models.transformer import ModelConfig
 from r3jax.models.value import actor_critic_params
@@ -327,8 +327,7 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
     settings = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature, c.top_k, c.top_p)
     rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
     to_rollout_layout = sharding.compute_copy(model_cfg, rollout_mesh)
-    validation = Problems(task, task.demonstrations("validation")[:c.eval_examples],
-                          config_lib.from_section(EvalSettings, config.eval)).greedy()
+    validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], config.eval)
     base_key, budget = jax.random.key(seed), c.token_budget
 
     def rl_step(state: ppo.PPOState, meta: dict) -> tuple[ppo.PPOState, dict, dict]:

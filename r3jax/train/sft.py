@@ -17,7 +17,7 @@ import optax
 from r3jax import config as config_lib, optim, sharding
 from r3jax.checkpoint import StopSignal, latest_step
 from r3jax.curriculum import epoch_order
-from r3jax.evaluate import EvalSettings, Problems, evaluate, samples
+from r3jax.evaluate import evaluate, greedy_problems, samples
 from r3jax.models import hf, lora
 from r3jax.models.transformer import ModelConfig, forward
 from r3jax.ppo import chunked_logprobs
@@ -141,8 +141,7 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
         print(f"SFT: extending from step {latest} to {steps}")
     optimizer = optim.sft_optimizer(c)
     train_step = make_train_step(model_cfg, optimizer, c.logits_chunk)
-    validation = Problems(task, task.demonstrations("validation")[:c.eval_examples],  # never test
-                          config_lib.from_section(EvalSettings, config.eval)).greedy()
+    validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], config.eval)  # never test
 
     def sft_step(state: SFTState, meta: dict) -> tuple[SFTState, dict, dict]:
         step = meta["step"]
