@@ -1,12 +1,12 @@
-"""Side by side with the peers: r3jax against TRL's GRPOTrainer on the main job's SFT model, with
-the same prompt ids, the project's arith reward and the same hyperparameters.
+"""Side by side with the peers: r3jax against TRL's GRPOTrainer and Tunix's GrpoLearner on the main
+job's SFT model, with the same prompt ids, the project's arith reward and the same hyperparameters.
 
     python bench/peers.py learning [--settings 1.3:3e-5 1.0:1e-5] [--seeds 0 1 2] [--steps 200]
-                                   [--systems r3jax-grpo trl-grpo r3jax-ppo] [--out peers-learning]
+                                   [--systems r3jax-grpo trl-grpo r3jax-ppo tunix-grpo] [--out peers-learning]
     python bench/peers.py speed [--steps 30] [--rounds 2]
 
 Each peer runs in its own virtualenv under bench/.peers/, created on first use from PEER_PINS
-(bench/peer_trl.py is TRL's side). The SFT model is bench/.peers/main-job/sft/best, made by the
+(bench/peer_trl.py is TRL's side, bench/peer_tunix.py Tunix's). The SFT model is bench/.peers/main-job/sft/best, made by the
 main job's SFT phase if missing, or --sft DIR.
 
 learning: per setting (temperature:lr) and seed, each system trains --steps steps of 64
@@ -44,8 +44,10 @@ from r3jax.rollout import tokenize_states
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, "bench", ".peers")
 PEER_PINS = {"trl": ["trl==0.29.1", "torch==2.13.0", "transformers==5.23.0", "accelerate==1.13.0",
-                     "datasets==4.8.4", "numpy==2.4.6"]}
-SYSTEMS = ("r3jax-grpo", "trl-grpo", "r3jax-ppo")
+                     "datasets==4.8.4", "numpy==2.4.6"],
+             "tunix": ["google-tunix==0.1.7", "jax==0.10.2", "jaxlib==0.10.2"]}
+SYSTEMS = ("r3jax-grpo", "trl-grpo", "r3jax-ppo", "tunix-grpo")
+PEER_SYSTEMS = {"trl-grpo": "trl", "tunix-grpo": "tunix"}  # a peer's GRPO system -> its virtualenv
 GROUP, BATCH, EVAL_SAMPLES = 8, 64, 4
 # Knobs set alike on both sides; what could not be matched is listed in the results.
 SHARED = {"group_size": GROUP, "batch_size": BATCH, "max_new_tokens": 160, "grad_clip": 1.0, "epochs": 1}
@@ -146,24 +148,25 @@ def r3jax_run(sft: str, out: str, estimator: str, temperature: float, lr: float,
              log=os.path.join(out, "run.log"))
 
 
-def trl_run(sft: str, prompts: str, out: str, temperature: float, lr: float, steps: int, seed: int) -> None:
+def peer_grpo_run(peer: str, sft: str, prompts: str, out: str, temperature: float, lr: float, steps: int,
+                  seed: int) -> None:
     spec = {"kind": "grpo", "model": sft, "prompts": prompts, "out": out, "steps": steps, "seed": seed,
             "lr": lr, "temperature": temperature, "task_options": task_options(),
             "stop_ids": list(tokenizer_lib.load(sft).stop_ids), **SHARED}
-    peer_run(spec)
+    peer_run(spec, peer)
 
 
-def peer_run(spec: dict) -> None:
-    """bench/peer_trl.py on `spec` in TRL's virtualenv; exits naming its log if it fails."""
+def peer_run(spec: dict, peer: str = "trl") -> None:
+    """bench/peer_<peer>.py on `spec` in that peer's virtualenv; exits naming its log if it fails."""
     os.makedirs(spec["out"], exist_ok=True)
     spec_path = os.path.join(spec["out"], "spec.json")
     files.write_json(spec_path, spec)
     log = os.path.join(spec["out"], "run.log")
     with open(log, "w") as f:
-        code = subprocess.run([peer_python("trl"), os.path.join(ROOT, "bench", "peer_trl.py"), spec_path],
+        code = subprocess.run([peer_python(peer), os.path.join(ROOT, "bench", f"peer_{peer}.py"), spec_path],
                               env={**os.environ, "PYTHONPATH": ROOT}, stdout=f, stderr=subprocess.STDOUT).returncode
     if code:
-        sys.exit(f"error: TRL's {spec['kind']} run failed (see {log})")
+        sys.exit(f"error: {peer}'s {spec['kind']} run failed (see {log})")
 
 
 def evaluate_final(model: str, sft: str, out: str, temperature: float) -> dict:
@@ -200,8 +203,8 @@ def learning_unit(system: str, sft: str, prompts: str, temperature: float, lr: f
     if os.path.exists(record_path):
         return read_record(record_path)
     started = time.time()
-    if system == "trl-grpo":
-        trl_run(sft, prompts, out, temperature, lr, steps, seed)
+    if system in PEER_SYSTEMS:
+        peer_grpo_run(PEER_SYSTEMS[system], sft, prompts, out, temperature, lr, steps, seed)
     else:
         r3jax_run(sft, out, "grpo" if system == "r3jax-grpo" else "gae", temperature, lr, steps, seed)
     record = {"rewards": training_rewards(system, out), "train_s": time.time() - started,
@@ -231,10 +234,11 @@ def accuracy_intervals(records: list[dict]) -> dict:
 
 def differences(records: dict[str, list[dict]]) -> dict:
     """Paired 95% intervals (the same validation problems resampled for both, seeds per system) of
-    each r3jax system minus TRL, and of each system minus the SFT model (`records["sft"]`), in
+    each r3jax system minus each peer (TRL, Tunix), and of each system minus the SFT model (`records["sft"]`), in
     greedy and single-sample accuracy."""
     systems = [system for system in records if system != "sft"]
-    pairs = [(system, "trl-grpo") for system in systems if system.startswith("r3jax") and "trl-grpo" in records]
+    pairs = [(system, peer) for system in systems if system.startswith("r3jax") for peer in PEER_SYSTEMS
+             if peer in records]
     pairs += [(system, "sft") for system in systems]
     return {f"{a} - {b}": {metric: stats.paired_difference(correct(records[a], metric), correct(records[b], metric))
                            ._asdict() for metric in ("greedy", "sample")} for a, b in pairs}
@@ -275,7 +279,8 @@ def learning(args) -> None:
     sft = ensure_sft(args.sft)
     prompts = os.path.join(PEERS, "prompts.jsonl")
     write_prompts(sft, prompts)
-    results = {"machine": machine_info(), "trl": peer_versions("trl"), "sft": sft, "steps": args.steps,
+    results = {"machine": machine_info(), **{PEER_SYSTEMS[s]: peer_versions(PEER_SYSTEMS[s]) for s in args.systems
+                                             if s in PEER_SYSTEMS}, "sft": sft, "steps": args.steps,
                "shared": SHARED, "unmatched": UNMATCHED, "eval": f"validation split, greedy and {EVAL_SAMPLES} "
                "samples per problem at the setting's temperature, r3jax's evaluator (the same sampling keys for every "
                "model)", "settings": {}, "differences": {}}
@@ -403,8 +408,8 @@ def speed_run(system: str, sft: str, prompts: str, out: str, steps: int, seed: i
         return r3jax_ppo_steps(steps, seed)
     if system == "trl-ppo":
         return trl_ppo_steps(sft, out, steps, seed)
-    if system == "trl-grpo":
-        trl_run(sft, prompts, out, temperature, lr, steps, seed)
+    if system in PEER_SYSTEMS:
+        peer_grpo_run(PEER_SYSTEMS[system], sft, prompts, out, temperature, lr, steps, seed)
     else:
         r3jax_run(sft, out, "grpo", temperature, lr, steps, seed)
     return speed_records(system, out)
