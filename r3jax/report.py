@@ -40,7 +40,7 @@ def results_markdown(results: dict[str, dict], correct: dict[str, np.ndarray], t
 
 def metric_text(summary: dict) -> str:
     """How the comparison's primary metric reads in a table's heading."""
-    if summary.get("metric", "greedy") == "greedy":
+    if summary["metric"] == "greedy":
         return "greedy"
     return f"single-sample accuracy at T = {summary['protocol']['sample_temperature']:g}"
 
@@ -58,7 +58,7 @@ def difference_table(differences: dict[str, dict], heading: str) -> list[str]:
 def comparison_markdown(summary: dict) -> str:
     """The comparison as markdown tables: arms, differences, premise."""
     arms, lengths = summary["arms"], sorted({k for arm in summary["arms"].values() for k in arm["by_steps"]}, key=int)
-    greedy = "greedy" in next(iter(arms.values()))  # the sampled primary metric, with greedy beside it
+    greedy = summary["metric"] != "greedy"  # a sampled primary metric, with greedy accuracy beside it
     lines = [f"Test accuracy at k = 0, {metric_text(summary)}, {summary['num_test_problems']} {summary['split']} "
              "problems; 95% intervals from a bootstrap over problems and seeds.", "",
              "| arm | accuracy [95% interval] | per seed | " + " | ".join(f"{n} steps" for n in lengths)
