@@ -151,6 +151,26 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> list[dict[str, jnp.
             for _ in range(cfg.num_layers)]
 
 
+def write_cache(cache: dict, k, v, cache_start, layer_index=None) -> dict:
+    """Keys and values `[batch, kv_heads, seq, head_dim]` written at slots `cache_start + [0, seq)`
+    of one layer's cache, or with `layer_index` of that layer in the stacked cache
+    `[layers, batch, kv_heads, length, head_dim]`."""
+    def write(stored, new):
+        new = new.astype(stored.dtype)
+        if layer_index is None:
+            return jax.lax.dynamic_update_slice_in_dim(stored, new, cache_start, axis=2)
+        return jax.lax.dynamic_update_slice(stored, new[None], (layer_index, 0, 0, cache_start, 0))
+    return {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+
+
+def layer_keys_values(cache: dict, layer_index=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """One layer's keys and values `[batch, kv_heads, length, head_dim]` from `write_cache`'s cache."""
+    if layer_index is None:
+        return cache["k"], cache["v"]
+    return (jax.lax.dynamic_index_in_dim(cache["k"], layer_index, keepdims=False),
+            jax.lax.dynamic_index_in_dim(cache["v"], layer_index, keepdims=False))
+
+
 def attention(q, k, v, kv_mask, cache_start, segment_ids=None) -> jnp.ndarray:
     """Causal attention of queries at slots `cache_start + [0, seq)` over every key slot.
 
@@ -326,9 +346,10 @@ class Attention(nn.Module):
         return with_adapter(cfg, name, x, y, ("embed",), ("heads", "head_dim"))
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids):
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids, layer_index=None):
         """x `[batch, seq, embed]`; kv_mask `[batch, keys]`; segment_ids `[batch, seq]` or None;
-        returns (`[batch, seq, embed]`, cache)."""
+        `layer_cache` is this layer's cache, or with `layer_index` the whole stacked one (see
+        `write_cache`); returns (`[batch, seq, embed]`, the cache as it was given, updated)."""
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg)
         q, k = self._proj("q_proj", cfg.num_heads, x), self._proj("k_proj", cfg.num_kv_heads, x)
@@ -340,11 +361,8 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)
         v = self._proj("v_proj", cfg.num_kv_heads, x).transpose(0, 2, 1, 3)
         if layer_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                    cache_start, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                    cache_start, axis=2)
-            layer_cache = {"k": k, "v": v}
+            layer_cache = write_cache(layer_cache, k, v, cache_start, layer_index)
+            k, v = layer_keys_values(layer_cache, layer_index)
         batch, seq = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
@@ -378,9 +396,10 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids):
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids, layer_index=None):
         attn_out, layer_cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="input_norm")(x), positions, kv_mask, layer_cache, cache_start, segment_ids)
+            RMSNorm(self.cfg, name="input_norm")(x), positions, kv_mask, layer_cache, cache_start, segment_ids,
+            layer_index)
         x = x + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
         return x, layer_cache
@@ -398,6 +417,15 @@ def _lm_head_layer(cfg: ModelConfig, name: str | None = None) -> nn.Dense:
                     kernel_init=_param(nn.initializers.normal(0.02), "embed", "vocab"))
 
 
+def _scanned_layer(layer: nn.Module, carry, positions, kv_mask, cache_start, segment_ids):
+    """One step of the layer scan. The stacked cache rides in the carry, not in the scanned inputs
+    and outputs: a scan's outputs are a new stacked buffer, so every decode step copied the whole
+    cache (about 3x a layer's cache in temporaries per layer); carried, it is updated in place."""
+    x, cache, index = carry
+    x, cache = layer(x, positions, kv_mask, cache, cache_start, segment_ids, None if cache is None else index)
+    return (x, cache, index + 1), None
+
+
 class Transformer(nn.Module):
     """Returns (logits `[batch, seq, vocab]` float32, final hidden `[batch, seq, embed]`, cache);
     logits are None with `with_head=False` (see `head_logits`)."""
@@ -413,11 +441,11 @@ class Transformer(nn.Module):
         if cfg.remat != "none":
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast if cache is None else 0, nn.broadcast,
-                                      nn.broadcast),
-                             length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_cache = layers(cfg, name="layers")(x, positions, kv_mask, cache, cache_start, segment_ids)
+            layers = nn.scan(_scanned_layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=nn.broadcast, length=cfg.num_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            (x, new_cache, _), _ = layers(layer(cfg, name="layers"), (x, cache, 0), positions, kv_mask,
+                                          cache_start, segment_ids)
         else:
             new_cache = []
             for i in range(cfg.num_layers):
