@@ -81,6 +81,8 @@ SCHEMA: dict[str, Any] = {
                                "depth)"),
         "remat": ("none", "what the backward pass recomputes: none, full (each layer's activations), "
                           "save_dots (keeps the matmul outputs)", REMAT_CHOICES),
+        "attention_chunk": (0, "queries attended at a time in a training or prefill forward (memory: one "
+                               "block's scores exist at once, recomputed in the backward pass); 0 = all"),
         "model_type": ("llama", "from scratch: llama, mistral, qwen2 or qwen3 (q/k norms)", MODEL_TYPES),
         "hidden_size": (128, "from scratch: width"),
         "intermediate_size": (384, "from scratch: MLP width"),
@@ -390,6 +392,7 @@ NON_NEGATIVE = ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", 
                 "rl.top_k", "sft.weight_decay", "rl.weight_decay", "sft.grad_clip", "rl.grad_clip",
                 "rl.num_start_states", "rl.clip_ratio_low", "rl.clip_ratio_high", "rl.critic_warmup_steps",
                 "rl.missing_eos_penalty", "metrics.sample_completions", "sft.logits_chunk", "rl.logits_chunk",
+                "model.attention_chunk",
                 "eval.maj_k", "sft.data_epochs", "rl.data_epochs", "compare.samples", "compare.sample_problems",
                 "rl.pack_width")
 

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -373,23 +374,67 @@ def concrete_phase(config, model_cfg, phase: str):
     return update, (ppo.init_state(params, optimizer), reference, experience, jax.random.key(0), 1.0, 1.0, frozen)
 
 
-MAX_REPLANS = 8
-KNOBS = (  # what to try, in turn, when a plan does not fit
-    ("rl.logits_chunk", lambda c: c.rl.logits_chunk == 0, lambda c: c.rl.update(logits_chunk=128)),
-    ("sft.logits_chunk", lambda c: c.sft.logits_chunk == 0, lambda c: c.sft.update(logits_chunk=128)),
-    ("model.remat", lambda c: c.model.remat == "none", lambda c: c.model.update(remat="full")),
+MAX_REPLANS = 12
+
+
+class Knob(NamedTuple):
+    """A config change that shrinks the memory of `phases` (sft_step, ppo_update, sampling, or
+    resident: the weights and Adam moments)."""
+    name: str
+    phases: tuple[str, ...]
+    applies: Callable[[Any], bool]
+    change: Callable[[Any], None]
+
+
+KNOBS = (  # what to try for a phase over the memory, in this order, each in turn
+    Knob("rl.logits_chunk", ("ppo_update",), lambda c: c.rl.logits_chunk == 0,
+         lambda c: c.rl.update(logits_chunk=128)),
+    Knob("sft.logits_chunk", ("sft_step",), lambda c: c.sft.logits_chunk == 0,
+         lambda c: c.sft.update(logits_chunk=128)),
+    Knob("model.remat", ("sft_step", "ppo_update"), lambda c: c.model.remat == "none",
+         lambda c: c.model.update(remat="full")),
+    Knob("model.attention_chunk", ("sft_step", "ppo_update", "sampling"), lambda c: c.model.attention_chunk == 0,
+         lambda c: c.model.update(attention_chunk=256)),
     # splitting the update's rows by rollout unpacks it (packed rows mix rollouts)
-    ("rl.minibatches", lambda c: c.rl.batch_size % (2 * c.rl.minibatches) == 0,
-     lambda c: c.rl.update(minibatches=2 * c.rl.minibatches, pack=False)),
-    ("rl.prepare_chunks", lambda c: c.rl.batch_size % (2 * c.rl.prepare_chunks) == 0,
-     lambda c: c.rl.update(prepare_chunks=2 * c.rl.prepare_chunks, pack=False)),
-    ("rl.rollout_rows", lambda c: (c.rl.rollout_rows or c.rl.batch_size) >= 2,
-     lambda c: c.rl.update(rollout_rows=(c.rl.rollout_rows or c.rl.batch_size) // 2)),
-    ("sft.grad_accum", lambda c: c.sft.batch_size % 2 == 0,
-     lambda c: c.sft.update(batch_size=c.sft.batch_size // 2, grad_accum=2 * c.sft.grad_accum)),
+    Knob("rl.minibatches", ("ppo_update",), lambda c: c.rl.batch_size % (2 * c.rl.minibatches) == 0,
+         lambda c: c.rl.update(minibatches=2 * c.rl.minibatches, pack=False)),
+    Knob("rl.prepare_chunks", ("ppo_update",), lambda c: c.rl.batch_size % (2 * c.rl.prepare_chunks) == 0,
+         lambda c: c.rl.update(prepare_chunks=2 * c.rl.prepare_chunks, pack=False)),
+    Knob("rl.rollout_rows", ("sampling",), lambda c: (c.rl.rollout_rows or c.rl.batch_size) >= 2,
+         lambda c: c.rl.update(rollout_rows=(c.rl.rollout_rows or c.rl.batch_size) // 2)),
+    Knob("sft.grad_accum", ("sft_step",), lambda c: c.sft.batch_size % 2 == 0,
+         lambda c: c.sft.update(batch_size=c.sft.batch_size // 2, grad_accum=2 * c.sft.grad_accum)),
     # weights and Adam moments that no activation knob shrinks: adapters of rank 64 on a bfloat16 base
-    ("model.lora.rank", lambda c: c.model.lora.rank == 0, lambda c: c.model.lora.update(rank=64, base_dtype="bfloat16")),
+    Knob("model.lora.rank", ("resident",), lambda c: c.model.lora.rank == 0,
+         lambda c: c.model.lora.update(rank=64, base_dtype="bfloat16")),
 )
+
+
+def phases_over(result: dict, memory: float) -> list[str]:
+    """The phases whose peak exceeds the memory with headroom; only `resident` when the weights and
+    Adam moments alone do (no activation knob can help then)."""
+    if _resident_bytes(result) > HEADROOM * memory:
+        return ["resident"]
+    peaks = {"sft_step": result["phases"]["sft_step"]["peak_bytes"],
+             "ppo_update": result["phases"]["ppo_update"]["peak_bytes"],
+             "sampling": result["sampling_peak_bytes_per_device"]}
+    return [phase for phase, peak in peaks.items() if peak > HEADROOM * memory]
+
+
+def turn_knobs(config, over: list[str], queues: dict[str, list[Knob]]) -> list[str]:
+    """Changes `config` by the next knob that applies for each phase in `over` (a knob taken goes to
+    the back of its phase's queue, so each phase's knobs take turns); returns what changed."""
+    changed = []
+    for phase in over:
+        knob = next((knob for knob in queues[phase] if knob.applies(config)), None)
+        if knob is None:
+            continue
+        queues[phase].remove(knob)
+        queues[phase].append(knob)
+        packed = config.rl.pack
+        knob.change(config)
+        changed.append(f"{knob.name}={_knob_value(config, knob.name)}" + (", rl.pack=False" if packed > config.rl.pack else ""))
+    return changed
 
 
 def report_lines(result: dict, memory: float) -> list[str]:
@@ -468,31 +513,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan_until_it_fits(config, model_cfg, memory: float, rollout_tokens: int = 0) -> dict:
-    """The plan of `config`; if it does not fit, again with each knob that applies, cumulatively,
-    until it fits or none is left. `knobs_applied` and `first_plan_peak_bytes` say what changed."""
+    """The plan of `config`; while it does not fit, again after a round of knobs: for each phase over
+    the memory, its next knob (`turn_knobs`), cumulatively, until it fits, no knob applies or
+    MAX_REPLANS rounds have run. `knobs_applied` and `first_plan_peak_bytes` say what changed."""
     progress = lambda message: print(message, file=sys.stderr, flush=True)
     result = plan(config, model_cfg, progress, rollout_tokens)
-    result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
     applied, first_peak = [], result["peak_bytes_per_device"]
-    knobs = list(KNOBS)  # taken in turn; a knob leaves the list once it no longer applies
-    if _resident_bytes(result) > HEADROOM * memory:  # no activation knob can help: LoRA first
-        knobs.sort(key=lambda knob: knob[0] != "model.lora.rank")
-    while not result["fits"] and knobs and len(applied) < MAX_REPLANS:
-        name, applies, change = knobs.pop(0)
-        if not applies(config):
-            continue
-        packed = config.rl.pack
-        change(config)
-        knobs.append((name, applies, change))
-        applied.append(f"{name}={_knob_value(config, name)}" + (", rl.pack=False" if packed > config.rl.pack else ""))
-        print(f"does not fit ({result['peak_bytes_per_device'] / GB:.1f} GB): planning again with {', '.join(applied)}",
-              file=sys.stderr)
-        model_cfg = lora.configure(model_cfg.replace(remat=config.model.remat,
-                                                     param_dtype=execution_settings(config)["param_dtype"]),
-                                   config.model.lora)
+    queues = {phase: [knob for knob in KNOBS if phase in knob.phases]
+              for phase in ("sft_step", "ppo_update", "sampling", "resident")}
+    for _ in range(MAX_REPLANS):
+        over = phases_over(result, memory)
+        changed = turn_knobs(config, over, queues) if over else []
+        if not changed:
+            break
+        applied += changed
+        print(f"does not fit ({result['peak_bytes_per_device'] / GB:.1f} GB; over: {', '.join(over)}): planning "
+              f"again with {', '.join(changed)}", file=sys.stderr)
+        model_cfg = lora.configure(model_cfg.replace(**execution_settings(config)), config.model.lora)
         result = plan(config, model_cfg, progress, rollout_tokens)
-        result["fits"] = result["peak_bytes_per_device"] <= HEADROOM * memory
-    result.update(knobs_applied=applied, first_plan_peak_bytes=first_peak, device_memory_bytes=memory)
+    result.update(fits=not phases_over(result, memory), knobs_applied=applied, first_plan_peak_bytes=first_peak,
+                  device_memory_bytes=memory)
     return result
 
 

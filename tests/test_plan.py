@@ -156,3 +156,51 @@ def test_llama_2_7b_gsm8k_recipe_fits_8x80gb(tmp_path, monkeypatch):
     assert result["fits"] and result["peak_bytes_per_device"] <= 72e9
     assert result["decode_collective_bytes"]["rollout"] <= 0.01 * result["weight_bytes"]
     assert result["decode_collective_bytes"]["training"] >= 0.5 * result["weight_bytes"]
+
+
+def _fake_plan(resident_gb, sft_gb, update_gb, sampling_gb):
+    """A stand-in for plan.plan whose peaks (GB, functions of the config) are the test's."""
+    def fake(config, model_cfg, progress, rollout_tokens):
+        gb = lambda f: int(f(config) * plan.GB)  # noqa: E731
+        return {"phases": {"sft_step": {"peak_bytes": gb(sft_gb)}, "ppo_update": {"peak_bytes": gb(update_gb)}},
+                "sampling_peak_bytes_per_device": gb(sampling_gb), "peak_bytes_per_device": gb(
+                    lambda c: max(sft_gb(c), update_gb(c), sampling_gb(c))),
+                "param_bytes_per_device": gb(resident_gb), "frozen_bytes_per_device": 0,
+                "optimizer_state_bytes_per_device": 0}
+    return fake
+
+
+def _search(monkeypatch, memory_gb, **peaks):
+    monkeypatch.setattr(plan, "plan", _fake_plan(**peaks))
+    config = plan.load_config(os.path.join(ROOT, "configs", "gsm8k.py"), [])
+    result = plan.plan_until_it_fits(config, plan.model_config_for(config, "llama-2-7b"), memory_gb * plan.GB)
+    return config, result
+
+
+def test_knob_search_turns_only_the_knobs_of_the_phases_over_the_memory(monkeypatch):
+    """Only the SFT step is over 24 GB (its peak halves with its microbatch): SFT's knobs are turned
+    (attention blocks, then gradient accumulation), the update's and the sampler's are not."""
+    config, result = _search(monkeypatch, 24, resident_gb=lambda c: 5, sft_gb=lambda c: 40 * c.sft.batch_size / 64,
+                             update_gb=lambda c: 10, sampling_gb=lambda c: 10)
+    assert result["fits"] and result["knobs_applied"] == ["model.attention_chunk=256", "sft.grad_accum=2"]
+    assert (config.sft.batch_size, config.sft.grad_accum, config.rl.minibatches, config.rl.rollout_rows) == (32, 2, 1, 0)
+
+
+def test_knob_search_takes_each_phases_knobs_in_turn_and_lora_first_for_resident_weights(monkeypatch):
+    """Weights and moments over the memory: LoRA first. Then the update and the sampler are both
+    over, and a round turns one knob of each phase still over."""
+    config, result = _search(monkeypatch, 24, resident_gb=lambda c: 30 if c.model.lora.rank == 0 else 4,
+                             sft_gb=lambda c: 10, update_gb=lambda c: 90 / (c.rl.minibatches * c.rl.prepare_chunks),
+                             sampling_gb=lambda c: 40 * (c.rl.rollout_rows or 64) / 64)
+    assert result["fits"]
+    # round 2 turns one knob of each phase over: attention blocks for the update, rows for the
+    # sampler (then 20 GB, under 21.6); the update's row knobs alternate until it is under too
+    assert result["knobs_applied"] == ["model.lora.rank=64", "model.attention_chunk=256", "rl.rollout_rows=32",
+                                       "rl.minibatches=2, rl.pack=False", "rl.prepare_chunks=2", "rl.minibatches=4"]
+
+
+def test_knob_search_stops_when_no_knob_is_left(monkeypatch):
+    config, result = _search(monkeypatch, 24, resident_gb=lambda c: 5, sft_gb=lambda c: 100,
+                             update_gb=lambda c: 10, sampling_gb=lambda c: 10)
+    assert not result["fits"] and result["knobs_applied"][-1] == "sft.grad_accum=64"
+    assert len(result["knobs_applied"]) == 7 and config.sft.batch_size == 1

@@ -94,3 +94,28 @@ def test_scanned_decode_step_updates_the_cache_in_place():
         small, large = (_decode_temp_bytes(TINY.replace(num_layers=n, scan_layers=scan, decode_block=0), rows,
                                            cache_len) for n in (2, 6))
         assert (large - small) / 4 < layer_cache_bytes / 2, (scan, small, large, layer_cache_bytes)
+
+
+@pytest.mark.parametrize("scan, chunk", [(False, 4), (True, 5)])
+def test_chunked_attention_equals_whole_logits_gradients_packed_and_decoding(checkpoint, scan, chunk):
+    """model.attention_chunk attends a few queries at a time (5 leaves a padded last block of 12):
+    the same logits and gradients, on left-padded and on packed rows, and the same greedy decoding
+    from a chunked prefill."""
+    path, params = checkpoint
+    cfg, loaded = hf.load(path, scan_layers=scan)
+    chunked = cfg.replace(attention_chunk=chunk)
+    tokens, mask = _inputs()
+    segments = jnp.array([[1] * 5 + [2] * 7, [1] * 12, [1] * 3 + [2] * 6 + [0] * 3])
+    positions = jnp.where(segments > 0, jnp.arange(12) - jnp.array([[0] * 5 + [5] * 7, [0] * 12, [0] * 3 + [3] * 9]), 0)
+    for batch_mask, batch_positions in ((mask, None), (segments, positions)):
+        want, _ = forward(cfg, loaded, tokens, batch_mask, positions=batch_positions)
+        got, _ = forward(chunked, loaded, tokens, batch_mask, positions=batch_positions)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    want = jax.grad(lambda p: _loss(cfg, p, tokens, mask))(loaded)
+    got = jax.grad(lambda p: _loss(chunked, p, tokens, mask))(loaded)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5), got, want)
+    settings = SamplingConfig(max_new_tokens=8, greedy=True, pad_id=0)
+    want = sample(cfg, loaded, tokens, mask, jax.random.key(1), settings)
+    got = sample(chunked, loaded, tokens, mask, jax.random.key(1), settings)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)

@@ -48,10 +48,12 @@ class ModelConfig:
     dtype: str = "float32"
     # Execution choices, not part of the checkpoint. decode_block: cache slots a one-token decode
     # step reads at a time (see decode_attention), 0 = the whole cache in one pass, None = by
-    # backend (`cache_block`). scan_layers:
+    # backend (`cache_block`). attention_chunk: queries attended at a time in a many-token
+    # forward (`attention`), 0 = all at once. scan_layers:
     # the decoder layers as one scan over stacked parameters (leading "layers" axis; compile time
     # independent of depth). remat: what the backward pass recomputes (REMAT_POLICIES).
     decode_block: int | None = None
+    attention_chunk: int = 0
     scan_layers: bool = False
     remat: str = "none"
     # LoRA (models/lora.py): adapters of this rank beside the projections named in lora_targets,
@@ -171,22 +173,56 @@ def layer_keys_values(cache: dict, layer_index=None) -> tuple[jnp.ndarray, jnp.n
             jax.lax.dynamic_index_in_dim(cache["v"], layer_index, keepdims=False))
 
 
-def attention(q, k, v, kv_mask, cache_start, segment_ids=None) -> jnp.ndarray:
+def attention(q, k, v, kv_mask, cache_start, segment_ids=None, chunk: int = 0) -> jnp.ndarray:
     """Causal attention of queries at slots `cache_start + [0, seq)` over every key slot.
 
     q `[batch, seq, kv_heads, groups, head_dim]`, k/v `[batch, kv_heads, keys, head_dim]`,
     kv_mask `[batch, keys]`; returns `[batch, seq, kv_heads, groups, head_dim]`. `segment_ids
     [batch, seq]` (no cache: keys are the queries) also keeps each query within its own segment.
+    `chunk` > 0 attends `chunk` queries at a time (see `_chunked_attention`).
     """
+    seq = q.shape[1]
+    query_slots = cache_start + jnp.arange(seq)
+    if not chunk or seq <= chunk:
+        return _attend(q, k, v, kv_mask, query_slots, segment_ids, segment_ids)
+    return _chunked_attention(q, k, v, kv_mask, query_slots, segment_ids, chunk)
+
+
+def _attend(q, k, v, kv_mask, query_slots, query_segments, key_segments) -> jnp.ndarray:
+    """`attention` for queries at `query_slots [seq]`, with their segment ids `[batch, seq]` and the
+    keys' `[batch, keys]` (or both None)."""
     scores = jnp.einsum("bqkgd,bksd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-    query_slots = cache_start + jnp.arange(q.shape[1])
     key_slots = jnp.arange(k.shape[2])
     allowed = (key_slots[None, :] <= query_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if query_segments is not None:
+        allowed = allowed & (query_segments[:, :, None] == key_segments[:, None, :])
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bkgqs,bksd->bqkgd", probs, v)
+
+
+def _chunked_attention(q, k, v, kv_mask, query_slots, segment_ids, chunk: int) -> jnp.ndarray:
+    """`attention` in blocks of `chunk` queries, each over every key: the same softmax per query,
+    but only one block's scores `[batch, kv_heads, groups, chunk, keys]` exist at a time, and the
+    backward pass recomputes each block's (jax.checkpoint) instead of keeping all of them. The
+    queries are padded to whole blocks (slot -1 and segment -1 attend nowhere; their rows are
+    cut off)."""
+    batch, seq = q.shape[:2]
+    blocks = -(-seq // chunk)
+    pad = blocks * chunk - seq
+    q = jnp.pad(q, ((0, 0), (0, pad)) + ((0, 0),) * 3)
+    query_slots = jnp.pad(query_slots, (0, pad), constant_values=-1)
+    query_segments = None if segment_ids is None else jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+
+    @jax.checkpoint
+    def block(i):
+        start = i * chunk
+        segments = None if query_segments is None else jax.lax.dynamic_slice_in_dim(query_segments, start, chunk, 1)
+        return _attend(jax.lax.dynamic_slice_in_dim(q, start, chunk, 1), k, v, kv_mask,
+                       jax.lax.dynamic_slice_in_dim(query_slots, start, chunk), segments, segment_ids)
+
+    out = jax.lax.map(block, jnp.arange(blocks))  # [blocks, batch, chunk, kv_heads, groups, head_dim]
+    return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * chunk, *out.shape[3:])[:, :seq]
 
 
 def cache_block(cfg: ModelConfig) -> int:
@@ -370,7 +406,7 @@ class Attention(nn.Module):
         if layer_cache is not None and seq == 1 and block:
             out = decode_attention(q, k, v, kv_mask, cache_start, block)
         else:
-            out = attention(q, k, v, kv_mask, cache_start, segment_ids)
+            out = attention(q, k, v, kv_mask, cache_start, segment_ids, cfg.attention_chunk)
         out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
         projected = Projection(cfg, (cfg.hidden_size,), ("heads", "head_dim"), ("embed",), name="o_proj")(out)
         return with_adapter(cfg, "o_proj", out, projected, ("heads", "head_dim"), ("embed",)), layer_cache
