@@ -12,7 +12,7 @@ from helpers import TINY, make_hf_model, tiny_params
 from r3jax import config as config_lib, optim, ppo, sharding
 from r3jax.errors import ConfigError, InputError
 from r3jax.models import hf, lora
-from r3jax.models.transformer import NF4_LEVELS, forward, init_params
+from r3jax.models.transformer import NF4_LEVELS, forward, init_params, pack_nf4, unpack_nf4
 from r3jax.models.value import actor_critic_params
 from r3jax.rollout import Policy
 from r3jax.sampling import SamplingConfig, sample
@@ -267,9 +267,24 @@ def test_an_int8_base_is_its_float_base_to_half_a_scale_step_and_stays_frozen():
                                forward(int8, lora.merge(quantized, state.params), TOKENS, MASK)[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("lead", [0, 1])
+def test_nf4_codes_pack_two_per_byte_and_unpack_exactly(lead):
+    """Codes 2i and 2i + 1 of the first input axis (after `lead` stacked axes) share byte i, low half
+    first; unpacking gives the codes back; an odd axis is refused naming the alternative."""
+    shape = (6, 5) if lead == 0 else (3, 6, 5)
+    codes = np.asarray(jax.random.randint(jax.random.key(0), shape, 0, 16))
+    packed = np.asarray(pack_nf4(jnp.asarray(codes), lead))
+    assert packed.dtype == np.uint8 and packed.shape[lead] == 3
+    moved_codes, moved_packed = np.moveaxis(codes, lead, 0), np.moveaxis(packed, lead, 0)
+    np.testing.assert_array_equal(moved_packed[1], moved_codes[2] | (moved_codes[3] << 4))
+    np.testing.assert_array_equal(unpack_nf4(jnp.asarray(packed), lead), codes)
+    with pytest.raises(ValueError, match="odd size 5.*base_dtype=int8"):
+        pack_nf4(jnp.zeros((5, 4), jnp.int32), 0)
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_an_nf4_base_is_its_float_base_to_half_the_widest_level_gap_and_stays_frozen(scan_layers):
-    """model.lora.base_dtype=nf4 (QLoRA): uint4 codes of NormalFloat levels times a float32 scale per
+    """model.lora.base_dtype=nf4 (QLoRA): 4-bit codes (two per byte) of NormalFloat levels times a float32 scale per
     block of input weights of each output feature (32 here: these layers are 32 wide), each weight
     within half the widest gap between adjacent levels (0.139) of its block's largest magnitude;
     logits near the float model's: for Gaussian weights NF4's error is about 10% of a weight's
@@ -285,7 +300,8 @@ def test_an_nf4_base_is_its_float_base_to_half_the_widest_level_gap_and_stays_fr
     layers = (lambda tree: tree["layers"]) if scan_layers else (lambda tree: tree["layers_0"])
     q_proj = layers(quantized)["attn"]["q_proj"]
     lead = (TINY.num_layers,) if scan_layers else ()
-    assert q_proj["kernel"].dtype == jnp.uint4
+    assert q_proj["kernel"].dtype == jnp.uint8  # two codes per byte along the input axis
+    assert q_proj["kernel"].shape == (*lead, TINY.hidden_size // 2, TINY.num_heads, TINY.head_dim)
     assert q_proj["kernel_scale"].shape == (*lead, 1, TINY.num_heads, TINY.head_dim)  # 32 inputs: one block
     original = layers(base)["attn"]["q_proj"]["kernel"]
     error = jnp.abs(lora.dequantized_kernel(nf4, "q_proj", q_proj) - original)

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 from r3jax import files, sharding
 from r3jax.config import LORA_MODULES, lora_targets
 from r3jax.errors import InputError
-from r3jax.models.transformer import NF4_LEVELS, ModelConfig, dequantize, init_params, nf4_block
+from r3jax.models.transformer import NF4_LEVELS, ModelConfig, dequantize, init_params, nf4_block, pack_nf4
 
 # The HF submodule that holds each projection an adapter can sit beside (config.LORA_MODULES)
 HF_SUBMODULE = {name: "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn" for name in LORA_MODULES}
@@ -57,7 +57,7 @@ def _int8_codes(kernel: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray
 
 
 def _nf4_codes(kernel: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(uint4 codes, a scale per block of `nf4_block` weights of the flattened input `axes` per output
+    """(codes packed two per byte (`pack_nf4`), a scale per block of `nf4_block` weights of the flattened input `axes` per output
     feature): the block's largest magnitude, each weight then the NF4 level nearest to weight / scale,
     so it is off by at most half the widest gap between levels times its scale."""
     lead, n_in = axes[0], len(axes)
@@ -67,8 +67,8 @@ def _nf4_codes(kernel: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray,
     scale = jnp.max(jnp.abs(by_block), axis=lead + 1, keepdims=True)
     scale = jnp.where(scale > 0, scale, 1.0)
     distance = jnp.abs((by_block / scale)[..., None] - jnp.asarray(NF4_LEVELS, jnp.float32))
-    codes = jnp.argmin(distance, axis=-1).astype(jnp.uint4).reshape(kernel.shape)
-    return codes, jnp.squeeze(scale, lead + 1)
+    codes = jnp.argmin(distance, axis=-1).reshape(kernel.shape)
+    return pack_nf4(codes, lead), jnp.squeeze(scale, lead + 1)
 
 
 QUANTIZED = {"int8": _int8_codes, "nf4": _nf4_codes}

@@ -287,12 +287,31 @@ def nf4_block(in_size: int) -> int:
     return math.gcd(NF4_BLOCK, in_size)
 
 
+def pack_nf4(codes: jnp.ndarray, lead: int) -> jnp.ndarray:
+    """4-bit codes `[*lead, in0, ...]` (values 0-15) as uint8, two per byte along the first input
+    axis: `[*lead, in0 / 2, ...]`, code 2i in the low half of byte i, code 2i + 1 in the high half.
+    Plain bytes rather than jnp.uint4: XLA:CPU held uint4 arrays unpacked, a byte per code, as
+    whole stacked copies of the base (6.5 GB of temporaries in a 7B SFT step's plan)."""
+    if codes.shape[lead] % 2:
+        raise ValueError(f"an nf4 base packs two codes per byte along each kernel's first input axis, "
+                         f"which has odd size {codes.shape[lead]} here; use model.lora.base_dtype=int8")
+    pairs = codes.astype(jnp.uint8).reshape(*codes.shape[:lead], codes.shape[lead] // 2, 2, *codes.shape[lead + 1:])
+    return jnp.take(pairs, 0, axis=lead + 1) | (jnp.take(pairs, 1, axis=lead + 1) << 4)
+
+
+def unpack_nf4(packed: jnp.ndarray, lead: int) -> jnp.ndarray:
+    """`pack_nf4`'s codes back, `[*lead, in0, ...]` uint8."""
+    pairs = jnp.stack([packed & 15, packed >> 4], axis=lead + 1)
+    return pairs.reshape(*packed.shape[:lead], 2 * packed.shape[lead], *packed.shape[lead + 1:])
+
+
 def dequantize(kind: str, codes: jnp.ndarray, scale: jnp.ndarray, lead: int, n_in: int) -> jnp.ndarray:
-    """A float32 kernel `[*lead, *in, *out]` from its codes (same shape) and scales: int8 codes times
-    `scale [*lead, *out]`; nf4 levels times `scale [*lead, blocks, *out]`, one per NF4 block of the
-    flattened input axes."""
+    """A float32 kernel `[*lead, *in, *out]` from its codes and scales: int8 codes (same shape) times
+    `scale [*lead, *out]`; nf4 codes (`pack_nf4`'s bytes) as NF4 levels times `scale [*lead, blocks,
+    *out]`, one per NF4 block of the flattened input axes."""
     if kind == "int8":
         return codes.astype(jnp.float32) * jnp.expand_dims(scale, tuple(range(lead, lead + n_in)))
+    codes = unpack_nf4(codes, lead)
     levels = jnp.asarray(NF4_LEVELS, jnp.float32)[codes.astype(jnp.int32)]
     blocks = scale.shape[lead]
     by_block = levels.reshape(*codes.shape[:lead], blocks, -1, *codes.shape[lead + n_in:])
@@ -316,7 +335,8 @@ class Projection(nn.Module):
         axes = (*self.in_axes, *self.out_axes)
         if cfg.quantized_kernels:
             int8, in_size = cfg.quantized_kernels == "int8", math.prod(shape[:n_in])
-            codes = self.param("kernel", _param(nn.initializers.zeros, *axes), shape, jnp.int8 if int8 else jnp.uint4)
+            stored = shape if int8 else (shape[0] // 2, *shape[1:])  # nf4: pack_nf4's bytes
+            codes = self.param("kernel", _param(nn.initializers.zeros, *axes), stored, jnp.int8 if int8 else jnp.uint8)
             blocks = () if int8 else (in_size // nf4_block(in_size),)
             scale = self.param("kernel_scale", _param(nn.initializers.ones, *((None,) * len(blocks)), *self.out_axes),
                                (*blocks, *self.out_shape), jnp.float32)
