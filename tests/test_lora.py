@@ -94,6 +94,19 @@ def test_sharded_lora_equals_one_device():
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5), sharded, single)
 
 
+
+def test_an_nf4_base_quantized_on_the_mesh_equals_one_device():
+    """quantize_placed makes each packed code and scale shard on its device (the packed input axis
+    keeps its logical name); loss and adapter gradients equal one device's."""
+    nf4 = LORA.replace(quantized_kernels="nf4")
+    adapters, base = lora.split(_trained_adapters(tiny_params(LORA)))
+    mesh = sharding.make_mesh((1, 4, 2))
+    placed = lora.quantize_placed(nf4, base, mesh)
+    assert placed["layers_0"]["mlp"]["gate_proj"]["kernel"].sharding.spec[0] == "fsdp"
+    sharded = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(nf4, adapters, placed)
+    single = jax.value_and_grad(_loss, argnums=1)(nf4, adapters, lora.quantize(nf4, base))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5), sharded, single)
+
 def _sft_batch():
     return {"tokens": TOKENS[:, None], "attention_mask": MASK[:, None],
             "loss_mask": jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]])[:, None]}
