@@ -276,3 +276,17 @@ def test_functions_are_short_and_take_few_parameters():
                         too_long.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name} "
                                         f"({lines} lines, {parameters} parameters)")
     assert too_long == []
+
+
+@pytest.mark.parametrize("config_file", ["configs/arith.py", "configs/arith_compare.py",
+                                         "configs/arith_compare_10x.py", "configs/arith_lora.py"])
+def test_the_shipped_arith_configs_validate(config_file, tmp_path):
+    """Each shipped config that needs no downloaded model validates as written; arith_lora, which
+    starts from the main job's SFT model, names rl.init until that model exists."""
+    c = config_lib.load_config_file(config_file)
+    if c.rl.init:
+        with pytest.raises(config_lib.ConfigError, match="^config.rl.init: .*runs/arith/sft/best"):
+            config_lib.validate(c, num_devices=1)
+        (tmp_path / "config.json").write_text("{}")
+        c.rl.init = str(tmp_path)
+    config_lib.validate(c, num_devices=1)
