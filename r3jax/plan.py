@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from r3jax import files, optim, packing, ppo, sampling, sharding
-from r3jax.config import apply_override, data_parallel_size, load_config_file, validate_mesh
+from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_mesh
 from r3jax.models import hf, lora
 from r3jax.models.transformer import init_cache, init_params
 from r3jax.models.value import actor_critic_params
@@ -433,7 +433,8 @@ def turn_knobs(config, over: list[str], queues: dict[str, list[Knob]]) -> list[s
         queues[phase].append(knob)
         packed = config.rl.pack
         knob.change(config)
-        changed.append(f"{knob.name}={_knob_value(config, knob.name)}" + (", rl.pack=False" if packed > config.rl.pack else ""))
+        unpacked = ", rl.pack=False" if packed > config.rl.pack else ""
+        changed.append(f"{knob.name}={_knob_value(config, knob.name)}{unpacked}")
     return changed
 
 
@@ -461,6 +462,8 @@ def report_lines(result: dict, memory: float) -> list[str]:
     if result["knobs_applied"]:
         lines.append(f"planned with {', '.join(result['knobs_applied'])} changed (first plan's peak: "
                      f"{result['first_plan_peak_bytes'] / GB:.1f} GB)")
+        lines.append("as overrides: " + " ".join(f"--config.{key}={value}"
+                                                 for key, value in result["overrides"].items()))
     if not result["fits"] and _resident_bytes(result) > HEADROOM * memory:
         lines.append(f"the weights and Adam moments alone need {_resident_bytes(result) / GB:.1f} GB per device: "
                      "shard them over more devices (FSDP), train LoRA adapters or choose a smaller model; no "
@@ -515,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
 def plan_until_it_fits(config, model_cfg, memory: float, rollout_tokens: int = 0) -> dict:
     """The plan of `config`; while it does not fit, again after a round of knobs: for each phase over
     the memory, its next knob (`turn_knobs`), cumulatively, until it fits, no knob applies or
-    MAX_REPLANS rounds have run. `knobs_applied` and `first_plan_peak_bytes` say what changed."""
+    MAX_REPLANS rounds have run. `knobs_applied` (in turn), `overrides` (each changed key's final
+    value) and `first_plan_peak_bytes` say what changed."""
     progress = lambda message: print(message, file=sys.stderr, flush=True)
+    given = flatten(config)
     result = plan(config, model_cfg, progress, rollout_tokens)
     applied, first_peak = [], result["peak_bytes_per_device"]
     queues = {phase: [knob for knob in KNOBS if phase in knob.phases]
@@ -531,8 +536,9 @@ def plan_until_it_fits(config, model_cfg, memory: float, rollout_tokens: int = 0
               f"again with {', '.join(changed)}", file=sys.stderr)
         model_cfg = lora.configure(model_cfg.replace(**execution_settings(config)), config.model.lora)
         result = plan(config, model_cfg, progress, rollout_tokens)
-    result.update(fits=not phases_over(result, memory), knobs_applied=applied, first_plan_peak_bytes=first_peak,
-                  device_memory_bytes=memory)
+    overrides = {key: value for key, value in flatten(config).items() if given.get(key) != value}
+    result.update(fits=not phases_over(result, memory), knobs_applied=applied, overrides=overrides,
+                  first_plan_peak_bytes=first_peak, device_memory_bytes=memory)
     return result
 
 

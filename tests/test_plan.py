@@ -183,7 +183,9 @@ def test_knob_search_turns_only_the_knobs_of_the_phases_over_the_memory(monkeypa
     config, result = _search(monkeypatch, 24, resident_gb=lambda c: 5, sft_gb=lambda c: 40 * c.sft.batch_size / 64,
                              update_gb=lambda c: 10, sampling_gb=lambda c: 10)
     assert result["fits"] and result["knobs_applied"] == ["model.attention_chunk=256", "sft.grad_accum=2"]
-    assert (config.sft.batch_size, config.sft.grad_accum, config.rl.minibatches, config.rl.rollout_rows) == (32, 2, 1, 0)
+    assert (config.sft.batch_size, config.sft.grad_accum, config.rl.minibatches,
+            config.rl.rollout_rows) == (32, 2, 1, 0)
+    assert result["overrides"] == {"model.attention_chunk": 256, "sft.batch_size": 32, "sft.grad_accum": 2}
 
 
 def test_knob_search_takes_each_phases_knobs_in_turn_and_lora_first_for_resident_weights(monkeypatch):
@@ -197,6 +199,9 @@ def test_knob_search_takes_each_phases_knobs_in_turn_and_lora_first_for_resident
     # sampler (then 20 GB, under 21.6); the update's row knobs alternate until it is under too
     assert result["knobs_applied"] == ["model.lora.rank=64", "model.attention_chunk=256", "rl.rollout_rows=32",
                                        "rl.minibatches=2, rl.pack=False", "rl.prepare_chunks=2", "rl.minibatches=4"]
+    assert result["overrides"] == {"model.lora.rank": 64, "model.lora.base_dtype": "bfloat16",
+                                   "model.attention_chunk": 256, "rl.rollout_rows": 32, "rl.minibatches": 4,
+                                   "rl.pack": False, "rl.prepare_chunks": 2}
 
 
 def test_knob_search_stops_when_no_knob_is_left(monkeypatch):
