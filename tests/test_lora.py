@@ -293,6 +293,10 @@ def test_nf4_codes_pack_two_per_byte_and_unpack_exactly(lead):
     np.testing.assert_array_equal(unpack_nf4(jnp.asarray(packed), lead), codes)
     with pytest.raises(ValueError, match="odd size 5.*base_dtype=int8"):
         pack_nf4(jnp.zeros((5, 4), jnp.int32), 0)
+    odd_heads = config_lib.base_config().model.lora
+    odd_heads.update(rank=4, base_dtype="nf4")
+    with pytest.raises(ConfigError, match=r"^config.model.lora.base_dtype: .*'num_heads': 3.*use int8"):
+        lora.configure(TINY.replace(num_heads=3, num_kv_heads=1), odd_heads)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

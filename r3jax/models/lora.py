@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from r3jax import files, sharding
 from r3jax.config import LORA_MODULES, lora_targets
-from r3jax.errors import InputError
+from r3jax.errors import ConfigError, InputError
 from r3jax.models.transformer import NF4_LEVELS, ModelConfig, dequantize, init_params, nf4_block, pack_nf4
 
 # The HF submodule that holds each projection an adapter can sit beside (config.LORA_MODULES)
@@ -37,6 +37,13 @@ def configure(model_cfg: ModelConfig, section) -> ModelConfig:
     projection kernels (unchanged when lora.rank is 0)."""
     if not section.rank:
         return model_cfg
+    # nf4 packs two codes per byte along each kernel's first input axis: embed, mlp, or heads
+    odd = {name: size for name, size in (("hidden_size", model_cfg.hidden_size),
+                                         ("intermediate_size", model_cfg.intermediate_size),
+                                         ("num_heads", model_cfg.num_heads)) if size % 2}
+    if section.base_dtype == "nf4" and odd:
+        raise ConfigError(f"config.model.lora.base_dtype: nf4 packs two 4-bit codes per byte along each "
+                          f"projection's input axis, and this model's {odd} is odd; use int8")
     return model_cfg.replace(lora_rank=section.rank, lora_alpha=float(section.alpha),
                              lora_targets=lora_targets(section.targets),
                              quantized_kernels=section.base_dtype if section.base_dtype in QUANTIZED else "")
