@@ -312,7 +312,13 @@ def _totals(phases: dict, model_cfg, state: ppo.PPOState, reference, frozen, rol
         decode_collective_bytes={layout: sum(phases[f"decode_step_{layout}"]["collective_bytes"].values())
                                  for layout in ("rollout", "training")},
         update_collective_bytes=sum(phases["ppo_update"]["collective_bytes"].values()),
-        peak_bytes_per_device=max(phases["sft_step"]["peak_bytes"], phases["ppo_update"]["peak_bytes"], sampling_peak))
+        peak_bytes_per_device=max(_phase_peaks(phases, sampling_peak).values()))
+
+
+def _phase_peaks(phases: dict, sampling_peak: int) -> dict[str, int]:
+    """Per device, each phase's peak as the run meets it: the SFT step, the PPO update, sampling."""
+    return {"sft_step": phases["sft_step"]["peak_bytes"], "ppo_update": phases["ppo_update"]["peak_bytes"],
+            "sampling": sampling_peak}
 
 
 def plan(config, model_cfg, progress=print, rollout_tokens: int = 0) -> dict:
@@ -415,9 +421,7 @@ def phases_over(result: dict, memory: float) -> list[str]:
     Adam moments alone do (no activation knob can help then)."""
     if _resident_bytes(result) > HEADROOM * memory:
         return ["resident"]
-    peaks = {"sft_step": result["phases"]["sft_step"]["peak_bytes"],
-             "ppo_update": result["phases"]["ppo_update"]["peak_bytes"],
-             "sampling": result["sampling_peak_bytes_per_device"]}
+    peaks = _phase_peaks(result["phases"], result["sampling_peak_bytes_per_device"])
     return [phase for phase, peak in peaks.items() if peak > HEADROOM * memory]
 
 
