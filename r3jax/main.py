@@ -140,6 +140,19 @@ def main(argv: list[str]) -> None:
     run(config, _WORKDIR.value or default_workdir(_config_file(argv), config), overrides)
 
 
+def use_compile_cache(directory: str) -> None:
+    """The persistent compilation cache in `directory` ("": none), unless JAX_COMPILATION_CACHE_DIR
+    names one; every compile is cached, however short."""
+    import jax
+
+    if directory and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        # JAX caches only compiles over 1 s by default; the ~15 shorter ones of an RL run then
+        # recompile on every rerun, 1.4 s of a warm restart (docs/experiments.md, "First step")
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def run(config, workdir: str, overrides: list[str] = ()) -> None:
     """A parsed config run in `workdir`; exits with the documented status on a user mistake (2), a
     non-finite loss (3) or a stop signal (75)."""
@@ -153,8 +166,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     if "://" in workdir:
         fail(f"--workdir={workdir}: remote URLs are not supported; mount the bucket (e.g. gcsfuse) on every "
              "host and give the mounted path")
-    if config.compile_cache and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache))
+    use_compile_cache(config.compile_cache)
     try:
         config_lib.validate(config, jax.device_count())
         task = tasks.get(config.task.name, **config.task.options.to_dict())

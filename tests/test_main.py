@@ -174,6 +174,17 @@ def _assert_main_job_outputs(workdir, max_update_shapes: int = 4):
         assert (workdir / name).exists(), name
 
 
+def test_the_compile_cache_keeps_compiles_shorter_than_jaxs_one_second_default(tmp_path):
+    """JAX caches only compiles of 1 s or more unless told otherwise; a one-add program takes
+    milliseconds, and must still land in the cache."""
+    env = {k: v for k, v in ENV.items() if k not in ("JAX_COMPILATION_CACHE_DIR",
+                                                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    code = ("import sys, jax; from r3jax.main import use_compile_cache; use_compile_cache(sys.argv[1]); "
+            "jax.jit(lambda x: x + 1)(1.0).block_until_ready()")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env, check=True, timeout=120)
+    assert os.listdir(tmp_path / "cache")
+
+
 def test_non_finite_loss_stops_with_status_3_naming_the_step(tmp_path):
     """(And config.compile_cache, the default persistent compilation cache, fills as the run compiles.)"""
     cache = tmp_path / "jit-cache"
