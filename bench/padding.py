@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import write
-from r3jax import config as config_lib, optim, ppo, rollout as rollout_lib, sharding, tasks, tokenizer as tokenizer_lib
+from r3jax import (config as config_lib, optim, ppo, rollout as rollout_lib, settings as settings_lib, sharding,
+                   tasks, tokenizer as tokenizer_lib)
 from r3jax.metrics import machine_info
 from r3jax.models.transformer import init_params
 from r3jax.models.value import actor_critic_params
@@ -116,7 +117,7 @@ def timed_updates(config, model_cfg, policy, by_layout, repeats: int) -> dict[st
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=True)
     optimizer = optim.rl_optimizer(c, params)
-    update = ppo.make_ppo_update(model_cfg, rl.ppo_config(c), optimizer)
+    update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
     seconds = {name: [] for name in by_layout}
     states = {name: ppo.init_state(jax.tree.map(jnp.array, params), optimizer) for name in by_layout}
 

@@ -10,7 +10,6 @@ import numpy as np
 from tqdm import tqdm
 
 from r3jax import sharding
-from r3jax.config import from_section
 from r3jax.curriculum import StartState, start_states
 from r3jax.rollout import Policy, decode_completions, dispatch_sampling, sampling_config, tokenize_states
 from r3jax.sampling import Rollout
@@ -43,7 +42,7 @@ def samples(task: Task, demos, records: list[dict]) -> list[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """config.eval: how problems are evaluated (config.from_section builds it)."""
+    """config.eval: how problems are evaluated (settings.of builds it)."""
     batch_size: int = 32  # completions per sampler call
     max_new_tokens: int = 700
     maj_k: int = 0  # > 0: the majority answer of maj_k samples at `temperature`; 0: greedy
@@ -63,10 +62,9 @@ class Problems(NamedTuple):
         return self._replace(settings=dataclasses.replace(self.settings, maj_k=maj_k, temperature=temperature))
 
 
-def greedy_problems(task: Task, demos: Sequence[Demonstration], eval_section) -> Problems:
-    """`demos` of `task` evaluated greedily, in the batches config.eval (`eval_section`) sets: the one
-    place its typed settings are built."""
-    return Problems(task, demos, from_section(EvalSettings, eval_section)).greedy()
+def greedy_problems(task: Task, demos: Sequence[Demonstration], settings: EvalSettings) -> Problems:
+    """`demos` of `task` evaluated greedily, in the batches `settings` (config.eval) sets."""
+    return Problems(task, demos, settings).greedy()
 
 
 def evaluate(policy: Policy, problems: Problems, desc: str = "eval") -> tuple[dict, list[dict]]:

@@ -158,7 +158,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     non-finite loss (3) or a stop signal (75)."""
     import jax
 
-    from r3jax import config as config_lib, files, sharding, tasks, workdir as workdir_lib
+    from r3jax import config as config_lib, files, settings as settings_lib, sharding, tasks, workdir as workdir_lib
     from r3jax.checkpoint import NonFiniteError
     from r3jax.errors import InputError
     from r3jax.tasks.sandbox import IsolationError
@@ -185,16 +185,17 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
         files.write_json(os.path.join(workdir, "config.json"),
                          {**json.loads(config.to_json_best_effort()), "runtime": runtime})
     mesh = sharding.make_mesh(config.mesh)
+    settings = settings_lib.of(config)
     if sharding.is_primary():
         print(f"r3jax {config.mode}: task {task.name}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
               f"mesh {dict(mesh.shape)}, workdir {workdir}" + (f"; overrides: {' '.join(overrides)}" if overrides else ""))
     try:
         if config.mode == "compare":
             from r3jax.train import compare
-            result = compare.run(config, workdir, task, mesh)
+            result = compare.run(settings, workdir, task, mesh)
         else:
             from r3jax.train import job
-            result = job.run(config, workdir, task, mesh)
+            result = job.run(settings, workdir, task, mesh)
     except InputError as error:
         fail(str(error))
     except NonFiniteError as error:

@@ -11,7 +11,6 @@ from typing import Iterable
 import numpy as np
 
 from r3jax import files
-from r3jax.config import from_section
 from r3jax.errors import InputError, RecordError
 from r3jax.sharding import is_primary
 
@@ -96,11 +95,6 @@ class MetricsWriter:
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard", name))
         self.options = options
         self.wandb = _wandb_run(options, workdir, name, run_config) if options.wandb else None
-
-    @classmethod
-    def for_run(cls, workdir: str, name: str, resume_step: int, config) -> "MetricsWriter":
-        """The writer of a training phase under `config` (its `metrics` section; W&B records the config)."""
-        return cls(workdir, name, resume_step, from_section(MetricsConfig, config.metrics), config.to_dict())
 
     def write(self, step: int, metrics: dict) -> dict:
         record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}

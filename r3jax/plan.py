@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from r3jax import files, optim, packing, ppo, sampling, sharding
+from r3jax import files, optim, packing, ppo, sampling, settings as settings_lib, sharding
 from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_mesh
 from r3jax.models import hf, lora
 from r3jax.models.transformer import init_cache, init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.train.job import execution_settings, scratch_model_config
-from r3jax.train.rl import pack_width, ppo_config, update_rows
+from r3jax.train.rl import pack_width, update_rows
 from r3jax.train.sft import SFTState, make_train_step
 
 PRESETS = {  # shapes only (HF config.json fields); no weights
@@ -255,7 +255,7 @@ def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference,
                          rows_spec(rows, c.max_new_tokens, dtype=jnp.float32), rows_spec(rows, c.max_new_tokens),
                          rows_spec(rows)),
         rows_spec(rows, dtype=jnp.float32), rows_spec(rows, dtype=jnp.float32))
-    update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
+    update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
     compile_phase("ppo_update", lambda: update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0, frozen))
     if c.pack:
         packed, width = packed_rows(c, rollout_tokens, data_parallel_size(mesh.devices.shape))
@@ -376,7 +376,7 @@ def concrete_phase(config, model_cfg, phase: str):
         np.ones((rows, length), np.int32), np.ones((rows, length), np.int32), np.zeros((rows, new), np.float32),
         np.ones((rows, new), np.int32), np.full(rows, new, np.int32)), np.zeros(rows, np.float32)), mesh)
     reference = None if frozen is not None else sharding.compute_copy(model_cfg, mesh)(policy)
-    update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
+    update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
     return update, (ppo.init_state(params, optimizer), reference, experience, jax.random.key(0), 1.0, 1.0, frozen)
 
 

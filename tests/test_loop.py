@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import TINY, tiny_params
-from r3jax import config as config_lib, sharding, tasks, tokenizer
+from r3jax import config as config_lib, settings, sharding, tasks, tokenizer
 from r3jax.checkpoint import StopSignal
 from r3jax.metrics import read_jsonl
 from r3jax.models import lora
@@ -54,7 +54,7 @@ def _same_logs(want: list[dict], have: list[dict]) -> None:
 
 def test_sft_stopped_mid_run_resumes_to_the_same_model(tiny_setup, tmp_path):
     task, tok, cfg, mesh, config = tiny_setup
-    run = lambda workdir, stop: sft.train(config, Policy(cfg, tiny_params(cfg), tok, mesh), task, str(workdir), stop)
+    run = lambda workdir, stop: sft.train(settings.of(config), Policy(cfg, tiny_params(cfg), tok, mesh), task, str(workdir), stop)
     assert run(tmp_path / "whole", StopSignal()) == str(tmp_path / "whole" / "sft" / "best")
     assert run(tmp_path / "cut", StopDuring(str(tmp_path / "cut" / "sft" / "sft.jsonl"), 3)) is None
     assert not (tmp_path / "cut" / "sft" / "last").exists() and (tmp_path / "cut" / "sft" / "checkpoints" / "3").exists()
@@ -72,7 +72,7 @@ def test_finished_sft_is_skipped_and_more_steps_extend_it(tiny_setup, tmp_path, 
     task, tok, cfg, mesh, config = tiny_setup
     config = config.copy_and_resolve_references()
     config.sft.update(steps=2, eval_every=0)
-    run = lambda: sft.train(config, Policy(cfg, tiny_params(cfg), tok, mesh), task, str(tmp_path), StopSignal())
+    run = lambda: sft.train(settings.of(config), Policy(cfg, tiny_params(cfg), tok, mesh), task, str(tmp_path), StopSignal())
     run()
     first_export = (tmp_path / "sft" / "last" / "model.safetensors").stat().st_mtime
     assert "finished at step 2" in (run(), capsys.readouterr().out)[1]
@@ -98,7 +98,7 @@ def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tm
                      reward_fn="helpers:length_parity_reward")
     cfg = cfg.replace(lora_rank=lora_rank, lora_targets=config_lib.LORA_MODULES if lora_rank else ())
     policy = tiny_params(cfg, scale=3.0)
-    run = lambda workdir, stop: rl.train(config, Policy(cfg, jax.tree.map(np.copy, policy), tok, mesh), task,
+    run = lambda workdir, stop: rl.train(settings.of(config), Policy(cfg, jax.tree.map(np.copy, policy), tok, mesh), task,
                                          str(workdir), stop)
     whole = run(tmp_path / "whole", StopSignal())
     assert run(tmp_path / "cut", StopDuring(str(tmp_path / "cut" / "rl.jsonl"), 2)) is None

@@ -18,7 +18,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from r3jax import curriculum, files, rollout as rollout_lib, sharding, stats, workdir as workdir_lib
+from r3jax import (curriculum, files, rollout as rollout_lib, settings as settings_lib, sharding, stats,
+                   workdir as workdir_lib)
 from r3jax.checkpoint import StopSignal
 from r3jax.config import ARMS
 from r3jax.evaluate import Problems, evaluate
@@ -157,18 +158,6 @@ def trial_settings(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in TRIAL_RESULTS}
 
 
-def with_settings(config, settings: dict):
-    """A copy of `config` with {dotted key: value} applied."""
-    changed = config.copy_and_resolve_references()
-    for key, value in settings.items():
-        *sections, name = key.split(".")
-        target = changed
-        for section in sections:
-            target = target[section]
-        target[name] = value
-    return changed
-
-
 class Trainers(NamedTuple):
     """What the protocol runs, passed in (the real ones: `trainers`; tests pass stubs)."""
     # (unit, its config under a trial, seed, run_dir) -> (params, report entries), None if stopped
@@ -193,7 +182,7 @@ def rl_units(config) -> list[Unit]:
     units = []
     for arm in config.compare.arms:
         strategy, estimator = arm_parts(arm, config.rl.estimator)
-        arm_config = with_settings(config, {"rl.estimator": estimator,
+        arm_config = settings_lib.with_changes(config, {"rl.estimator": estimator,
                                             "rl.group_size": 1 if estimator == "gae" else config.compare.group_size})
         units.append(Unit(arm, arm_config, tuning_trials(config), strategy=ARMS[strategy]))
     return units
@@ -232,7 +221,7 @@ def run_unit(unit: Unit, config, out: str, evaluation: str, trainers: Trainers) 
     arm_config, tuning, first_seed = unit.config, [], config.compare.seeds[0]
     if len(unit.trials) > 1:
         for trial in unit.trials:
-            trial_config = with_settings(unit.config, trial)
+            trial_config = settings_lib.with_changes(unit.config, trial)
             path = _unit_path(unit, trial_config, out, first_seed)
             result = _trained(trainers, unit, trial_config, first_seed, path, f"validation-{evaluation}",
                               trainers.on_validation)
@@ -242,7 +231,7 @@ def run_unit(unit: Unit, config, out: str, evaluation: str, trainers: Trainers) 
             tuning.append({**trial, "validation_accuracy": result["report"]["accuracy"]}
                           | ({"training": trend} if trend else {}))
         best = max(tuning, key=lambda t: t["validation_accuracy"])
-        arm_config = with_settings(unit.config, trial_settings(best))
+        arm_config = settings_lib.with_changes(unit.config, trial_settings(best))
     results = []
     for seed in config.compare.seeds:
         path = _unit_path(unit, arm_config, out, seed)
@@ -321,20 +310,22 @@ def protocol(config, out: str, trainers: Trainers, lengths: list) -> dict | None
 def continued_sft(config, start: Policy, task: Task, run_dir: str, updates: int, stop: StopSignal) -> str | None:
     """The fair control for "RL helps": the SFT model trained on by SFT for `updates` more steps
     (with config.seed and compare.continued_lr)."""
-    c = config.copy_and_resolve_references()
-    c.sft.update(steps=updates, data_epochs=0.0, lr=config.compare.continued_lr, schedule="constant",
-                 warmup_steps=0, eval_every=0)
-    return sft.train(c, start, task, run_dir, stop)
+    continued = settings_lib.with_changes(config, {
+        "sft.steps": updates, "sft.data_epochs": 0.0, "sft.lr": config.compare.continued_lr,
+        "sft.schedule": "constant", "sft.warmup_steps": 0, "sft.eval_every": 0})
+    return sft.train(settings_lib.of(continued), start, task, run_dir, stop)
 
 
-def trainers(config, workdir: str, task: Task, mesh, stop: StopSignal) -> tuple[Trainers, list] | None:
+def trainers(settings: settings_lib.Settings, workdir: str, task: Task, mesh,
+             stop: StopSignal) -> tuple[Trainers, list] | None:
     """The real trainers and evaluator of the comparison, from the SFT model (trained here first
     unless rl.init names one), and the test problems' chain lengths; None when stopped."""
+    config = settings.config
     tokenizer = job.build_tokenizer(config, task, workdir)
-    sft_dir = config.rl.init or sft.train(config, job.build_model(config, tokenizer, mesh), task, workdir, stop)
+    sft_dir = config.rl.init or sft.train(settings, job.build_model(config, tokenizer, mesh), task, workdir, stop)
     if sft_dir is None:
         return None
-    problems = job.test_problems(config, task)
+    problems = job.test_problems(settings, task)
     sft_model = job.load_policy(sft_dir, config, tokenizer, mesh)
     validation = problems._replace(demos=task.demonstrations("validation"))
     if config.compare.metric == "sample":
@@ -343,12 +334,13 @@ def trainers(config, workdir: str, task: Task, mesh, stop: StopSignal) -> tuple[
 
     def train(unit: Unit, unit_config, seed: int, run_dir: str):
         start = job.with_adapters(config, job.load_policy(sft_dir, config, tokenizer, mesh))  # fresh buffers: training donates them
-        run_config = with_settings(unit_config, {"seed": seed} | ({"rl.strategy": unit.strategy} if unit.strategy else {}))
+        run_config = settings_lib.with_changes(
+            unit_config, {"seed": seed} | ({"rl.strategy": unit.strategy} if unit.strategy else {}))
         if unit.continued_updates:
             final_dir = continued_sft(run_config, start, task, run_dir, unit.continued_updates, stop)
             return None if final_dir is None else (job.load_policy(final_dir, config, tokenizer, mesh).params,
                                                    {"optimizer_updates": unit.continued_updates})
-        result = rl.train(run_config, start, task, run_dir, stop)
+        result = rl.train(settings_lib.of(run_config), start, task, run_dir, stop)
         if result is None:
             return None
         return result["params"], {"steps": result["steps"], "tokens_sampled": result["tokens_sampled"],
@@ -363,10 +355,11 @@ def trainers(config, workdir: str, task: Task, mesh, stop: StopSignal) -> tuple[
         sft_params=sft_model.params), [dict(d.meta).get("num_steps", 0) for d in problems.demos]
 
 
-def run(config, workdir: str, task: Task, mesh) -> dict | None:
+def run(settings: settings_lib.Settings, workdir: str, task: Task, mesh) -> dict | None:
     """The comparison in `workdir`: compare.json, .md and .png (process 0); None when stopped."""
     stop = StopSignal()
-    built = trainers(config, workdir, task, mesh, stop)
+    config = settings.config
+    built = trainers(settings, workdir, task, mesh, stop)
     summary = built and protocol(config, os.path.join(workdir, "compare"), *built)
     if summary is None:
         return None

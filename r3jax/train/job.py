@@ -8,12 +8,13 @@ import numpy as np
 
 from r3jax import config as config_lib, files, sharding, tokenizer as tokenizer_lib
 from r3jax.checkpoint import StopSignal
-from r3jax.evaluate import Problems, evaluate, greedy_problems
+from r3jax.evaluate import EvalSettings, Problems, evaluate, greedy_problems
 from r3jax.metrics import read_jsonl
 from r3jax.models import hf, lora
 from r3jax.models.transformer import ModelConfig, init_params
 from r3jax.report import results_markdown
 from r3jax.rollout import Policy
+from r3jax.settings import Settings
 from r3jax.tasks import Task
 from r3jax.train import rl, sft
 
@@ -98,12 +99,13 @@ def load_policy(path: str, config, tokenizer: tokenizer_lib.Tokenizer, mesh) -> 
     return Policy(*hf.load(path, mesh, **execution_settings(config)), tokenizer, mesh)
 
 
-def test_problems(config, task: Task) -> Problems:
+def test_problems(settings: Settings, task: Task) -> Problems:
     """The final evaluation's problems: config.eval.split (its first eval.num_examples), greedy."""
-    demos = task.demonstrations(config.eval.split)
-    if config.eval.num_examples:
-        demos = demos[:config.eval.num_examples]
-    return greedy_problems(task, demos, config.eval)
+    eval_section = settings.config.eval
+    demos = task.demonstrations(eval_section.split)
+    if eval_section.num_examples:
+        demos = demos[:eval_section.num_examples]
+    return greedy_problems(task, demos, settings.eval)
 
 
 def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
@@ -118,39 +120,41 @@ def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
     print(table, end="")
 
 
-def result_entries(name: str, policy: Policy, problems: Problems, config, workdir: str,
+def result_entries(name: str, policy: Policy, problems: Problems, eval_settings: EvalSettings, workdir: str,
                    entries: dict | None = None) -> dict:
     """The results entries of one model: its greedy report on `problems` (with `entries` added),
-    and with config.eval.maj_k its maj@k evaluation. Writes the predictions of each."""
+    and with eval_settings.maj_k its maj@k evaluation. Writes the predictions of each."""
     report, records = evaluate(policy, problems, desc=f"{name} test")
     write_records(workdir, name, records)
     results = {name: {**report, **(entries or {})}}
-    k = config.eval.maj_k
+    k = eval_settings.maj_k
     if k:
         results[f"{name} maj@{k}"], maj_records = evaluate(
-            policy, problems.sampled(k, config.eval.temperature), desc=f"{name} maj@{k}")
+            policy, problems.sampled(k, eval_settings.temperature), desc=f"{name} maj@{k}")
         write_records(workdir, f"{name}_maj{k}", maj_records)
     return results
 
 
-def run(config, workdir: str, task: Task, mesh) -> dict | None:
+def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
     """Modes train / sft / rl / eval. Returns the results entries, or None if stopped by a signal."""
+    config = settings.config
     os.makedirs(workdir, exist_ok=True)
     stop = StopSignal()
     tokenizer = build_tokenizer(config, task, workdir)
     policy = None if config.mode == "rl" else build_model(config, tokenizer, mesh)
-    problems = test_problems(config, task)
+    problems = test_problems(settings, task)
     if config.mode == "eval":
-        results = result_entries("model", policy, problems, config, workdir)
+        results = result_entries("model", policy, problems, settings.eval, workdir)
         write_results(workdir, results, f"{task.name}: evaluation")
         return results
     results = {}
     sft_dir = config.rl.init
     if config.mode in ("train", "sft"):
-        sft_dir = sft.train(config, policy, task, workdir, stop)
+        sft_dir = sft.train(settings, policy, task, workdir, stop)
         if sft_dir is None:
             return None
-        results.update(result_entries("sft", load_policy(sft_dir, config, tokenizer, mesh), problems, config, workdir))
+        results.update(result_entries("sft", load_policy(sft_dir, config, tokenizer, mesh), problems, settings.eval,
+                                      workdir))
     if config.mode in ("train", "rl"):
         start_dir = sft_dir or os.path.join(workdir, "sft", "best")
         # after SFT here, fresh adapters on the folded SFT model; mode=rl may continue an adapter
@@ -158,11 +162,11 @@ def run(config, workdir: str, task: Task, mesh) -> dict | None:
                               config.model.lora.init_from if config.mode == "rl" else "")
         if policy is None:
             announce(start, start_dir)
-        result = rl.train(config, start, task, os.path.join(workdir, "rl"), stop)
+        result = rl.train(settings, start, task, os.path.join(workdir, "rl"), stop)
         if result is None:
             return None
         final = start.with_params(result["params"])
-        results.update(result_entries(f"r3-{config.rl.strategy}", final, problems, config, workdir,
+        results.update(result_entries(f"r3-{config.rl.strategy}", final, problems, settings.eval, workdir,
                                       {"steps": result["steps"], "tokens_sampled": result["tokens_sampled"]}))
         sft.export(os.path.join(workdir, "rl", "final"), final, config.model.export_dtype, start_dir)
     stop.restore()

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from r3jax import sharding
 from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
 from r3jax.metrics import MetricsWriter, plot_curves, plot_heatmap, read_jsonl
+from r3jax.settings import Settings
 
 Meta = dict[str, Any]
 
@@ -44,7 +45,7 @@ class Hooks(NamedTuple):
     evaluate: Callable[[Any, Meta], tuple[dict, list[dict], Meta]] | None = None
 
 
-def run(phase: Phase, config, state: Any, meta: Meta, hooks: Hooks, stop: StopSignal) -> tuple[Any, Meta, bool]:
+def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, stop: StopSignal) -> tuple[Any, Meta, bool]:
     """Runs (or resumes) a phase from `state` and `meta` (or from its last checkpoint) until
     `hooks.done(meta)` or a stop signal. Returns (state, meta, finished): finished is False when a
     signal stopped it."""
@@ -57,7 +58,7 @@ def run(phase: Phase, config, state: Any, meta: Meta, hooks: Hooks, stop: StopSi
     if restored:
         print(f"{phase.name}: " + (f"finished at step {meta['step']}; nothing to add" if done(meta) else
                                    f"resuming at step {meta['step']} ({now:,} of {total:,} {unit})"))
-    writer = MetricsWriter.for_run(phase.workdir, phase.log, meta["step"], config)
+    writer = MetricsWriter(phase.workdir, phase.log, meta["step"], settings.metrics, settings.config.to_dict())
     with tqdm(total=total, initial=min(now, total), desc=phase.name, unit=unit,
               disable=not sharding.is_primary()) as bar:
         while not done(meta) and not stop.requested:

@@ -25,6 +25,7 @@ from r3jax.sampling import Rollout, SamplingConfig
 from r3jax.curriculum import StartState
 from r3jax.tasks.answers import Score
 from r3jax.rollout import Policy
+from r3jax.settings import Settings
 from r3jax.tokenizer import Tokenizer
 from r3jax.tasks.base import Task
 from r3jax.train import loop
@@ -41,10 +42,6 @@ class Collected(NamedTuple):
     equal_groups: dict[int, float]   # per stage: fraction of sampled groups with all-equal rewards
     outcomes: list[tuple[StartState, bool]]  # every sampled row, kept or not: its start state, correct or not
     hinted_groups: int = 0           # hint_on_failure: groups sampled again from a hint
-
-
-def ppo_config(c) -> ppo.PPOConfig:
-    return config_lib.from_section(ppo.PPOConfig, c)
 
 
 def build_curriculum(c, task: Task, tokenizer: Tokenizer, strategy: str, seed: int) -> curriculum_lib.Curriculum:
@@ -245,7 +242,8 @@ def _sampling_record(c, collected: Collected, tokens_sampled: int, lr: float, sa
     return record
 
 
-def _learner(c, model_cfg: ModelConfig, policy: Any, frozen: Any, mesh) -> tuple[ppo.PPOState, Callable]:
+def _learner(c, ppo_cfg: ppo.PPOConfig, model_cfg: ModelConfig, policy: Any, frozen: Any,
+             mesh) -> tuple[ppo.PPOState, Callable]:
     """(the initial PPO state from the SFT `policy` (what trains: with LoRA its adapters, on the
     base `frozen`), learn): `learn(state, collected, key, lr_scale, step) -> (state, record)` trims
     the batch, runs the one jitted update (counting the distinct batch shapes it has compiled,
@@ -256,7 +254,7 @@ def _learner(c, model_cfg: ModelConfig, policy: Any, frozen: Any, mesh) -> tuple
     reference = sharding.compute_copy(model_cfg, mesh)(policy) if c.kl_coef and frozen is None else None
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
     optimizer = optim.rl_optimizer(c, params)
-    update = ppo.make_ppo_update(model_cfg, ppo_config(c), optimizer)
+    update = ppo.make_ppo_update(model_cfg, ppo_cfg, optimizer)
     shapes, batch_shards = set(), config_lib.data_parallel_size(mesh.devices.shape)
 
     def learn(state: ppo.PPOState, collected: Collected, key: jax.Array, lr_scale: float, step: int):
@@ -312,22 +310,23 @@ def _phase(config, strategy: str, workdir: str) -> loop.Phase:
                       heatmap="start_point")
 
 
-def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> dict[str, Any] | None:
+def train(settings: Settings, start: Policy, task: Task, workdir: str, stop: StopSignal) -> dict[str, Any] | None:
     """Runs (or resumes) RL from the SFT model `start` in `workdir`, with config.rl.strategy and
     config.seed: every weight, or with LoRA (adapters in `start`) the adapters alone. Returns the
     final policy's params with the steps taken and tokens sampled, or None when stopped early by a
     signal."""
+    config = settings.config
     c, strategy, seed = config.rl, config.rl.strategy, config.seed
     model_cfg, _, tokenizer, mesh = start
     policy, frozen = lora.trainable_and_frozen(model_cfg, start.params)
     os.makedirs(workdir, exist_ok=True)
     curriculum = build_curriculum(c, task, tokenizer, strategy, seed)
-    initial_state, learn = _learner(c, model_cfg, policy, frozen, mesh)
+    initial_state, learn = _learner(c, settings.ppo, model_cfg, policy, frozen, mesh)
     steps = _steps(c, curriculum)
-    settings = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature, c.top_k, c.top_p)
+    sampling = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature, c.top_k, c.top_p)
     rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
     to_rollout_layout = sharding.compute_copy(model_cfg, rollout_mesh)
-    validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], config.eval)
+    validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], settings.eval)
     base_key, budget = jax.random.key(seed), c.token_budget
 
     def rl_step(state: ppo.PPOState, meta: dict) -> tuple[ppo.PPOState, dict, dict]:
@@ -339,7 +338,7 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
                          rollout_mesh)
         levels = meta.get("levels")  # adaptive's start points
         collected, data_position = collect(
-            c, lambda position: curriculum.batch(position, progress, levels), task, sampler, settings, base_key,
+            c, lambda position: curriculum.batch(position, progress, levels), task, sampler, sampling, base_key,
             meta["data_position"], (lambda s: curriculum.hint(s, levels)) if strategy == "hint_on_failure" else None)
         sampled = time.perf_counter()
         lr_scale = optim.lr_scale(c.schedule, c.warmup_steps, step, progress)
@@ -366,7 +365,7 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
     meta = {"step": 0, "tokens_sampled": 0, "data_position": 0}
     if strategy in curriculum_lib.PER_DEMONSTRATION:
         meta["levels"] = curriculum.initial_levels()
-    state, meta, finished = loop.run(phase, config, initial_state, meta, hooks, stop)
+    state, meta, finished = loop.run(phase, settings, initial_state, meta, hooks, stop)
     if not finished:
         return None
     return {"params": lora.merge(frozen, state.params.policy), "steps": meta["step"],

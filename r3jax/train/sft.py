@@ -22,6 +22,7 @@ from r3jax.models import hf, lora
 from r3jax.models.transformer import ModelConfig, forward
 from r3jax.ppo import chunked_logprobs
 from r3jax.rollout import Policy, encode_demo, sft_example
+from r3jax.settings import Settings
 from r3jax.tasks.base import Task
 from r3jax.tokenizer import Tokenizer, left_pad
 from r3jax.train import loop
@@ -120,10 +121,11 @@ def _fitting_examples(task: Task, tokenizer: Tokenizer, max_length: int) -> list
     return examples
 
 
-def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> str | None:
+def train(settings: Settings, start: Policy, task: Task, workdir: str, stop: StopSignal) -> str | None:
     """Runs (or resumes, or extends) SFT from `start` in `<workdir>/sft`: every weight, or with
     LoRA the adapters alone. Returns the HF dir of the best model (by accuracy on the validation
     split, else the last), or None when stopped early by a signal."""
+    config = settings.config
     c = config.sft
     model_cfg, _, tokenizer, mesh = start
     params, frozen = lora.trainable_and_frozen(model_cfg, start.params)
@@ -141,7 +143,7 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
         print(f"SFT: extending from step {latest} to {steps}")
     optimizer = optim.sft_optimizer(c)
     train_step = make_train_step(model_cfg, optimizer, c.logits_chunk)
-    validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], config.eval)  # never test
+    validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], settings.eval)  # never test
 
     def sft_step(state: SFTState, meta: dict) -> tuple[SFTState, dict, dict]:
         step = meta["step"]
@@ -169,7 +171,7 @@ def train(config, start: Policy, task: Task, workdir: str, stop: StopSignal) -> 
     state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
     hooks = loop.Hooks(sft_step, lambda meta: meta["step"] >= steps, lambda meta: (meta["step"], steps, "step"),
                        select)
-    state, meta, finished = loop.run(phase, config, state, {"step": 0, "best": {"accuracy": -1.0}}, hooks, stop)
+    state, meta, finished = loop.run(phase, settings, state, {"step": 0, "best": {"accuracy": -1.0}}, hooks, stop)
     if not finished:
         return None
     save(last_dir, state)
