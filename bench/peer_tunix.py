@@ -1,12 +1,18 @@
-"""Tunix's side of bench/peers.py: its GRPO learner on the main job's SFT export. Runs in the
-peer's own virtualenv (bench/.peers/tunix), never in r3jax's: `python bench/peer_tunix.py
-SPEC.json`, with the repository root on PYTHONPATH for the project's arith scorer.
+"""Tunix's side of bench/peers.py. Runs in the peer's own virtualenv (bench/.peers/tunix), never in
+r3jax's: `python bench/peer_tunix.py SPEC.json`, with the repository root on PYTHONPATH for the
+project's arith scorer.
 
-SPEC holds (as bench/peer_trl.py's grpo kind): model (an HF directory), prompts (JSONL of prompt,
-prompt_ids, gold), out, steps, seed, lr, temperature, batch_size, group_size, max_new_tokens,
-grad_clip, epochs, task_options and stop_ids. Checks first that Tunix's model exports back to the
-SFT weights and gives r3jax's logits. Writes out/steps.jsonl (per step: reward, step_s, the time
-since the previous step's reward) and the final model, as an HF directory, in out/final.
+SPEC's kind picks the run:
+- grpo: its GRPO learner on the main job's SFT export. SPEC holds (as bench/peer_trl.py's grpo
+  kind) model (an HF directory), prompts (JSONL of prompt, prompt_ids, gold), out, steps, seed, lr,
+  temperature, batch_size, group_size, max_new_tokens, grad_clip, epochs, task_options and
+  stop_ids. Checks first that Tunix's model exports back to the SFT weights and gives r3jax's
+  logits. Writes the final model, as an HF directory, in out/final.
+- ppo: its PPO learner at the earlier comparison's shape (`run_ppo`). SPEC holds model_config
+  (LlamaConfig's arguments), out, steps, seed, lr, temperature, batch_size, prompt_length,
+  max_new_tokens, grad_clip and epochs.
+Both write out/steps.jsonl: per step, the reward and step_s, the time since the previous step's
+reward.
 """
 from __future__ import annotations
 
@@ -29,13 +35,15 @@ from safetensors.numpy import load_file, save_file
 from tunix.models.llama3 import model as llama_model, params as llama_params
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
+from tunix.rl.ppo import ppo_learner
 from tunix.rl.rollout import base_rollout
 
 from r3jax import tasks
 
 
-def model_config(hf_dir: str) -> llama_model.ModelConfig:
-    h = json.load(open(os.path.join(hf_dir, "config.json")))
+def model_config(h: dict) -> llama_model.ModelConfig:
+    """Tunix's Llama3 config for LlamaConfig's arguments `h` (an HF config.json's)."""
+    h = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, **h}  # LlamaConfig's defaults
     return llama_model.ModelConfig(
         num_layers=h["num_hidden_layers"], vocab_size=h["vocab_size"], embed_dim=h["hidden_size"],
         hidden_dim=h["intermediate_size"], num_heads=h["num_attention_heads"],
@@ -115,33 +123,47 @@ def check_round_trip(model, cfg, source: str) -> None:
         sys.exit(f"error: Tunix's model does not export back to the SFT weights: {differing[:4]}")
 
 
-def main() -> None:
-    spec = json.load(open(sys.argv[1]))
+def step_logger(path: str):
+    """`log(rewards)`, appending one record per call to `path`: the mean reward, and step_s, the
+    seconds since the previous call (or since this logger was made)."""
+    open(path, "w").close()
+    last = [time.perf_counter()]
+
+    def log(rewards) -> None:
+        now = time.perf_counter()
+        with open(path, "a") as f:
+            f.write(json.dumps({"reward": float(np.mean(rewards)), "step_s": now - last[0],
+                                "loadavg_1m": os.getloadavg()[0]}) + "\n")
+        last[0] = now
+
+    return log
+
+
+def cpu_mesh() -> jax.sharding.Mesh:
+    # Tunix 0.1.7's model indexes its embedding in a way jax 0.10's explicit mesh axes refuse
+    return jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def run_grpo(spec: dict) -> None:
     task = tasks.get("arith", **spec["task_options"])
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model"])
     records = [json.loads(line) for line in open(spec["prompts"])]
     for record in records:
         if tokenizer(record["prompt"])["input_ids"] != record["prompt_ids"]:
             sys.exit(f"error: the exported tokenizer encodes {record['prompt']!r} unlike r3jax")
-    cfg = model_config(spec["model"])
+    cfg = model_config(json.load(open(os.path.join(spec["model"], "config.json"))))
     honour_rope_theta(cfg.rope_theta)
-    # Tunix 0.1.7's model indexes its embedding in a way jax 0.10's explicit mesh axes refuse
-    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = cpu_mesh()
     actor = llama_params.create_model_from_safe_tensors(spec["model"], cfg, mesh, dtype=jnp.float32)
     reference = llama_params.create_model_from_safe_tensors(spec["model"], cfg, mesh, dtype=jnp.float32)
     check_round_trip(actor, cfg, spec["model"])
     print(f"Tunix's logits match r3jax's to {check_logits(actor, spec['model'], records[0]['prompt_ids']):.2g}")
 
-    log_path, last, steps_done = os.path.join(spec["out"], "steps.jsonl"), [time.perf_counter()], [0]
-    open(log_path, "w").close()
+    log, steps_done = step_logger(os.path.join(spec["out"], "steps.jsonl")), [0]
 
     def arith_reward(prompts, completions, gold, **_):
         rewards = [score.reward for score in task.score_batch(list(completions), list(gold))]
-        now = time.perf_counter()
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"reward": float(np.mean(rewards)), "step_s": now - last[0],
-                                "loadavg_1m": os.getloadavg()[0]}) + "\n")
-        last[0] = now
+        log(rewards)
         # Tunix's vanilla rollout seeds every step's sampling with the same key; a key per step
         # instead, as r3jax and TRL draw
         steps_done[0] += 1
@@ -171,6 +193,82 @@ def main() -> None:
     dataset = grain.MapDataset.source([{"prompts": r["prompt"], "gold": r["gold"]} for r in records])
     learner.train(dataset.shuffle(seed=spec["seed"]).repeat().batch(prompts_per_step))
     export(cluster.actor_trainer.model, cfg, spec["model"], os.path.join(spec["out"], "final"))
+
+
+class Critic(llama_model.Llama3):
+    """Llama3 with a one-output head: the values `[B, T, 1]` Tunix's compute_score reads. Its call
+    takes `segment_ids` and drops them: Tunix 0.1.7's compute_score passes them to the critic
+    whether or not its model accepts them, and Tunix's own Llama3 does not (google/tunix#1539).
+    This is the smallest workaround; the padding mask still reaches attention."""
+
+    def __init__(self, config: llama_model.ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(dataclasses.replace(config, weight_tying=False), rngs=rngs)
+        self.lm_head = llama_model.Einsum(einsum_str="BTD,DV->BTV", shape=(config.embed_dim, 1), rngs=rngs,
+                                          sharding=config.shd_config.emb_dv)
+
+    def __call__(self, input_tokens, positions, cache, attention_mask, segment_ids=None):
+        return super().__call__(input_tokens, positions, cache, attention_mask)
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer of `vocab_size` ids ("<pad>", "<eos>", then "w2" ...): a prompt of n
+    random words is n ids, and every id the random model samples decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}},
+                                       unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>")
+
+
+def run_ppo(spec: dict) -> None:
+    """Tunix's PPOLearner at the earlier comparison's shape, as bench/peer_trl.py's ppo kind and
+    r3jax's PPO step in bench/peers.py: a policy, a frozen reference and a separate critic of
+    spec["model_config"] (random weights), random prompts of spec["prompt_length"] tokens,
+    spec["max_new_tokens"] sampled, spec["epochs"] epochs of one minibatch, a KL penalty of 0.05.
+    The reward is a function (random numbers), as r3jax's step scores nothing."""
+    cfg = model_config(spec["model_config"])
+    tokenizer = word_tokenizer(cfg.vocab_size)
+    batch, rng = spec["batch_size"], np.random.default_rng(spec["seed"])
+    mesh = cpu_mesh()
+    with jax.set_mesh(mesh):
+        actor, reference = (llama_model.Llama3(cfg, rngs=nnx.Rngs(spec["seed"])) for _ in range(2))
+        critic = Critic(cfg, rngs=nnx.Rngs(spec["seed"] + 1))
+    log = step_logger(os.path.join(spec["out"], "steps.jsonl"))
+
+    def random_reward(prompts, completions, **_):
+        rewards = rng.uniform(size=len(completions)).tolist()
+        log(rewards)
+        return rewards
+
+    def optimizer():
+        return optax.chain(optax.clip_by_global_norm(spec["grad_clip"]), optax.adamw(spec["lr"], weight_decay=0.0))
+
+    rollout = base_rollout.RolloutConfig(
+        max_tokens_to_generate=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=None,
+        max_prompt_length=spec["prompt_length"], kv_cache_size=spec["prompt_length"] + spec["max_new_tokens"],
+        eos_tokens=[tokenizer.eos_token_id], seed=spec["seed"])
+    training = rl_cluster_lib.RLTrainingConfig(
+        actor_optimizer=optimizer(), critic_optimizer=optimizer(), eval_every_n_steps=10**9,
+        max_steps=spec["steps"] * spec["epochs"],  # Tunix counts each epoch's update a step
+        mini_batch_size=batch, train_micro_batch_size=batch, rollout_micro_batch_size=batch,
+        compute_logps_micro_batch_size=batch)
+    roles = (rl_cluster_lib.Role.ACTOR, rl_cluster_lib.Role.CRITIC, rl_cluster_lib.Role.REFERENCE,
+             rl_cluster_lib.Role.ROLLOUT)
+    cluster = rl_cluster_lib.RLCluster(actor=actor, critic=critic, reference=reference, tokenizer=tokenizer,
+                                       cluster_config=rl_cluster_lib.ClusterConfig(
+                                           role_to_mesh={role: mesh for role in roles}, rollout_engine="vanilla",
+                                           offload_to_cpu=False, training_config=training, rollout_config=rollout))
+    learner = ppo_learner.PPOLearner(
+        rl_cluster=cluster, reward_fns=random_reward,
+        ppo_config=ppo_learner.PPOConfig(num_iterations=spec["epochs"], beta=0.05, epsilon=0.2))
+    prompts = [" ".join(f"w{i}" for i in rng.integers(2, cfg.vocab_size, spec["prompt_length"]))
+               for _ in range(batch * spec["steps"])]
+    learner.train(grain.MapDataset.source([{"prompts": p} for p in prompts]).batch(batch))
+
+
+def main() -> None:
+    spec = json.load(open(sys.argv[1]))
+    {"grpo": run_grpo, "ppo": run_ppo}[spec["kind"]](spec)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ learning: per setting (temperature:lr) and seed, each system trains --steps step
   by r3jax's one evaluator on the validation split: greedy and 4 samples per problem at the
   setting's temperature. Writes bench/results/<out>.json and .png (reward curves with seed
   bands). Each run is kept in its directory under bench/.peers/learning and reused.
-speed: the GRPO step above, and a PPO step with a critic at the earlier comparison's shape (the
-  3.95M Llama of bench/ppo_step.py, 16 x 64+64 tokens, 2 epochs): short runs of each system
+speed: the GRPO step above (r3jax, TRL), and a PPO step with a critic at the earlier comparison's
+  shape (r3jax, TRL, Tunix; the 3.95M Llama of bench/ppo_step.py, 16 x 64+64 tokens, 2 epochs): short runs of each system
   interleaved over rounds, the first step apart from the steady ones, the 1-minute load average
   recorded; r3jax's first round compiles into an empty compilation cache, later rounds read it.
   Then the bare forward + backward + AdamW on the PPO step's model and tokens, JAX against
@@ -312,7 +312,8 @@ def speed_records(system: str, out: str) -> list[dict]:
 
 def speed_summary(runs: list[dict]) -> dict:
     steady = [step for run in runs for step in run["steps"][1:]]
-    summary = {key: float(np.median([s[key] for s in steady])) for key in ("rollout_s", "update_s", "step_s")}
+    summary = {key: float(np.median([s[key] for s in steady])) for key in ("rollout_s", "update_s", "step_s")
+               if key in steady[0]}  # Tunix's runs time whole steps only
     summary["first_step_s"] = [run["steps"][0]["step_s"] for run in runs]
     summary["loadavg_1m"] = [run["loadavg_before"] for run in runs]
     return summary
@@ -344,11 +345,13 @@ def r3jax_ppo_steps(steps: int, seed: int) -> list[dict]:
     return records
 
 
-def trl_ppo_steps(sft: str, out: str, steps: int, seed: int) -> list[dict]:
+def peer_ppo_steps(peer: str, sft: str, out: str, steps: int, seed: int) -> list[dict]:
+    """`peer`'s PPO step at r3jax_ppo_steps' shape and settings (TRL's tokenizer is the SFT
+    model's, for its pad id; Tunix's is a word-level one of the model's vocabulary)."""
     from ppo_step import BATCH, NEW, PROMPT, SMALL
     peer_run({"kind": "ppo", "model_config": torch_config(SMALL), "tokenizer": sft, "out": out, "steps": steps,
               "seed": seed, "lr": 1e-6, "temperature": 1.0, "batch_size": BATCH, "prompt_length": PROMPT,
-              "max_new_tokens": NEW, "grad_clip": 1.0, "epochs": 2})
+              "max_new_tokens": NEW, "grad_clip": 1.0, "epochs": 2}, peer)
     return read_jsonl(os.path.join(out, "steps.jsonl"))
 
 
@@ -397,7 +400,7 @@ def torch_config(cfg) -> dict:
             "max_position_embeddings": cfg.max_position_embeddings}
 
 
-SPEED_SYSTEMS = ("r3jax-grpo", "trl-grpo", "r3jax-ppo", "trl-ppo")
+SPEED_SYSTEMS = ("r3jax-grpo", "trl-grpo", "r3jax-ppo", "trl-ppo", "tunix-ppo")
 SPEED_SETTING = (1.3, 3e-5)  # the GRPO step's temperature and lr
 
 
@@ -406,8 +409,8 @@ def speed_run(system: str, sft: str, prompts: str, out: str, steps: int, seed: i
     temperature, lr = SPEED_SETTING
     if system == "r3jax-ppo":
         return r3jax_ppo_steps(steps, seed)
-    if system == "trl-ppo":
-        return trl_ppo_steps(sft, out, steps, seed)
+    if system in ("trl-ppo", "tunix-ppo"):
+        return peer_ppo_steps(system.split("-")[0], sft, out, steps, seed)
     if system in PEER_SYSTEMS:
         peer_grpo_run(PEER_SYSTEMS[system], sft, prompts, out, temperature, lr, steps, seed)
     else:
@@ -438,20 +441,26 @@ def speed(args) -> None:
     summary = {system: speed_summary(system_runs) for system, system_runs in runs.items()}
     ratios = {kind: {key: summary[f"r3jax-{kind}"][key] / summary[f"trl-{kind}"][key]
                      for key in ("rollout_s", "update_s", "step_s")} for kind in ("grpo", "ppo")}
+    ppo_over_tunix = summary["r3jax-ppo"]["step_s"] / summary["tunix-ppo"]["step_s"]
     first_warm = summary["r3jax-grpo"]["first_step_s"][-1] / summary["r3jax-grpo"]["step_s"]
     bare = bare_steps()
     write("peers", {
-        "machine": machine_info(), "trl": peer_versions("trl"),
+        "machine": machine_info(), "trl": peer_versions("trl"), "tunix": peer_versions("tunix"),
         "grpo": {"temperature": temperature, "lr": lr, **SHARED, "model": "the main job's SFT model"},
         "ppo": {"model": "bench/ppo_step.py's SMALL Llama (3.95M), random weights", "batch": 16, "prompt": 64,
                 "new_tokens": 64, "epochs": 2, "critic": "separate",
-                "trl_extra": "TRL also runs a reward model forward (r3jax's PPO step here scores nothing)"},
+                "trl_extra": "TRL also runs a reward model forward (r3jax's PPO step here scores nothing)",
+                "tunix": "PPOLearner, a random reward function, step_s only (the time between its reward calls); "
+                         "its critic takes and drops segment_ids (google/tunix#1539, bench/peer_tunix.py:Critic)"},
         "steps_per_run": args.steps, "rounds": args.rounds, "median_steady": summary, "r3jax_over_trl": ratios,
+        "r3jax_over_tunix": {"ppo": {"step_s": ppo_over_tunix}},
         "r3jax_grpo_first_step_warm_cache_over_steady": first_warm, "bare_train_step": bare, "runs": runs})
     for kind, ratio in ratios.items():
         for key, value in ratio.items():
             print(f"{kind} {key}: r3jax {summary[f'r3jax-{kind}'][key]:.3f} s, TRL {summary[f'trl-{kind}'][key]:.3f} s, "
                   f"ratio {value:.2f}")
+    print(f"ppo step_s: r3jax {summary['r3jax-ppo']['step_s']:.3f} s, Tunix {summary['tunix-ppo']['step_s']:.3f} s, "
+          f"ratio {ppo_over_tunix:.2f}")
     print(f"bare forward + backward + AdamW: JAX {bare['median_s']['jax']:.3f} s, PyTorch {bare['median_s']['torch']:.3f} s, "
           f"ratio {bare['jax_over_torch']:.2f}")
     print(f"r3jax's first GRPO step with a warm cache: {first_warm:.2f}x a steady step (device {device_name()})")
