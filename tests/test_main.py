@@ -439,3 +439,15 @@ def test_lora_run_on_an_hf_model_end_to_end(tmp_path, capsys):
         for name in folded:  # only the adapted projections differ from the model training started from
             assert np.array_equal(folded[name], original[name]) != any(p in name for p in ("q_proj", "v_proj", "down_proj")), name
     assert set(json.load(open(run / "results.json"))) == {"sft", "r3-mixed"}
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("--xla_force_host_platform_device_count=2", "--xla_force_host_platform_device_count=2 "
+                                                 "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot", "--xla_cpu_experimental_ynn_fusion_type=dot"),
+], ids=["added", "the-users-own-wins"])
+def test_importing_r3jax_limits_xla_cpus_ynnpack_fusions_unless_told(given, expected):
+    code = "import os, r3jax, jax; jax.numpy.ones(2).block_until_ready(); print(os.environ['XLA_FLAGS'])"
+    result = subprocess.run([sys.executable, "-c", code], env={**ENV, "XLA_FLAGS": given}, capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert result.stdout.strip() == expected
