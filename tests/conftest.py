@@ -7,8 +7,12 @@ import tempfile
 # optimisation passes and with XLA's classic fusion code generation (not the newer fusion emitters)
 # the whole suite ran in 6 min 12 s instead of 11 min 38 s on this 2-core host, all tests passing;
 # the numerics are XLA's own either way. Exported for the CLI runs the tests start as subprocesses.
+# YNNPACK as XLA:CPU sets it, not as importing r3jax does (dots and reductions only): with that,
+# XLA:CPU copies half a layer's KV cache per layer in a scanned decode step, which
+# test_scan.py's in-place check is there to catch in r3jax's code (docs/experiments.md).
 os.environ.setdefault("R3JAX_TEST_COMPILE_FLAGS",
-                      "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+                      "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                      "--xla_cpu_experimental_ynn_fusion_type=")
 # 8 simulated CPU devices for the mesh tests; must be set before JAX initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       + os.environ["R3JAX_TEST_COMPILE_FLAGS"])
