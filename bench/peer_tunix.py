@@ -144,6 +144,24 @@ def cpu_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
+def one_mesh_cluster(mesh, tokenizer, rollout, batch: int, max_steps: int, spec: dict,
+                     **models) -> rl_cluster_lib.RLCluster:
+    """Tunix's RLCluster of `models` (actor and reference, and a critic where given), the vanilla
+    rollout, every role on `mesh`. Each trained model steps AdamW at spec["lr"] (no weight decay)
+    after clipping the global norm to spec["grad_clip"], as r3jax and TRL do; every batch of a step
+    is `batch` rows."""
+    optimizers = {f"{role}_optimizer": optax.chain(optax.clip_by_global_norm(spec["grad_clip"]),
+                                                   optax.adamw(spec["lr"], weight_decay=0.0))
+                  for role in ("actor", "critic") if role in models}
+    training = rl_cluster_lib.RLTrainingConfig(
+        **optimizers, eval_every_n_steps=10**9, max_steps=max_steps, mini_batch_size=batch,
+        train_micro_batch_size=batch, rollout_micro_batch_size=batch, compute_logps_micro_batch_size=batch)
+    roles = [getattr(rl_cluster_lib.Role, name.upper()) for name in models] + [rl_cluster_lib.Role.ROLLOUT]
+    return rl_cluster_lib.RLCluster(**models, tokenizer=tokenizer, cluster_config=rl_cluster_lib.ClusterConfig(
+        role_to_mesh={role: mesh for role in roles}, rollout_engine="vanilla", offload_to_cpu=False,
+        training_config=training, rollout_config=rollout))
+
+
 def run_grpo(spec: dict) -> None:
     task = tasks.get("arith", **spec["task_options"])
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model"])
@@ -176,16 +194,8 @@ def run_grpo(spec: dict) -> None:
         max_tokens_to_generate=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=None,
         max_prompt_length=max(len(r["prompt_ids"]) for r in records), kv_cache_size=512,
         eos_tokens=list(spec["stop_ids"]), seed=spec["seed"] * 1_000_003)
-    optimizer = optax.chain(optax.clip_by_global_norm(spec["grad_clip"]), optax.adamw(spec["lr"], weight_decay=0.0))
-    training = rl_cluster_lib.RLTrainingConfig(
-        actor_optimizer=optimizer, eval_every_n_steps=10**9, max_steps=spec["steps"],
-        mini_batch_size=prompts_per_step, train_micro_batch_size=prompts_per_step,
-        rollout_micro_batch_size=prompts_per_step, compute_logps_micro_batch_size=prompts_per_step)
-    roles = (rl_cluster_lib.Role.ACTOR, rl_cluster_lib.Role.REFERENCE, rl_cluster_lib.Role.ROLLOUT)
-    cluster = rl_cluster_lib.RLCluster(actor=actor, reference=reference, tokenizer=tokenizer,
-                                       cluster_config=rl_cluster_lib.ClusterConfig(
-                                           role_to_mesh={role: mesh for role in roles}, rollout_engine="vanilla",
-                                           offload_to_cpu=False, training_config=training, rollout_config=rollout))
+    cluster = one_mesh_cluster(mesh, tokenizer, rollout, prompts_per_step, spec["steps"], spec, actor=actor,
+                               reference=reference)
     learner = grpo_learner.GrpoLearner(
         rl_cluster=cluster, reward_fns=arith_reward,
         algo_config=grpo_learner.GRPOConfig(num_generations=spec["group_size"], num_iterations=spec["epochs"],
@@ -240,24 +250,13 @@ def run_ppo(spec: dict) -> None:
         log(rewards)
         return rewards
 
-    def optimizer():
-        return optax.chain(optax.clip_by_global_norm(spec["grad_clip"]), optax.adamw(spec["lr"], weight_decay=0.0))
-
     rollout = base_rollout.RolloutConfig(
         max_tokens_to_generate=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=None,
         max_prompt_length=spec["prompt_length"], kv_cache_size=spec["prompt_length"] + spec["max_new_tokens"],
         eos_tokens=[tokenizer.eos_token_id], seed=spec["seed"])
-    training = rl_cluster_lib.RLTrainingConfig(
-        actor_optimizer=optimizer(), critic_optimizer=optimizer(), eval_every_n_steps=10**9,
-        max_steps=spec["steps"] * spec["epochs"],  # Tunix counts each epoch's update a step
-        mini_batch_size=batch, train_micro_batch_size=batch, rollout_micro_batch_size=batch,
-        compute_logps_micro_batch_size=batch)
-    roles = (rl_cluster_lib.Role.ACTOR, rl_cluster_lib.Role.CRITIC, rl_cluster_lib.Role.REFERENCE,
-             rl_cluster_lib.Role.ROLLOUT)
-    cluster = rl_cluster_lib.RLCluster(actor=actor, critic=critic, reference=reference, tokenizer=tokenizer,
-                                       cluster_config=rl_cluster_lib.ClusterConfig(
-                                           role_to_mesh={role: mesh for role in roles}, rollout_engine="vanilla",
-                                           offload_to_cpu=False, training_config=training, rollout_config=rollout))
+    # Tunix counts each epoch's update a step
+    cluster = one_mesh_cluster(mesh, tokenizer, rollout, batch, spec["steps"] * spec["epochs"], spec, actor=actor,
+                               critic=critic, reference=reference)
     learner = ppo_learner.PPOLearner(
         rl_cluster=cluster, reward_fns=random_reward,
         ppo_config=ppo_learner.PPOConfig(num_iterations=spec["epochs"], beta=0.05, epsilon=0.2))

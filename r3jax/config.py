@@ -367,7 +367,8 @@ def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     return resolved
 
 
-def _value(c: ml_collections.ConfigDict, key: str) -> Any:
+def value_at(c: ml_collections.ConfigDict, key: str) -> Any:
+    """`c`'s value (or section) at the dotted `key`."""
     for part in key.split("."):
         c = c[part]
     return c
@@ -376,7 +377,7 @@ def _value(c: ml_collections.ConfigDict, key: str) -> Any:
 def _validate_choices(c: ml_collections.ConfigDict) -> None:
     """Every key with a choice list (SCHEMA's third element) holds one of its choices."""
     for key in documented_keys():
-        value = _value(c, key.name)
+        value = value_at(c, key.name)
         _check(not key.choices or value in key.choices, key.name,
                f"{value!r} is not one of {key.choices}")
 
@@ -399,9 +400,9 @@ NON_NEGATIVE = ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", 
 
 def _validate_ranges(c: ml_collections.ConfigDict) -> None:
     for key in POSITIVE:
-        _check(_value(c, key) > 0, key, f"must be positive, got {_value(c, key)}")
+        _check(value_at(c, key) > 0, key, f"must be positive, got {value_at(c, key)}")
     for key in NON_NEGATIVE:
-        _check(_value(c, key) >= 0, key, f"must be non-negative, got {_value(c, key)}")
+        _check(value_at(c, key) >= 0, key, f"must be non-negative, got {value_at(c, key)}")
     _check(0 < c.rl.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {c.rl.top_p}")
     _check(0 <= c.rl.full_task_fraction <= 1, "rl.full_task_fraction", f"must be in [0, 1], got {c.rl.full_task_fraction}")
     band = tuple(c.rl.adaptive_band)
@@ -523,5 +524,5 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _validate_compare(c)
     data_parallel = data_parallel_size(validate_mesh(c, num_devices))
     for key in ("sft.batch_size", "rl.batch_size", "eval.batch_size"):
-        _check(_value(c, key) % data_parallel == 0, key,
-               f"{_value(c, key)} is not a multiple of the data-parallel size {data_parallel}")
+        _check(value_at(c, key) % data_parallel == 0, key,
+               f"{value_at(c, key)} is not a multiple of the data-parallel size {data_parallel}")

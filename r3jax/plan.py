@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from r3jax import files, optim, packing, ppo, sampling, settings as settings_lib, sharding
-from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_mesh
+from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_mesh, value_at
 from r3jax.models import hf, lora
 from r3jax.models.transformer import init_cache, init_params
 from r3jax.models.value import actor_critic_params
@@ -438,7 +438,7 @@ def turn_knobs(config, over: list[str], queues: dict[str, list[Knob]]) -> list[s
         packed = config.rl.pack
         knob.change(config)
         unpacked = ", rl.pack=False" if packed > config.rl.pack else ""
-        changed.append(f"{knob.name}={_knob_value(config, knob.name)}{unpacked}")
+        changed.append(f"{knob.name}={value_at(config, knob.name)}{unpacked}")
     return changed
 
 
@@ -544,10 +544,6 @@ def plan_until_it_fits(config, model_cfg, memory: float, rollout_tokens: int = 0
     result.update(fits=not phases_over(result, memory), knobs_applied=applied, overrides=overrides,
                   first_plan_peak_bytes=first_peak, device_memory_bytes=memory)
     return result
-
-
-def _knob_value(config, name: str):
-    return functools.reduce(lambda section, key: section[key], name.split("."), config)
 
 
 def load_config(spec: str, overrides: list[str]):

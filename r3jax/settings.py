@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import ml_collections
 
-from r3jax.config import from_section
+from r3jax.config import from_section, value_at
 from r3jax.evaluate import EvalSettings
 from r3jax.metrics import MetricsConfig
 from r3jax.ppo import PPOConfig
@@ -36,9 +36,6 @@ def with_changes(config: ml_collections.ConfigDict, changes: dict[str, Any]) -> 
     """A new config: `config` (frozen or not, left as it is) with {dotted key: value} applied."""
     changed = ml_collections.ConfigDict(config).copy_and_resolve_references()  # of a frozen one: its kept ConfigDict
     for key, value in changes.items():
-        *sections, name = key.split(".")
-        target = changed
-        for section in sections:
-            target = target[section]
-        target[name] = value
+        section, _, name = key.rpartition(".")
+        (value_at(changed, section) if section else changed)[name] = value
     return changed

@@ -182,8 +182,8 @@ def rl_units(config) -> list[Unit]:
     units = []
     for arm in config.compare.arms:
         strategy, estimator = arm_parts(arm, config.rl.estimator)
-        arm_config = settings_lib.with_changes(config, {"rl.estimator": estimator,
-                                            "rl.group_size": 1 if estimator == "gae" else config.compare.group_size})
+        arm_config = settings_lib.with_changes(config, {
+            "rl.estimator": estimator, "rl.group_size": 1 if estimator == "gae" else config.compare.group_size})
         units.append(Unit(arm, arm_config, tuning_trials(config), strategy=ARMS[strategy]))
     return units
 
