@@ -15,6 +15,9 @@ Two workloads, each with its own model and batches:
   to 512 tokens, a 700-token completion region), each completion as long as its gold rationale,
   tokenised by a SentencePiece model trained on the training questions and rationales, on a small
   model shape (the main job's, 4 layers, a value head).
+On an accelerator, in their place: `gsm8k_1b`, the `gsm8k` batches at TinyLlama-1.1B's shape in
+bfloat16, padded against packed, and packed under a fused attention kernel (`--fused`), with real
+tokens per second and the MFU counted on real tokens.
 
 Reports per workload and layout: the real fraction of the update's token positions, the distinct
 shapes (one compilation each), the steady update seconds (first call of each shape apart), median
@@ -34,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import write
+from ppo_step import forward_flops
+from sampler import ONE_B, matmul_rate
 from r3jax import (config as config_lib, optim, ppo, rollout as rollout_lib, settings as settings_lib, sharding,
                    tasks, tokenizer as tokenizer_lib)
 from r3jax.metrics import machine_info
@@ -110,20 +115,24 @@ def shapes(layout: list[ppo.Experience]) -> list:
     return sorted({(ppo.ForwardRows.of(b).tokens.shape, b.rollout.tokens.shape) for b in layout})
 
 
-def timed_updates(config, model_cfg, policy, by_layout, repeats: int) -> dict[str, list[float]]:
-    """Steady seconds per update for each layout, over `repeats` interleaved passes; every shape is
-    compiled before anything is timed."""
+def timed_updates(config, model_cfgs, policy, by_layout, repeats: int) -> dict[str, list[float]]:
+    """Steady seconds per update for each layout, under its model config (`model_cfgs[name]`: the
+    same shape, its own attention kernel), over `repeats` interleaved passes; every shape is compiled
+    before anything is timed. One optimizer state passes through every update (only the time is
+    read), so that a large model's weights and moments are held once."""
     c = config.rl
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=True)
+    any_cfg = next(iter(model_cfgs.values()))
+    params = actor_critic_params(any_cfg, policy, c.separate_critic, critic=True)
     optimizer = optim.rl_optimizer(c, params)
-    update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
+    ppo_settings = settings_lib.of(config).ppo
+    updates = {name: ppo.make_ppo_update(model_cfgs[name], ppo_settings, optimizer) for name in by_layout}
     seconds = {name: [] for name in by_layout}
-    states = {name: ppo.init_state(jax.tree.map(jnp.array, params), optimizer) for name in by_layout}
+    state = [ppo.init_state(jax.tree.map(jnp.array, params), optimizer)]
 
     def run(name, batch):
         start = time.perf_counter()
-        states[name], metrics, _ = update(states[name], policy, sharding.shard_batch(batch, mesh), jax.random.key(1))
+        state[0], metrics, _ = updates[name](state[0], policy, sharding.shard_batch(batch, mesh), jax.random.key(1))
         jax.block_until_ready(metrics)
         return time.perf_counter() - start
 
@@ -138,7 +147,7 @@ def timed_updates(config, model_cfg, policy, by_layout, repeats: int) -> dict[st
 
 def report(config, model_cfg, policy, batches, repeats: int, sample_seconds: list[float] | None = None) -> dict:
     by_layout = layouts(config, batches)
-    seconds = timed_updates(config, model_cfg, policy, by_layout, repeats)
+    seconds = timed_updates(config, dict.fromkeys(by_layout, model_cfg), policy, by_layout, repeats)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     result = {"model": {k: getattr(model_cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "vocab_size")},
               "steps": len(batches), "repeats": repeats, "length_bucket": config.rl.length_bucket,
@@ -185,6 +194,53 @@ def gsm8k(args) -> dict:
     return report(config, model_cfg, policy, batches, args.gsm8k_repeats) | {"batches": "gold rationale lengths"}
 
 
+def real_token_flops(config, model_cfg, batches) -> float:
+    """Model FLOPs of the updates of `batches` counted on real tokens alone: each rollout's forward
+    (`forward_flops` at its real length, the LM head at its completion), times the two preparing
+    forwards (policy with its value head, reference) and the epochs' forward + backward."""
+    per_pass = 0.0
+    for batch in batches:
+        real = batch.rollout.attention_mask.sum(1)
+        completion = batch.rollout.completion_mask.sum(1)
+        per_pass += sum(forward_flops(model_cfg, 1, int(n), int(m)) for n, m in zip(real, completion))
+    return (2 + 3 * config.rl.epochs) * per_pass
+
+
+def gsm8k_on_accelerator(args) -> dict:
+    """configs/gsm8k.py's batches (gold rationale lengths) at TinyLlama-1.1B's shape, float32 weights
+    computing in bfloat16, layers scanned and rematerialised: the padded batch under the dense
+    attention kernel, the packed one under the dense and the fused kernel (`args.fused`, unless none). Seconds
+    per update, and per second the real tokens and the model FLOPs on them (MFU against the bf16
+    matmul rate measured in the same run)."""
+    config = config_lib.load_config_file(os.path.join(CONFIGS, "gsm8k.py"))
+    config.rl.separate_critic = False
+    task = tasks.get(config.task.name, **config.task.options.to_dict())
+    tokenizer = _tokenizer(task, 2000)
+    batches = gold_length_batches(config, task, tokenizer, args.gsm8k_steps)
+    dense = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full")
+    by_layout = layouts(config, batches)
+    runs = {"padded": (dense, by_layout["padded"]), "packed": (dense, by_layout["packed"])}
+    if args.fused != "none":
+        runs[f"packed_{args.fused}"] = (dense.replace(attention_impl=args.fused), by_layout["packed"])
+    policy = jax.tree.map(np.asarray, nn.unbox(init_params(dense, jax.random.key(0))))
+    seconds = timed_updates(config, {n: cfg for n, (cfg, _) in runs.items()}, policy,
+                            {n: layout for n, (_, layout) in runs.items()}, args.gsm8k_repeats)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    rate = matmul_rate(8192, jnp.bfloat16)
+    flops_per_update = real_token_flops(config, dense, batches) / len(batches)
+    real_tokens = sum(int(b.rollout.attention_mask.sum()) for b in batches) / len(batches)
+    return {"model": "TinyLlama-1.1B shape, float32 weights, bfloat16 compute, scan_layers, remat=full",
+            "steps": len(batches), "repeats": args.gsm8k_repeats, "matmul_tflop_per_s": rate / 1e12,
+            "real_position_fraction": {name: real_fraction(layout) for name, (_, layout) in runs.items()},
+            "shapes": {name: shapes(layout) for name, (_, layout) in runs.items()},
+            "median_update_seconds": medians,
+            "update_over_padded": {name: medians[name] / medians["padded"] for name in runs},
+            "real_tokens_per_update": real_tokens,
+            "real_tokens_per_second": {name: real_tokens / medians[name] for name in runs},
+            "mfu_on_real_tokens": {name: flops_per_update / medians[name] / rate for name in runs},
+            "update_seconds": seconds, "batches": "gold rationale lengths"}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
@@ -192,13 +248,21 @@ def main():
     parser.add_argument("--gsm8k-repeats", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sft", default="", help="the main job's exported SFT model (runs/arith/sft/best)")
+    parser.add_argument("--fused", default="cudnn", choices=("cudnn", "pallas", "none"),
+                        help="on an accelerator: the fused attention kernel of the 1.1B GSM8K workload")
     args = parser.parse_args()
     result = {"benchmark": "the RL update on padded, trimmed and packed batches (bench/padding.py)",
-              "machine": machine_info(), "load_average_before": os.getloadavg(),
-              "main_job": main_job(args), "gsm8k": gsm8k(args), "load_average_after": os.getloadavg()}
-    for workload in ("main_job", "gsm8k"):
+              "machine": machine_info(), "load_average_before": os.getloadavg()}
+    if jax.default_backend() == "cpu":
+        result |= {"main_job": main_job(args), "gsm8k": gsm8k(args)}
+    else:
+        result["gsm8k_1b"] = gsm8k_on_accelerator(args)
+    result["load_average_after"] = os.getloadavg()
+    for workload in ("main_job", "gsm8k", "gsm8k_1b"):
+        if workload not in result:
+            continue
         for key in ("real_position_fraction", "shapes", "median_update_seconds", "update_over_padded",
-                    "step_over_padded"):
+                    "step_over_padded", "real_tokens_per_second", "mfu_on_real_tokens"):
             if key in result[workload]:
                 print(f"{workload} {key}: {result[workload][key]}")
     write("padding", result)

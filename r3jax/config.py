@@ -29,6 +29,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 LORA_BASE_DTYPES = (*DTYPES, "int8", "nf4")
 REMAT_CHOICES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
 SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("outcome", "staged", "mixed", "adaptive", "hint_on_failure")
 STAGE_UNITS = ("steps", "epochs", "budget")
@@ -83,6 +84,10 @@ SCHEMA: dict[str, Any] = {
                           "save_dots (keeps the matmul outputs)", REMAT_CHOICES),
         "attention_chunk": (0, "queries attended at a time in a training or prefill forward (memory: one "
                                "block's scores exist at once, recomputed in the backward pass); 0 = all"),
+        "attention_impl": ("auto", "the attention kernel of a training or update forward: xla (masked dense), "
+                                  "cudnn (cuDNN flash attention; GPU, model.dtype bfloat16), pallas (Pallas "
+                                  "flash attention with segment ids; GPU), auto (the fused one on a GPU under "
+                                  "16-bit compute, else xla)", ATTENTION_IMPLS),
         "model_type": ("llama", "from scratch: llama, mistral, qwen2 or qwen3 (q/k norms)", MODEL_TYPES),
         "hidden_size": (128, "from scratch: width"),
         "intermediate_size": (384, "from scratch: MLP width"),

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import TINY, tiny_params
 from r3jax import optim, packing, ppo, sharding
-from r3jax.models.transformer import init_params
+from r3jax.models.transformer import attention_kernel, init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout, SamplingConfig, sample
 from r3jax.tokenizer import left_pad
@@ -51,7 +51,7 @@ def _padded_batch(params, group_size: int) -> ppo.Experience:
     return ppo.Experience(padded, scores, np.ones(ROWS, np.float32))
 
 
-def _update(cfg, params, batch, mesh=None):
+def _update(cfg, params, batch, mesh=None, model_cfg=TINY):
     # plain SGD: Adam's first steps move every weight by about +-lr whatever its gradient's size, so
     # a gradient of rounding size (1e-8) would move a weight as far as a real one
     optimizer = optax.sgd(0.05)
@@ -64,8 +64,8 @@ def _update(cfg, params, batch, mesh=None):
             policy=policy_shardings, value_head=jax.tree.map(lambda _: sharding.replicated(mesh), params.value_head),
             critic_backbone=None if params.critic_backbone is None else policy_shardings)), optimizer)
         reference, batch = jax.device_put(reference, policy_shardings), sharding.shard_batch(batch, mesh)
-    state, metrics, per_sequence = ppo.make_ppo_update(TINY, cfg, optimizer)(state, reference, batch,
-                                                                            jax.random.key(4))
+    state, metrics, per_sequence = ppo.make_ppo_update(model_cfg, cfg, optimizer)(state, reference, batch,
+                                                                                 jax.random.key(4))
     return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}, per_sequence
 
 
@@ -74,9 +74,10 @@ def packed(batch: ppo.Experience, batch_shards: int = 1) -> ppo.Experience:
     return update_batch(types.SimpleNamespace(length_bucket=4, pack=True, pack_width=PACK_WIDTH), batch, batch_shards)
 
 
-def _assert_same_update(cfg, params, mesh=None):
-    """The padded batch's update against the trimmed batch's (cfg as given) and the packed batch's
-    (one minibatch: packed rows mix rollouts, so they are not split)."""
+def _assert_same_update(cfg, params, mesh=None, model_cfg=TINY):
+    """The padded batch's update under the dense attention kernel against the trimmed batch's (cfg
+    as given) and the packed batch's (one minibatch: packed rows mix rollouts, so they are not
+    split), both under model_cfg's kernel."""
     padded = _padded_batch(params, cfg.group_size)
     trimmed = trim(padded, 4)
     assert trimmed.rollout.tokens.shape[1] < padded.rollout.tokens.shape[1] - EXTRA_PROMPT  # both regions cut
@@ -84,7 +85,7 @@ def _assert_same_update(cfg, params, mesh=None):
     one_minibatch = dataclasses.replace(cfg, minibatches=1)
     for cfg, batch in ((cfg, trimmed), (one_minibatch, packed(padded, 1 if mesh is None else 4))):
         want_params, want, want_rows = _update(cfg, params, padded, mesh)
-        got_params, got, got_rows = _update(cfg, params, batch, mesh)
+        got_params, got, got_rows = _update(cfg, params, batch, mesh, model_cfg)
         assert want.keys() == got.keys()
         for key in want:
             np.testing.assert_allclose(got[key], want[key], err_msg=key, **TOLERANCE)
@@ -114,6 +115,23 @@ def test_trimmed_update_equals_padded_on_8_devices():
     cfg = dataclasses.replace(BASE, estimator="grpo", group_size=4, loss_agg="seq_mean_token_sum_norm")
     _assert_same_update(cfg, actor_critic_params(TINY, tiny_params(), False, critic=False),
                         sharding.make_mesh((2, 2, 2)))
+
+
+def test_the_fused_attention_kernel_gives_the_dense_update():
+    """model.attention_impl=pallas (Pallas's flash attention with segment ids; interpreted on a CPU)
+    on the trimmed and the packed batch gives the dense kernel's update on the padded batch."""
+    cfg = dataclasses.replace(BASE, estimator="grpo", group_size=4, loss_agg="seq_mean_token_sum_norm")
+    _assert_same_update(cfg, actor_critic_params(TINY, tiny_params(), False, critic=False),
+                        model_cfg=TINY.replace(attention_impl="pallas"))
+
+
+def test_auto_attention_is_fused_under_bfloat16_on_a_gpu_and_dense_elsewhere(monkeypatch):
+    assert TINY.attention_impl == "auto"
+    assert attention_kernel(TINY.replace(dtype="bfloat16")) == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention_kernel(TINY.replace(dtype="bfloat16")) == "cudnn"
+    assert attention_kernel(TINY) == "xla"  # cuDNN takes 16-bit inputs only
+    assert attention_kernel(TINY.replace(dtype="bfloat16", attention_impl="pallas")) == "pallas"
 
 
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])

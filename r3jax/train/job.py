@@ -19,7 +19,7 @@ from r3jax.tasks import Task
 from r3jax.train import rl, sft
 
 # ModelConfig fields that come from config.model, not from a checkpoint: how the model runs
-EXECUTION_KEYS = ("param_dtype", "dtype", "scan_layers", "remat", "attention_chunk")
+EXECUTION_KEYS = ("param_dtype", "dtype", "scan_layers", "remat", "attention_chunk", "attention_impl")
 
 
 def build_tokenizer(config, task: Task, workdir: str) -> tokenizer_lib.Tokenizer:
