@@ -117,12 +117,14 @@ def test_trimmed_update_equals_padded_on_8_devices():
                         sharding.make_mesh((2, 2, 2)))
 
 
-def test_the_fused_attention_kernel_gives_the_dense_update():
-    """model.attention_impl=pallas (Pallas's flash attention with segment ids; interpreted on a CPU)
-    on the trimmed and the packed batch gives the dense kernel's update on the padded batch."""
+@pytest.mark.parametrize("kernel", ["pallas", "splash"])
+def test_a_fused_attention_kernel_gives_the_dense_update(kernel):
+    """model.attention_impl=pallas or splash (Pallas's GPU and TPU flash attention with segment ids;
+    interpreted on a CPU) on the trimmed and the packed batch gives the dense kernel's update on
+    the padded batch."""
     cfg = dataclasses.replace(BASE, estimator="grpo", group_size=4, loss_agg="seq_mean_token_sum_norm")
     _assert_same_update(cfg, actor_critic_params(TINY, tiny_params(), False, critic=False),
-                        model_cfg=TINY.replace(attention_impl="pallas"))
+                        model_cfg=TINY.replace(attention_impl=kernel))
 
 
 def test_auto_attention_is_fused_under_bfloat16_on_a_gpu_and_dense_elsewhere(monkeypatch):

@@ -232,6 +232,7 @@ def _chunked_attention(q, k, v, kv_mask, query_slots, segment_ids, chunk: int) -
 # backward at TinyLlama's heads in bf16, cuDNN 0.27x the dense kernel's time, Pallas 0.30x
 FUSED_ATTENTION_ON_GPU = "cudnn"
 PALLAS_BLOCK = 64
+SPLASH_BLOCK = 128
 
 
 def attention_kernel(cfg: ModelConfig) -> str:
@@ -250,27 +251,63 @@ def fused_attention(q, k, v, segment_ids, kernel: str) -> jnp.ndarray:
     segment after its padding). Returns q's shape. Padding queries attend to padding keys, so no
     row of scores is empty; their outputs are never read.
     kernel "cudnn": cuDNN's flash attention (16-bit inputs on a GPU), the segments as a mask.
-    kernel "pallas": JAX's Pallas (Triton) flash attention with segment ids, interpreted on a CPU.
+    kernel "pallas": JAX's Pallas (Triton) flash attention with segment ids (GPU).
+    kernel "splash": JAX's Pallas splash attention with segment ids (TPU).
+    The Pallas kernels run interpreted on a CPU, and have no sharding rule: one device.
     """
+    by_kernel = {"cudnn": _cudnn_attention, "pallas": _pallas_attention, "splash": _splash_attention}
+    return by_kernel[kernel](q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids.astype(jnp.int32))
+
+
+def _cudnn_attention(q, keys, values, segment_ids) -> jnp.ndarray:
+    """`fused_attention` by cuDNN; keys/values `[batch, seq, kv_heads, head_dim]`."""
     batch, seq, kv_heads, groups, head_dim = q.shape
-    queries = q.reshape(batch, seq, kv_heads * groups, head_dim)
-    keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, seq, kv_heads, head_dim]
-    if kernel == "cudnn":
-        slots = jnp.arange(seq)
-        allowed = (slots[None, :] <= slots[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        out = jax.nn.dot_product_attention(queries, keys, values, mask=allowed[:, None], implementation="cudnn")
-        return out.reshape(q.shape)
+    slots = jnp.arange(seq)
+    allowed = (slots[None, :] <= slots[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    out = jax.nn.dot_product_attention(q.reshape(batch, seq, kv_heads * groups, head_dim), keys, values,
+                                       mask=allowed[:, None], implementation="cudnn")
+    return out.reshape(q.shape)
+
+
+def _pallas_attention(q, keys, values, segment_ids) -> jnp.ndarray:
+    """`fused_attention` by Pallas's Triton kernel; keys/values `[batch, seq, kv_heads, head_dim]`.
+    It takes whole blocks of queries and as many key heads as query heads; the padded tail slots
+    come after every real one, so causality keeps them out of real rows."""
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
-    # the kernel takes whole blocks of queries and as many key heads as query heads; the padded
-    # tail slots come after every real one, so causality keeps them out of real rows
+    batch, seq, kv_heads, groups, head_dim = q.shape
     pad = -seq % PALLAS_BLOCK
+    widen = functools.partial(jnp.repeat, repeats=groups, axis=2)
     blocks = pallas_attention.BlockSizes(PALLAS_BLOCK, PALLAS_BLOCK, 32, 32, 32, 32)
     out = pallas_attention.mha(
-        _pad_slots(queries, pad), _pad_slots(jnp.repeat(keys, groups, axis=2), pad),
-        _pad_slots(jnp.repeat(values, groups, axis=2), pad), _pad_slots(segment_ids.astype(jnp.int32), pad),
-        sm_scale=1 / math.sqrt(head_dim), causal=True, block_sizes=blocks, interpret=jax.default_backend() == "cpu")
+        _pad_slots(q.reshape(batch, seq, kv_heads * groups, head_dim), pad), _pad_slots(widen(keys), pad),
+        _pad_slots(widen(values), pad), _pad_slots(segment_ids, pad), sm_scale=1 / math.sqrt(head_dim),
+        causal=True, block_sizes=blocks, interpret=jax.default_backend() == "cpu")
     return out[:, :seq].reshape(q.shape)
+
+
+def _splash_attention(q, keys, values, segment_ids) -> jnp.ndarray:
+    """`fused_attention` by Pallas's splash kernel: per row and key/value head, the head's query
+    groups over its one key head (the kernel's multi-query form); slots padded to whole blocks."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    batch, seq, kv_heads, groups, head_dim = q.shape
+    pad = -seq % SPLASH_BLOCK
+    width = seq + pad
+    blocks = splash.BlockSizes(*(SPLASH_BLOCK,) * 8)
+    kernel = splash.make_splash_mqa_single_device(
+        splash_mask.MultiHeadMask([splash_mask.CausalMask((width, width))] * groups), block_sizes=blocks,
+        interpret=jax.default_backend() == "cpu")
+    queries = _pad_slots(q / math.sqrt(head_dim), pad).transpose(0, 2, 3, 1, 4)  # [batch, kv_heads, groups, width, dim]
+    keys, values = (_pad_slots(x, pad).transpose(0, 2, 1, 3) for x in (keys, values))  # [batch, kv_heads, width, dim]
+
+    def row(row_queries, row_keys, row_values, row_segments):
+        segments = splash.SegmentIds(row_segments, row_segments)
+        return jax.vmap(lambda qs, ks, vs: kernel(qs, ks, vs, segment_ids=segments))(row_queries, row_keys, row_values)
+
+    out = jax.vmap(row)(queries, keys, values, _pad_slots(segment_ids, pad))  # [batch, kv_heads, groups, width, dim]
+    return out.transpose(0, 3, 1, 2, 4)[:, :seq]
 
 
 def _pad_slots(x: jnp.ndarray, pad: int) -> jnp.ndarray:
