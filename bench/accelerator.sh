@@ -24,6 +24,7 @@ section() {  # section SECONDS RESULT_NAME COMMAND...
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import jax, jaxlib, flax, optax; print(jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__, jax.devices())"
 } 2>&1 | tee -a "$log"
+section 60 fused_update python3 fused_update.py
 section 100 attention python3 attention.py
 fused=$(grep -o "fastest fused kernel: [a-z]*" "$log" | tail -n 1 | cut -d" " -f4)
 section 260 padding python3 padding.py --gsm8k-steps 2 --gsm8k-repeats 2 --fused "${fused:-none}"
