@@ -44,7 +44,7 @@ from r3jax import (config as config_lib, optim, ppo, rollout as rollout_lib, set
 from r3jax.metrics import machine_info
 from r3jax.models.transformer import init_params
 from r3jax.models.value import actor_critic_params
-from r3jax.sampling import Rollout, prompt_bucket
+from r3jax.sampling import Rollout, SamplingConfig, prompt_bucket, sample
 from r3jax.tokenizer import left_pad
 from r3jax.train import job, rl
 
@@ -206,12 +206,29 @@ def real_token_flops(config, model_cfg, batches) -> float:
     return (2 + 3 * config.rl.epochs) * per_pass
 
 
+def sampling_seconds(model_cfg, policy, batches, new_tokens: int) -> list[float]:
+    """Seconds to sample `new_tokens` tokens for each batch's prompts, after one compiling call. No
+    stop token ends a completion early, so this is the sampling of the longest possible rollouts."""
+    settings = SamplingConfig(max_new_tokens=new_tokens)
+
+    def run(batch):
+        prompt = batch.rollout.tokens.shape[1] - new_tokens
+        start = time.perf_counter()
+        jax.block_until_ready(sample(model_cfg, policy, jnp.asarray(batch.rollout.tokens[:, :prompt]),
+                                     jnp.asarray(batch.rollout.attention_mask[:, :prompt]), jax.random.key(0), settings))
+        return time.perf_counter() - start
+
+    run(batches[0])
+    return [run(batch) for batch in batches]
+
+
 def gsm8k_on_accelerator(args) -> dict:
     """configs/gsm8k.py's batches (gold rationale lengths) at TinyLlama-1.1B's shape, float32 weights
     computing in bfloat16, layers scanned and rematerialised: the padded batch under the dense
-    attention kernel, the packed one under the dense and the fused kernel (`args.fused`, unless none). Seconds
-    per update, and per second the real tokens and the model FLOPs on them (MFU against the bf16
-    matmul rate measured in the same run)."""
+    attention kernel, the packed one under the dense and the fused kernel (`args.fused`, unless
+    none). Seconds per update, and per second the real tokens and the model FLOPs on them (MFU
+    against the bf16 matmul rate measured in the same run); a whole step adds the seconds to sample
+    every new token of the batch's prompts (`sampling_seconds`)."""
     config = config_lib.load_config_file(os.path.join(CONFIGS, "gsm8k.py"))
     config.rl.separate_critic = False
     task = tasks.get(config.task.name, **config.task.options.to_dict())
@@ -226,6 +243,7 @@ def gsm8k_on_accelerator(args) -> dict:
     seconds = timed_updates(config, {n: cfg for n, (cfg, _) in runs.items()}, policy,
                             {n: layout for n, (_, layout) in runs.items()}, args.gsm8k_repeats)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
+    sample_s = statistics.median(sampling_seconds(dense, policy, batches, config.rl.max_new_tokens))
     rate = matmul_rate(8192, jnp.bfloat16)
     flops_per_update = real_token_flops(config, dense, batches) / len(batches)
     real_tokens = sum(int(b.rollout.attention_mask.sum()) for b in batches) / len(batches)
@@ -238,6 +256,9 @@ def gsm8k_on_accelerator(args) -> dict:
             "real_tokens_per_update": real_tokens,
             "real_tokens_per_second": {name: real_tokens / medians[name] for name in runs},
             "mfu_on_real_tokens": {name: flops_per_update / medians[name] / rate for name in runs},
+            "median_sample_seconds": sample_s, "sampling": f"all {config.rl.max_new_tokens} new tokens (no stop)",
+            "step_seconds": {name: sample_s + medians[name] for name in runs},
+            "step_over_padded": {name: (sample_s + medians[name]) / (sample_s + medians["padded"]) for name in runs},
             "update_seconds": seconds, "batches": "gold rationale lengths"}
 
 
@@ -262,7 +283,7 @@ def main():
         if workload not in result:
             continue
         for key in ("real_position_fraction", "shapes", "median_update_seconds", "update_over_padded",
-                    "step_over_padded", "real_tokens_per_second", "mfu_on_real_tokens"):
+                    "step_over_padded", "real_tokens_per_second", "mfu_on_real_tokens", "median_sample_seconds"):
             if key in result[workload]:
                 print(f"{workload} {key}: {result[workload][key]}")
     write("padding", result)
