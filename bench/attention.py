@@ -1,5 +1,5 @@
 """The update's attention on packed rows: the masked dense kernel (`model.attention_impl=xla`) next
-to the fused ones (cudnn, pallas), measured in the same run, at TinyLlama-1.1B's attention shape
+to the fused ones (cudnn, pallas; splash on a TPU), measured in the same run, at TinyLlama-1.1B's attention shape
 (32 query heads over 4 key/value heads of 64) in bfloat16.
 
     python bench/attention.py [--rows 16] [--width 1212]
@@ -8,8 +8,8 @@ Each row packs rollouts of GSM8K-like lengths (prompt plus completion, 150-600 t
 segment ids as `rl.pack` lays them out, the rest of the row padding. For each kernel: the forward
 and the forward + backward seconds (median of 10 after one compiling call), and its largest
 difference from a float32 dense reference on real positions, output and gradients, next to the
-bfloat16 dense kernel's own. Meant for a GPU (cudnn needs one; pallas runs interpreted, slowly, on
-a CPU). Results: bench/results/attention-<device>.json.
+bfloat16 dense kernel's own. Meant for an accelerator (cudnn needs a GPU, splash a TPU; a kernel
+the backend lacks is reported as an error; the Pallas kernels run interpreted, slowly, on a CPU). Results: bench/results/attention-<device>.json.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from r3jax.metrics import machine_info
 from r3jax.models.transformer import attention, fused_attention
 
 KV_HEADS, GROUPS, HEAD_DIM = 4, 8, 64
-KERNELS = ("xla", "cudnn", "pallas")
+KERNELS = ("xla", "cudnn", "pallas", "splash")
 
 
 def packed_segments(rows: int, width: int, seed: int = 0) -> np.ndarray:

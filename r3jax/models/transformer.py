@@ -55,7 +55,7 @@ class ModelConfig:
     decode_block: int | None = None
     attention_chunk: int = 0
     # attention_impl: the kernel of a forward without a cache (training, the update's passes):
-    # xla, cudnn, pallas or auto (`attention_kernel`).
+    # xla, cudnn, pallas, splash or auto (`attention_kernel`, `fused_attention`).
     attention_impl: str = "auto"
     scan_layers: bool = False
     remat: str = "none"
