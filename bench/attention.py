@@ -1,6 +1,6 @@
 """The update's attention on packed rows: the masked dense kernel (`model.attention_impl=xla`) next
-to the fused ones (cudnn, pallas; splash on a TPU), measured in the same run, at TinyLlama-1.1B's attention shape
-(32 query heads over 4 key/value heads of 64) in bfloat16.
+to the fused ones (cudnn, pallas; splash on a TPU), measured in the same run, at TinyLlama-1.1B's
+attention shape (32 query heads over 4 key/value heads of 64) in bfloat16.
 
     python bench/attention.py [--rows 16] [--width 1212]
 
@@ -9,7 +9,8 @@ segment ids as `rl.pack` lays them out, the rest of the row padding. For each ke
 and the forward + backward seconds (median of 10 after one compiling call), and its largest
 difference from a float32 dense reference on real positions, output and gradients, next to the
 bfloat16 dense kernel's own. Meant for an accelerator (cudnn needs a GPU, splash a TPU; a kernel
-the backend lacks is reported as an error; the Pallas kernels run interpreted, slowly, on a CPU). Results: bench/results/attention-<device>.json.
+the backend lacks is reported as an error; the Pallas kernels run interpreted, slowly, on a CPU).
+Results: bench/results/attention-<device>.json.
 """
 from __future__ import annotations
 

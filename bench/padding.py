@@ -269,7 +269,7 @@ def main():
     parser.add_argument("--gsm8k-repeats", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sft", default="", help="the main job's exported SFT model (runs/arith/sft/best)")
-    parser.add_argument("--fused", default="cudnn", choices=("cudnn", "pallas", "none"),
+    parser.add_argument("--fused", default="cudnn", choices=("cudnn", "pallas", "splash", "none"),
                         help="on an accelerator: the fused attention kernel of the 1.1B GSM8K workload")
     args = parser.parse_args()
     result = {"benchmark": "the RL update on padded, trimmed and packed batches (bench/padding.py)",
