@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from helpers import TINY, tiny_params
 from r3jax.models import hf
-from r3jax.models.transformer import forward
+from r3jax.models.transformer import attention, causal_block_attention, forward
 from r3jax.sampling import SamplingConfig, sample
 
 
@@ -119,3 +119,24 @@ def test_chunked_attention_equals_whole_logits_gradients_packed_and_decoding(che
     got = sample(chunked, loaded, tokens, mask, jax.random.key(1), settings)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+
+
+def test_causal_blocks_skip_only_masked_scores():
+    """A forward without a cache attends in blocks of queries over the keys up to each block's end
+    (150 slots: blocks of 64, 64 and 22): the same outputs and gradients as all queries over all
+    keys, on left-padded rows and on packed ones."""
+    seq, kv_heads, groups, head_dim = 150, 2, 2, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (3, seq, kv_heads, groups, head_dim))
+    k, v = (jax.random.normal(key, (3, kv_heads, seq, head_dim)) for key in keys[1:3])
+    cotangent = jax.random.normal(keys[3], q.shape)
+    padded = jnp.asarray(np.arange(seq)[None] >= np.array([[0], [40], [100]]), jnp.int32)
+    packed = jnp.asarray(np.repeat([[1, 2, 3, 0], [1, 1, 2, 2], [1, 2, 2, 2]], [70, 30, 40, 10], axis=1))
+    for mask, segments in ((padded, None), (packed, packed)):
+        real = (mask > 0)[:, :, None, None, None]
+        full = lambda q, k, v: attention(q, k, v, mask > 0, 0, segments) * real
+        blocked = lambda q, k, v: causal_block_attention(q, k, v, mask > 0, segments) * real
+        np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), atol=1e-6)
+        want = jax.grad(lambda *x: (full(*x) * cotangent).sum(), argnums=(0, 1, 2))(q, k, v)
+        got = jax.grad(lambda *x: (blocked(*x) * cotangent).sum(), argnums=(0, 1, 2))(q, k, v)
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5), got, want)

@@ -191,6 +191,25 @@ def attention(q, k, v, kv_mask, cache_start, segment_ids=None, chunk: int = 0) -
     return _chunked_attention(q, k, v, kv_mask, query_slots, segment_ids, chunk)
 
 
+CAUSAL_BLOCKS, CAUSAL_BLOCK_MIN = 8, 64
+
+
+def causal_block_attention(q, k, v, kv_mask, segment_ids=None) -> jnp.ndarray:
+    """`attention` of a forward without a cache (keys are the queries, slots from 0), in at most
+    CAUSAL_BLOCKS blocks of queries (at least CAUSAL_BLOCK_MIN each), each over the keys up to its
+    own last slot: the blocks above the causal diagonal, whose scores the mask zeroes, are never
+    computed (nearly half the scores at 8 blocks). Shapes as in `attention`."""
+    seq = q.shape[1]
+    block = max(CAUSAL_BLOCK_MIN, -(-seq // CAUSAL_BLOCKS))
+    outputs = []
+    for start in range(0, seq, block):
+        end = min(seq, start + block)
+        outputs.append(_attend(q[:, start:end], k[:, :, :end], v[:, :, :end], kv_mask[:, :end], jnp.arange(start, end),
+                               None if segment_ids is None else segment_ids[:, start:end],
+                               None if segment_ids is None else segment_ids[:, :end]))
+    return jnp.concatenate(outputs, axis=1)
+
+
 def _attend(q, k, v, kv_mask, query_slots, query_segments, key_segments) -> jnp.ndarray:
     """`attention` for queries at `query_slots [seq]`, with their segment ids `[batch, seq]` and the
     keys' `[batch, keys]` (or both None)."""
@@ -519,6 +538,8 @@ class Attention(nn.Module):
         elif layer_cache is None and kernel != "xla":
             segments = kv_mask.astype(jnp.int32) if segment_ids is None else segment_ids
             out = fused_attention(q, k, v, segments, kernel)
+        elif layer_cache is None and not cfg.attention_chunk:
+            out = causal_block_attention(q, k, v, kv_mask, segment_ids)
         else:
             out = attention(q, k, v, kv_mask, cache_start, segment_ids, cfg.attention_chunk)
         out = out.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
