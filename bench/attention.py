@@ -1,6 +1,6 @@
-"""The update's attention on packed rows: the masked dense kernel (`model.attention_impl=xla`) next
-to the fused ones (cudnn, pallas; splash on a TPU), measured in the same run, at TinyLlama-1.1B's
-attention shape (32 query heads over 4 key/value heads of 64) in bfloat16.
+"""The update's attention on packed rows: the masked dense kernel (`model.attention_impl=xla`, in
+causal blocks) next to the fused ones (cudnn, pallas; splash on a TPU), measured in the same run,
+at TinyLlama-1.1B's attention shape (32 query heads over 4 key/value heads of 64) in bfloat16.
 
     python bench/attention.py [--rows 16] [--width 1212]
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from common import write
 from r3jax.metrics import machine_info
-from r3jax.models.transformer import attention, fused_attention
+from r3jax.models.transformer import attention, causal_block_attention, fused_attention
 
 KV_HEADS, GROUPS, HEAD_DIM = 4, 8, 64
 KERNELS = ("xla", "cudnn", "pallas", "splash")
@@ -44,10 +44,10 @@ def packed_segments(rows: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def attend(kernel: str, q, k, v, segments):
-    """One kernel's attention; q `[rows, width, kv_heads, groups, head_dim]`, k/v `[rows, kv_heads,
-    width, head_dim]`."""
+    """One kernel's attention as the model runs it without a cache; q `[rows, width, kv_heads,
+    groups, head_dim]`, k/v `[rows, kv_heads, width, head_dim]`."""
     if kernel == "xla":
-        return attention(q, k, v, segments > 0, 0, segments)
+        return causal_block_attention(q, k, v, segments > 0, segments)
     return fused_attention(q, k, v, segments, kernel)
 
 
