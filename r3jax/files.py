@@ -1,5 +1,5 @@
 """Files that survive a crash: every result, config and log rewrite r3jax makes goes through
-`write_text`, `write_json`, `write_jsonl` or `save_figure` (a temp file beside the target, then
+`write_text`, `write_bytes`, `write_json`, `write_jsonl` or `save_figure` (a temp file beside the target, then
 `os.replace`, so a reader sees the old file or the new one, never half of one), and every file it
 reads back goes through `read_json`, which names the file and the way out when it is broken."""
 from __future__ import annotations
@@ -27,9 +27,13 @@ def _replace_with(path: str, write: Callable[[str], None]) -> None:
 
 
 def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
     def write(temp_path):
-        with open(temp_path, "w") as f:
-            f.write(text)
+        with open(temp_path, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
     _replace_with(path, write)

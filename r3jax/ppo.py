@@ -405,12 +405,14 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
 
 
 def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.GradientTransformation,
-                    ) -> Callable[..., tuple[PPOState, dict, dict]]:
+                    identity: Any = None) -> Callable[..., tuple[PPOState, dict, dict]]:
     """`update(state, ref_params, experience, key, lr_scale=1.0, policy_weight=1.0, frozen=None) ->
     (state, metrics, per-sequence metrics)`, one jitted call with the state donated: prepare, then
     `lax.scan` over epochs x minibatches of clipped PPO steps. `lr_scale` is the schedule's
     multiplier for this RL step; `policy_weight` 0 keeps the policy where it is and trains only
-    the critic (warm-up); `frozen` is the base under LoRA adapters, never differentiated."""
+    the critic (warm-up); `frozen` is the base under LoRA adapters, never differentiated. With an
+    `identity` (what built `optimizer`, beside model_cfg and cfg) its programs are kept on disk
+    (`programs.Cached`)."""
 
     def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0,
                frozen=None):
@@ -444,7 +446,7 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
         metrics.update(jax.tree.map(jnp.mean, step_metrics))
         return PPOState(params, opt_state, state.step + cfg.epochs * cfg.minibatches), metrics, per_sequence
 
-    return StateStep(update)
+    return StateStep(update, "ppo-update", None if identity is None else (model_cfg, cfg, identity))
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> PPOState:

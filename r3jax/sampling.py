@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from r3jax import programs
 from r3jax.models.transformer import (ModelConfig, Transformer, cache_block, head_logits, init_cache,
                                      positions_from_mask)
 
@@ -118,7 +119,12 @@ def cache_length(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> int:
     return -(-(prompt_len + new_tokens) // block) * block
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "settings"))
+@functools.cache
+def _generator(cfg: ModelConfig, settings: SamplingConfig) -> programs.Cached:
+    """The sampler's program for one model config and sampling settings, kept on disk."""
+    return programs.Cached("sampler", jax.jit(functools.partial(_generate, cfg, settings=settings)), (cfg, settings))
+
+
 def _generate(cfg: ModelConfig, params: Any, prompt_tokens, prompt_mask, key, settings: SamplingConfig):
     batch, prompt_len = prompt_tokens.shape
     new = settings.max_new_tokens
@@ -166,4 +172,4 @@ def sample(cfg: ModelConfig, params: Any, prompt_tokens: jnp.ndarray, prompt_mas
     if extra:
         prompt_tokens = jnp.pad(prompt_tokens, ((0, 0), (extra, 0)), constant_values=settings.pad_id)
         prompt_mask = jnp.pad(prompt_mask, ((0, 0), (extra, 0)))
-    return _generate(cfg, params, prompt_tokens, prompt_mask, key, settings)
+    return _generator(cfg, settings)(params, prompt_tokens, prompt_mask, key)

@@ -14,6 +14,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from r3jax import programs
 from r3jax.config import BATCH_AXES, MESH_AXES, resolve_mesh_shape
 from r3jax.models.transformer import ModelConfig, init_params
 
@@ -77,11 +78,15 @@ class StateStep:
     new state laid out as the state it was given (leaves on one device, such as a step counter,
     replicated over the mesh of the rest). Left to sharding propagation, the updated state can come
     out laid out otherwise (FSDP weights split over one mesh axis fewer, say), and the next call then
-    compiles the whole step again for that layout. Has `lower` as a jitted function does."""
+    compiles the whole step again for that layout. Has `lower` as a jitted function does.
 
-    def __init__(self, step: Callable[..., tuple]):
-        self.step = step
+    Given an `identity` (every value `step` closes over), its programs are `programs.Cached` under
+    `name`: a rerun loads them from disk instead of tracing them again."""
+
+    def __init__(self, step: Callable[..., tuple], name: str = "", identity: Any = None):
+        self.step, self.name, self.identity = step, name, identity
         self.jitted: dict[tuple, Callable] = {}
+        self.programs: dict[tuple, programs.Cached] = {}
 
     @staticmethod
     def _layout(state: Any) -> list[NamedSharding | None]:
@@ -104,7 +109,8 @@ class StateStep:
         return [NamedSharding(mesh, canonical(tuple(s.spec)) if isinstance(s, NamedSharding) else P())
                 for s in shardings]
 
-    def _for(self, state: Any) -> tuple[Callable, list]:
+    def _for(self, state: Any) -> tuple[tuple, list]:
+        """(the key of `state`'s program in `jitted`, created if new; its layout)."""
         layout = self._layout(state)
         key = (jax.tree.structure(state), tuple(layout))
         if key not in self.jitted:
@@ -115,20 +121,25 @@ class StateStep:
                                  for leaf, sharding in zip(leaves, layout)]
                 return (jax.tree.unflatten(treedef, pinned_leaves), *outputs)
             self.jitted[key] = jax.jit(pinned, donate_argnums=0)
-        return self.jitted[key], layout
+            if self.identity is not None:
+                self.programs[key] = programs.Cached(self.name, self.jitted[key], (self.identity, repr(layout)))
+        return key, layout
 
     def __call__(self, state: Any, *args):
-        jitted, layout = self._for(state)
+        key, layout = self._for(state)
         leaves, treedef = jax.tree.flatten(state)
         placed = [leaf if sharding is None or leaf.sharding == sharding else jax.device_put(leaf, sharding)
                   for leaf, sharding in zip(leaves, layout)]
-        return jitted(jax.tree.unflatten(treedef, placed), *args)
+        call = self.programs.get(key, self.jitted[key])
+        return call(jax.tree.unflatten(treedef, placed), *args)
 
     def lower(self, state: Any, *args):
-        return self._for(state)[0].lower(state, *args)
+        return self.jitted[self._for(state)[0]].lower(state, *args)
 
     def compilations(self) -> int:
-        return sum(jitted._cache_size() for jitted in self.jitted.values())
+        """Distinct call signatures compiled (or loaded) in this process."""
+        return sum(self.programs[key].count() if key in self.programs else jitted._cache_size()
+                   for key, jitted in self.jitted.items())
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

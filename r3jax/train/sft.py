@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from r3jax import config as config_lib, optim, sharding
+from r3jax import config as config_lib, optim, programs, sharding
 from r3jax.checkpoint import StopSignal, latest_step
 from r3jax.curriculum import epoch_order
 from r3jax.evaluate import evaluate, greedy_problems, samples
@@ -78,10 +78,12 @@ def nll_sum(model_cfg: ModelConfig, params, batch: dict, logits_chunk: int = 0) 
     return -(target_logp * mask).sum(), mask.sum()
 
 
-def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, logits_chunk: int = 0):
+def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, logits_chunk: int = 0,
+                    identity: Any = None):
     """`step(state, batch [micro, accum, length], lr_scale, frozen=None) -> (state, metrics)`, one
     jit, state donated; `lr_scale` is the schedule's multiplier of the optimizer's peak learning
-    rate; `frozen` is the base under LoRA adapters (state.params), never differentiated."""
+    rate; `frozen` is the base under LoRA adapters (state.params), never differentiated. With an
+    `identity` (what built `optimizer`) its programs are kept on disk (`programs.Cached`)."""
     grad_fn = jax.value_and_grad(lambda p, b, frozen: nll_sum(model_cfg, lora.merge(frozen, p), b, logits_chunk),
                                  has_aux=True)
 
@@ -101,7 +103,8 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
         updates = optim.scaled(updates, lr_scale)
         return SFTState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
 
-    return sharding.StateStep(step)
+    return sharding.StateStep(step, "sft-step",
+                              None if identity is None else (model_cfg, logits_chunk, identity))
 
 
 def _batch_for_step(examples, step: int, c, seed: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -142,7 +145,7 @@ def train(settings: Settings, start: Policy, task: Task, workdir: str, stop: Sto
             return best_dir
         print(f"SFT: extending from step {latest} to {steps}")
     optimizer = optim.sft_optimizer(c)
-    train_step = make_train_step(model_cfg, optimizer, c.logits_chunk)
+    train_step = make_train_step(model_cfg, optimizer, c.logits_chunk, programs.section_identity(c))
     validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], settings.eval)  # never test
 
     def sft_step(state: SFTState, meta: dict) -> tuple[SFTState, dict, dict]:

@@ -1,0 +1,152 @@
+"""Compiled programs kept on disk, so that a rerun neither traces nor lowers its big programs.
+
+JAX's persistent compilation cache (`config.compile_cache`) spares a rerun the XLA compile, but
+not the tracing and lowering that JAX needs to find a program's key: on the main job's RL update
+about 1.2 s for each batch shape's first call, and 0.3 s for the sampler's (docs/experiments.md,
+"First step"). A `Cached` program is found on disk by what defines it instead:
+- its name and the identity its maker gives (every value the function closes over: model
+  config, update settings, the config section that builds the optimizer);
+- the arguments' tree, shapes, dtypes and shardings;
+- the r3jax source, JAX's version, and the devices.
+
+The programs live beside JAX's cache, in `<jax_compilation_cache_dir>/r3jax-programs`. With that
+cache off, or on more than one process (each would need its own copy), every call goes through
+`jax.jit` as before. A file that cannot be read back is removed, and its program compiled again.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import pickle
+from typing import Any, Callable
+
+import flax
+import jax
+import jaxlib
+import optax
+from jax.experimental import serialize_executable
+
+from r3jax import files
+
+FOLDER = "r3jax-programs"
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 of every r3jax source file: a program compiled from other code is another program."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for folder, subfolders, names in sorted(os.walk(root)):
+        subfolders.sort()
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def folder() -> str | None:
+    """Where programs are kept: None with JAX's persistent cache off, or over several processes."""
+    cache = jax.config.jax_compilation_cache_dir
+    if not cache or jax.process_count() > 1:
+        return None
+    return os.path.join(os.path.expanduser(cache), FOLDER)
+
+
+def signature(args: tuple) -> tuple:
+    """What a jitted call compiles for: the arguments' tree, and each leaf's type (shape, dtype,
+    weak type) and sharding (None for host values)."""
+    leaves, tree = jax.tree.flatten(args)
+    return (str(tree), tuple((str(jax.typeof(leaf)), repr(getattr(leaf, "sharding", None))) for leaf in leaves))
+
+
+# JAX options that say where and whether things are cached or logged, not what a program computes
+NOT_COMPILED = ("jax_compilation_cache", "jax_persistent_cache", "jax_enable_compilation_cache",
+                "jax_raise_persistent_cache", "jax_log", "jax_explain_cache_misses")
+
+
+def environment() -> tuple:
+    """What else shapes a compiled program: the libraries that trace it, JAX's options, XLA's flags
+    and the devices."""
+    options = sorted((k, v) for k, v in jax.config.values.items() if not k.startswith(NOT_COMPILED))
+    return (source_digest(), [(m.__name__, m.__version__) for m in (jax, jaxlib, flax, optax)], options,
+            os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
+            [(d.platform, d.device_kind) for d in jax.devices()])
+
+
+def program_key(name: str, identity: Any, call_signature: tuple) -> str:
+    """The file name of `name`'s program for one identity and call signature."""
+    material = repr((name, identity, call_signature, environment()))
+    return f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}.program"
+
+
+def section_identity(section) -> str:
+    """A config section (ml_collections) as sorted JSON, for an identity: the section that built
+    an optimizer or a loss names it."""
+    return json.dumps(json.loads(section.to_json_best_effort()), sort_keys=True)
+
+
+_jax_cache_hits = [0]
+jax.monitoring.register_event_listener(
+    lambda event, **_: _jax_cache_hits.__setitem__(0, _jax_cache_hits[0] + (event == "/jax/compilation_cache/cache_hits")))
+
+
+def compile_for_keeping(jitted: Callable, args: tuple) -> tuple[Any, bool]:
+    """(`jitted` compiled for `args`, whether it may be kept). An executable that JAX's persistent
+    cache read back serializes without its kernels on the CPU (running the copy fails with
+    "Function add.1_kernel not found"), so one is not kept: that program then goes through JAX's
+    cache on every run, as without this module."""
+    hits = _jax_cache_hits[0]
+    compiled = jitted.lower(*args).compile()
+    return compiled, _jax_cache_hits[0] == hits
+
+
+class Cached:
+    """`jitted` (a `jax.jit` function of positional arguments) compiled once per call signature:
+    in this process from memory, across processes from `folder()`. `identity` must name every
+    value `jitted` closes over; `name` says what it is in file names."""
+
+    def __init__(self, name: str, jitted: Callable, identity: Any):
+        self.name, self.jitted, self.identity = name, jitted, identity
+        self.compiled: dict[tuple, Callable] = {}
+
+    def __call__(self, *args):
+        call_signature = signature(args)
+        program = self.compiled.get(call_signature)
+        if program is None:
+            program = self.compiled[call_signature] = self._load_or_compile(args, call_signature)
+        return program(*args)
+
+    def _load_or_compile(self, args: tuple, call_signature: tuple) -> Callable:
+        where = folder()
+        if where is None:
+            return self.jitted
+        path = os.path.join(where, program_key(self.name, self.identity, call_signature))
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    serialized, device_ids = pickle.load(f)
+                by_id = {device.id: device for device in jax.devices()}
+                return serialize_executable.deserialize_and_load(
+                    *serialized, execution_devices=[by_id[i] for i in device_ids])
+            except Exception as error:  # written by another JAX, or broken: compile again
+                print(f"{path}: could not be loaded ({type(error).__name__}: {error}); removed, compiling it again")
+                os.remove(path)
+        compiled, keepable = compile_for_keeping(self.jitted, args)
+        if not keepable:
+            return compiled
+        try:
+            serialized = serialize_executable.serialize(compiled)
+        except (ValueError, NotImplementedError):  # a program with closed-over constants: not kept
+            return compiled
+        # the devices it was compiled for, in order (a one-device program on one of several)
+        device_ids = [device.id for device in compiled._executable.xla_executable.local_devices()]
+        files.write_bytes(path, pickle.dumps((serialized, device_ids)))
+        return compiled
+
+    def count(self) -> int:
+        """Distinct call signatures met in this process."""
+        return len(self.compiled)

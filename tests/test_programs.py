@@ -1,0 +1,118 @@
+"""Programs kept on disk (r3jax/programs.py): a rerun loads what an earlier run compiled, without
+tracing it, and gets the same numbers; anything that defines the program makes another file."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r3jax import programs
+from r3jax.sharding import StateStep
+
+
+@pytest.fixture
+def kept_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(programs, "folder", lambda: str(tmp_path))
+    return tmp_path
+
+
+def counting_step(traces: list, salt: float):
+    """step(state [4], x [4]) -> (state + x, {"dot": state . x * salt}); appends to `traces` when
+    traced. Tests give each program a salt of its own, so that JAX's persistent cache (conftest's,
+    shared by the session) has never seen it: a program read back from that cache is not kept."""
+    def step(state, x):
+        traces.append(x.shape)
+        return state + x, {"dot": state @ x * salt}
+    return step
+
+
+@pytest.fixture
+def salt():
+    return float(np.random.default_rng().integers(1, 2**20))
+
+
+def kept(folder) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.endswith(".program"))
+
+
+def test_a_rerun_loads_the_program_and_traces_nothing(kept_in, salt):
+    traces = []
+    state, x = jnp.arange(4.0), jnp.full(4, 2.0)
+    first_state, first_out = StateStep(counting_step(traces, salt), "probe", identity="v1")(state.copy(), x)
+    assert len(traces) == 1 and len(kept(kept_in)) == 1
+    rerun = StateStep(counting_step(traces, salt), "probe", identity="v1")  # a new process's step
+    for _ in range(2):
+        rerun_state, rerun_out = rerun(state.copy(), x)
+        np.testing.assert_array_equal(rerun_state, first_state)
+        np.testing.assert_array_equal(rerun_out["dot"], first_out["dot"])
+    assert len(traces) == 1, "the rerun traced the step"
+    assert rerun.compilations() == 1
+
+
+def test_another_identity_or_shape_is_another_program(kept_in, salt):
+    traces = []
+    StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(4), jnp.ones(4))
+    StateStep(counting_step(traces, salt + 1), "probe", identity="v2")(jnp.zeros(4), jnp.ones(4))
+    step = StateStep(counting_step(traces, salt), "probe", identity="v1")
+    _, out = step(jnp.zeros(3), jnp.ones(3))
+    assert len(traces) == 3 and len(kept(kept_in)) == 3
+    step(jnp.zeros(4), jnp.ones(4))  # kept from the first call
+    assert len(traces) == 3 and step.compilations() == 2
+
+
+def test_a_broken_file_is_removed_and_its_program_compiled_again(kept_in, salt, capsys):
+    traces = []
+    StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(4), jnp.ones(4))
+    (name,) = kept(kept_in)
+    (kept_in / name).write_bytes(b"not a program")
+    new_state, out = StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.ones(4), jnp.ones(4))
+    assert "could not be loaded" in capsys.readouterr().out and len(traces) == 2
+    np.testing.assert_array_equal(new_state, 2.0)
+    assert float(out["dot"]) == 4.0 * salt
+    assert not kept(kept_in)  # compiled again from JAX's cache (conftest's), so not kept
+
+
+def test_without_an_identity_or_a_folder_nothing_is_kept(tmp_path, monkeypatch, salt):
+    traces = []
+    monkeypatch.setattr(programs, "folder", lambda: str(tmp_path))
+    StateStep(counting_step(traces, salt), "probe")(jnp.zeros(4), jnp.ones(4))
+    monkeypatch.setattr(programs, "folder", lambda: None)
+    StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(4), jnp.ones(4))
+    assert not os.listdir(tmp_path) and len(traces) == 2
+
+
+def test_a_program_read_back_from_jaxs_cache_is_not_kept(kept_in, salt):
+    traces = []
+    StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(4), jnp.ones(4))
+    (name,) = kept(kept_in)
+    os.remove(kept_in / name)  # JAX's cache has the program, this folder has not
+    new_state, out = StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.ones(4), jnp.ones(4))
+    assert not kept(kept_in) and len(traces) == 2
+    np.testing.assert_array_equal(new_state, 2.0)
+    assert float(out["dot"]) == 4.0 * salt
+
+
+def test_the_key_changes_with_what_defines_a_program(monkeypatch):
+    signature = programs.signature((jnp.zeros((2, 3)), np.zeros(3, np.int32), 1.0))
+    assert signature[1] == (("float32[2,3]", repr(jnp.zeros((2, 3)).sharding)), ("int32[3]", "None"),
+                            ("~float32[]", "None"))
+    key = programs.program_key("update", ("model", "rl"), signature)
+    assert programs.program_key("update", ("model", "rl"), signature) == key
+    assert programs.program_key("update", ("other model", "rl"), signature) != key
+    assert programs.program_key("update", ("model", "rl"), programs.signature((jnp.zeros((2, 4)),))) != key
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=true")
+    assert programs.program_key("update", ("model", "rl"), signature) != key
+    monkeypatch.undo()
+    with jax.debug_nans(True):
+        assert programs.program_key("update", ("model", "rl"), signature) != key
+
+
+def test_the_folder_follows_jaxs_cache():
+    cache = jax.config.jax_compilation_cache_dir  # conftest's
+    assert programs.folder() == os.path.join(os.path.expanduser(cache), programs.FOLDER)
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert programs.folder() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache)
