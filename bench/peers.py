@@ -315,6 +315,7 @@ def speed_summary(runs: list[dict]) -> dict:
     summary = {key: float(np.median([s[key] for s in steady])) for key in ("rollout_s", "update_s", "step_s")
                if key in steady[0]}  # Tunix's runs time whole steps only
     summary["first_step_s"] = [run["steps"][0]["step_s"] for run in runs]
+    summary["run_s"] = [sum(step["step_s"] for step in run["steps"]) for run in runs]  # compiles included
     summary["loadavg_1m"] = [run["loadavg_before"] for run in runs]
     return summary
 

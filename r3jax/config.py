@@ -52,7 +52,9 @@ SCHEMA: dict[str, Any] = {
     "seed": (0, "seeds the model's initialisation, the data order and sampling"),
     "mode": ("train", "train (SFT then RL), sft, rl (from rl.init or this workdir's SFT), eval, compare", MODES),
     "compile_cache": ("~/.cache/r3jax/jax", "JAX's persistent compilation cache, shared by runs and processes "
-                                            "(a rerun skips compiling); '' = off; JAX_COMPILATION_CACHE_DIR wins"),
+                                            "(a rerun skips compiling), with r3jax's kept programs in its "
+                                            "r3jax-programs/ (a rerun skips tracing its steps); '' = off; "
+                                            "JAX_COMPILATION_CACHE_DIR wins"),
     "resume": ("", "a workdir whose stored config differs: '' refuses, 'continue' keeps what is there and "
                    "runs under the new config, 'restart' moves the old workdir aside and starts afresh", RESUME_CHOICES),
     "task": {
