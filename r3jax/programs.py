@@ -78,9 +78,9 @@ def environment() -> tuple:
 
 
 def program_key(name: str, identity: Any, call_signature: tuple) -> str:
-    """The file name of `name`'s program for one identity and call signature."""
+    """`name`'s program's key for one identity and call signature (its file is `<key>.program`)."""
     material = repr((name, identity, call_signature, environment()))
-    return f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}.program"
+    return f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
 
 
 def section_identity(section) -> str:
@@ -90,27 +90,38 @@ def section_identity(section) -> str:
 
 
 _jax_cache_hits = [0]
-jax.monitoring.register_event_listener(
-    lambda event, **_: _jax_cache_hits.__setitem__(0, _jax_cache_hits[0] + (event == "/jax/compilation_cache/cache_hits")))
 
 
-def compile_for_keeping(jitted: Callable, args: tuple) -> tuple[Any, bool]:
-    """(`jitted` compiled for `args`, whether it may be kept). An executable that JAX's persistent
-    cache read back serializes without its kernels on the CPU (running the copy fails with
-    "Function add.1_kernel not found"), so one is not kept: that program then goes through JAX's
-    cache on every run, as without this module."""
+def _count_jax_cache_hits(event: str, **_) -> None:
+    _jax_cache_hits[0] += event == "/jax/compilation_cache/cache_hits"
+
+
+jax.monitoring.register_event_listener(_count_jax_cache_hits)
+
+
+def compile_for_keeping(fun: Callable, args: tuple, key: str, donate_argnums: tuple[int, ...]) -> tuple[Any, bool]:
+    """(`fun` jitted and compiled for `args`, whether it may be kept). An executable that JAX's
+    persistent cache read back serializes without its kernels on the CPU (running the copy fails
+    with "Function add.1_kernel not found"). So the program is compiled under a name of its own,
+    `key`, that JAX's cache has not seen unless this very program was compiled before (its file
+    since lost); if JAX's cache answers all the same, the program is not kept, and goes through
+    JAX's cache on every run, as without this module."""
+    def program(*program_args):
+        return fun(*program_args)
+    program.__name__ = program.__qualname__ = key.replace("-", "_")
     hits = _jax_cache_hits[0]
-    compiled = jitted.lower(*args).compile()
+    compiled = jax.jit(program, donate_argnums=donate_argnums).lower(*args).compile()
     return compiled, _jax_cache_hits[0] == hits
 
 
 class Cached:
-    """`jitted` (a `jax.jit` function of positional arguments) compiled once per call signature:
-    in this process from memory, across processes from `folder()`. `identity` must name every
-    value `jitted` closes over; `name` says what it is in file names."""
+    """`jax.jit(fun, donate_argnums)` (`fun` of positional arguments) compiled once per call
+    signature: in this process from memory, across processes from `folder()`. `identity` must
+    name every value `fun` closes over; `name` says what it is in file names."""
 
-    def __init__(self, name: str, jitted: Callable, identity: Any):
-        self.name, self.jitted, self.identity = name, jitted, identity
+    def __init__(self, name: str, fun: Callable, identity: Any, donate_argnums: tuple[int, ...] = ()):
+        self.name, self.fun, self.identity, self.donate_argnums = name, fun, identity, donate_argnums
+        self.jitted = jax.jit(fun, donate_argnums=donate_argnums)
         self.compiled: dict[tuple, Callable] = {}
 
     def __call__(self, *args):
@@ -124,7 +135,8 @@ class Cached:
         where = folder()
         if where is None:
             return self.jitted
-        path = os.path.join(where, program_key(self.name, self.identity, call_signature))
+        key = program_key(self.name, self.identity, call_signature)
+        path = os.path.join(where, f"{key}.program")
         if os.path.exists(path):
             try:
                 with open(path, "rb") as f:
@@ -135,7 +147,7 @@ class Cached:
             except Exception as error:  # written by another JAX, or broken: compile again
                 print(f"{path}: could not be loaded ({type(error).__name__}: {error}); removed, compiling it again")
                 os.remove(path)
-        compiled, keepable = compile_for_keeping(self.jitted, args)
+        compiled, keepable = compile_for_keeping(self.fun, args, key, self.donate_argnums)
         if not keepable:
             return compiled
         try:

@@ -122,7 +122,7 @@ def cache_length(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> int:
 @functools.cache
 def _generator(cfg: ModelConfig, settings: SamplingConfig) -> programs.Cached:
     """The sampler's program for one model config and sampling settings, kept on disk."""
-    return programs.Cached("sampler", jax.jit(functools.partial(_generate, cfg, settings=settings)), (cfg, settings))
+    return programs.Cached("sampler", functools.partial(_generate, cfg, settings=settings), (cfg, settings))
 
 
 def _generate(cfg: ModelConfig, params: Any, prompt_tokens, prompt_mask, key, settings: SamplingConfig):

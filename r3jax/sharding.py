@@ -122,7 +122,8 @@ class StateStep:
                 return (jax.tree.unflatten(treedef, pinned_leaves), *outputs)
             self.jitted[key] = jax.jit(pinned, donate_argnums=0)
             if self.identity is not None:
-                self.programs[key] = programs.Cached(self.name, self.jitted[key], (self.identity, repr(layout)))
+                self.programs[key] = programs.Cached(self.name, pinned, (self.identity, repr(layout)),
+                                                     donate_argnums=(0,))
         return key, layout
 
     def __call__(self, state: Any, *args):

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -183,6 +184,32 @@ def test_the_compile_cache_keeps_compiles_shorter_than_jaxs_one_second_default(t
             "jax.jit(lambda x: x + 1)(1.0).block_until_ready()")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env, check=True, timeout=120)
     assert os.listdir(tmp_path / "cache")
+
+
+def test_a_rerun_loads_its_kept_programs_and_repeats_the_run(tmp_path):
+    """config.compile_cache keeps the SFT step, the RL update and the sampler whole
+    (r3jax/programs.py): a rerun in another process loads every one of them, compiles none anew,
+    and repeats the first run's numbers exactly."""
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in ENV.items() if k not in ("JAX_COMPILATION_CACHE_DIR",
+                                                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    env["JAX_LOG_COMPILES"] = "1"  # "Finished tracing <function> ..." on stderr for every trace
+    short = [*TINY_RUN, "--config.rl.steps=4", f"--config.compile_cache={cache}"]
+    first = run_cli(*short, "--workdir=first", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    programs = cache / "r3jax-programs"
+    kept = {name: os.path.getmtime(programs / name) for name in os.listdir(programs)}
+    assert {name.rsplit("-", 1)[0] for name in kept} == {"sft-step", "ppo-update", "sampler"}, sorted(kept)
+    traced = lambda log: re.findall(r"Finished tracing (pinned|_generate) ", log)
+    assert len(traced(first.stderr)) >= 3
+    rerun = run_cli(*short, "--workdir=rerun", cwd=tmp_path, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert traced(rerun.stderr) == []
+    assert {name: os.path.getmtime(programs / name) for name in os.listdir(programs)} == kept
+    for want, have in zip(rl_log(tmp_path / "first"), rl_log(tmp_path / "rerun"), strict=True):
+        assert {k: v for k, v in want.items() if not k.startswith(TIMING)} == \
+            {k: v for k, v in have.items() if not k.startswith(TIMING)}
+    assert json.load(open(tmp_path / "first" / "results.json")) == json.load(open(tmp_path / "rerun" / "results.json"))
 
 
 def test_non_finite_loss_stops_with_status_3_naming_the_step(tmp_path):

@@ -82,6 +82,19 @@ def test_without_an_identity_or_a_folder_nothing_is_kept(tmp_path, monkeypatch, 
     assert not os.listdir(tmp_path) and len(traces) == 2
 
 
+def test_a_program_jaxs_cache_holds_under_its_own_name_is_still_kept(kept_in, salt):
+    """As after an upgrade of r3jax that left the program's HLO as it was: JAX's cache has it
+    (compiled by plain `jax.jit`), this folder has not."""
+    traces = []
+    jax.jit(counting_step(traces, salt), donate_argnums=0)(jnp.zeros(4), jnp.ones(4))
+    StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(4), jnp.ones(4))
+    assert len(kept(kept_in)) == 1
+    new_state, out = StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.ones(4), jnp.ones(4))
+    assert len(traces) == 2  # the plain jit's and the kept program's compile; the rerun loaded it
+    np.testing.assert_array_equal(new_state, 2.0)
+    assert float(out["dot"]) == 4.0 * salt
+
+
 def test_a_program_read_back_from_jaxs_cache_is_not_kept(kept_in, salt):
     traces = []
     StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(4), jnp.ones(4))
