@@ -31,16 +31,29 @@ def adamw(lr: float, weight_decay: float = 0.0, grad_clip: float | None = 1.0) -
     return optax.chain(*parts)
 
 
+def sft_optimizer_knobs(section) -> tuple[float, float, float]:
+    """(lr, weight_decay, grad_clip): everything `sft_optimizer` reads of config.sft (and so what
+    names a compiled SFT step's optimizer, `programs.Cached`)."""
+    return section.lr, section.weight_decay, section.grad_clip
+
+
 def sft_optimizer(section) -> optax.GradientTransformation:
     """config.sft's optimizer: what the SFT trainer steps and the planner compiles."""
-    return adamw(section.lr, section.weight_decay, section.grad_clip)
+    return adamw(*sft_optimizer_knobs(section))
+
+
+def rl_optimizer_knobs(section) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """`adamw`'s arguments for the policy and for the critic: everything `rl_optimizer` reads of
+    config.rl (and so what names a compiled update's optimizer, `programs.Cached`)."""
+    return ((section.lr, section.weight_decay, section.grad_clip),
+            (section.critic_lr or section.lr, section.weight_decay, section.grad_clip))
 
 
 def rl_optimizer(section, params: ActorCritic) -> optax.GradientTransformation:
     """config.rl's optimizer over `params` (the policy at rl.lr, what only the critic owns at
     rl.critic_lr): what the RL trainer steps and the planner compiles."""
-    return actor_critic(adamw(section.lr, section.weight_decay, section.grad_clip),
-                        adamw(section.critic_lr or section.lr, section.weight_decay, section.grad_clip), params)
+    policy, critic = rl_optimizer_knobs(section)
+    return actor_critic(adamw(*policy), adamw(*critic), params)
 
 
 def scaled(updates: Any, scale) -> Any:

@@ -411,7 +411,7 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
     `lax.scan` over epochs x minibatches of clipped PPO steps. `lr_scale` is the schedule's
     multiplier for this RL step; `policy_weight` 0 keeps the policy where it is and trains only
     the critic (warm-up); `frozen` is the base under LoRA adapters, never differentiated. With an
-    `identity` (what built `optimizer`, beside model_cfg and cfg) its programs are kept on disk
+    `identity` (what built `optimizer`: `optim.rl_optimizer_knobs`) its programs are kept on disk
     (`programs.Cached`)."""
 
     def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0,

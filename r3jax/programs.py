@@ -5,7 +5,7 @@ not the tracing and lowering that JAX needs to find a program's key: on the main
 about 1.2 s for each batch shape's first call, and 0.3 s for the sampler's (docs/experiments.md,
 "First step"). A `Cached` program is found on disk by what defines it instead:
 - its name and the identity its maker gives (every value the function closes over: model
-  config, update settings, the config section that builds the optimizer);
+  config, update settings, the optimizer's knobs);
 - the arguments' tree, shapes, dtypes and shardings;
 - the r3jax source, JAX's version, and the devices.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import pickle
 from typing import Any, Callable
@@ -81,12 +80,6 @@ def program_key(name: str, identity: Any, call_signature: tuple) -> str:
     """`name`'s program's key for one identity and call signature (its file is `<key>.program`)."""
     material = repr((name, identity, call_signature, environment()))
     return f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
-
-
-def section_identity(section) -> str:
-    """A config section (ml_collections) as sorted JSON, for an identity: the section that built
-    an optimizer or a loss names it."""
-    return json.dumps(json.loads(section.to_json_best_effort()), sort_keys=True)
 
 
 _jax_cache_hits = [0]

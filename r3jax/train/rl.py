@@ -14,8 +14,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from r3jax import (config as config_lib, curriculum as curriculum_lib, optim, packing, ppo, programs,
-                   rollout as rollout_lib, sharding)
+from r3jax import (config as config_lib, curriculum as curriculum_lib, optim, packing, ppo, rollout as rollout_lib,
+                   sharding)
 from r3jax.checkpoint import StopSignal
 from r3jax.evaluate import accuracy_report, evaluate, greedy_problems, samples
 from r3jax.models import lora
@@ -254,7 +254,7 @@ def _learner(c, ppo_cfg: ppo.PPOConfig, model_cfg: ModelConfig, policy: Any, fro
     reference = sharding.compute_copy(model_cfg, mesh)(policy) if c.kl_coef and frozen is None else None
     params = actor_critic_params(model_cfg, policy, c.separate_critic, critic=c.estimator == "gae")
     optimizer = optim.rl_optimizer(c, params)
-    update = ppo.make_ppo_update(model_cfg, ppo_cfg, optimizer, programs.section_identity(c))
+    update = ppo.make_ppo_update(model_cfg, ppo_cfg, optimizer, optim.rl_optimizer_knobs(c))
     shapes, batch_shards = set(), config_lib.data_parallel_size(mesh.devices.shape)
 
     def learn(state: ppo.PPOState, collected: Collected, key: jax.Array, lr_scale: float, step: int):

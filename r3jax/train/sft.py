@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from r3jax import config as config_lib, optim, programs, sharding
+from r3jax import config as config_lib, optim, sharding
 from r3jax.checkpoint import StopSignal, latest_step
 from r3jax.curriculum import epoch_order
 from r3jax.evaluate import evaluate, greedy_problems, samples
@@ -83,7 +83,8 @@ def make_train_step(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
     """`step(state, batch [micro, accum, length], lr_scale, frozen=None) -> (state, metrics)`, one
     jit, state donated; `lr_scale` is the schedule's multiplier of the optimizer's peak learning
     rate; `frozen` is the base under LoRA adapters (state.params), never differentiated. With an
-    `identity` (what built `optimizer`) its programs are kept on disk (`programs.Cached`)."""
+    `identity` (what built `optimizer`: `optim.sft_optimizer_knobs`) its programs are kept on disk
+    (`programs.Cached`)."""
     grad_fn = jax.value_and_grad(lambda p, b, frozen: nll_sum(model_cfg, lora.merge(frozen, p), b, logits_chunk),
                                  has_aux=True)
 
@@ -145,7 +146,7 @@ def train(settings: Settings, start: Policy, task: Task, workdir: str, stop: Sto
             return best_dir
         print(f"SFT: extending from step {latest} to {steps}")
     optimizer = optim.sft_optimizer(c)
-    train_step = make_train_step(model_cfg, optimizer, c.logits_chunk, programs.section_identity(c))
+    train_step = make_train_step(model_cfg, optimizer, c.logits_chunk, optim.sft_optimizer_knobs(c))
     validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], settings.eval)  # never test
 
     def sft_step(state: SFTState, meta: dict) -> tuple[SFTState, dict, dict]:
