@@ -3,11 +3,12 @@
 JAX's persistent compilation cache (`config.compile_cache`) spares a rerun the XLA compile, but
 not the tracing and lowering that JAX needs to find a program's key: on the main job's RL update
 about 1.2 s for each batch shape's first call, and 0.3 s for the sampler's (docs/experiments.md,
-"First step"). A `Cached` program is found on disk by what defines it instead:
+"Kept programs"). A `Cached` program is found on disk by what defines it instead:
 - its name and the identity its maker gives (every value the function closes over: model
   config, update settings, the optimizer's knobs);
 - the arguments' tree, shapes, dtypes and shardings;
-- the r3jax source, JAX's version, and the devices.
+- the r3jax source, the versions of JAX, jaxlib, Flax and Optax, JAX's options, XLA_FLAGS and the
+  devices (`environment`).
 
 The programs live beside JAX's cache, in `<jax_compilation_cache_dir>/r3jax-programs`. With that
 cache off, or on more than one process (each would need its own copy), every call goes through
@@ -15,6 +16,7 @@ cache off, or on more than one process (each would need its own copy), every cal
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -139,7 +141,8 @@ class Cached:
                     *serialized, execution_devices=[by_id[i] for i in device_ids])
             except Exception as error:  # written by another JAX, or broken: compile again
                 print(f"{path}: could not be loaded ({type(error).__name__}: {error}); removed, compiling it again")
-                os.remove(path)
+                with contextlib.suppress(FileNotFoundError):  # another process's removal
+                    os.remove(path)
         compiled, keepable = compile_for_keeping(self.fun, args, key, self.donate_argnums)
         if not keepable:
             return compiled
