@@ -58,10 +58,17 @@ def folder() -> str | None:
 
 
 def signature(args: tuple) -> tuple:
-    """What a jitted call compiles for: the arguments' tree, and each leaf's type (shape, dtype,
-    weak type) and sharding (None for host values)."""
+    """What a jitted call compiles for, as hashable objects (looked up on every call): the
+    arguments' tree, and each leaf's type (shape, dtype, weak type) and sharding (None for host
+    values)."""
     leaves, tree = jax.tree.flatten(args)
-    return (str(tree), tuple((str(jax.typeof(leaf)), repr(getattr(leaf, "sharding", None))) for leaf in leaves))
+    return tree, tuple((jax.typeof(leaf), getattr(leaf, "sharding", None)) for leaf in leaves)
+
+
+def signature_text(call_signature: tuple) -> tuple:
+    """`signature`'s objects as text, the same in every process (for `program_key`)."""
+    tree, leaves = call_signature
+    return str(tree), tuple((str(aval), repr(sharding)) for aval, sharding in leaves)
 
 
 # JAX options that say where and whether things are cached or logged, not what a program computes
@@ -80,7 +87,7 @@ def environment() -> tuple:
 
 def program_key(name: str, identity: Any, call_signature: tuple) -> str:
     """`name`'s program's key for one identity and call signature (its file is `<key>.program`)."""
-    material = repr((name, identity, call_signature, environment()))
+    material = repr((name, identity, signature_text(call_signature), environment()))
     return f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
 
 
@@ -112,7 +119,8 @@ def compile_for_keeping(fun: Callable, args: tuple, key: str, donate_argnums: tu
 class Cached:
     """`jax.jit(fun, donate_argnums)` (`fun` of positional arguments) compiled once per call
     signature: in this process from memory, across processes from `folder()`. `identity` must
-    name every value `fun` closes over; `name` says what it is in file names."""
+    name every value `fun` closes over (None: the plain jit, nothing kept); `name` says what it is
+    in file names."""
 
     def __init__(self, name: str, fun: Callable, identity: Any, donate_argnums: tuple[int, ...] = ()):
         self.name, self.fun, self.identity, self.donate_argnums = name, fun, identity, donate_argnums
@@ -120,6 +128,8 @@ class Cached:
         self.compiled: dict[tuple, Callable] = {}
 
     def __call__(self, *args):
+        if self.identity is None:
+            return self.jitted(*args)
         call_signature = signature(args)
         program = self.compiled.get(call_signature)
         if program is None:
@@ -156,5 +166,5 @@ class Cached:
         return compiled
 
     def count(self) -> int:
-        """Distinct call signatures met in this process."""
-        return len(self.compiled)
+        """Distinct call signatures compiled (or loaded) in this process."""
+        return len(self.compiled) if self.identity is not None else self.jitted._cache_size()

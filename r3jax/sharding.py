@@ -85,7 +85,6 @@ class StateStep:
 
     def __init__(self, step: Callable[..., tuple], name: str = "", identity: Any = None):
         self.step, self.name, self.identity = step, name, identity
-        self.jitted: dict[tuple, Callable] = {}
         self.programs: dict[tuple, programs.Cached] = {}
 
     @staticmethod
@@ -110,20 +109,18 @@ class StateStep:
                 for s in shardings]
 
     def _for(self, state: Any) -> tuple[tuple, list]:
-        """(the key of `state`'s program in `jitted`, created if new; its layout)."""
+        """(the key of `state`'s program in `programs`, created if new; its layout)."""
         layout = self._layout(state)
         key = (jax.tree.structure(state), tuple(layout))
-        if key not in self.jitted:
+        if key not in self.programs:
             def pinned(state, *args):
                 new_state, *outputs = self.step(state, *args)
                 leaves, treedef = jax.tree.flatten(new_state)
                 pinned_leaves = [leaf if sharding is None else jax.lax.with_sharding_constraint(leaf, sharding)
                                  for leaf, sharding in zip(leaves, layout)]
                 return (jax.tree.unflatten(treedef, pinned_leaves), *outputs)
-            self.jitted[key] = jax.jit(pinned, donate_argnums=0)
-            if self.identity is not None:
-                self.programs[key] = programs.Cached(self.name, pinned, (self.identity, repr(layout)),
-                                                     donate_argnums=(0,))
+            identity = None if self.identity is None else (self.identity, repr(layout))
+            self.programs[key] = programs.Cached(self.name, pinned, identity, donate_argnums=(0,))
         return key, layout
 
     def __call__(self, state: Any, *args):
@@ -131,16 +128,14 @@ class StateStep:
         leaves, treedef = jax.tree.flatten(state)
         placed = [leaf if sharding is None or leaf.sharding == sharding else jax.device_put(leaf, sharding)
                   for leaf, sharding in zip(leaves, layout)]
-        call = self.programs.get(key, self.jitted[key])
-        return call(jax.tree.unflatten(treedef, placed), *args)
+        return self.programs[key](jax.tree.unflatten(treedef, placed), *args)
 
     def lower(self, state: Any, *args):
-        return self.jitted[self._for(state)[0]].lower(state, *args)
+        return self.programs[self._for(state)[0]].jitted.lower(state, *args)
 
     def compilations(self) -> int:
         """Distinct call signatures compiled (or loaded) in this process."""
-        return sum(self.programs[key].count() if key in self.programs else jitted._cache_size()
-                   for key, jitted in self.jitted.items())
+        return sum(program.count() for program in self.programs.values())
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
