@@ -13,14 +13,23 @@ about 1.2 s for each batch shape's first call, and 0.3 s for the sampler's (docs
 The programs live beside JAX's cache, in `<jax_compilation_cache_dir>/r3jax-programs`. With that
 cache off, or on more than one process (each would need its own copy), every call goes through
 `jax.jit` as before. A file that cannot be read back is removed, and its program compiled again.
+
+A family's files (one name and identity, in one environment) share a prefix. When a `Cached` is
+made, a loader thread starts reading its family's programs back, most recently used first, so
+that a rerun's programs are loaded by their first call (`sharding.StateStep.prepare`).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import glob
 import hashlib
 import os
 import pickle
+import queue
+import threading
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import flax
@@ -85,10 +94,17 @@ def environment() -> tuple:
             [(d.platform, d.device_kind) for d in jax.devices()])
 
 
+def family_key(name: str, identity: Any) -> str:
+    """What `name`'s programs of one identity, in this environment, share: their files' prefix."""
+    material = repr((name, identity, environment()))
+    return f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:16]}"
+
+
 def program_key(name: str, identity: Any, call_signature: tuple) -> str:
-    """`name`'s program's key for one identity and call signature (its file is `<key>.program`)."""
+    """`name`'s program's key for one identity and call signature (its file is `<key>.program`):
+    its family's prefix, then a digest of everything that defines it."""
     material = repr((name, identity, signature_text(call_signature), environment()))
-    return f"{name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
+    return f"{family_key(name, identity)}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
 
 
 _jax_cache_hits = [0]
@@ -116,6 +132,64 @@ def compile_for_keeping(fun: Callable, args: tuple, key: str, donate_argnums: tu
     return compiled, _jax_cache_hits[0] == hits
 
 
+def read_program(path: str) -> Callable:
+    """The compiled program kept in `path`, loaded onto the devices it was compiled for."""
+    with open(path, "rb") as f:
+        serialized, device_ids = pickle.load(f)
+    by_id = {device.id: device for device in jax.devices()}
+    return serialize_executable.deserialize_and_load(*serialized, execution_devices=[by_id[i] for i in device_ids])
+
+
+# Programs of a family read back ahead of their first call, most recently used first: a loader
+# thread deserializes them (which releases the GIL, 0.2 s for the main job's update on this
+# host's CPU) while the trainer sets up and samples its first rollout.
+READ_AHEAD = 16
+
+
+class _Loader:
+    """One thread that reads kept programs back in the order asked, each into its Future. At exit
+    it stops after the program in hand, so that no load is cut off inside XLA."""
+
+    def __init__(self):
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def read_ahead(self, paths: list[str]) -> dict[str, Future]:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._serve, name="r3jax-programs", daemon=True)
+            self.thread.start()
+            atexit.register(self._stop)
+        futures = {path: Future() for path in paths}
+        for request in futures.items():
+            self.requests.put(request)
+        return futures
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            path, future = self.requests.get()
+            if path is not None and future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(read_program(path))
+                except Exception as error:  # the caller reports it, as for its own load
+                    future.set_exception(error)
+
+    def _stop(self) -> None:
+        self.stopping.set()
+        self.requests.put((None, None))
+        self.thread.join()
+
+
+_loader = _Loader()
+
+
+def _last_used(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except FileNotFoundError:  # removed by another process meanwhile
+        return 0.0
+
+
 class Cached:
     """`jax.jit(fun, donate_argnums)` (`fun` of positional arguments) compiled once per call
     signature: in this process from memory, across processes from `folder()`. `identity` must
@@ -126,6 +200,16 @@ class Cached:
         self.name, self.fun, self.identity, self.donate_argnums = name, fun, identity, donate_argnums
         self.jitted = jax.jit(fun, donate_argnums=donate_argnums)
         self.compiled: dict[tuple, Callable] = {}
+        self.read_ahead = self._read_ahead()
+
+    def _read_ahead(self) -> dict[str, Future]:
+        """This family's kept programs, being read back by the loader thread, by path."""
+        where = folder()
+        if self.identity is None or where is None:
+            return {}
+        paths = glob.glob(os.path.join(glob.escape(where), f"{family_key(self.name, self.identity)}-*.program"))
+        paths.sort(key=_last_used, reverse=True)
+        return _loader.read_ahead(paths[:READ_AHEAD])
 
     def __call__(self, *args):
         if self.identity is None:
@@ -136,23 +220,30 @@ class Cached:
             program = self.compiled[call_signature] = self._load_or_compile(args, call_signature)
         return program(*args)
 
+    def _kept(self, path: str) -> Callable | None:
+        """The program kept in `path` (from the loader thread if it has it in hand), or None."""
+        future = self.read_ahead.pop(path, None)
+        if future is not None and not future.cancel():
+            return future.result()
+        return read_program(path) if os.path.exists(path) else None
+
     def _load_or_compile(self, args: tuple, call_signature: tuple) -> Callable:
         where = folder()
         if where is None:
             return self.jitted
         key = program_key(self.name, self.identity, call_signature)
         path = os.path.join(where, f"{key}.program")
-        if os.path.exists(path):
-            try:
-                with open(path, "rb") as f:
-                    serialized, device_ids = pickle.load(f)
-                by_id = {device.id: device for device in jax.devices()}
-                return serialize_executable.deserialize_and_load(
-                    *serialized, execution_devices=[by_id[i] for i in device_ids])
-            except Exception as error:  # written by another JAX, or broken: compile again
-                print(f"{path}: could not be loaded ({type(error).__name__}: {error}); removed, compiling it again")
-                with contextlib.suppress(FileNotFoundError):  # another process's removal
-                    os.remove(path)
+        try:
+            program = self._kept(path)
+        except Exception as error:  # written by another JAX, or broken: compile again
+            print(f"{path}: could not be loaded ({type(error).__name__}: {error}); removed, compiling it again")
+            with contextlib.suppress(FileNotFoundError):  # another process's removal
+                os.remove(path)
+        else:
+            if program is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(path)  # recently used: read ahead first next time
+                return program
         compiled, keepable = compile_for_keeping(self.fun, args, key, self.donate_argnums)
         if not keepable:
             return compiled

@@ -123,6 +123,11 @@ class StateStep:
             self.programs[key] = programs.Cached(self.name, pinned, identity, donate_argnums=(0,))
         return key, layout
 
+    def prepare(self, state: Any) -> None:
+        """Makes ready the programs for `state`'s layout ahead of the first call: kept ones are read
+        back in the background meanwhile (`programs.Cached`)."""
+        self._for(state)
+
     def __call__(self, state: Any, *args):
         key, layout = self._for(state)
         leaves, treedef = jax.tree.flatten(state)

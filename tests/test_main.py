@@ -198,16 +198,16 @@ def test_a_rerun_loads_its_kept_programs_and_repeats_the_run(tmp_path):
     first = run_cli(*short, "--workdir=first", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     programs = cache / "r3jax-programs"
-    kept = {name: os.path.getmtime(programs / name) for name in os.listdir(programs)}
-    assert {name.rsplit("-", 1)[0] for name in kept} == {"sft-step", "ppo-update", "sampler"}, sorted(kept)
+    kept = set(os.listdir(programs))
+    assert {name.rsplit("-", 2)[0] for name in kept} == {"sft-step", "ppo-update", "sampler"}, sorted(kept)
     # a kept program compiles under its key's name; a program not kept, under its function's
-    traced = lambda log: re.findall(r"Finished tracing (pinned|_generate|(?:sft_step|ppo_update|sampler)_[0-9a-f]+) ",
+    traced = lambda log: re.findall(r"Finished tracing (pinned|_generate|(?:sft_step|ppo_update|sampler)_[0-9a-f_]+) ",
                                     log)
     assert len(traced(first.stderr)) >= 3
     rerun = run_cli(*short, "--workdir=rerun", cwd=tmp_path, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert traced(rerun.stderr) == []
-    assert {name: os.path.getmtime(programs / name) for name in os.listdir(programs)} == kept
+    assert set(os.listdir(programs)) == kept  # nothing compiled, so nothing new kept
     for want, have in zip(rl_log(tmp_path / "first"), rl_log(tmp_path / "rerun"), strict=True):
         assert {k: v for k, v in want.items() if not k.startswith(TIMING)} == \
             {k: v for k, v in have.items() if not k.startswith(TIMING)}

@@ -1,5 +1,6 @@
 """Programs kept on disk (r3jax/programs.py): a rerun loads what an earlier run compiled, without
 tracing it, and gets the same numbers; anything that defines the program makes another file."""
+import functools
 import os
 
 import jax
@@ -129,3 +130,25 @@ def test_the_folder_follows_jaxs_cache():
         assert programs.folder() is None
     finally:
         jax.config.update("jax_compilation_cache_dir", cache)
+
+
+def test_kept_programs_are_read_back_ahead_of_their_first_call(kept_in, salt, monkeypatch):
+    traces = []
+    step_of = functools.partial(StateStep, counting_step(traces, salt), "probe", identity="v1")
+    first, second = step_of(), step_of()
+    first(jnp.zeros(4), jnp.ones(4))
+    second(jnp.zeros(3), jnp.ones(3))
+    (older, newer) = sorted(kept(kept_in), key=lambda name: os.path.getmtime(kept_in / name))
+    os.utime(kept_in / older, (1, 1))  # last used long ago
+    monkeypatch.setattr(programs, "READ_AHEAD", 1)
+    rerun = step_of()
+    rerun.prepare(jnp.zeros(3))
+    (cached,) = rerun.programs.values()
+    assert list(cached.read_ahead) == [str(kept_in / newer)]  # the most recently used only
+    cached.read_ahead[str(kept_in / newer)].result(timeout=60)  # read back before any call
+    new_state, out = rerun(jnp.ones(3), jnp.ones(3))
+    np.testing.assert_array_equal(new_state, 2.0)
+    assert float(out["dot"]) == 3.0 * salt
+    assert not cached.read_ahead and len(traces) == 2, "the rerun traced the step"
+    rerun(jnp.ones(4), jnp.ones(4))  # not read ahead: loaded at its call, still without tracing
+    assert len(traces) == 2 and os.path.getmtime(kept_in / older) > 1

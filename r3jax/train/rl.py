@@ -270,7 +270,9 @@ def _learner(c, ppo_cfg: ppo.PPOConfig, model_cfg: ModelConfig, policy: Any, fro
                                     {k: sharding.to_host(v) for k, v in per_sequence.items()}))
         return state, record
 
-    return ppo.init_state(params, optimizer), learn
+    state = ppo.init_state(params, optimizer)
+    update.prepare(state)
+    return state, learn
 
 
 def _curriculum_record(curriculum: curriculum_lib.Curriculum, step: int, progress: float,
