@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -118,6 +119,15 @@ def ensure_sft(sft: str | None) -> str:
         os.makedirs(workdir, exist_ok=True)
         main_job("--config.mode=sft", f"--workdir={workdir}", log=os.path.join(workdir, "sft.log"))
     return best
+
+
+def weights_sha256(model: str) -> str:
+    """sha256 of an export's weights: which SFT model a run measured (bench/.peers is remade per host)."""
+    digest = hashlib.sha256()
+    with open(os.path.join(model, "model.safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_prompts(sft: str, path: str) -> None:
@@ -447,7 +457,8 @@ def speed(args) -> None:
     bare = bare_steps()
     write("peers", {
         "machine": machine_info(), "trl": peer_versions("trl"), "tunix": peer_versions("tunix"),
-        "grpo": {"temperature": temperature, "lr": lr, **SHARED, "model": "the main job's SFT model"},
+        "grpo": {"temperature": temperature, "lr": lr, **SHARED, "model": "the main job's SFT model",
+                 "model_sha256": weights_sha256(sft)},
         "ppo": {"model": "bench/ppo_step.py's SMALL Llama (3.95M), random weights", "batch": 16, "prompt": 64,
                 "new_tokens": 64, "epochs": 2, "critic": "separate",
                 "trl_extra": "TRL also runs a reward model forward (r3jax's PPO step here scores nothing)",
