@@ -525,20 +525,26 @@ class Attention(nn.Module):
         # step then reads the cache as it lies, with no transposed copy of it
         k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)
         v = self._proj("v_proj", cfg.num_kv_heads, x).transpose(0, 2, 1, 3)
+        batch, seq = x.shape[:2]
+        # a prefill (the cache empty, filled from slot 0) attends over its own keys alone, as a
+        # forward without a cache does: the cache's later slots are empty, so reading them is waste
+        prefill = layer_cache is not None and isinstance(cache_start, int) and cache_start == 0
         if layer_cache is not None:
             layer_cache = write_cache(layer_cache, k, v, cache_start, layer_index)
-            k, v = layer_keys_values(layer_cache, layer_index)
-        batch, seq = x.shape[:2]
+            if not prefill:
+                k, v = layer_keys_values(layer_cache, layer_index)
+        own_keys = layer_cache is None or prefill
+        kv_mask = kv_mask[:, :seq] if prefill else kv_mask
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
         block = cache_block(cfg)
         kernel = attention_kernel(cfg)
         if layer_cache is not None and seq == 1 and block:
             out = decode_attention(q, k, v, kv_mask, cache_start, block)
-        elif layer_cache is None and kernel != "xla":
+        elif own_keys and kernel != "xla":
             segments = kv_mask.astype(jnp.int32) if segment_ids is None else segment_ids
             out = fused_attention(q, k, v, segments, kernel)
-        elif layer_cache is None and not cfg.attention_chunk:
+        elif own_keys and not cfg.attention_chunk:
             out = causal_block_attention(q, k, v, kv_mask, segment_ids)
         else:
             out = attention(q, k, v, kv_mask, cache_start, segment_ids, cfg.attention_chunk)
