@@ -196,7 +196,8 @@ SCHEMA: dict[str, Any] = {
                               "reference log-probs, values) run one at a time (memory); must divide rl.batch_size"),
         "reuse_sampler_logprobs": (False, "the update's old log-probs are the sampler's, not recomputed by a "
                                           "forward pass (equal in float32; refused with top-k, top-p or "
-                                          "bfloat16 compute, where they differ)"),
+                                          "bfloat16 compute, where they differ); with rl.minibatches=1 the "
+                                          "first gradient pass computes them anyway, so it saves nothing"),
         "rollout_mesh": ((), "(data, fsdp, tensor) to sample in, the weights moved into it once per step; "
                              "() = the training layout"),
         "stage_length": (1.0, "staged: length of each stage in rl.stage_unit"),

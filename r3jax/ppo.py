@@ -57,14 +57,14 @@ class PPOConfig:
     prepare_chunks: int = 1  # slices of the batch's rows the no-gradient forward passes run one at a time
 
 
-def single_pass(cfg: PPOConfig) -> bool:
-    """One update per sampled batch (1 epoch, 1 minibatch) whose advantages do not read the old
-    log-probs (no KL penalty in the reward). The policy before the update is then the policy the
-    gradient pass runs, so its old log-probs are that pass's own, held constant: the ratio is 1
-    and the gradient is the policy gradient, as TRL's GRPOTrainer does with one iteration, and
-    `prepare` makes no policy forward of its own."""
-    return cfg.epochs * cfg.minibatches == 1 and not cfg.reuse_sampler_logprobs and \
-        (cfg.kl_coef == 0 or cfg.kl_mode == "loss")
+def first_pass_prepares(cfg: PPOConfig) -> bool:
+    """One minibatch per epoch: the update's first gradient pass then runs the policy and the critic
+    on the whole batch before any update, so its own forward, held constant, gives the old log-probs
+    and values, and with them the advantages (`complete`). `prepare`'s policy and critic forwards
+    would compute the same numbers again; only the reference's forward stays apart. With one epoch
+    the ratio is 1 and the gradient is the policy gradient, as in TRL's GRPOTrainer with one
+    iteration."""
+    return cfg.minibatches == 1
 
 
 class PPOState(NamedTuple):
@@ -113,11 +113,12 @@ class ForwardRows(NamedTuple):
 
 
 class PreparedBatch(NamedTuple):
-    """What the minibatch losses read, computed once per update without gradients."""
+    """What the minibatch losses read, computed once per update without gradients (the advantages
+    and returns by `complete`)."""
     rows: ForwardRows
     targets: jnp.ndarray         # [batch, new] the completion tokens
     completion_mask: jnp.ndarray  # [batch, new]
-    old_logprobs: jnp.ndarray    # [batch, new] under the policy before the update (single_pass: the sampler's)
+    old_logprobs: jnp.ndarray    # [batch, new] under the policy before the update (or the sampler's)
     ref_logprobs: jnp.ndarray    # [batch, new] under the frozen reference
     old_values: jnp.ndarray      # [batch, new] the critic's, 0 without one
     advantages: jnp.ndarray      # [batch, new]
@@ -290,32 +291,38 @@ def explained_variance(values, returns, mask):
 
 
 def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, batch: PreparedBatch,
-                   policy_weight=1.0, frozen: dict | None = None):
-    """Total loss of one minibatch and its metrics. `policy_weight` 0 leaves only the critic's
-    loss (critic warm-up). `frozen`: the base under LoRA adapters (None: nothing is frozen)."""
+                   policy_weight=1.0, frozen: dict | None = None, data: Experience | None = None):
+    """Total loss of one minibatch and (its metrics, what it completed). `policy_weight` 0 leaves
+    only the critic's loss (critic warm-up). `frozen`: the base under LoRA adapters (None: nothing
+    is frozen). With `data`, the sampled rows, this is an update's first pass on the whole batch
+    (`first_pass_prepares`): it completes `batch` from its own forward, and what it completed is
+    `complete`'s (batch, metrics, per-sequence metrics); else None."""
     num_new = batch.completion_mask.shape[1]
     mask = batch.completion_mask.astype(jnp.float32)
     rows = batch.rows
     hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
     logp, entropy = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rows, batch.targets,
                                         cfg.temperature, cfg.logits_chunk)
-    old_logp = jax.lax.stop_gradient(logp) if single_pass(cfg) else batch.old_logprobs
-    pg_loss, clip_frac = policy_loss(logp, old_logp, batch.advantages, mask, cfg)
+    completed = None
+    if data is not None:
+        old_values = batch.old_values if values is None else rows.at_completion(values, num_new) * mask
+        completed = complete(cfg, batch._replace(old_logprobs=logp * mask, old_values=old_values), data,
+                             params.has_critic)
+        batch = completed[0]
+    pg_loss, clip_frac = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, cfg)
     mean_entropy = masked_mean(entropy, mask)
     loss = policy_weight * (pg_loss - cfg.entropy_coef * mean_entropy)
     kl_loss = masked_mean(k3_kl(logp, batch.ref_logprobs), mask)
     if cfg.kl_mode == "loss":
         loss = loss + policy_weight * cfg.kl_coef * kl_loss
     metrics = {"pg_loss": pg_loss, "clip_frac": clip_frac, "entropy": mean_entropy,
-               "approx_kl": masked_mean(old_logp - logp, mask)}
-    if single_pass(cfg):
-        metrics["sampler_kl"] = masked_mean(batch.old_logprobs - logp, mask)
+               "approx_kl": masked_mean(batch.old_logprobs - logp, mask)}
     if values is not None:
         metrics["vf_loss"] = value_loss(rows.at_completion(values, num_new), batch.old_values, batch.returns, mask,
                                         cfg.value_clip)
         loss = loss + cfg.vf_coef * metrics["vf_loss"]
     metrics["loss"] = loss
-    return loss, metrics
+    return loss, (metrics, completed)
 
 
 def _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg: PPOConfig):
@@ -344,15 +351,16 @@ def by_row_chunks(fn: Callable, chunks: int, *rows: jnp.ndarray):
 
 
 def _forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, frozen,
-                    rows: ForwardRows, targets, mask):
-    """The forward passes `prepare` makes: (old log-probs, old values, reference log-probs), each
-    `[batch, new]` and masked, 0 where a pass is not made (old log-probs reused from the sampler
-    or the gradient pass's own under single_pass, no critic, no KL penalty)."""
+                    policy_and_critic: bool, rows: ForwardRows, targets, mask):
+    """The no-gradient forward passes: (old log-probs, old values, reference log-probs), each
+    `[batch, new]` and masked, 0 where a pass is not made (the policy and the critic without
+    `policy_and_critic`, the policy's log-probs when reused from the sampler, no critic, no KL
+    penalty)."""
     num_new = mask.shape[1]
-    old_logp = ref_logp = jnp.zeros_like(mask)
-    if cfg.reuse_sampler_logprobs or single_pass(cfg):
+    old_logp = ref_logp = values = None
+    if policy_and_critic and cfg.reuse_sampler_logprobs:
         values = critic_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
-    else:
+    elif policy_and_critic:
         hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
         old_logp, _ = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rows, targets,
                                           cfg.temperature, cfg.logits_chunk)
@@ -361,47 +369,60 @@ def _forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic,
                                 positions=rows.positions)
         ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rows, targets, cfg.temperature,
                                           cfg.logits_chunk)
-    old_values = jnp.zeros_like(mask) if values is None else rows.at_completion(values, num_new) * mask
-    return old_logp, old_values, ref_logp
+    old_values = None if values is None else rows.at_completion(values, num_new)
+    return tuple(jnp.zeros_like(mask) if x is None else x * mask for x in (old_logp, old_values, ref_logp))
 
 
-def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, data: Experience,
-            frozen: dict | None = None) -> tuple[PreparedBatch, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
-    """Old and reference log-probs, values, rewards and advantages (no gradients). Returns the
-    batch, scalar metrics, and per-sequence metrics (`[batch]`, for per-stage means on the host).
-    `ref_params`: the KL penalty's frozen reference, a model without adapters; None with LoRA,
-    whose reference is the frozen base itself (the adapters off)."""
+def forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, data: Experience,
+                   frozen: dict | None = None, policy_and_critic: bool = True) -> PreparedBatch:
+    """The batch with its old and reference log-probs and old values (`_forward_passes`), not yet
+    its advantages and returns. `ref_params`: the KL penalty's frozen reference, a model without
+    adapters; None with LoRA, whose reference is the frozen base itself (the adapters off)."""
     rollout = data.rollout
     mask = rollout.completion_mask.astype(jnp.float32)
-    row_mask = data.row_mask.astype(jnp.float32)
     ref_params = frozen if ref_params is None else ref_params
     targets = rollout.tokens[:, -mask.shape[1]:]
-    passes = functools.partial(_forward_passes, model_cfg, cfg, params, ref_params, frozen)
+    passes = functools.partial(_forward_passes, model_cfg, cfg, params, ref_params, frozen, policy_and_critic)
     if data.packing is None:
         old_logp, old_values, ref_logp = by_row_chunks(
             lambda tokens, attention_mask, *per_row: passes(ForwardRows(tokens, attention_mask), *per_row),
             cfg.prepare_chunks, rollout.tokens, rollout.attention_mask, targets, mask)
     else:  # a packed row mixes rollouts, so it cannot be cut by rollout rows (config refuses chunks)
         old_logp, old_values, ref_logp = passes(ForwardRows.of(data), targets, mask)
-    if cfg.reuse_sampler_logprobs or single_pass(cfg):
-        old_logp = rollout.logprobs * mask
-    if not cfg.kl_coef:
-        ref_logp = old_logp  # no KL penalty: the reference is never read (and the trainer keeps none)
+    return PreparedBatch(ForwardRows.of(data), targets, rollout.completion_mask, old_logp, ref_logp, old_values,
+                         jnp.zeros_like(mask), jnp.zeros_like(mask))
+
+
+def complete(cfg: PPOConfig, batch: PreparedBatch, data: Experience, has_critic: bool
+             ) -> tuple[PreparedBatch, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
+    """The batch with its advantages and returns, held constant, then the sampled batch's scalar
+    metrics and per-sequence metrics (`[batch]`, for per-stage means on the host)."""
+    rollout = data.rollout
+    mask = batch.completion_mask.astype(jnp.float32)
+    row_mask = data.row_mask.astype(jnp.float32)
+    old_logp = rollout.logprobs * mask if cfg.reuse_sampler_logprobs else batch.old_logprobs
+    ref_logp = batch.ref_logprobs if cfg.kl_coef else old_logp  # no KL penalty: the reference is never read
     scores = jnp.clip(data.scores, -cfg.score_clip, cfg.score_clip) if cfg.score_clip else data.scores
-    advantages, returns = _advantages(scores, old_values, old_logp, ref_logp, mask, row_mask, cfg)
-    batch = PreparedBatch(ForwardRows.of(data), targets, rollout.completion_mask, old_logp, ref_logp,
-                          old_values, advantages, returns)
+    advantages, returns = _advantages(scores, batch.old_values, old_logp, ref_logp, mask, row_mask, cfg)
+    batch = jax.lax.stop_gradient(batch._replace(old_logprobs=old_logp, ref_logprobs=ref_logp,
+                                                 advantages=advantages, returns=returns))
     metrics = {"score": masked_mean(data.scores, row_mask), "response_length": masked_mean(mask.sum(1), row_mask),
-               "return": masked_mean(returns, mask)}
-    if not single_pass(cfg):  # else the gradient pass reports it
-        metrics["sampler_kl"] = masked_mean(rollout.logprobs - old_logp, mask)
+               "return": masked_mean(batch.returns, mask),
+               "sampler_kl": masked_mean(rollout.logprobs - batch.old_logprobs, mask)}
     per_sequence = {"response_length": mask.sum(1)}
     if cfg.kl_coef:
-        per_sequence["kl"] = ((old_logp - ref_logp) * mask).sum(1)
+        per_sequence["kl"] = ((batch.old_logprobs - batch.ref_logprobs) * mask).sum(1)
         metrics["kl"] = masked_mean(per_sequence["kl"], row_mask)
-    if params.has_critic:
-        metrics["value_explained_variance"] = explained_variance(old_values, returns, mask)
-    return jax.lax.stop_gradient(batch), metrics, per_sequence
+    if has_critic:
+        metrics["value_explained_variance"] = explained_variance(batch.old_values, batch.returns, mask)
+    return batch, metrics, per_sequence
+
+
+def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, data: Experience,
+            frozen: dict | None = None) -> tuple[PreparedBatch, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
+    """Old and reference log-probs, values, rewards and advantages (no gradients), as an update
+    that does not complete its batch in its first pass reads them; then `complete`'s metrics."""
+    return complete(cfg, forward_passes(model_cfg, cfg, params, ref_params, data, frozen), data, params.has_critic)
 
 
 def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.GradientTransformation,
@@ -416,7 +437,8 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
 
     def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0,
                frozen=None):
-        batch, metrics, per_sequence = prepare(model_cfg, cfg, state.params, ref_params, data, frozen)
+        completes = first_pass_prepares(cfg)
+        batch = forward_passes(model_cfg, cfg, state.params, ref_params, data, frozen, policy_and_critic=not completes)
         size = batch.targets.shape[0]
         if size % cfg.minibatches:
             raise ValueError(f"batch {size} does not split into {cfg.minibatches} minibatches")
@@ -424,26 +446,37 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
             raise ValueError("packed rows mix rollouts, so they cannot be split into minibatches")
         grad_fn = jax.grad(functools.partial(minibatch_loss, model_cfg, cfg), has_aux=True)
 
-        def minibatch_step(carry, minibatch):
+        def minibatch_step(carry, minibatch, first_data=None):
             params, opt_state = carry
-            grads, step_metrics = grad_fn(params, minibatch, policy_weight, frozen)
+            grads, (step_metrics, completed) = grad_fn(params, minibatch, policy_weight, frozen, first_data)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             updates = optim.scaled(updates, lr_scale)
             updates = updates.replace(policy=optim.scaled(updates.policy, policy_weight))
             step_metrics["grad_norm"] = optax.tree.norm(grads)
-            return (optax.apply_updates(params, updates), opt_state), step_metrics
+            return (optax.apply_updates(params, updates), opt_state), step_metrics, completed
 
         def epoch(carry, epoch_key):
             if batch.rows.state_index is not None:  # one minibatch, whose order does not matter
-                return jax.lax.scan(minibatch_step, carry, jax.tree.map(lambda x: x[None], batch))
-            order = jax.random.permutation(epoch_key, size)
-            minibatches = jax.tree.map(
-                lambda x: x[order].reshape(cfg.minibatches, size // cfg.minibatches, *x.shape[1:]), batch)
-            return jax.lax.scan(minibatch_step, carry, minibatches)
+                minibatches = jax.tree.map(lambda x: x[None], batch)
+            else:
+                order = jax.random.permutation(epoch_key, size)
+                minibatches = jax.tree.map(
+                    lambda x: x[order].reshape(cfg.minibatches, size // cfg.minibatches, *x.shape[1:]), batch)
+            return jax.lax.scan(lambda c, m: minibatch_step(c, m)[:2], carry, minibatches)
 
-        (params, opt_state), step_metrics = jax.lax.scan(
-            epoch, (state.params, state.opt_state), jax.random.split(key, cfg.epochs))
-        metrics.update(jax.tree.map(jnp.mean, step_metrics))
+        carry, epoch_keys = (state.params, state.opt_state), jax.random.split(key, cfg.epochs)
+        step_metrics = []
+        if completes:  # the first epoch is one pass over the whole batch, in any row order
+            carry, first_metrics, (batch, metrics, per_sequence) = minibatch_step(carry, batch, data)
+            step_metrics.append(jax.tree.map(lambda x: x[None], first_metrics))
+            epoch_keys = epoch_keys[1:]
+        else:
+            batch, metrics, per_sequence = complete(cfg, batch, data, state.params.has_critic)
+        if len(epoch_keys):
+            carry, scanned = jax.lax.scan(epoch, carry, epoch_keys)
+            step_metrics.append(jax.tree.map(lambda x: x.reshape(-1), scanned))
+        metrics.update(jax.tree.map(lambda *xs: jnp.concatenate(xs).mean(), *step_metrics))
+        params, opt_state = carry
         return PPOState(params, opt_state, state.step + cfg.epochs * cfg.minibatches), metrics, per_sequence
 
     return StateStep(update, "ppo-update", None if identity is None else (model_cfg, cfg, identity))

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from helpers import TINY, tiny_params
@@ -178,33 +179,39 @@ def test_reusing_the_samplers_logprobs_gives_the_same_update(estimator, separate
     assert grads[0] @ grads[1] / (np.linalg.norm(grads[0]) * np.linalg.norm(grads[1])) > 1 - 1e-6
 
 
-@pytest.mark.parametrize("estimator, separate_critic, kl_mode", [("grpo", False, "reward"), ("grpo", False, "loss"),
-                                                                 ("gae", True, "reward")])
-def test_a_single_pass_update_equals_the_two_pass_one(monkeypatch, estimator, separate_critic, kl_mode):
-    """One epoch of one minibatch without a KL penalty in the reward (ppo.single_pass): the loss
-    takes its old log-probs from its own forward, held constant, and `prepare` makes no policy
-    forward. Its loss, metrics and gradient equal those of the update that recomputes the old
-    log-probs in `prepare` (ppo.single_pass forced off) to float32 rounding."""
-    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=4 if estimator == "grpo" else 1, epochs=1,
-                              minibatches=1, kl_coef=0.05 if kl_mode == "loss" else 0.0, kl_mode=kl_mode)
-    assert ppo.single_pass(cfg)
+@pytest.mark.parametrize("estimator, separate_critic, kl_mode, epochs, reuse", [
+    ("grpo", False, "reward", 1, False), ("grpo", False, "loss", 2, False), ("gae", True, "reward", 2, False),
+    ("gae", False, "reward", 2, True), ("rloo", False, "reward", 3, False)])
+def test_an_update_whose_first_pass_prepares_equals_one_that_prepares_apart(monkeypatch, estimator, separate_critic,
+                                                                         kl_mode, epochs, reuse):
+    """One minibatch (ppo.first_pass_prepares): the first gradient pass takes the old log-probs and
+    values from its own forward, held constant, and `prepare` runs only the reference. The update
+    gives the parameters and metrics of the update whose `prepare` runs the policy and the critic
+    too (first_pass_prepares forced off), to float32 rounding: 1e-5 relative. Plain SGD, so that
+    float32 noise in near-zero gradients is not turned into steps of +-lr as Adam would."""
+    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=4 if estimator != "gae" else 1, epochs=epochs,
+                              minibatches=1, kl_coef=0.05, kl_mode=kl_mode, reuse_sampler_logprobs=reuse)
+    assert ppo.first_pass_prepares(cfg)
     params = actor_critic_params(TINY, tiny_params(), separate_critic, critic=estimator == "gae")
     data = _toy_batch(params, jax.random.key(7), group_size=cfg.group_size)
+    optimizer = optim.actor_critic(optax.sgd(0.5), optax.sgd(0.5), params)
 
-    def loss_and_grads():
-        batch, metrics, _ = ppo.prepare(TINY, cfg, params, tiny_params(seed=2), data)
-        (loss, step_metrics), grads = jax.value_and_grad(ppo.minibatch_loss, argnums=2, has_aux=True)(
-            TINY, cfg, params, batch)
-        return loss, {**metrics, **step_metrics}, np.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+    def updated():
+        update = ppo.make_ppo_update(TINY, cfg, optimizer)
+        state = ppo.init_state(jax.tree.map(jnp.copy, params), optimizer)
+        state, metrics, per_sequence = update(state, tiny_params(seed=2), data, jax.random.key(3))
+        return state.params, metrics, per_sequence
 
-    one_pass = loss_and_grads()
-    monkeypatch.setattr(ppo, "single_pass", lambda _: False)
-    two_pass = loss_and_grads()
-    np.testing.assert_allclose(one_pass[0], two_pass[0], rtol=1e-6, atol=1e-7)
-    assert set(one_pass[1]) == set(two_pass[1])
-    for name in one_pass[1]:
-        np.testing.assert_allclose(one_pass[1][name], two_pass[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
-    np.testing.assert_allclose(one_pass[2], two_pass[2], rtol=1e-5, atol=1e-7)
+    fused = updated()
+    monkeypatch.setattr(ppo, "first_pass_prepares", lambda _: False)
+    apart = updated()
+    assert set(fused[1]) == set(apart[1]) and set(fused[2]) == set(apart[2])
+    for name in fused[1]:
+        np.testing.assert_allclose(fused[1][name], apart[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), fused[2], apart[2])
+    moved = jax.tree.map(lambda new, old: np.abs(np.asarray(new) - np.asarray(old)).max(), fused[0], params)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the comparison is of parameters that moved
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), fused[0], apart[0])
 
 
 @pytest.mark.parametrize("estimator, separate_critic", [("grpo", False), ("gae", False), ("gae", True)])
