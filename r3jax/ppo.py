@@ -291,12 +291,13 @@ def explained_variance(values, returns, mask):
 
 
 def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, batch: PreparedBatch,
-                   policy_weight=1.0, frozen: dict | None = None, data: Experience | None = None):
+                   policy_weight=1.0, frozen: dict | None = None, data: Experience | None = None, first=True):
     """Total loss of one minibatch and (its metrics, what it completed). `policy_weight` 0 leaves
     only the critic's loss (critic warm-up). `frozen`: the base under LoRA adapters (None: nothing
-    is frozen). With `data`, the sampled rows, this is an update's first pass on the whole batch
-    (`first_pass_prepares`): it completes `batch` from its own forward, and what it completed is
-    `complete`'s (batch, metrics, per-sequence metrics); else None."""
+    is frozen). With `data`, the sampled rows, this is a pass over the whole batch of an update
+    whose first pass prepares (`first_pass_prepares`): where `first` (a bool, traced or not) it
+    completes `batch` from its own forward, else it reads `batch` as given; what it completed is
+    (the batch it read, `complete`'s metrics and per-sequence metrics of its own forward); else None."""
     num_new = batch.completion_mask.shape[1]
     mask = batch.completion_mask.astype(jnp.float32)
     rows = batch.rows
@@ -306,12 +307,15 @@ def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, 
     completed = None
     if data is not None:
         old_values = batch.old_values if values is None else rows.at_completion(values, num_new) * mask
-        completed = complete(cfg, batch._replace(old_logprobs=logp * mask, old_values=old_values), data,
-                             params.has_critic)
-        batch = completed[0]
+        own, metrics, per_sequence = complete(cfg, batch._replace(old_logprobs=logp * mask, old_values=old_values),
+                                              data, params.has_critic)
+        batch = jax.tree.map(functools.partial(jnp.where, first), own, batch)
+        completed = (batch, metrics, per_sequence)
     pg_loss, clip_frac = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, cfg)
     mean_entropy = masked_mean(entropy, mask)
-    loss = policy_weight * (pg_loss - cfg.entropy_coef * mean_entropy)
+    loss = policy_weight * pg_loss
+    if cfg.entropy_coef:  # else the entropy is only a metric, and no backward pass runs through it
+        loss = loss - policy_weight * cfg.entropy_coef * mean_entropy
     kl_loss = masked_mean(k3_kl(logp, batch.ref_logprobs), mask)
     if cfg.kl_mode == "loss":
         loss = loss + policy_weight * cfg.kl_coef * kl_loss
@@ -428,8 +432,10 @@ def prepare(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_par
 def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.GradientTransformation,
                     identity: Any = None) -> Callable[..., tuple[PPOState, dict, dict]]:
     """`update(state, ref_params, experience, key, lr_scale=1.0, policy_weight=1.0, frozen=None) ->
-    (state, metrics, per-sequence metrics)`, one jitted call with the state donated: prepare, then
-    `lax.scan` over epochs x minibatches of clipped PPO steps. `lr_scale` is the schedule's
+    (state, metrics, per-sequence metrics)`, one jitted call with the state donated: the forward
+    passes, then `lax.scan` over epochs x minibatches of clipped PPO steps (with one minibatch, a
+    scan over epochs whose first pass completes the batch, `first_pass_prepares`; `key`, which
+    orders the rows of several minibatches, is then not read). `lr_scale` is the schedule's
     multiplier for this RL step; `policy_weight` 0 keeps the policy where it is and trains only
     the critic (warm-up); `frozen` is the base under LoRA adapters, never differentiated. With an
     `identity` (what built `optimizer`: `optim.rl_optimizer_knobs`) its programs are kept on disk
@@ -446,37 +452,42 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
             raise ValueError("packed rows mix rollouts, so they cannot be split into minibatches")
         grad_fn = jax.grad(functools.partial(minibatch_loss, model_cfg, cfg), has_aux=True)
 
-        def minibatch_step(carry, minibatch, first_data=None):
-            params, opt_state = carry
-            grads, (step_metrics, completed) = grad_fn(params, minibatch, policy_weight, frozen, first_data)
+        def apply(params, opt_state, grads, step_metrics):
             updates, opt_state = optimizer.update(grads, opt_state, params)
             updates = optim.scaled(updates, lr_scale)
             updates = updates.replace(policy=optim.scaled(updates.policy, policy_weight))
             step_metrics["grad_norm"] = optax.tree.norm(grads)
-            return (optax.apply_updates(params, updates), opt_state), step_metrics, completed
+            return (optax.apply_updates(params, updates), opt_state), step_metrics
+
+        def minibatch_step(carry, minibatch):
+            params, opt_state = carry
+            grads, (step_metrics, _) = grad_fn(params, minibatch, policy_weight, frozen)
+            return apply(params, opt_state, grads, step_metrics)
 
         def epoch(carry, epoch_key):
-            if batch.rows.state_index is not None:  # one minibatch, whose order does not matter
-                minibatches = jax.tree.map(lambda x: x[None], batch)
-            else:
-                order = jax.random.permutation(epoch_key, size)
-                minibatches = jax.tree.map(
-                    lambda x: x[order].reshape(cfg.minibatches, size // cfg.minibatches, *x.shape[1:]), batch)
-            return jax.lax.scan(lambda c, m: minibatch_step(c, m)[:2], carry, minibatches)
+            """Minibatches of rows in a fresh random order (several minibatches, so not packed)."""
+            order = jax.random.permutation(epoch_key, size)
+            minibatches = jax.tree.map(
+                lambda x: x[order].reshape(cfg.minibatches, size // cfg.minibatches, *x.shape[1:]), batch)
+            return jax.lax.scan(minibatch_step, carry, minibatches)
 
-        carry, epoch_keys = (state.params, state.opt_state), jax.random.split(key, cfg.epochs)
-        step_metrics = []
-        if completes:  # the first epoch is one pass over the whole batch, in any row order
-            carry, first_metrics, (batch, metrics, per_sequence) = minibatch_step(carry, batch, data)
-            step_metrics.append(jax.tree.map(lambda x: x[None], first_metrics))
-            epoch_keys = epoch_keys[1:]
+        def whole_batch_epoch(carry, first):
+            """One pass over the whole batch, in any row order; the first completes the batch."""
+            params, opt_state, batch_so_far = carry
+            grads, (step_metrics, (batch_read, metrics, per_sequence)) = grad_fn(
+                params, batch_so_far, policy_weight, frozen, data, first)
+            (params, opt_state), step_metrics = apply(params, opt_state, grads, step_metrics)
+            return (params, opt_state, batch_read), (step_metrics, metrics, per_sequence)
+
+        if completes:
+            (params, opt_state, _), (step_metrics, metrics, per_sequence) = jax.lax.scan(
+                whole_batch_epoch, (state.params, state.opt_state, batch), jnp.arange(cfg.epochs) == 0)
+            metrics, per_sequence = jax.tree.map(lambda x: x[0], (metrics, per_sequence))
         else:
             batch, metrics, per_sequence = complete(cfg, batch, data, state.params.has_critic)
-        if len(epoch_keys):
-            carry, scanned = jax.lax.scan(epoch, carry, epoch_keys)
-            step_metrics.append(jax.tree.map(lambda x: x.reshape(-1), scanned))
-        metrics.update(jax.tree.map(lambda *xs: jnp.concatenate(xs).mean(), *step_metrics))
-        params, opt_state = carry
+            (params, opt_state), step_metrics = jax.lax.scan(
+                epoch, (state.params, state.opt_state), jax.random.split(key, cfg.epochs))
+        metrics.update(jax.tree.map(jnp.mean, step_metrics))
         return PPOState(params, opt_state, state.step + cfg.epochs * cfg.minibatches), metrics, per_sequence
 
     return StateStep(update, "ppo-update", None if identity is None else (model_cfg, cfg, identity))
