@@ -3,7 +3,7 @@ job's SFT model, with the same prompt ids, the project's arith reward and the sa
 
     python bench/peers.py learning [--settings 1.3:3e-5 1.0:1e-5] [--seeds 0 1 2] [--steps 200]
                                    [--systems r3jax-grpo trl-grpo r3jax-ppo tunix-grpo] [--out peers-learning]
-    python bench/peers.py speed [--steps 30] [--rounds 2]
+    python bench/peers.py speed [--steps 30] [--rounds 3]
 
 Each peer runs in its own virtualenv under bench/.peers/, created on first use from PEER_PINS
 (bench/peer_trl.py is TRL's side, bench/peer_tunix.py Tunix's). The SFT model is bench/.peers/main-job/sft/best, made by the
@@ -17,7 +17,8 @@ learning: per setting (temperature:lr) and seed, each system trains --steps step
 speed: the GRPO step above (r3jax, TRL), and a PPO step with a critic at the earlier comparison's
   shape (r3jax, TRL, Tunix; the 3.95M Llama of bench/ppo_step.py, 16 x 64+64 tokens, 2 epochs): short runs of each system
   interleaved over rounds, the first step apart from the steady ones, the 1-minute load average
-  recorded; r3jax's first round compiles into an empty compilation cache, later rounds read it.
+  recorded; r3jax's first round compiles into an empty compilation cache, later rounds read it
+  (the first warm step is their median).
   Then the bare forward + backward + AdamW on the PPO step's model and tokens, JAX against
   PyTorch in one process, to tell the framework's cost from the RL step's.
   Writes bench/results/peers-<device>.json.
@@ -453,7 +454,8 @@ def speed(args) -> None:
     ratios = {kind: {key: summary[f"r3jax-{kind}"][key] / summary[f"trl-{kind}"][key]
                      for key in ("rollout_s", "update_s", "step_s")} for kind in ("grpo", "ppo")}
     ppo_over_tunix = summary["r3jax-ppo"]["step_s"] / summary["tunix-ppo"]["step_s"]
-    first_warm = summary["r3jax-grpo"]["first_step_s"][-1] / summary["r3jax-grpo"]["step_s"]
+    # every round after the first finds the programs of the rounds before it kept
+    first_warm = float(np.median(summary["r3jax-grpo"]["first_step_s"][1:])) / summary["r3jax-grpo"]["step_s"]
     bare = bare_steps()
     write("peers", {
         "machine": machine_info(), "trl": peer_versions("trl"), "tunix": peer_versions("tunix"),
@@ -487,8 +489,11 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--steps", type=int, default=None, help="steps per run (learning 200, speed 30)")
     parser.add_argument("--out", default="peers-learning", help="learning: bench/results/OUT.json and .png")
-    parser.add_argument("--rounds", type=int, default=2, help="speed: interleaved rounds per system")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="speed: interleaved rounds per system (the first compiles cold, the rest warm; >= 2)")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds {args.rounds}: speed needs a cold round and at least one warm one")
     args.steps = args.steps or (200 if args.what == "learning" else 30)
     {"learning": learning, "speed": speed}[args.what](args)
 
