@@ -306,9 +306,10 @@ def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, 
                                         cfg.temperature, cfg.logits_chunk)
     completed = None
     if data is not None:
+        # held constant from here on: no tangent enters `complete`, so no backward pass runs through it
         old_values = batch.old_values if values is None else rows.at_completion(values, num_new) * mask
-        own, metrics, per_sequence = complete(cfg, batch._replace(old_logprobs=logp * mask, old_values=old_values),
-                                              data, params.has_critic)
+        own, metrics, per_sequence = complete(cfg, jax.lax.stop_gradient(batch._replace(
+            old_logprobs=logp * mask, old_values=old_values)), data, params.has_critic)
         batch = jax.tree.map(functools.partial(jnp.where, first), own, batch)
         completed = (batch, metrics, per_sequence)
     pg_loss, clip_frac = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, cfg)
