@@ -124,7 +124,8 @@ def forward_flops(cfg, rows: int, length: int, head_positions: int) -> float:
 
 
 def accelerator_utilisation(optimizer, key) -> dict:
-    """The PPO update (2 forwards to prepare, then epochs x forward + backward) and a bare SFT step at
+    """The PPO update (the reference's forward, then epochs x forward + backward, the first of which
+    also makes the old log-probs and values: `ppo.first_pass_prepares`) and a bare SFT step at
     TinyLlama-1.1B's shape: seconds, and model FLOPs over seconds over the measured bf16 matmul rate."""
     cfg, rows, length = LARGE, LARGE_BATCH, LARGE_PROMPT + LARGE_NEW
     ppo_cfg = ppo.PPOConfig(epochs=2, minibatches=1, logits_chunk=128)
@@ -133,7 +134,7 @@ def accelerator_utilisation(optimizer, key) -> dict:
     sft_s = seconds_per_call(sft_caller(cfg, optimizer, key, tokens, 128))
     rate = matmul_rate(8192, jnp.bfloat16)
     completion_pass = forward_flops(cfg, rows, length, LARGE_NEW)
-    ppo_flops = (2 + 3 * ppo_cfg.epochs) * completion_pass
+    ppo_flops = (1 + 3 * ppo_cfg.epochs) * completion_pass
     sft_flops = 3 * forward_flops(cfg, rows, length, length)
     return {"model": "TinyLlama-1.1B shape, float32 weights, bfloat16 compute", "params": cfg.num_params(),
             "batch": rows, "prompt": LARGE_PROMPT, "new_tokens": LARGE_NEW, "ppo_epochs": ppo_cfg.epochs,
