@@ -355,17 +355,16 @@ def by_row_chunks(fn: Callable, chunks: int, *rows: jnp.ndarray):
     return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), sliced)
 
 
-def _forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, frozen,
-                    policy_and_critic: bool, rows: ForwardRows, targets, mask):
+def _forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic | None, ref_params, frozen,
+                    rows: ForwardRows, targets, mask):
     """The no-gradient forward passes: (old log-probs, old values, reference log-probs), each
-    `[batch, new]` and masked, 0 where a pass is not made (the policy and the critic without
-    `policy_and_critic`, the policy's log-probs when reused from the sampler, no critic, no KL
-    penalty)."""
+    `[batch, new]` and masked, 0 where a pass is not made (the policy and the critic when `params`
+    is None, the policy's log-probs when reused from the sampler, no critic, no KL penalty)."""
     num_new = mask.shape[1]
     old_logp = ref_logp = values = None
-    if policy_and_critic and cfg.reuse_sampler_logprobs:
+    if params is not None and cfg.reuse_sampler_logprobs:
         values = critic_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
-    elif policy_and_critic:
+    elif params is not None:
         hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
         old_logp, _ = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rows, targets,
                                           cfg.temperature, cfg.logits_chunk)
@@ -387,7 +386,8 @@ def forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, 
     mask = rollout.completion_mask.astype(jnp.float32)
     ref_params = frozen if ref_params is None else ref_params
     targets = rollout.tokens[:, -mask.shape[1]:]
-    passes = functools.partial(_forward_passes, model_cfg, cfg, params, ref_params, frozen, policy_and_critic)
+    passes = functools.partial(_forward_passes, model_cfg, cfg, params if policy_and_critic else None, ref_params,
+                               frozen)
     if data.packing is None:
         old_logp, old_values, ref_logp = by_row_chunks(
             lambda tokens, attention_mask, *per_row: passes(ForwardRows(tokens, attention_mask), *per_row),
@@ -434,13 +434,11 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
                     identity: Any = None) -> Callable[..., tuple[PPOState, dict, dict]]:
     """`update(state, ref_params, experience, key, lr_scale=1.0, policy_weight=1.0, frozen=None) ->
     (state, metrics, per-sequence metrics)`, one jitted call with the state donated: the forward
-    passes, then `lax.scan` over epochs x minibatches of clipped PPO steps (with one minibatch, a
-    scan over epochs whose first pass completes the batch, `first_pass_prepares`; `key`, which
-    orders the rows of several minibatches, is then not read). `lr_scale` is the schedule's
-    multiplier for this RL step; `policy_weight` 0 keeps the policy where it is and trains only
-    the critic (warm-up); `frozen` is the base under LoRA adapters, never differentiated. With an
-    `identity` (what built `optimizer`: `optim.rl_optimizer_knobs`) its programs are kept on disk
-    (`programs.Cached`)."""
+    passes, then `lax.scan` over epochs x minibatches of clipped PPO steps (one minibatch: over
+    epochs, the first completing the batch, `first_pass_prepares`, and `key` unread). `lr_scale`:
+    the schedule's multiplier for this RL step; `policy_weight` 0 trains only the critic (warm-up);
+    `frozen`: the base under LoRA adapters, never differentiated. With an `identity` (what built
+    `optimizer`: `optim.rl_optimizer_knobs`) its programs are kept on disk (`programs.Cached`)."""
 
     def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0,
                frozen=None):
