@@ -105,10 +105,12 @@ def _toy_batch(params, key, batch=16, group_size=1):
     return ppo.experience(rollout, hits.sum(1) / rollout.completion_mask.sum(1))
 
 
-def test_update_is_one_compiled_call_without_host_transfers():
+@pytest.mark.parametrize("minibatches", [2, 1])  # 1: the first pass completes the batch
+def test_update_is_one_compiled_call_without_host_transfers(minibatches):
+    cfg = dataclasses.replace(PPO_CFG, minibatches=minibatches)
     params = actor_critic_params(TINY, tiny_params(), separate_critic=False)
     optimizer = optim.adamw(1e-3)
-    update = ppo.make_ppo_update(TINY, PPO_CFG, optimizer)
+    update = ppo.make_ppo_update(TINY, cfg, optimizer)
     state = ppo.init_state(params, optimizer)
     ref = tiny_params()
     keys = list(jax.random.split(jax.random.key(0), 3))
@@ -120,7 +122,7 @@ def test_update_is_one_compiled_call_without_host_transfers():
         state, metrics, _ = update(state, ref, batches[1], keys[1])
         state, metrics, _ = update(state, ref, batches[2], keys[2])
     assert update.compilations() == 1
-    assert int(state.step) == 3 * PPO_CFG.epochs * PPO_CFG.minibatches
+    assert int(state.step) == 3 * cfg.epochs * cfg.minibatches
     assert np.isfinite(float(metrics["loss"]))
 
 
