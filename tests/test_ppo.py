@@ -283,11 +283,12 @@ def test_critic_warmup_moves_only_the_critic():
     assert all(jax.tree.leaves(moved.value_head)) and all(jax.tree.leaves(moved.critic_backbone))
 
 
-@pytest.mark.parametrize("estimator", ["gae", "grpo"])
-def test_sharded_update_equals_single_device(estimator):
+@pytest.mark.parametrize("estimator, minibatches", [("gae", 2), ("grpo", 2), ("gae", 1)])  # 1: first_pass_prepares
+def test_sharded_update_equals_single_device(estimator, minibatches):
     mesh = sharding.make_mesh((2, 2, 2))
     critic = estimator == "gae"
-    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=1 if critic else 4, kl_coef=0.05)
+    cfg = dataclasses.replace(PPO_CFG, estimator=estimator, group_size=1 if critic else 4, kl_coef=0.05,
+                              minibatches=minibatches)
     params = actor_critic_params(TINY, tiny_params(), separate_critic=False, critic=critic)
     ref = tiny_params()
     optimizer = optim.adamw(1e-3)
