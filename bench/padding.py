@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import write
-from ppo_step import forward_flops
+from ppo_step import forward_flops, update_passes
 from sampler import ONE_B, matmul_rate
 from r3jax import (config as config_lib, optim, ppo, rollout as rollout_lib, settings as settings_lib, sharding,
                    tasks, tokenizer as tokenizer_lib)
@@ -201,16 +201,14 @@ def gsm8k(args) -> dict:
 
 def real_token_flops(config, model_cfg, batches) -> float:
     """Model FLOPs of the updates of `batches` counted on real tokens alone: each rollout's forward
-    (`forward_flops` at its real length, the LM head at its completion), times the preparing
-    forwards (the reference's, and the policy's with its value head unless the first gradient pass
-    makes its numbers, `ppo.first_pass_prepares`) and the epochs' forward + backward."""
+    (`forward_flops` at its real length, the LM head at its completion), times the update's passes
+    (`update_passes`: the policy's with its value head standing for the critic's)."""
     per_pass = 0.0
     for batch in batches:
         real = batch.rollout.attention_mask.sum(1)
         completion = batch.rollout.completion_mask.sum(1)
         per_pass += sum(forward_flops(model_cfg, 1, int(n), int(m)) for n, m in zip(real, completion))
-    preparing = 1 if ppo.first_pass_prepares(settings_lib.of(config).ppo) else 2
-    return (preparing + 3 * config.rl.epochs) * per_pass
+    return update_passes(settings_lib.of(config).ppo) * per_pass
 
 
 def sampling_seconds(model_cfg, policy, batches, new_tokens: int) -> list[float]:

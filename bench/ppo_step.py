@@ -123,9 +123,15 @@ def forward_flops(cfg, rows: int, length: int, head_positions: int) -> float:
     return rows * (length * (2 * body + attention) + 2 * head * head_positions)
 
 
+def update_passes(ppo_cfg: ppo.PPOConfig) -> int:
+    """One PPO update in forward passes over the batch (a backward counts as two): the reference's
+    forward under a KL penalty, the policy's own preparing forward unless the first gradient pass
+    makes its numbers (`ppo.first_pass_prepares`), and each epoch's forward + backward."""
+    return (1 if ppo_cfg.kl_coef else 0) + (0 if ppo.first_pass_prepares(ppo_cfg) else 1) + 3 * ppo_cfg.epochs
+
+
 def accelerator_utilisation(optimizer, key) -> dict:
-    """The PPO update (the reference's forward, then epochs x forward + backward, the first of which
-    also makes the old log-probs and values: `ppo.first_pass_prepares`) and a bare SFT step at
+    """The PPO update (`update_passes` forwards' worth) and a bare SFT step at
     TinyLlama-1.1B's shape: seconds, and model FLOPs over seconds over the measured bf16 matmul rate."""
     cfg, rows, length = LARGE, LARGE_BATCH, LARGE_PROMPT + LARGE_NEW
     ppo_cfg = ppo.PPOConfig(epochs=2, minibatches=1, logits_chunk=128)
@@ -134,7 +140,7 @@ def accelerator_utilisation(optimizer, key) -> dict:
     sft_s = seconds_per_call(sft_caller(cfg, optimizer, key, tokens, 128))
     rate = matmul_rate(8192, jnp.bfloat16)
     completion_pass = forward_flops(cfg, rows, length, LARGE_NEW)
-    ppo_flops = (1 + 3 * ppo_cfg.epochs) * completion_pass
+    ppo_flops = update_passes(ppo_cfg) * completion_pass
     sft_flops = 3 * forward_flops(cfg, rows, length, length)
     return {"model": "TinyLlama-1.1B shape, float32 weights, bfloat16 compute", "params": cfg.num_params(),
             "batch": rows, "prompt": LARGE_PROMPT, "new_tokens": LARGE_NEW, "ppo_epochs": ppo_cfg.epochs,

@@ -377,17 +377,17 @@ def _forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic 
     return tuple(jnp.zeros_like(mask) if x is None else x * mask for x in (old_logp, old_values, ref_logp))
 
 
-def forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, ref_params, data: Experience,
-                   frozen: dict | None = None, policy_and_critic: bool = True) -> PreparedBatch:
-    """The batch with its old and reference log-probs and old values (`_forward_passes`), not yet
-    its advantages and returns. `ref_params`: the KL penalty's frozen reference, a model without
-    adapters; None with LoRA, whose reference is the frozen base itself (the adapters off)."""
+def forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic | None, ref_params,
+                   data: Experience, frozen: dict | None = None) -> PreparedBatch:
+    """The batch with its old and reference log-probs and old values (`_forward_passes`; `params`
+    None: the reference's alone), not yet its advantages and returns. `ref_params`: the KL penalty's
+    frozen reference, a model without adapters; None with LoRA, whose reference is the frozen base
+    itself (the adapters off)."""
     rollout = data.rollout
     mask = rollout.completion_mask.astype(jnp.float32)
     ref_params = frozen if ref_params is None else ref_params
     targets = rollout.tokens[:, -mask.shape[1]:]
-    passes = functools.partial(_forward_passes, model_cfg, cfg, params if policy_and_critic else None, ref_params,
-                               frozen)
+    passes = functools.partial(_forward_passes, model_cfg, cfg, params, ref_params, frozen)
     if data.packing is None:
         old_logp, old_values, ref_logp = by_row_chunks(
             lambda tokens, attention_mask, *per_row: passes(ForwardRows(tokens, attention_mask), *per_row),
@@ -443,7 +443,7 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
     def update(state: PPOState, ref_params, data: Experience, key: jax.Array, lr_scale=1.0, policy_weight=1.0,
                frozen=None):
         completes = first_pass_prepares(cfg)
-        batch = forward_passes(model_cfg, cfg, state.params, ref_params, data, frozen, policy_and_critic=not completes)
+        batch = forward_passes(model_cfg, cfg, None if completes else state.params, ref_params, data, frozen)
         size = batch.targets.shape[0]
         if size % cfg.minibatches:
             raise ValueError(f"batch {size} does not split into {cfg.minibatches} minibatches")
