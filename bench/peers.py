@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -341,7 +342,7 @@ def r3jax_ppo_steps(steps: int, seed: int) -> list[dict]:
     from r3jax import optim, ppo, sampling
 
     key = jax.random.key(seed)
-    update = ppo_caller(SMALL, ppo.PPOConfig(epochs=2, minibatches=1), optim.adamw(1e-6), key, separate_critic=True)
+    update = ppo_caller(SMALL, ppo.PPOConfig(**PPO_STEP), optim.adamw(1e-6), key, separate_critic=True)
     params = fresh_weights(SMALL, key)
     prompts = jax.random.randint(key, (BATCH, PROMPT), 3, SMALL.vocab_size)
     settings = sampling.SamplingConfig(max_new_tokens=NEW)
@@ -350,11 +351,49 @@ def r3jax_ppo_steps(steps: int, seed: int) -> list[dict]:
         started = time.perf_counter()
         rollout = sampling.sample(SMALL, params, prompts, jnp.ones_like(prompts), jax.random.fold_in(key, step), settings)
         jax.block_until_ready(rollout)
-        sampled = time.perf_counter()
+        sampled, cpu = time.perf_counter(), process_cpu_s()
         update()
         done = time.perf_counter()
-        records.append({"rollout_s": sampled - started, "update_s": done - sampled, "step_s": done - started})
+        records.append({"rollout_s": sampled - started, "update_s": done - sampled, "step_s": done - started,
+                        "update_cpu_s": process_cpu_s() - cpu})
     return records
+
+
+def process_cpu_s() -> float:
+    """CPU seconds this process's threads have used, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+PPO_STEP = {"epochs": 2, "minibatches": 1}  # r3jax's PPO step's ppo.PPOConfig (defaults besides)
+
+
+def ppo_update_bound(summary: dict, ppo_runs: list[dict]) -> dict:
+    """What the PPO step's targets ask of r3jax's update on this host. Its model FLOPs (the policy's
+    passes with the LM head, the separate critic's 3 per epoch without), the rate it ran at, and
+    the update time that 0.6x TRL's step and 0.5x Tunix's leave after r3jax's own rollout: each as
+    a rate, over an fp32 2048^3 matmul's rate measured here (what the host's matmul kernels give
+    at their best), with the cores the update kept busy (CPU seconds over wall seconds)."""
+    import jax.numpy as jnp
+    from ppo_step import BATCH, NEW, PROMPT, SMALL, forward_flops, update_passes
+    from r3jax import ppo
+    from sampler import matmul_rate
+
+    ppo_cfg = ppo.PPOConfig(**PPO_STEP)
+    flops = (update_passes(ppo_cfg) * forward_flops(SMALL, BATCH, PROMPT + NEW, NEW)
+             + 3 * ppo_cfg.epochs * forward_flops(SMALL, BATCH, PROMPT + NEW, 0))
+    matmul = matmul_rate(2048, jnp.float32)
+    r3jax, rollout_s = summary["r3jax-ppo"], summary["r3jax-ppo"]["rollout_s"]
+    steady = [step for run in ppo_runs for step in run["steps"][1:]]
+
+    def rate(update_s: float) -> dict:
+        return {"update_s": update_s, "gflop_per_s": flops / update_s / 1e9, "over_matmul": flops / update_s / matmul}
+
+    return {"model_gflop": flops / 1e9, "matmul_2048_fp32_gflop_per_s": matmul / 1e9,
+            "cpu_over_wall": float(np.median([s["update_cpu_s"] / s["update_s"] for s in steady])),
+            "measured": rate(r3jax["update_s"]),
+            "for_0.6x_trl": rate(0.6 * summary["trl-ppo"]["step_s"] - rollout_s),
+            "for_0.5x_tunix": rate(0.5 * summary["tunix-ppo"]["step_s"] - rollout_s)}
 
 
 def peer_ppo_steps(peer: str, sft: str, out: str, steps: int, seed: int) -> list[dict]:
@@ -457,6 +496,7 @@ def speed(args) -> None:
     # every round after the first finds the programs of the rounds before it kept
     first_warm = float(np.median(summary["r3jax-grpo"]["first_step_s"][1:])) / summary["r3jax-grpo"]["step_s"]
     bare = bare_steps()
+    bound = ppo_update_bound(summary, runs["r3jax-ppo"])
     write("peers", {
         "machine": machine_info(), "trl": peer_versions("trl"), "tunix": peer_versions("tunix"),
         "grpo": {"temperature": temperature, "lr": lr, **SHARED, "model": "the main job's SFT model",
@@ -468,7 +508,8 @@ def speed(args) -> None:
                          "its critic takes and drops segment_ids (google/tunix#1539, bench/peer_tunix.py:Critic)"},
         "steps_per_run": args.steps, "rounds": args.rounds, "median_steady": summary, "r3jax_over_trl": ratios,
         "r3jax_over_tunix": {"ppo": {"step_s": ppo_over_tunix}},
-        "r3jax_grpo_first_step_warm_cache_over_steady": first_warm, "bare_train_step": bare, "runs": runs})
+        "r3jax_grpo_first_step_warm_cache_over_steady": first_warm, "bare_train_step": bare,
+        "ppo_update_bound": bound, "runs": runs})
     for kind, ratio in ratios.items():
         for key, value in ratio.items():
             print(f"{kind} {key}: r3jax {summary[f'r3jax-{kind}'][key]:.3f} s, TRL {summary[f'trl-{kind}'][key]:.3f} s, "
@@ -477,6 +518,10 @@ def speed(args) -> None:
           f"ratio {ppo_over_tunix:.2f}")
     print(f"bare forward + backward + AdamW: JAX {bare['median_s']['jax']:.3f} s, PyTorch {bare['median_s']['torch']:.3f} s, "
           f"ratio {bare['jax_over_torch']:.2f}")
+    for name in ("measured", "for_0.6x_trl", "for_0.5x_tunix"):
+        print(f"ppo update {name}: {bound[name]['update_s']:.3f} s, {bound[name]['gflop_per_s']:.0f} GFLOP/s, "
+              f"{bound[name]['over_matmul']:.2f}x an fp32 2048^3 matmul's {bound['matmul_2048_fp32_gflop_per_s']:.0f}")
+    print(f"ppo update: {bound['cpu_over_wall']:.2f} cores busy (CPU s over wall s)")
     print(f"r3jax's first GRPO step with a warm cache: {first_warm:.2f}x a steady step (device {device_name()})")
 
 
