@@ -20,7 +20,8 @@ speed: the GRPO step above (r3jax, TRL), and a PPO step with a critic at the ear
   recorded; r3jax's first round compiles into an empty compilation cache, later rounds read it
   (the first warm step is their median).
   Then the bare forward + backward + AdamW on the PPO step's model and tokens, JAX against
-  PyTorch in one process, to tell the framework's cost from the RL step's.
+  PyTorch in one process, to tell the framework's cost from the RL step's; and what the PPO
+  step's targets ask of r3jax's update, as a rate over an fp32 matmul's measured in the run.
   Writes bench/results/peers-<device>.json.
 """
 from __future__ import annotations
