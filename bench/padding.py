@@ -52,7 +52,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "config
 LAYOUTS = ("padded", "trimmed", "packed")
 
 
-def _tokenizer(task, vocab_size: int) -> tokenizer_lib.Tokenizer:
+def train_tokenizer(task, vocab_size: int) -> tokenizer_lib.Tokenizer:
     with tempfile.TemporaryDirectory() as folder:
         texts = (task.prompt(d.question) + d.response for d in task.demonstrations("train"))
         return tokenizer_lib.load(tokenizer_lib.train_sentencepiece(texts, os.path.join(folder, "tok"), vocab_size))
@@ -177,7 +177,7 @@ def main_job(args) -> dict:
         mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
         model_cfg, policy, batches, sample_seconds = sampled_batches(config, task, args.sft, args.steps, mesh)
     else:
-        tokenizer = _tokenizer(task, config.tokenizer.vocab_size)
+        tokenizer = train_tokenizer(task, config.tokenizer.vocab_size)
         batches, sample_seconds = gold_length_batches(config, task, tokenizer, args.steps), None
         model_cfg = job.scratch_model_config(config, tokenizer.vocab_size)
         policy = jax.tree.map(np.asarray, nn.unbox(init_params(model_cfg, jax.random.key(0))))
@@ -192,7 +192,7 @@ def gsm8k(args) -> dict:
     config.model.update(num_layers=4, path="")
     config.rl.separate_critic = False
     task = tasks.get(config.task.name, **config.task.options.to_dict())
-    tokenizer = _tokenizer(task, 2000)
+    tokenizer = train_tokenizer(task, 2000)
     model_cfg = job.scratch_model_config(config, tokenizer.vocab_size)
     policy = jax.tree.map(np.asarray, nn.unbox(init_params(model_cfg, jax.random.key(0))))
     batches = gold_length_batches(config, task, tokenizer, args.gsm8k_steps)
@@ -237,7 +237,7 @@ def gsm8k_on_accelerator(args) -> dict:
     config = config_lib.load_config_file(os.path.join(CONFIGS, "gsm8k.py"))
     config.rl.separate_critic = False
     task = tasks.get(config.task.name, **config.task.options.to_dict())
-    tokenizer = _tokenizer(task, 2000)
+    tokenizer = train_tokenizer(task, 2000)
     batches = gold_length_batches(config, task, tokenizer, args.gsm8k_steps)
     dense = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full")
     by_layout = layouts(config, batches)

@@ -1,0 +1,115 @@
+"""The packed RL update compiled for a TPU from this host, ahead of time: the dense attention kernel
+against Pallas's splash kernel with segment ids (`model.attention_impl=splash`), which otherwise
+runs here only interpreted.
+
+    pip install "libtpu==0.0.42.*"   # jax[tpu]'s pin for jax 0.10.2; no TPU needed
+    python bench/tpu_compile.py [--topology v5p:2x2x1 v6e:2x2] [--batch 16]
+
+What it builds: configs/gsm8k.py's first batch of start states (GSM8K, gold rationale lengths, as
+bench/padding.py lays them out), packed, at TinyLlama-1.1B's shape (float32 weights computing in
+bfloat16, layers scanned and rematerialised, a value head), one update of the recipe's PPO settings.
+JAX's TPU compiler (libtpu) compiles it for one chip of each topology without the chip: whether
+it compiles, in how long, whether the splash kernel is in the program as Mosaic code (a
+`tpu_custom_call`) rather than interpreted, and XLA's memory analysis (temporaries, arguments).
+Nothing runs, so this says nothing of the numbers the kernel computes; on a CPU the interpreted
+kernel's update equals the dense one's (tests/test_trim.py).
+Results: bench/results/tpu-compile-<this host's device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import sys
+import time
+from importlib import metadata
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+import padding
+from common import write
+from sampler import ONE_B
+from r3jax import config as config_lib, optim, ppo, settings as settings_lib, tasks
+from r3jax.metrics import machine_info
+from r3jax.models.transformer import init_params
+from r3jax.models.value import actor_critic_params
+
+KERNELS = ("xla", "splash")
+
+
+@contextlib.contextmanager
+def compiling_for_tpu():
+    """The model asks `jax.default_backend()` where it runs (the Pallas kernels run interpreted on a
+    CPU): while lowering here for a TPU, the answer is the TPU."""
+    real = jax.default_backend
+    jax.default_backend = lambda: "tpu"
+    try:
+        yield
+    finally:
+        jax.default_backend = real
+
+
+def packed_batch(batch_size: int) -> tuple[ml_collections.ConfigDict, ppo.Experience]:
+    """(configs/gsm8k.py with `batch_size` start states a step and a value head, its first batch packed)."""
+    config = config_lib.load_config_file(os.path.join(padding.CONFIGS, "gsm8k.py"))
+    config.rl.batch_size, config.rl.separate_critic = batch_size, False
+    task = tasks.get(config.task.name, **config.task.options.to_dict())
+    batches = padding.gold_length_batches(config, task, padding.train_tokenizer(task, 2000), 1)
+    return config, padding.layouts(config, batches)["packed"][0]
+
+
+def compile_update(config, batch: ppo.Experience, kernel: str, device) -> dict:
+    """One update of `batch` under attention `kernel`, compiled for `device` from shapes alone."""
+    model_cfg = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full", attention_impl=kernel)
+    policy = jax.eval_shape(lambda key: nn.unbox(init_params(model_cfg, key)), jax.random.key(0))
+    params = jax.eval_shape(lambda p: actor_critic_params(model_cfg, p, False, critic=True), policy)
+    optimizer = optim.rl_optimizer(config.rl, params)
+    state = jax.eval_shape(lambda p: ppo.init_state(p, optimizer), params)
+    update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=on_device),
+                        (state, policy, batch, jax.eval_shape(lambda: jax.random.key(1))))
+    start = time.perf_counter()
+    try:
+        with compiling_for_tpu():
+            compiled = update.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as error:  # e.g. out of HBM: what the compiler says is the result
+        return {"compiled": False, "error": str(error).splitlines()[0]}
+    memory = compiled.memory_analysis()
+    return {"compiled": True, "compile_s": time.perf_counter() - start,
+            "mosaic_kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+            "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes,
+            "generated_code_bytes": memory.generated_code_size_in_bytes}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--topology", nargs="+", default=["v5p:2x2x1", "v6e:2x2"],
+                        help="TPU topologies (libtpu's names); the update is compiled for one chip of each")
+    parser.add_argument("--batch", type=int, default=16, help="start states (rollouts) in the update's batch")
+    args = parser.parse_args()
+    if importlib.util.find_spec("libtpu") is None:  # JAX finds the TPU compiler through it
+        sys.exit('error: bench/tpu_compile.py needs libtpu: pip install "libtpu==0.0.42.*" (jax[tpu]\'s pin)')
+    from jax.experimental import topologies
+
+    config, batch = packed_batch(args.batch)
+    result = {"benchmark": "the packed RL update compiled ahead of time for a TPU (bench/tpu_compile.py)",
+              "machine": machine_info(), "libtpu": metadata.version("libtpu"),
+              "model": "TinyLlama-1.1B shape, float32 weights, bfloat16 compute, scan_layers, remat=full, value head",
+              "batch": args.batch, "packed_rows": list(batch.packing.tokens.shape),
+              "completion": list(batch.rollout.completion_mask.shape), "by_topology": {}}
+    for name in args.topology:
+        device = topologies.get_topology_desc(platform="tpu", topology_name=name).devices[0]
+        by_kernel = {kernel: compile_update(config, batch, kernel, device) for kernel in KERNELS}
+        result["by_topology"][name] = {"device_kind": device.device_kind, **by_kernel}
+        for kernel, outcome in by_kernel.items():
+            print(f"{name} ({device.device_kind}) {kernel}: {outcome}")
+    write("tpu-compile", result)
+
+
+if __name__ == "__main__":
+    main()
