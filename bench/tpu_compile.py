@@ -11,6 +11,8 @@ bfloat16, layers scanned and rematerialised, a value head), one update of the re
 JAX's TPU compiler (libtpu) compiles it for one chip of each topology without the chip: whether
 it compiles, in how long, whether the splash kernel is in the program as Mosaic code (a
 `tpu_custom_call`) rather than interpreted, and XLA's memory analysis (temporaries, arguments).
+The dense update is also compiled for this host's CPU, as `r3jax.plan` plans memory, and each
+TPU's temporaries are given over the CPU's.
 Nothing runs, so this says nothing of the numbers the kernel computes; on a CPU the interpreted
 kernel's update equals the dense one's (tests/test_trim.py).
 Results: bench/results/tpu-compile-<this host's device>.json.
@@ -63,7 +65,8 @@ def packed_batch(batch_size: int) -> tuple[ml_collections.ConfigDict, ppo.Experi
 
 
 def compile_update(config, batch: ppo.Experience, kernel: str, device) -> dict:
-    """One update of `batch` under attention `kernel`, compiled for `device` from shapes alone."""
+    """One update of `batch` under attention `kernel`, compiled for `device` (a TPU's, or this host's
+    CPU, as `r3jax.plan` compiles) from shapes alone."""
     model_cfg = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full", attention_impl=kernel)
     policy = jax.eval_shape(lambda key: nn.unbox(init_params(model_cfg, key)), jax.random.key(0))
     params = jax.eval_shape(lambda p: actor_critic_params(model_cfg, p, False, critic=True), policy)
@@ -75,7 +78,7 @@ def compile_update(config, batch: ppo.Experience, kernel: str, device) -> dict:
                         (state, policy, batch, jax.eval_shape(lambda: jax.random.key(1))))
     start = time.perf_counter()
     try:
-        with compiling_for_tpu():
+        with compiling_for_tpu() if device.platform == "tpu" else contextlib.nullcontext():
             compiled = update.lower(*args).compile()
     except jax.errors.JaxRuntimeError as error:  # e.g. out of HBM: what the compiler says is the result
         return {"compiled": False, "error": str(error).splitlines()[0]}
@@ -102,13 +105,23 @@ def main():
               "model": "TinyLlama-1.1B shape, float32 weights, bfloat16 compute, scan_layers, remat=full, value head",
               "batch": args.batch, "packed_rows": list(batch.packing.tokens.shape),
               "completion": list(batch.rollout.completion_mask.shape), "by_topology": {}}
+    # the same dense update compiled for this CPU, as the planner does (which compiles without
+    # r3jax's YNNPACK setting): how far a plan made on a CPU stands from a TPU's own count
+    result["cpu_xla"] = compile_update(config, batch, "xla", jax.devices("cpu")[0])
+    print(f"this host's CPU xla: {result['cpu_xla']}")
     for name in args.topology:
         device = topologies.get_topology_desc(platform="tpu", topology_name=name).devices[0]
         by_kernel = {kernel: compile_update(config, batch, kernel, device) for kernel in KERNELS}
-        result["by_topology"][name] = {"device_kind": device.device_kind, **by_kernel}
+        result["by_topology"][name] = {"device_kind": device.device_kind, **by_kernel,
+                                       "xla_temp_over_cpu": _ratio(by_kernel["xla"], result["cpu_xla"])}
         for kernel, outcome in by_kernel.items():
             print(f"{name} ({device.device_kind}) {kernel}: {outcome}")
     write("tpu-compile", result)
+
+
+def _ratio(outcome: dict, cpu: dict) -> float | None:
+    """A TPU compile's temporaries over the CPU compile's (None if either did not compile)."""
+    return outcome["temp_bytes"] / cpu["temp_bytes"] if outcome["compiled"] and cpu["compiled"] else None
 
 
 if __name__ == "__main__":
