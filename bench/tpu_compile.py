@@ -3,11 +3,12 @@ against Pallas's splash kernel with segment ids (`model.attention_impl=splash`),
 runs here only interpreted.
 
     pip install "libtpu==0.0.42.*"   # jax[tpu]'s pin for jax 0.10.2; no TPU needed
-    python bench/tpu_compile.py [--topology v5p:2x2x1 v6e:2x2] [--batch 16]
+    python bench/tpu_compile.py [--topology v5p:2x2x1 v6e:2x2 v5e:2x2] [--batch 16]
 
 What it builds: configs/gsm8k.py's first batch of start states (GSM8K, gold rationale lengths, as
-bench/padding.py lays them out), packed, at TinyLlama-1.1B's shape (float32 weights computing in
-bfloat16, layers scanned and rematerialised, a value head), one update of the recipe's PPO settings.
+bench/padding.py lays them out), packed, at TinyLlama-1.1B's shape (layers scanned and
+rematerialised, computing in bfloat16, a value head), one update of the recipe's PPO settings: the
+full fine-tune (float32 weights) under each kernel, and LoRA r64 on an nf4 base under splash.
 JAX's TPU compiler (libtpu) compiles it for one chip of each topology without the chip: whether
 it compiles, in how long, whether the splash kernel is in the program as Mosaic code (a
 `tpu_custom_call`) rather than interpreted, and XLA's memory analysis (temporaries, arguments).
@@ -37,10 +38,20 @@ from common import write
 from sampler import ONE_B
 from r3jax import config as config_lib, optim, ppo, settings as settings_lib, tasks
 from r3jax.metrics import machine_info
+from r3jax.models import lora
 from r3jax.models.transformer import init_params
 from r3jax.models.value import actor_critic_params
 
-KERNELS = ("xla", "splash")
+FULL = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full")
+
+
+def variants(config) -> dict:
+    """The models compiled, by name: the full fine-tune under the dense kernel and under splash, and
+    LoRA r64 on a 4-bit NormalFloat base (QLoRA) under splash."""
+    qlora = config.model.lora.copy_and_resolve_references()
+    qlora.update(rank=64, base_dtype="nf4")
+    return {"full_xla": FULL.replace(attention_impl="xla"), "full_splash": FULL.replace(attention_impl="splash"),
+            "qlora_r64_nf4_splash": lora.configure(FULL.replace(attention_impl="splash"), qlora)}
 
 
 @contextlib.contextmanager
@@ -64,22 +75,26 @@ def packed_batch(batch_size: int) -> tuple[ml_collections.ConfigDict, ppo.Experi
     return config, padding.layouts(config, batches)["packed"][0]
 
 
-def compile_update(config, batch: ppo.Experience, kernel: str, device) -> dict:
-    """One update of `batch` under attention `kernel`, compiled for `device` (a TPU's, or this host's
-    CPU, as `r3jax.plan` compiles) from shapes alone."""
-    model_cfg = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full", attention_impl=kernel)
-    policy = jax.eval_shape(lambda key: nn.unbox(init_params(model_cfg, key)), jax.random.key(0))
+def compile_update(config, batch: ppo.Experience, model_cfg, device) -> dict:
+    """One update of `batch` for `model_cfg`, compiled for `device` (a TPU's, or this host's CPU, as
+    `r3jax.plan` compiles) from shapes alone, with what a run holds: the reference a copy in the
+    compute dtype, or under LoRA the frozen base (adapters off)."""
+    weights = jax.eval_shape(lambda key: nn.unbox(init_params(model_cfg, key)), jax.random.key(0))
+    policy, frozen = lora.trainable_and_frozen(model_cfg, weights)
+    reference = None if frozen is not None else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype), policy)
     params = jax.eval_shape(lambda p: actor_critic_params(model_cfg, p, False, critic=True), policy)
     optimizer = optim.rl_optimizer(config.rl, params)
     state = jax.eval_shape(lambda p: ppo.init_state(p, optimizer), params)
     update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
     on_device = jax.sharding.SingleDeviceSharding(device)
-    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=on_device),
-                        (state, policy, batch, jax.eval_shape(lambda: jax.random.key(1))))
+    state, reference, batch, key, frozen = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=on_device),
+        (state, reference, batch, jax.eval_shape(lambda: jax.random.key(1)), frozen))
     start = time.perf_counter()
     try:
         with compiling_for_tpu() if device.platform == "tpu" else contextlib.nullcontext():
-            compiled = update.lower(*args).compile()
+            compiled = update.lower(state, reference, batch, key, 1.0, 1.0, frozen).compile()
     except jax.errors.JaxRuntimeError as error:  # e.g. out of HBM: what the compiler says is the result
         return {"compiled": False, "error": str(error).splitlines()[0]}
     memory = compiled.memory_analysis()
@@ -91,7 +106,7 @@ def compile_update(config, batch: ppo.Experience, kernel: str, device) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--topology", nargs="+", default=["v5p:2x2x1", "v6e:2x2"],
+    parser.add_argument("--topology", nargs="+", default=["v5p:2x2x1", "v6e:2x2", "v5e:2x2"],
                         help="TPU topologies (libtpu's names); the update is compiled for one chip of each")
     parser.add_argument("--batch", type=int, default=16, help="start states (rollouts) in the update's batch")
     args = parser.parse_args()
@@ -100,22 +115,24 @@ def main():
     from jax.experimental import topologies
 
     config, batch = packed_batch(args.batch)
+    models = variants(config)
     result = {"benchmark": "the packed RL update compiled ahead of time for a TPU (bench/tpu_compile.py)",
               "machine": machine_info(), "libtpu": metadata.version("libtpu"),
-              "model": "TinyLlama-1.1B shape, float32 weights, bfloat16 compute, scan_layers, remat=full, value head",
+              "model": "TinyLlama-1.1B shape, float32 weights (QLoRA: an nf4 base), bfloat16 compute, "
+                       "scan_layers, remat=full, value head",
               "batch": args.batch, "packed_rows": list(batch.packing.tokens.shape),
               "completion": list(batch.rollout.completion_mask.shape), "by_topology": {}}
     # the same dense update compiled for this CPU, as the planner does (which compiles without
     # r3jax's YNNPACK setting): how far a plan made on a CPU stands from a TPU's own count
-    result["cpu_xla"] = compile_update(config, batch, "xla", jax.devices("cpu")[0])
-    print(f"this host's CPU xla: {result['cpu_xla']}")
+    result["cpu_full_xla"] = compile_update(config, batch, models["full_xla"], jax.devices("cpu")[0])
+    print(f"this host's CPU full_xla: {result['cpu_full_xla']}")
     for name in args.topology:
         device = topologies.get_topology_desc(platform="tpu", topology_name=name).devices[0]
-        by_kernel = {kernel: compile_update(config, batch, kernel, device) for kernel in KERNELS}
-        result["by_topology"][name] = {"device_kind": device.device_kind, **by_kernel,
-                                       "xla_temp_over_cpu": _ratio(by_kernel["xla"], result["cpu_xla"])}
-        for kernel, outcome in by_kernel.items():
-            print(f"{name} ({device.device_kind}) {kernel}: {outcome}")
+        outcomes = {variant: compile_update(config, batch, model_cfg, device) for variant, model_cfg in models.items()}
+        result["by_topology"][name] = {"device_kind": device.device_kind, **outcomes,
+                                       "full_xla_temp_over_cpu": _ratio(outcomes["full_xla"], result["cpu_full_xla"])}
+        for variant, outcome in outcomes.items():
+            print(f"{name} ({device.device_kind}) {variant}: {outcome}")
     write("tpu-compile", result)
 
 
