@@ -47,11 +47,13 @@ FULL = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full")
 
 def variants(config) -> dict:
     """The models compiled, by name: the full fine-tune under the dense kernel and under splash, and
-    LoRA r64 on a 4-bit NormalFloat base (QLoRA) under splash."""
+    LoRA r64 on a 4-bit NormalFloat base (QLoRA, the rest of the base in bfloat16, as a run holds it)
+    under splash."""
     qlora = config.model.lora.copy_and_resolve_references()
     qlora.update(rank=64, base_dtype="nf4")
-    return {"full_xla": FULL.replace(attention_impl="xla"), "full_splash": FULL.replace(attention_impl="splash"),
-            "qlora_r64_nf4_splash": lora.configure(FULL.replace(attention_impl="splash"), qlora)}
+    splash = FULL.replace(attention_impl="splash")
+    return {"full_xla": FULL.replace(attention_impl="xla"), "full_splash": splash,
+            "qlora_r64_nf4_splash": lora.configure(splash.replace(param_dtype="bfloat16"), qlora)}
 
 
 @contextlib.contextmanager
