@@ -36,7 +36,7 @@ import numpy as np
 import padding
 from common import write
 from sampler import ONE_B
-from r3jax import config as config_lib, optim, ppo, settings as settings_lib, tasks
+from r3jax import config as config_lib, optim, plan, ppo, settings as settings_lib, tasks
 from r3jax.metrics import machine_info
 from r3jax.models import lora
 from r3jax.models.transformer import init_params
@@ -83,8 +83,7 @@ def compile_update(config, batch: ppo.Experience, model_cfg, device) -> dict:
     compute dtype, or under LoRA the frozen base (adapters off)."""
     weights = jax.eval_shape(lambda key: nn.unbox(init_params(model_cfg, key)), jax.random.key(0))
     policy, frozen = lora.trainable_and_frozen(model_cfg, weights)
-    reference = None if frozen is not None else jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype), policy)
+    reference = plan.abstract_reference(model_cfg, policy, frozen)
     params = jax.eval_shape(lambda p: actor_critic_params(model_cfg, p, False, critic=True), policy)
     optimizer = optim.rl_optimizer(config.rl, params)
     state = jax.eval_shape(lambda p: ppo.init_state(p, optimizer), params)

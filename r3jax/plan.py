@@ -321,6 +321,13 @@ def _phase_peaks(phases: dict, sampling_peak: int) -> dict[str, int]:
             "sampling": sampling_peak}
 
 
+def abstract_reference(model_cfg, policy, frozen):
+    """The KL penalty's reference as a run holds it, from the abstract `policy`: a copy in the compute
+    dtype, laid out as the policy; None under LoRA, whose reference is the `frozen` base."""
+    return None if frozen is not None else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype, sharding=x.sharding), policy)
+
+
 def plan(config, model_cfg, progress=print, rollout_tokens: int = 0) -> dict:
     """Compiles the run's graphs for `config` on the current devices; returns the plan.
     `rollout_tokens`: the mean real tokens per rollout a packed update is planned at (0: half the
@@ -331,8 +338,7 @@ def plan(config, model_cfg, progress=print, rollout_tokens: int = 0) -> dict:
     boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
     params = _abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
     policy, frozen = lora.trainable_and_frozen(model_cfg, params)
-    reference = None if frozen is not None else jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype, sharding=x.sharding), policy)
+    reference = abstract_reference(model_cfg, policy, frozen)
     compile_phase = _Compiler(progress)
     _plan_sft(compile_phase, config, model_cfg, policy, frozen, mesh)
     state = _plan_update(compile_phase, config, model_cfg, policy, reference, frozen, mesh, rollout_tokens)
