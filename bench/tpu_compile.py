@@ -36,13 +36,16 @@ import numpy as np
 import padding
 from common import write
 from sampler import ONE_B
-from r3jax import config as config_lib, optim, plan, ppo, settings as settings_lib, tasks
+from r3jax import config as config_lib, optim, plan, ppo, settings as settings_lib, sharding, tasks
 from r3jax.metrics import machine_info
 from r3jax.models import lora
+from r3jax.models import transformer
 from r3jax.models.transformer import init_params
 from r3jax.models.value import actor_critic_params
 
 FULL = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full")
+# (data, fsdp, tensor) over a topology's chips: weights split 4 ways, or 2 ways and heads 2 ways
+MESHES = ((1, -1, 1), (1, -1, 2))
 
 
 def variants(config) -> dict:
@@ -68,6 +71,17 @@ def compiling_for_tpu():
         jax.default_backend = real
 
 
+@contextlib.contextmanager
+def kernels_left_whole():
+    """While lowering, the model runs a Pallas kernel on the whole arrays, whatever the mesh."""
+    real = transformer.per_device
+    transformer.per_device = lambda kernel: kernel
+    try:
+        yield
+    finally:
+        transformer.per_device = real
+
+
 def packed_batch(batch_size: int) -> tuple[ml_collections.ConfigDict, ppo.Experience]:
     """(configs/gsm8k.py with `batch_size` start states a step and a value head, its first batch packed)."""
     config = config_lib.load_config_file(os.path.join(padding.CONFIGS, "gsm8k.py"))
@@ -77,32 +91,42 @@ def packed_batch(batch_size: int) -> tuple[ml_collections.ConfigDict, ppo.Experi
     return config, padding.layouts(config, batches)["packed"][0]
 
 
-def compile_update(config, batch: ppo.Experience, model_cfg, device) -> dict:
-    """One update of `batch` for `model_cfg`, compiled for `device` (a TPU's, or this host's CPU, as
-    `r3jax.plan` compiles) from shapes alone, with what a run holds: the reference a copy in the
-    compute dtype, or under LoRA the frozen base (adapters off)."""
-    weights = jax.eval_shape(lambda key: nn.unbox(init_params(model_cfg, key)), jax.random.key(0))
+def compile_update(config, batch: ppo.Experience, model_cfg, mesh, per_device: bool = True) -> dict:
+    """One update of `batch` for `model_cfg`, compiled for `mesh`'s devices (a TPU's chips, or this
+    host's CPU, as `r3jax.plan` compiles) from shapes alone, laid out as a run lays it out: the
+    weights by their logical axes, Adam's moments like them, the batch's rows over data x fsdp,
+    and the reference a copy in the compute dtype (under LoRA the frozen base, adapters off).
+    `per_device=False` leaves a Pallas kernel whole to XLA, as r3jax did before
+    `transformer.per_device`."""
+    boxed = jax.eval_shape(lambda key: init_params(model_cfg, key), jax.random.key(0))
+    weights = plan.abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
     policy, frozen = lora.trainable_and_frozen(model_cfg, weights)
     reference = plan.abstract_reference(model_cfg, policy, frozen)
-    params = jax.eval_shape(lambda p: actor_critic_params(model_cfg, p, False, critic=True), policy)
+    params = plan.like_params(lambda p: actor_critic_params(model_cfg, p, False, critic=True), policy, mesh)
     optimizer = optim.rl_optimizer(config.rl, params)
-    state = jax.eval_shape(lambda p: ppo.init_state(p, optimizer), params)
+    state = plan.like_params(lambda p: ppo.init_state(p, optimizer), params, mesh)
     update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
-    on_device = jax.sharding.SingleDeviceSharding(device)
-    state, reference, batch, key, frozen = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=on_device),
-        (state, reference, batch, jax.eval_shape(lambda: jax.random.key(1)), frozen))
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding.batch_sharding(
+        mesh, np.ndim(x))), batch)
+    key = jax.ShapeDtypeStruct((), jax.random.key(1).dtype, sharding=sharding.replicated(mesh))
+    tracing = [] if per_device else [kernels_left_whole()]
+    if mesh.devices.flat[0].platform == "tpu":
+        tracing.append(compiling_for_tpu())
     start = time.perf_counter()
     try:
-        with compiling_for_tpu() if device.platform == "tpu" else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            for context in tracing:
+                stack.enter_context(context)
             compiled = update.lower(state, reference, batch, key, 1.0, 1.0, frozen).compile()
-    except jax.errors.JaxRuntimeError as error:  # e.g. out of HBM: what the compiler says is the result
+    # what the compiler says is the result: out of HBM, say, or a kernel XLA cannot partition
+    except (jax.errors.JaxRuntimeError, NotImplementedError) as error:
         return {"compiled": False, "error": str(error).splitlines()[0]}
-    memory = compiled.memory_analysis()
+    memory, text = compiled.memory_analysis(), compiled.as_text()
     return {"compiled": True, "compile_s": time.perf_counter() - start,
-            "mosaic_kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+            "mosaic_kernels": text.count('custom_call_target="tpu_custom_call"'),
             "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes,
-            "generated_code_bytes": memory.generated_code_size_in_bytes}
+            "generated_code_bytes": memory.generated_code_size_in_bytes,
+            "collective_bytes": plan.collective_bytes(text)}
 
 
 def main():
@@ -110,6 +134,8 @@ def main():
     parser.add_argument("--topology", nargs="+", default=["v5p:2x2x1", "v6e:2x2", "v5e:2x2"],
                         help="TPU topologies (libtpu's names); the update is compiled for one chip of each")
     parser.add_argument("--batch", type=int, default=16, help="start states (rollouts) in the update's batch")
+    parser.add_argument("--mesh-topology", default="v5p:2x2x1",
+                        help="the topology whose chips the update is also compiled for all together, sharded")
     args = parser.parse_args()
     if importlib.util.find_spec("libtpu") is None:  # JAX finds the TPU compiler through it
         sys.exit('error: bench/tpu_compile.py needs libtpu: pip install "libtpu==0.0.42.*" (jax[tpu]\'s pin)')
@@ -125,16 +151,31 @@ def main():
               "completion": list(batch.rollout.completion_mask.shape), "by_topology": {}}
     # the same dense update compiled for this CPU, as the planner does (which compiles without
     # r3jax's YNNPACK setting): how far a plan made on a CPU stands from a TPU's own count
-    result["cpu_full_xla"] = compile_update(config, batch, models["full_xla"], jax.devices("cpu")[0])
+    result["cpu_full_xla"] = compile_update(config, batch, models["full_xla"], one_device(jax.devices("cpu")[0]))
     print(f"this host's CPU full_xla: {result['cpu_full_xla']}")
     for name in args.topology:
         device = topologies.get_topology_desc(platform="tpu", topology_name=name).devices[0]
-        outcomes = {variant: compile_update(config, batch, model_cfg, device) for variant, model_cfg in models.items()}
+        outcomes = {variant: compile_update(config, batch, model_cfg, one_device(device))
+                    for variant, model_cfg in models.items()}
         result["by_topology"][name] = {"device_kind": device.device_kind, **outcomes,
                                        "full_xla_temp_over_cpu": _ratio(outcomes["full_xla"], result["cpu_full_xla"])}
         for variant, outcome in outcomes.items():
             print(f"{name} ({device.device_kind}) {variant}: {outcome}")
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=args.mesh_topology).devices
+    result["sharded"] = {"topology": args.mesh_topology, "chips": len(devices), "by_mesh": {}}
+    for shape in MESHES:
+        mesh = sharding.make_mesh(shape, devices)
+        outcomes = {"full_xla": compile_update(config, batch, models["full_xla"], mesh),
+                    "full_splash": compile_update(config, batch, models["full_splash"], mesh),
+                    "full_splash_whole": compile_update(config, batch, models["full_splash"], mesh, per_device=False)}
+        result["sharded"]["by_mesh"][str(dict(mesh.shape))] = outcomes
+        for variant, outcome in outcomes.items():
+            print(f"{args.mesh_topology} mesh {dict(mesh.shape)} {variant}: {outcome}")
     write("tpu-compile", result)
+
+
+def one_device(device) -> jax.sharding.Mesh:
+    return sharding.make_mesh((1, 1, 1), [device])
 
 
 def _ratio(outcome: dict, cpu: dict) -> float | None:

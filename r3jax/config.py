@@ -30,7 +30,6 @@ DTYPES = ("float32", "bfloat16")
 LORA_BASE_DTYPES = (*DTYPES, "int8", "nf4")
 REMAT_CHOICES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "splash", "auto")
-ONE_DEVICE_ATTENTION = ("pallas", "splash")
 SCHEDULES = ("constant", "linear", "cosine")
 STRATEGIES = ("outcome", "staged", "mixed", "adaptive", "hint_on_failure")
 STAGE_UNITS = ("steps", "epochs", "budget")
@@ -89,8 +88,8 @@ SCHEMA: dict[str, Any] = {
                                "block's scores exist at once, recomputed in the backward pass); 0 = all"),
         "attention_impl": ("auto", "the attention kernel of a training or update forward: xla (masked dense), "
                                   "cudnn (cuDNN flash attention; GPU, model.dtype bfloat16), pallas (Pallas "
-                                  "flash attention with segment ids; GPU, one device), splash (Pallas splash "
-                                  "attention with segment ids; TPU, one device), auto (cudnn on a GPU under "
+                                  "flash attention with segment ids; GPU), splash (Pallas splash attention with "
+                                  "segment ids; TPU), auto (cudnn on a GPU under "
                                   "bfloat16, else xla)", ATTENTION_IMPLS),
         "model_type": ("llama", "from scratch: llama, mistral, qwen2 or qwen3 (q/k norms)", MODEL_TYPES),
         "hidden_size": (128, "from scratch: width"),
@@ -536,6 +535,3 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for key in ("sft.batch_size", "rl.batch_size", "eval.batch_size"):
         _check(value_at(c, key) % data_parallel == 0, key,
                f"{value_at(c, key)} is not a multiple of the data-parallel size {data_parallel}")
-    _check(c.model.attention_impl not in ONE_DEVICE_ATTENTION or num_devices == 1, "model.attention_impl",
-           f"{c.model.attention_impl!r} runs on one device (its kernel has no sharding rule), this run has "
-           f"{num_devices}: use cudnn, xla or auto")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from r3jax import files, optim, packing, ppo, sampling, settings as settings_lib, sharding
+from r3jax import files, optim, packing, ppo, programs, sampling, settings as settings_lib, sharding
 from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_mesh, value_at
 from r3jax.models import hf, lora
 from r3jax.models.transformer import init_cache, init_params
@@ -172,11 +172,12 @@ def _memory(compiled) -> dict[str, int]:
                               + m.temp_size_in_bytes)}
 
 
-def _abstract(tree, shardings):
+def abstract(tree, shardings):
+    """`tree`'s leaves as shapes and dtypes alone, each placed by its sharding in `shardings`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _like_params(fn, params, mesh):
+def like_params(fn, params, mesh):
     """The abstract output of `fn(params)` (params and optimizer states built from them), each leaf
     placed like the parameter whose path ends its own path (Adam's moments like their weights),
     anything else replicated."""
@@ -203,10 +204,12 @@ class _Compiler:
     def __init__(self, progress):
         self.progress, self.phases, self.seconds = progress, {}, {}
 
-    def __call__(self, name: str, lowered_fn):
+    def __call__(self, name: str, mesh, lowered_fn):
+        """Compiles `lowered_fn()`, traced under `mesh` as programs.Cached traces a run's programs."""
         self.progress(f"compiling {name} ...")
         start = time.perf_counter()
-        compiled = lowered_fn().compile()
+        with programs.on_mesh(mesh):
+            compiled = lowered_fn().compile()
         self.seconds[name] = time.perf_counter() - start
         self.phases[name] = {**_memory(compiled), "collective_bytes": collective_bytes(compiled.as_text()),
                              "flops": float(compiled.cost_analysis().get("flops", 0.0)),
@@ -219,12 +222,12 @@ def _plan_sft(compile_phase: _Compiler, config, model_cfg, policy, frozen, mesh)
     `policy` (with LoRA its adapters, on the base `frozen`)."""
     c = config.sft
     optimizer = optim.sft_optimizer(c)
-    state = SFTState(policy, _like_params(optimizer.init, policy, mesh), jax.ShapeDtypeStruct((), jnp.int32))
+    state = SFTState(policy, like_params(optimizer.init, policy, mesh), jax.ShapeDtypeStruct((), jnp.int32))
     batch = {k: jax.ShapeDtypeStruct((c.batch_size, c.grad_accum, c.max_length), jnp.int32,
                                      sharding=sharding.batch_sharding(mesh, 3))
              for k in ("tokens", "attention_mask", "loss_mask")}
-    compile_phase("sft_step", lambda: make_train_step(model_cfg, optimizer, c.logits_chunk).lower(state, batch, 1.0,
-                                                                                                   frozen))
+    step = make_train_step(model_cfg, optimizer, c.logits_chunk)
+    compile_phase("sft_step", mesh, lambda: step.lower(state, batch, 1.0, frozen))
 
 
 def packed_rows(c, rollout_tokens: int, batch_shards: int) -> tuple[int, int]:
@@ -241,10 +244,10 @@ def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference,
     the plan's memory is); with rl.pack also a packed update whose rollouts hold `rollout_tokens`
     each (its compute). Returns the (abstract) training state."""
     c = config.rl
-    params = _like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
+    params = like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
                                                          critic=c.estimator == "gae"), policy, mesh)
     optimizer = optim.rl_optimizer(c, params)
-    state = ppo.PPOState(params, _like_params(optimizer.init, params, mesh), jax.ShapeDtypeStruct((), jnp.int32))
+    state = ppo.PPOState(params, like_params(optimizer.init, params, mesh), jax.ShapeDtypeStruct((), jnp.int32))
     rows, length = update_rows(c), c.max_prompt_length + c.max_new_tokens
 
     def rows_spec(*shape, dtype=jnp.int32):
@@ -256,15 +259,15 @@ def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference,
                          rows_spec(rows)),
         rows_spec(rows, dtype=jnp.float32), rows_spec(rows, dtype=jnp.float32))
     update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
-    compile_phase("ppo_update", lambda: update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0, frozen))
+    key = jax.random.key(0)
+    compile_phase("ppo_update", mesh, lambda: update.lower(state, reference, rollout, key, 1.0, 1.0, frozen))
     if c.pack:
         packed, width = packed_rows(c, rollout_tokens, data_parallel_size(mesh.devices.shape))
         completions = rows_spec(rows, c.max_new_tokens)
         rollout = rollout._replace(rollout=rollout.rollout._replace(tokens=completions, attention_mask=completions),
                                    packing=packing.Packing(rows_spec(packed, width), rows_spec(packed, width),
                                                            rows_spec(packed, width), completions))
-        compile_phase("ppo_update_packed", lambda: update.lower(state, reference, rollout, jax.random.key(0), 1.0, 1.0,
-                                                                frozen))
+        compile_phase("ppo_update_packed", mesh, lambda: update.lower(state, reference, rollout, key, 1.0, 1.0, frozen))
     return state
 
 
@@ -274,7 +277,7 @@ def _plan_sampler(compile_phase: _Compiler, config, model_cfg, params, boxed, la
     the bytes per device of that copy (0 without one)."""
     c, compute_cfg = config.rl, model_cfg.replace(param_dtype=model_cfg.dtype)
     copied = not model_cfg.lora_rank or (layout == "rollout" and bool(config.rl.rollout_mesh))
-    weights = params if not copied else _abstract(
+    weights = params if not copied else abstract(
         jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(model_cfg.jnp_dtype), p), params),
         sharding.logical_shardings(boxed, sample_mesh))
     rows, prompt = c.rollout_rows or c.batch_size, c.max_prompt_length
@@ -286,11 +289,11 @@ def _plan_sampler(compile_phase: _Compiler, config, model_cfg, params, boxed, la
     def spec(*shape):
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(sample_mesh, len(shape)))
 
-    compile_phase(f"prefill_{layout}", lambda: jax.jit(functools.partial(sampling.prefill, compute_cfg),
-                                                       donate_argnums=4).lower(
+    prefill = jax.jit(functools.partial(sampling.prefill, compute_cfg), donate_argnums=4)
+    decode_step = jax.jit(functools.partial(sampling.decode_step, compute_cfg), donate_argnums=4)
+    compile_phase(f"prefill_{layout}", sample_mesh, lambda: prefill.lower(
         weights, spec(rows, prompt), spec(rows, prompt), spec(rows, cache_len), cache))
-    compile_phase(f"decode_step_{layout}", lambda: jax.jit(functools.partial(sampling.decode_step, compute_cfg),
-                                                           donate_argnums=4).lower(
+    compile_phase(f"decode_step_{layout}", sample_mesh, lambda: decode_step.lower(
         weights, spec(rows), spec(rows), spec(rows, cache_len), cache, jax.ShapeDtypeStruct((), jnp.int32)))
     return _tree_bytes_per_device(weights) if copied else 0
 
@@ -336,7 +339,7 @@ def plan(config, model_cfg, progress=print, rollout_tokens: int = 0) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     rollout_mesh = sharding.make_mesh(config.rl.rollout_mesh) if config.rl.rollout_mesh else mesh
     boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
-    params = _abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
+    params = abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
     policy, frozen = lora.trainable_and_frozen(model_cfg, params)
     reference = abstract_reference(model_cfg, policy, frozen)
     compile_phase = _Compiler(progress)

@@ -14,6 +14,9 @@ The programs live beside JAX's cache, in `<jax_compilation_cache_dir>/r3jax-prog
 cache off, or on more than one process (each would need its own copy), every call goes through
 `jax.jit` as before. A file that cannot be read back is removed, and its program compiled again.
 
+A program is traced under the mesh its arguments lie on (`mesh_context`), so that the model can
+run a kernel with no sharding rule of its own per device (`transformer.per_device`).
+
 A family's files (one name and identity, in one environment) share a prefix. When a `Cached` is
 made, a loader thread starts reading its family's programs back, most recently used first, so
 that a rerun's programs are loaded by their first call (`sharding.StateStep.prepare`).
@@ -37,6 +40,7 @@ import jax
 import jaxlib
 import optax
 from jax.experimental import serialize_executable
+from jax.sharding import NamedSharding
 
 from r3jax import files
 
@@ -64,6 +68,19 @@ def folder() -> str | None:
     if not cache or jax.process_count() > 1:
         return None
     return os.path.join(os.path.expanduser(cache), FOLDER)
+
+
+def on_mesh(mesh):
+    """`jax.set_mesh(mesh)`, so that code traced under it reads the mesh from
+    `jax.sharding.get_abstract_mesh()`; a null context for no mesh or a one-device one (whose
+    programs then stay as they were)."""
+    return contextlib.nullcontext() if mesh is None or mesh.size == 1 else jax.set_mesh(mesh)
+
+
+def mesh_context(args: tuple):
+    """`on_mesh` of the mesh that the first array of `args` laid out by a NamedSharding lies on."""
+    shardings = (getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(args))
+    return on_mesh(next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None))
 
 
 def signature(args: tuple) -> tuple:
@@ -212,6 +229,11 @@ class Cached:
         return _loader.read_ahead(paths[:READ_AHEAD])
 
     def __call__(self, *args):
+        # every call, not only a tracing one: jax.jit keys its traces by the mesh in context too
+        with mesh_context(args):
+            return self._call(*args)
+
+    def _call(self, *args):
         if self.identity is None:
             return self.jitted(*args)
         call_signature = signature(args)

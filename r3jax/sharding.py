@@ -136,7 +136,8 @@ class StateStep:
         return self.programs[key](jax.tree.unflatten(treedef, placed), *args)
 
     def lower(self, state: Any, *args):
-        return self.programs[self._for(state)[0]].jitted.lower(state, *args)
+        with programs.mesh_context((state, *args)):
+            return self.programs[self._for(state)[0]].jitted.lower(state, *args)
 
     def compilations(self) -> int:
         """Distinct call signatures compiled (or loaded) in this process."""

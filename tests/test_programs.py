@@ -152,3 +152,26 @@ def test_kept_programs_are_read_back_ahead_of_their_first_call(kept_in, salt, mo
     assert not cached.read_ahead and len(traces) == 2, "the rerun traced the step"
     rerun(jnp.ones(4), jnp.ones(4))  # not read ahead: loaded at its call, still without tracing
     assert len(traces) == 2 and os.path.getmtime(kept_in / older) > 1
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "plain-jit"])
+def test_a_program_is_traced_under_the_mesh_its_arguments_lie_on(tmp_path, monkeypatch, salt, keep):
+    """What `transformer.per_device` reads: the mesh of the arguments, or none for arrays on one
+    device or a one-device mesh; a later call on another kind traces again rather than reusing
+    another's program."""
+    from r3jax import sharding
+
+    monkeypatch.setattr(programs, "folder", lambda: str(tmp_path) if keep else None)
+    seen = []
+
+    def step(state, x):
+        mesh = jax.sharding.get_abstract_mesh()
+        seen.append(None if mesh.empty else dict(mesh.shape))
+        return state + x * salt, {}
+
+    on_mesh = StateStep(step, "mesh-probe", identity="v1" if keep else None)
+    mesh = sharding.make_mesh((2, 2, 2))
+    on_mesh(*sharding.shard_batch((jnp.zeros(8), jnp.ones(8)), mesh))
+    on_mesh(jnp.zeros(8), jnp.ones(8))
+    on_mesh(*sharding.shard_batch((jnp.zeros(4), jnp.ones(4)), sharding.make_mesh((1, 1, 1), jax.devices()[:1])))
+    assert seen == [{"data": 2, "fsdp": 2, "tensor": 2}, None, None]

@@ -13,8 +13,8 @@ import optax
 import pytest
 
 from helpers import TINY, tiny_params
-from r3jax import optim, packing, ppo, sharding
-from r3jax.models.transformer import attention_kernel, init_params
+from r3jax import optim, packing, ppo, programs, sharding
+from r3jax.models.transformer import attention_kernel, fused_attention, init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout, SamplingConfig, sample
 from r3jax.tokenizer import left_pad
@@ -64,8 +64,9 @@ def _update(cfg, params, batch, mesh=None, model_cfg=TINY):
             policy=policy_shardings, value_head=jax.tree.map(lambda _: sharding.replicated(mesh), params.value_head),
             critic_backbone=None if params.critic_backbone is None else policy_shardings)), optimizer)
         reference, batch = jax.device_put(reference, policy_shardings), sharding.shard_batch(batch, mesh)
-    state, metrics, per_sequence = ppo.make_ppo_update(model_cfg, cfg, optimizer)(state, reference, batch,
-                                                                                 jax.random.key(4))
+    with programs.mesh_context((state, reference, batch)):  # as programs.Cached traces a run's update
+        state, metrics, per_sequence = ppo.make_ppo_update(model_cfg, cfg, optimizer)(state, reference, batch,
+                                                                                     jax.random.key(4))
     return jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()}, per_sequence
 
 
@@ -125,6 +126,37 @@ def test_a_fused_attention_kernel_gives_the_dense_update(kernel):
     cfg = dataclasses.replace(BASE, estimator="grpo", group_size=4, loss_agg="seq_mean_token_sum_norm")
     _assert_same_update(cfg, actor_critic_params(TINY, tiny_params(), False, critic=False),
                         model_cfg=TINY.replace(attention_impl=kernel))
+
+
+def test_splash_on_8_devices_gives_the_dense_update():
+    """Splash run per device (`transformer.per_device`): rows over data x fsdp, heads over tensor."""
+    cfg = dataclasses.replace(BASE, estimator="grpo", group_size=4, loss_agg="seq_mean_token_sum_norm")
+    _assert_same_update(cfg, actor_critic_params(TINY, tiny_params(), False, critic=False),
+                        sharding.make_mesh((2, 2, 2)), model_cfg=TINY.replace(attention_impl="splash"))
+
+
+@pytest.mark.parametrize("kv_heads, local_heads", [(2, 1), (1, 1), (4, 2)])
+@pytest.mark.parametrize("kernel", ["pallas", "splash"])
+def test_a_pallas_kernel_runs_on_each_devices_shard(kernel, kv_heads, local_heads):
+    """On a mesh, the kernel sees its device's rows and key/value heads (all of them where `tensor`
+    does not divide their count); with no mesh, the whole arrays."""
+    batch, seq, groups, dim = 8, 16, 2, 8
+    q = jnp.zeros((batch, seq, kv_heads, groups, dim))
+    keys = jnp.zeros((batch, kv_heads, seq, dim))
+    segments = jnp.ones((batch, seq), jnp.int32)
+
+    def kernel_inputs():
+        jaxpr = jax.make_jaxpr(functools.partial(fused_attention, kernel=kernel))(q, keys, keys, segments)
+        mapped = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+        # the last four: splash's mask tables come first, replicated
+        return [tuple(v.aval.shape) for v in mapped[0].params["jaxpr"].invars[-4:]] if mapped else None
+
+    assert kernel_inputs() is None
+    with jax.set_mesh(sharding.make_mesh((2, 2, 2))):
+        query_shard, key_shard, _, segment_shard = kernel_inputs()
+    assert query_shard == (batch // 4, seq, local_heads, groups, dim)
+    assert key_shard == (batch // 4, seq, local_heads, dim)
+    assert segment_shard == (batch // 4, seq)
 
 
 def test_auto_attention_is_fused_under_bfloat16_on_a_gpu_and_dense_elsewhere(monkeypatch):

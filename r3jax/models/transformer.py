@@ -23,6 +23,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from r3jax.config import BATCH_AXES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,10 +275,30 @@ def fused_attention(q, k, v, segment_ids, kernel: str) -> jnp.ndarray:
     kernel "cudnn": cuDNN's flash attention (16-bit inputs on a GPU), the segments as a mask.
     kernel "pallas": JAX's Pallas (Triton) flash attention with segment ids (GPU).
     kernel "splash": JAX's Pallas splash attention with segment ids (TPU).
-    The Pallas kernels run interpreted on a CPU, and have no sharding rule: one device.
+    The Pallas kernels run interpreted on a CPU. They have no sharding rule, so on a mesh they run
+    per device (`per_device`); cuDNN's has JAX's own.
     """
-    by_kernel = {"cudnn": _cudnn_attention, "pallas": _pallas_attention, "splash": _splash_attention}
+    by_kernel = {"cudnn": _cudnn_attention, "pallas": per_device(_pallas_attention),
+                 "splash": per_device(_splash_attention)}
     return by_kernel[kernel](q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids.astype(jnp.int32))
+
+
+def per_device(kernel):
+    """`kernel(q, keys, values, segment_ids)` (shapes as in `_cudnn_attention`) run on each device's
+    shard of the mesh in context (`jax.set_mesh`): rows split over the batch axes, key/value heads
+    over `tensor`, each where its size divides. Without a mesh of more than one device, the kernel
+    as it is. Rows and heads are independent in attention, so the shards need no communication;
+    left to XLA, a kernel with no sharding rule would be run whole on every device."""
+    def run(q, keys, values, segment_ids):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            return kernel(q, keys, values, segment_ids)
+        rows = BATCH_AXES if q.shape[0] % math.prod(mesh.shape[axis] for axis in BATCH_AXES) == 0 else None
+        heads = "tensor" if q.shape[2] % mesh.shape["tensor"] == 0 else None
+        spec = P(rows, None, heads)
+        return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(rows)), out_specs=spec,
+                             check_vma=False)(q, keys, values, segment_ids)
+    return run
 
 
 def _cudnn_attention(q, keys, values, segment_ids) -> jnp.ndarray:
