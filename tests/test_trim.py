@@ -159,6 +159,14 @@ def test_a_pallas_kernel_runs_on_each_devices_shard(kernel, kv_heads, local_head
     assert segment_shard == (batch // 4, seq)
 
 
+def test_params_are_made_without_a_pallas_kernel():
+    """sharding.init_sharded jits the init over every device: a Pallas kernel there would be a Mosaic
+    call outside shard_map, which XLA refuses to compile for several TPU chips."""
+    for kernel in ("pallas", "splash"):
+        jaxpr = jax.make_jaxpr(functools.partial(init_params, TINY.replace(attention_impl=kernel)))(jax.random.key(0))
+        assert "pallas_call" not in str(jaxpr)
+
+
 def test_auto_attention_is_fused_under_bfloat16_on_a_gpu_and_dense_elsewhere(monkeypatch):
     assert TINY.attention_impl == "auto"
     assert attention_kernel(TINY.replace(dtype="bfloat16")) == "xla"  # this CPU

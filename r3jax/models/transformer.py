@@ -692,6 +692,9 @@ def forward(cfg: ModelConfig, params: Any, tokens: jnp.ndarray, attention_mask: 
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
-    """Boxed (logically partitioned) params; see sharding.init_sharded for placed, plain params."""
+    """Boxed (logically partitioned) params; see sharding.init_sharded for placed, plain params.
+    Traced with the dense attention kernel, whatever `cfg` names: the params do not depend on it,
+    and a Pallas kernel in a program over several TPU chips would have to be under shard_map."""
     tokens = jnp.zeros((1, 2), jnp.int32)
-    return Transformer(cfg).init(key, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))["params"]
+    return Transformer(cfg.replace(attention_impl="xla")).init(key, tokens, jnp.zeros_like(tokens),
+                                                                jnp.ones_like(tokens))["params"]
