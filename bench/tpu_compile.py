@@ -14,6 +14,10 @@ it compiles, in how long, whether the splash kernel is in the program as Mosaic 
 `tpu_custom_call`) rather than interpreted, and XLA's memory analysis (temporaries, arguments).
 The dense update is also compiled for this host's CPU, as `r3jax.plan` plans memory, and each
 TPU's temporaries are given over the CPU's.
+Then, for all the chips of one slice (`--mesh-topology`, v5p 2x2x1's 4), sharded as a run shards
+it: the update per mesh under each kernel, and under splash left whole to XLA (as before
+`transformer.per_device`); and `r3jax.plan`'s whole plan (SFT step, updates, prefill, decode) for
+the slice under each kernel, beside the dense plan for as many CPU devices.
 Nothing runs, so this says nothing of the numbers the kernel computes; on a CPU the interpreted
 kernel's update equals the dense one's (tests/test_trim.py).
 Results: bench/results/tpu-compile-<this host's device>.json.
@@ -28,20 +32,24 @@ import sys
 import time
 from importlib import metadata
 
-import flax.linen as nn
-import jax
-import ml_collections
-import numpy as np
+# CPU devices for the planner's plan beside the TPU slice's (as many as the slice has chips, up to
+# this many); set before JAX starts
+CPU_DEVICES = 8
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={CPU_DEVICES}"
 
-import padding
-from common import write
-from sampler import ONE_B
-from r3jax import config as config_lib, optim, plan, ppo, settings as settings_lib, sharding, tasks
-from r3jax.metrics import machine_info
-from r3jax.models import lora
-from r3jax.models import transformer
-from r3jax.models.transformer import init_params
-from r3jax.models.value import actor_critic_params
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+import padding  # noqa: E402
+from common import write  # noqa: E402
+from sampler import ONE_B  # noqa: E402
+from r3jax import config as config_lib, optim, plan, ppo, settings as settings_lib, sharding, tasks  # noqa: E402
+from r3jax.metrics import machine_info  # noqa: E402
+from r3jax.models import lora, transformer  # noqa: E402
+from r3jax.models.transformer import init_params  # noqa: E402
+from r3jax.models.value import actor_critic_params  # noqa: E402
 
 FULL = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full")
 # (data, fsdp, tensor) over a topology's chips: weights split 4 ways, or 2 ways and heads 2 ways
@@ -171,7 +179,29 @@ def main():
         result["sharded"]["by_mesh"][str(dict(mesh.shape))] = outcomes
         for variant, outcome in outcomes.items():
             print(f"{args.mesh_topology} mesh {dict(mesh.shape)} {variant}: {outcome}")
+    result["sharded"]["plans"] = slice_plans(config, models, list(devices))
+    print(f"{args.mesh_topology} plans: {result['sharded']['plans']}")
     write("tpu-compile", result)
+
+
+def slice_plans(config, models: dict, chips: list) -> dict:
+    """`r3jax.plan`'s whole plan (every phase of a run, per chip) for `chips`, under the dense kernel
+    and under splash, and the dense one for as many of this host's CPU devices, as the planner
+    plans a TPU run today: each plan's peak, and each phase's temporaries and peak."""
+    def summary(result: dict) -> dict:
+        return {"peak_bytes_per_device": result["peak_bytes_per_device"],
+                "phases": {name: {"temp_bytes": phase["temp_bytes"], "peak_bytes": phase["peak_bytes"]}
+                           for name, phase in result["phases"].items()}}
+
+    plans = {}
+    with compiling_for_tpu():
+        for variant in ("full_xla", "full_splash"):
+            plans[f"tpu_{variant}"] = summary(plan.plan(config, models[variant], devices=chips))
+    if len(chips) <= CPU_DEVICES:
+        plans["cpu_full_xla"] = summary(plan.plan(config, models["full_xla"], devices=jax.devices("cpu")[:len(chips)]))
+        plans["tpu_full_xla_peak_over_cpu"] = (plans["tpu_full_xla"]["peak_bytes_per_device"]
+                                               / plans["cpu_full_xla"]["peak_bytes_per_device"])
+    return plans
 
 
 def one_device(device) -> jax.sharding.Mesh:

@@ -331,13 +331,14 @@ def abstract_reference(model_cfg, policy, frozen):
         lambda x: jax.ShapeDtypeStruct(x.shape, model_cfg.jnp_dtype, sharding=x.sharding), policy)
 
 
-def plan(config, model_cfg, progress=print, rollout_tokens: int = 0) -> dict:
-    """Compiles the run's graphs for `config` on the current devices; returns the plan.
+def plan(config, model_cfg, progress=print, rollout_tokens: int = 0, devices=None) -> dict:
+    """Compiles the run's graphs for `config` on `devices` (default: the current ones; a TPU
+    topology's, say, which need not be attached); returns the plan.
     `rollout_tokens`: the mean real tokens per rollout a packed update is planned at (0: half the
     longest rollout)."""
     rollout_tokens = rollout_tokens or (config.rl.max_prompt_length + config.rl.max_new_tokens) // 2
-    mesh = sharding.make_mesh(config.mesh)
-    rollout_mesh = sharding.make_mesh(config.rl.rollout_mesh) if config.rl.rollout_mesh else mesh
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rollout_mesh = sharding.make_mesh(config.rl.rollout_mesh, devices) if config.rl.rollout_mesh else mesh
     boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
     params = abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
     policy, frozen = lora.trainable_and_frozen(model_cfg, params)
@@ -348,7 +349,7 @@ def plan(config, model_cfg, progress=print, rollout_tokens: int = 0) -> dict:
     rollout_weight_bytes = _plan_sampler(compile_phase, config, model_cfg, params, boxed, "rollout", rollout_mesh)
     _plan_sampler(compile_phase, config, model_cfg, params, boxed, "training", mesh)
     result = {"model": dataclasses.asdict(model_cfg), "num_params": model_cfg.num_params(),
-              "devices": jax.device_count(), "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
+              "devices": mesh.size, "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
               "phases": compile_phase.phases}
     result.update(compile_seconds=compile_phase.seconds)
     if config.rl.pack:

@@ -5,6 +5,7 @@ import os
 import sys
 import runpy
 
+import jax
 import pytest
 
 from r3jax import plan
@@ -58,6 +59,17 @@ def test_packed_update_is_planned_at_its_real_tokens(tiny_plan):
     assert 0.1 < result["packed_update_flops_ratio"] < 0.6
     assert any("packed update" in line for line in plan.report_lines(result | {"fits": True, "knobs_applied": []},
                                                                           80e9))
+
+
+def test_a_plan_for_other_devices_runs_splash_per_device(tiny_plan):
+    """`devices`: a plan for 4 of the 8 devices (bench/tpu_compile.py gives a TPU slice's chips)
+    holds about twice the 8-device plan's weights per device; splash, under shard_map, compiles in
+    every phase (interpreted here)."""
+    config, model_cfg, eight = tiny_plan
+    result = plan.plan(config, model_cfg.replace(attention_impl="splash"), progress=lambda _: None, rollout_tokens=16,
+                       devices=jax.devices()[:4])
+    assert result["devices"] == 4 and result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert result["param_bytes_per_device"] == pytest.approx(2 * eight["param_bytes_per_device"], rel=0.05)
 
 
 def test_lora_plan_keeps_optimizer_state_for_adapters_only(tiny_plan):
