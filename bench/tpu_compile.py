@@ -68,18 +68,6 @@ def variants(config) -> dict:
 
 
 @contextlib.contextmanager
-def compiling_for_tpu():
-    """The model asks `jax.default_backend()` where it runs (the Pallas kernels run interpreted on a
-    CPU): while lowering here for a TPU, the answer is the TPU."""
-    real = jax.default_backend
-    jax.default_backend = lambda: "tpu"
-    try:
-        yield
-    finally:
-        jax.default_backend = real
-
-
-@contextlib.contextmanager
 def kernels_left_whole():
     """While lowering, the model runs a Pallas kernel on the whole arrays, whatever the mesh."""
     real = transformer.per_device
@@ -119,7 +107,7 @@ def compile_update(config, batch: ppo.Experience, model_cfg, mesh, per_device: b
     key = jax.ShapeDtypeStruct((), jax.random.key(1).dtype, sharding=sharding.replicated(mesh))
     tracing = [] if per_device else [kernels_left_whole()]
     if mesh.devices.flat[0].platform == "tpu":
-        tracing.append(compiling_for_tpu())
+        tracing.append(transformer.compiling_for("tpu"))
     start = time.perf_counter()
     try:
         with contextlib.ExitStack() as stack:
@@ -194,7 +182,7 @@ def slice_plans(config, models: dict, chips: list) -> dict:
                            for name, phase in result["phases"].items()}}
 
     plans = {}
-    with compiling_for_tpu():
+    with transformer.compiling_for("tpu"):
         for variant in ("full_xla", "full_splash"):
             plans[f"tpu_{variant}"] = summary(plan.plan(config, models[variant], devices=chips))
     if len(chips) <= CPU_DEVICES:

@@ -10,12 +10,20 @@ temporary bytes XLA allocates, the peak of each phase, whether it fits the given
 headroom), and the bytes the collectives move, read from the compiled HLO with each loop body
 counted as often as it runs. When a config does not fit it names the knobs that would help and
 plans again with them.
+
+    python -m r3jax.plan --config=configs/gsm8k.py --model=tinyllama-1.1b --tpu=v5p:2x2x1 --device-memory=95GB
+
+plans for a TPU topology's chips instead, compiled by JAX's TPU compiler without them (the
+`libtpu` wheel, not in the requirements). A CPU compile holds float32 copies of bfloat16 weights
+and activations, so under bfloat16 compute the CPU plan over-counts a TPU's memory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import importlib.util
 import os
 import re
 import sys
@@ -30,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from r3jax import files, optim, packing, ppo, programs, sampling, settings as settings_lib, sharding
 from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_mesh, value_at
-from r3jax.models import hf, lora
+from r3jax.models import hf, lora, transformer
 from r3jax.models.transformer import init_cache, init_params
 from r3jax.models.value import actor_critic_params
 from r3jax.train.job import execution_settings, scratch_model_config
@@ -208,13 +216,31 @@ class _Compiler:
         """Compiles `lowered_fn()`, traced under `mesh` as programs.Cached traces a run's programs."""
         self.progress(f"compiling {name} ...")
         start = time.perf_counter()
-        with programs.on_mesh(mesh):
-            compiled = lowered_fn().compile()
+        try:
+            with programs.on_mesh(mesh):
+                compiled = lowered_fn().compile()
+        except jax.errors.JaxRuntimeError as error:
+            over = over_device_bytes(str(error))
+            if over is None:
+                raise
+            compiled, measured = None, {"argument_bytes": 0, "output_bytes": 0, "alias_bytes": 0, "temp_bytes": over,
+                                        "peak_bytes": over, "collective_bytes": {}, "flops": 0.0,
+                                        "compile_error": str(error).splitlines()[0]}
+        else:
+            measured = {**_memory(compiled), "collective_bytes": collective_bytes(compiled.as_text()),
+                        "flops": float(compiled.cost_analysis().get("flops", 0.0))}
         self.seconds[name] = time.perf_counter() - start
-        self.phases[name] = {**_memory(compiled), "collective_bytes": collective_bytes(compiled.as_text()),
-                             "flops": float(compiled.cost_analysis().get("flops", 0.0)),
-                             "compile_seconds": self.seconds[name]}
+        self.phases[name] = {**measured, "compile_seconds": self.seconds[name]}
         return compiled
+
+
+def over_device_bytes(message: str) -> int | None:
+    """The temporaries a TPU compile refused for its chip's memory ("... HLO temporaries (20.83G)
+    exceeds available HBM (15.75G)"), in bytes; None for any other error."""
+    match = re.search(r"RESOURCE_EXHAUSTED.*?temporaries \(([\d.]+)([KMGT])\)", message)
+    if match is None:
+        return None
+    return int(float(match.group(1)) * 1024 ** "KMGT".index(match.group(2)) * 1024)
 
 
 def _plan_sft(compile_phase: _Compiler, config, model_cfg, policy, frozen, mesh) -> None:
@@ -349,7 +375,8 @@ def plan(config, model_cfg, progress=print, rollout_tokens: int = 0, devices=Non
     rollout_weight_bytes = _plan_sampler(compile_phase, config, model_cfg, params, boxed, "rollout", rollout_mesh)
     _plan_sampler(compile_phase, config, model_cfg, params, boxed, "training", mesh)
     result = {"model": dataclasses.asdict(model_cfg), "num_params": model_cfg.num_params(),
-              "devices": mesh.size, "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
+              "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
+              "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
               "phases": compile_phase.phases}
     result.update(compile_seconds=compile_phase.seconds)
     if config.rl.pack:
@@ -454,7 +481,8 @@ def turn_knobs(config, over: list[str], queues: dict[str, list[Knob]]) -> list[s
 
 def report_lines(result: dict, memory: float) -> list[str]:
     phases = result["phases"]
-    lines = [f"{result['num_params'] / 1e9:.2f}B parameters on {result['devices']} devices, mesh {result['mesh']}, "
+    lines = [f"{result['num_params'] / 1e9:.2f}B parameters on {result['devices']} devices "
+             f"({result['device_kind']}), mesh {result['mesh']}, "
              f"rollout mesh {result['rollout_mesh']}",
              f"per device: trained params {result['param_bytes_per_device'] / GB:.1f} GB, frozen "
              f"{result['frozen_bytes_per_device'] / GB:.1f} GB, optimizer state "
@@ -464,7 +492,8 @@ def report_lines(result: dict, memory: float) -> list[str]:
     for name, phase in phases.items():
         lines.append(f"  {name:22s} peak {phase['peak_bytes'] / GB:6.1f} GB (temp {phase['temp_bytes'] / GB:5.1f} GB), "
                      f"collectives {sum(phase['collective_bytes'].values()) / GB:8.3f} GB, "
-                     f"compiled in {phase['compile_seconds']:.0f} s")
+                     f"compiled in {phase['compile_seconds']:.0f} s"
+                     + (f"; refused for memory: {phase['compile_error']}" if "compile_error" in phase else ""))
     if "packed_update_flops_ratio" in result:
         lines.append(f"a packed update (rl.pack) at {result['packed_update_rollout_tokens']} real tokens per rollout "
                      f"costs {result['packed_update_flops_ratio']:.2f}x the padded update's FLOPs (XLA's count)")
@@ -496,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="configs/<file>.py[:argument]")
     parser.add_argument("--model", help=f"a shape preset ({', '.join(PRESETS)}); default: config.model.path")
     parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--device-memory", default="80GB")
+    parser.add_argument("--device-memory", help="memory per device, e.g. 80GB (default) or 16GiB")
+    parser.add_argument("--tpu", metavar="TOPOLOGY",
+                        help="plan for a TPU topology's chips (libtpu's names, e.g. v5p:2x2x1, v6e:2x2), compiled by "
+                             "the TPU compiler without them; needs libtpu and --device-memory, the chip's HBM")
     parser.add_argument("--out", help="write the plan as JSON here")
     parser.add_argument("--rollout-tokens", type=int, default=0,
                         help="with rl.pack: the mean real tokens per rollout (prompt and completion) the packed "
@@ -509,18 +541,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args([arg for arg in argv if not arg.startswith("--config.")])
     args.set += overrides
     try:
-        memory = parse_memory(args.device_memory)
+        if args.tpu and not args.device_memory:
+            raise PlanError(f"--tpu={args.tpu}: give --device-memory, the chip's HBM (v5e 16GB, v6e 32GB, v5p 95GB)")
+        memory = parse_memory(args.device_memory or "80GB")
         if args.devices < 1:
             raise PlanError(f"--devices={args.devices}: need at least one")
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
         os.environ["JAX_PLATFORMS"] = "cpu"
+        devices = tpu_chips(args.tpu) if args.tpu else None
         config = load_config(args.config, args.set)
-        validate_mesh(config, args.devices)
+        validate_mesh(config, len(devices) if devices else args.devices)
         model_cfg = model_config_for(config, args.model)
     except (PlanError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = plan_until_it_fits(config, model_cfg, memory, args.rollout_tokens)
+    with transformer.compiling_for("tpu") if devices else contextlib.nullcontext():
+        result = plan_until_it_fits(config, model_cfg, memory, args.rollout_tokens, devices)
     for line in report_lines(result, memory):
         print(line)
     if args.out:
@@ -529,14 +565,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plan_until_it_fits(config, model_cfg, memory: float, rollout_tokens: int = 0) -> dict:
+def tpu_chips(topology: str) -> list:
+    """The chips of a TPU topology by libtpu's name, for compiling without them."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise PlanError(f'--tpu={topology}: needs the TPU compiler: pip install "libtpu==0.0.42.*" (jax[tpu]\'s pin)')
+    from jax.experimental import topologies
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as error:  # libtpu's own words for a name it does not know
+        raise PlanError(f"--tpu={topology}: {str(error).splitlines()[0]}") from error
+
+
+def plan_until_it_fits(config, model_cfg, memory: float, rollout_tokens: int = 0, devices=None) -> dict:
     """The plan of `config`; while it does not fit, again after a round of knobs: for each phase over
     the memory, its next knob (`turn_knobs`), cumulatively, until it fits, no knob applies or
     MAX_REPLANS rounds have run. `knobs_applied` (in turn), `overrides` (each changed key's final
-    value) and `first_plan_peak_bytes` say what changed."""
+    value) and `first_plan_peak_bytes` say what changed. `devices` as in `plan`."""
     progress = lambda message: print(message, file=sys.stderr, flush=True)
     given = flatten(config)
-    result = plan(config, model_cfg, progress, rollout_tokens)
+    result = plan(config, model_cfg, progress, rollout_tokens, devices)
     applied, first_peak = [], result["peak_bytes_per_device"]
     queues = {phase: [knob for knob in KNOBS if phase in knob.phases]
               for phase in ("sft_step", "ppo_update", "sampling", "resident")}
@@ -549,7 +596,7 @@ def plan_until_it_fits(config, model_cfg, memory: float, rollout_tokens: int = 0
         print(f"does not fit ({result['peak_bytes_per_device'] / GB:.1f} GB; over: {', '.join(over)}): planning "
               f"again with {', '.join(changed)}", file=sys.stderr)
         model_cfg = lora.configure(model_cfg.replace(**execution_settings(config)), config.model.lora)
-        result = plan(config, model_cfg, progress, rollout_tokens)
+        result = plan(config, model_cfg, progress, rollout_tokens, devices)
     overrides = {key: value for key, value in flatten(config).items() if given.get(key) != value}
     result.update(fits=not phases_over(result, memory), knobs_applied=applied, overrides=overrides,
                   first_plan_peak_bytes=first_peak, device_memory_bytes=memory)

@@ -1,6 +1,7 @@
 """The planner: its compiled memory agrees with the real run's, it finds the weight all-gathers of
 a training-layout decode step (and none in the replicated rollout layout), and bad input is one
 line with status 2."""
+import importlib.util
 import os
 import sys
 import runpy
@@ -118,13 +119,49 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--config.rl.steps=many"], "config.rl.steps: 'many'"),
     (["--config=configs/nope.py", "--model=llama-2-7b"], "configs/nope.py not found"),
     (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--device-memory=lots"], "--device-memory=lots"),
+    (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--tpu=v5p:2x2x1"], "--tpu=v5p:2x2x1: give --device-memory"),
+    (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--tpu=v5p:2x2x1", "--device-memory=95GB"],
+     '--tpu=v5p:2x2x1: needs the TPU compiler: pip install "libtpu'),
 ])
 def test_bad_input_is_one_line(args, named, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "libtpu" else real_find_spec(name, *rest))
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     assert plan.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and named in err[0], err
+
+
+def test_a_tpu_compile_refused_for_memory_is_read_as_its_bytes():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(20.83G) exceeds available HBM (15.75G).")
+    assert plan.over_device_bytes(message) == int(20.83 * 2 ** 30)
+    assert plan.over_device_bytes("INVALID_ARGUMENT: temporaries (20.83G)") is None
+    assert plan.over_device_bytes("RESOURCE_EXHAUSTED: out of host memory") is None
+
+
+def test_a_phase_refused_for_memory_enters_the_plan_at_its_bytes():
+    """As a TPU compile for a chip too small (the planner's --tpu); any other error is raised."""
+    from r3jax import sharding
+
+    compile_phase = plan._Compiler(lambda _: None)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+
+    def failing(message):
+        def lowered():
+            raise jax.errors.JaxRuntimeError(message)
+        return lowered
+
+    assert compile_phase("sft_step", mesh, failing(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (20.83G) "
+        "exceeds available HBM (15.75G).")) is None
+    refused = compile_phase.phases["sft_step"]
+    assert refused["peak_bytes"] == refused["temp_bytes"] == int(20.83 * 2 ** 30)
+    assert refused["compile_error"].startswith("RESOURCE_EXHAUSTED")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        compile_phase("ppo_update", mesh, failing("INTERNAL: something else"))
 
 
 def test_main_and_planner_read_an_override_alike(monkeypatch):
@@ -172,7 +209,7 @@ def test_llama_2_7b_gsm8k_recipe_fits_8x80gb(tmp_path, monkeypatch):
 
 def _fake_plan(resident_gb, sft_gb, update_gb, sampling_gb):
     """A stand-in for plan.plan whose peaks (GB, functions of the config) are the test's."""
-    def fake(config, model_cfg, progress, rollout_tokens):
+    def fake(config, model_cfg, progress, rollout_tokens, devices):
         gb = lambda f: int(f(config) * plan.GB)  # noqa: E731
         return {"phases": {"sft_step": {"peak_bytes": gb(sft_gb)}, "ppo_update": {"peak_bytes": gb(update_gb)}},
                 "sampling_peak_bytes_per_device": gb(sampling_gb), "peak_bytes_per_device": gb(

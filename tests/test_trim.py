@@ -159,6 +159,42 @@ def test_a_pallas_kernel_runs_on_each_devices_shard(kernel, kv_heads, local_head
     assert segment_shard == (batch // 4, seq)
 
 
+def test_a_program_built_for_another_platform_takes_its_kernels():
+    """`compiling_for`, as the planner's --tpu and bench/tpu_compile.py build for chips not attached:
+    `auto`'s kernel, the decode's cache blocks and whether a Pallas kernel is interpreted follow the
+    platform named, here and back outside the block."""
+    from r3jax.models import transformer
+
+    bf16 = TINY.replace(dtype="bfloat16")
+    q, keys = jnp.zeros((2, 16, 2, 2, 8)), jnp.zeros((2, 2, 16, 8))
+
+    def interpreted(kernel):
+        jaxpr = jax.make_jaxpr(functools.partial(fused_attention, kernel=kernel))(q, keys, keys, jnp.ones((2, 16), int))
+        return [bool(e.params["interpret"]) for e in _pallas_calls(jaxpr.jaxpr)]
+
+    assert (attention_kernel(bf16), transformer.cache_block(TINY), interpreted("splash")) == ("xla", 64, [True])
+    with transformer.compiling_for("gpu"):
+        assert (attention_kernel(bf16), transformer.cache_block(TINY), interpreted("pallas")) == ("cudnn", 0, [False])
+    with transformer.compiling_for("tpu"):
+        assert (attention_kernel(bf16), transformer.cache_block(TINY), interpreted("splash")) == ("xla", 0, [False])
+    assert transformer.platform() == "cpu"
+
+
+def _pallas_calls(jaxpr) -> list:
+    """The pallas_call equations of `jaxpr` and of every jaxpr in its equations' parameters."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+            continue
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _pallas_calls(inner)
+    return found
+
+
 def test_params_are_made_without_a_pallas_kernel():
     """sharding.init_sharded jits the init over every device: a Pallas kernel there would be a Mosaic
     call outside shard_map, which XLA refuses to compile for several TPU chips."""

@@ -15,6 +15,8 @@ at 0 in each (`forward` with explicit `positions`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -257,12 +259,33 @@ PALLAS_BLOCK = 64
 SPLASH_BLOCK = 128
 
 
+_target_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+
+
+def platform() -> str:
+    """The platform the model's programs are built for: JAX's default backend, or within
+    `compiling_for` the one it names."""
+    return _target_platform.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(name: str):
+    """Builds the model's programs for platform `name` ("cpu", "gpu" or "tpu") within the block, as
+    for an ahead-of-time compile for chips not attached: the kernels `auto` picks, the decode's
+    cache blocks, and whether Pallas kernels are interpreted follow `name`, not this process."""
+    token = _target_platform.set(name)
+    try:
+        yield
+    finally:
+        _target_platform.reset(token)
+
+
 def attention_kernel(cfg: ModelConfig) -> str:
     """The kernel `cfg.attention_impl` names, with "auto" resolved for the backend: the masked dense
     one ("xla") except under bfloat16 compute on a GPU."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
-    return FUSED_ATTENTION_ON_GPU if jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" else "xla"
+    return FUSED_ATTENTION_ON_GPU if platform() == "gpu" and cfg.dtype == "bfloat16" else "xla"
 
 
 def fused_attention(q, k, v, segment_ids, kernel: str) -> jnp.ndarray:
@@ -324,7 +347,7 @@ def _pallas_attention(q, keys, values, segment_ids) -> jnp.ndarray:
     out = pallas_attention.mha(
         _pad_slots(q.reshape(batch, seq, kv_heads * groups, head_dim), pad), _pad_slots(widen(keys), pad),
         _pad_slots(widen(values), pad), _pad_slots(segment_ids, pad), sm_scale=1 / math.sqrt(head_dim),
-        causal=True, block_sizes=blocks, interpret=jax.default_backend() == "cpu")
+        causal=True, block_sizes=blocks, interpret=platform() == "cpu")
     return out[:, :seq].reshape(q.shape)
 
 
@@ -340,7 +363,7 @@ def _splash_attention(q, keys, values, segment_ids) -> jnp.ndarray:
     blocks = splash.BlockSizes(*(SPLASH_BLOCK,) * 8)
     kernel = splash.make_splash_mqa_single_device(
         splash_mask.MultiHeadMask([splash_mask.CausalMask((width, width))] * groups), block_sizes=blocks,
-        interpret=jax.default_backend() == "cpu")
+        interpret=platform() == "cpu")
     queries = _pad_slots(q / math.sqrt(head_dim), pad).transpose(0, 2, 3, 1, 4)  # [batch, kv_heads, groups, width, dim]
     keys, values = (_pad_slots(x, pad).transpose(0, 2, 1, 3) for x in (keys, values))  # [batch, kv_heads, width, dim]
 
@@ -364,7 +387,7 @@ def cache_block(cfg: ModelConfig) -> int:
     one pass; bench/results/sampler-nvidia-h100-80gb-hbm3.json)."""
     if cfg.decode_block is not None:
         return cfg.decode_block
-    return 64 if jax.default_backend() == "cpu" else 0
+    return 64 if platform() == "cpu" else 0
 
 
 def decode_attention(q, k, v, kv_mask, cache_start, block: int) -> jnp.ndarray:
