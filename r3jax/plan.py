@@ -271,7 +271,7 @@ def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference,
     each (its compute). Returns the (abstract) training state."""
     c = config.rl
     params = like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
-                                                         critic=c.estimator == "gae"), policy, mesh)
+                                                        critic=c.estimator == "gae"), policy, mesh)
     optimizer = optim.rl_optimizer(c, params)
     state = ppo.PPOState(params, like_params(optimizer.init, params, mesh), jax.ShapeDtypeStruct((), jnp.int32))
     rows, length = update_rows(c), c.max_prompt_length + c.max_new_tokens
