@@ -45,11 +45,10 @@ import numpy as np  # noqa: E402
 import padding  # noqa: E402
 from common import write  # noqa: E402
 from sampler import ONE_B  # noqa: E402
-from r3jax import config as config_lib, optim, plan, ppo, settings as settings_lib, sharding, tasks  # noqa: E402
+from r3jax import config as config_lib, plan, ppo, sharding, tasks  # noqa: E402
 from r3jax.metrics import machine_info  # noqa: E402
 from r3jax.models import lora, transformer  # noqa: E402
 from r3jax.models.transformer import init_params  # noqa: E402
-from r3jax.models.value import actor_critic_params  # noqa: E402
 
 FULL = ONE_B.replace(param_dtype="float32", scan_layers=True, remat="full")
 # (data, fsdp, tensor) over a topology's chips: weights split 4 ways, or 2 ways and heads 2 ways
@@ -89,19 +88,17 @@ def packed_batch(batch_size: int) -> tuple[ml_collections.ConfigDict, ppo.Experi
 
 def compile_update(config, batch: ppo.Experience, model_cfg, mesh, per_device: bool = True) -> dict:
     """One update of `batch` for `model_cfg`, compiled for `mesh`'s devices (a TPU's chips, or this
-    host's CPU, as `r3jax.plan` compiles) from shapes alone, laid out as a run lays it out: the
-    weights by their logical axes, Adam's moments like them, the batch's rows over data x fsdp,
-    and the reference a copy in the compute dtype (under LoRA the frozen base, adapters off).
+    host's CPU, as `r3jax.plan` compiles) from shapes alone, laid out as a run lays it out (the
+    planner's `abstract_update`): the weights by their logical axes, Adam's moments like them, the
+    batch's rows over data x fsdp, and the reference a copy in the compute dtype (under LoRA the
+    frozen base, adapters off).
     `per_device=False` leaves a Pallas kernel whole to XLA, as r3jax did before
     `transformer.per_device`."""
     boxed = jax.eval_shape(lambda key: init_params(model_cfg, key), jax.random.key(0))
     weights = plan.abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
     policy, frozen = lora.trainable_and_frozen(model_cfg, weights)
     reference = plan.abstract_reference(model_cfg, policy, frozen)
-    params = plan.like_params(lambda p: actor_critic_params(model_cfg, p, False, critic=True), policy, mesh)
-    optimizer = optim.rl_optimizer(config.rl, params)
-    state = plan.like_params(lambda p: ppo.init_state(p, optimizer), params, mesh)
-    update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
+    update, state = plan.abstract_update(config, model_cfg, policy, mesh)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding.batch_sharding(
         mesh, np.ndim(x))), batch)
     key = jax.ShapeDtypeStruct((), jax.random.key(1).dtype, sharding=sharding.replicated(mesh))

@@ -264,16 +264,25 @@ def packed_rows(c, rollout_tokens: int, batch_shards: int) -> tuple[int, int]:
     return packing.round_up(rows, packing.row_multiple(batch_shards)), width
 
 
+def abstract_update(config, model_cfg, policy, mesh) -> tuple[Any, ppo.PPOState]:
+    """(`config`'s PPO update, its abstract training state): the trained params built from the
+    abstract `policy` (a critic or value head as `config.rl` says), laid out like it, with Adam's
+    moments like them."""
+    c = config.rl
+    params = like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
+                                                        critic=c.estimator == "gae"), policy, mesh)
+    optimizer = optim.rl_optimizer(c, params)
+    state = ppo.PPOState(params, like_params(optimizer.init, params, mesh), jax.ShapeDtypeStruct((), jnp.int32))
+    return ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer), state
+
+
 def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference, frozen, mesh,
                  rollout_tokens: int) -> ppo.PPOState:
     """The PPO update on rollouts of rl.max_prompt_length + rl.max_new_tokens (the worst case, which
     the plan's memory is); with rl.pack also a packed update whose rollouts hold `rollout_tokens`
     each (its compute). Returns the (abstract) training state."""
     c = config.rl
-    params = like_params(lambda p: actor_critic_params(model_cfg, p, c.separate_critic,
-                                                        critic=c.estimator == "gae"), policy, mesh)
-    optimizer = optim.rl_optimizer(c, params)
-    state = ppo.PPOState(params, like_params(optimizer.init, params, mesh), jax.ShapeDtypeStruct((), jnp.int32))
+    update, state = abstract_update(config, model_cfg, policy, mesh)
     rows, length = update_rows(c), c.max_prompt_length + c.max_new_tokens
 
     def rows_spec(*shape, dtype=jnp.int32):
@@ -284,7 +293,6 @@ def _plan_update(compile_phase: _Compiler, config, model_cfg, policy, reference,
                          rows_spec(rows, c.max_new_tokens, dtype=jnp.float32), rows_spec(rows, c.max_new_tokens),
                          rows_spec(rows)),
         rows_spec(rows, dtype=jnp.float32), rows_spec(rows, dtype=jnp.float32))
-    update = ppo.make_ppo_update(model_cfg, settings_lib.of(config).ppo, optimizer)
     key = jax.random.key(0)
     compile_phase("ppo_update", mesh, lambda: update.lower(state, reference, rollout, key, 1.0, 1.0, frozen))
     if c.pack:

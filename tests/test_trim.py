@@ -147,7 +147,7 @@ def test_a_pallas_kernel_runs_on_each_devices_shard(kernel, kv_heads, local_head
 
     def kernel_inputs():
         jaxpr = jax.make_jaxpr(functools.partial(fused_attention, kernel=kernel))(q, keys, keys, segments)
-        mapped = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+        mapped = _equations(jaxpr.jaxpr, "shard_map")
         # the last four: splash's mask tables come first, replicated
         return [tuple(v.aval.shape) for v in mapped[0].params["jaxpr"].invars[-4:]] if mapped else None
 
@@ -170,7 +170,7 @@ def test_a_program_built_for_another_platform_takes_its_kernels():
 
     def interpreted(kernel):
         jaxpr = jax.make_jaxpr(functools.partial(fused_attention, kernel=kernel))(q, keys, keys, jnp.ones((2, 16), int))
-        return [bool(e.params["interpret"]) for e in _pallas_calls(jaxpr.jaxpr)]
+        return [bool(e.params["interpret"]) for e in _equations(jaxpr.jaxpr, "pallas_call")]
 
     assert (attention_kernel(bf16), transformer.cache_block(TINY), interpreted("splash")) == ("xla", 64, [True])
     with transformer.compiling_for("gpu"):
@@ -180,18 +180,18 @@ def test_a_program_built_for_another_platform_takes_its_kernels():
     assert transformer.platform() == "cpu"
 
 
-def _pallas_calls(jaxpr) -> list:
-    """The pallas_call equations of `jaxpr` and of every jaxpr in its equations' parameters."""
+def _equations(jaxpr, primitive: str) -> list:
+    """The `primitive` equations of `jaxpr` and of every jaxpr in its other equations' parameters."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
+        if eqn.primitive.name == primitive:
             found.append(eqn)
             continue
         for value in eqn.params.values():
             for inner in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(inner, "jaxpr", inner)
                 if hasattr(inner, "eqns"):
-                    found += _pallas_calls(inner)
+                    found += _equations(inner, primitive)
     return found
 
 
