@@ -131,8 +131,6 @@ def default_workdir(config_file: str, config) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if not accelerator_plugins():
-        keep_freed_host_memory()
     config = parse(argv)
     from r3jax import sharding
 
@@ -140,46 +138,6 @@ def main(argv: list[str]) -> None:
                                     _PROCESS_ID.value)
     overrides = [arg[len("--config."):] for arg in argv if arg.startswith("--config.")]
     run(config, _WORKDIR.value or default_workdir(_config_file(argv), config), overrides)
-
-
-def accelerator_plugins() -> bool:
-    """Whether JAX may run on anything but the CPU: JAX_PLATFORMS names another platform, or, with
-    it unset, a GPU or TPU plugin is installed (what JAX looks for at start-up)."""
-    import importlib.metadata
-    import importlib.util
-
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms:
-        return any(name.strip() != "cpu" for name in platforms.split(","))
-    return bool(importlib.metadata.entry_points(group="jax_plugins")) or any(
-        importlib.util.find_spec(name) is not None for name in ("jax_plugins", "libtpu"))
-
-
-# glibc's environment variables that set what keep_freed_host_memory sets
-MALLOC_SETTINGS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def keep_freed_host_memory() -> bool:
-    """glibc's malloc set to keep freed memory for reuse (one arena, no mmap, trim past 1 GiB);
-    whether it was set. XLA:CPU allocates each call's temporaries (229 MB for the GRPO
-    update) in its worker threads, whose arenas cannot hold blocks that large: each call then
-    maps fresh pages and faults them in, 60,000 faults and a fifth of that update's time. Kept,
-    the main job runs 13% faster, though compiles take a fifth longer, the one arena's lock
-    being shared by the compiler's threads (docs/experiments.md, "Freed host memory kept"). Must
-    run before JAX starts its CPU client; not on other C libraries, nor where the user set one of
-    MALLOC_SETTINGS."""
-    import ctypes
-
-    if any(name in os.environ for name in MALLOC_SETTINGS):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    return all(mallopt(option, value) == 1 for option, value in
-               ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 1 << 30)))
 
 
 def use_compile_cache(directory: str) -> None:

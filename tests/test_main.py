@@ -14,7 +14,6 @@ import pytest
 
 from helpers import ENV, ROOT, TINY, make_hf_model, rl_log, tiny_params
 from r3jax import config as config_lib, curriculum, tasks, tokenizer
-from r3jax.main import MALLOC_SETTINGS, accelerator_plugins, keep_freed_host_memory
 from r3jax.metrics import read_jsonl
 
 
@@ -185,61 +184,6 @@ def test_the_compile_cache_keeps_compiles_shorter_than_jaxs_one_second_default(t
             "jax.jit(lambda x: x + 1)(1.0).block_until_ready()")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env, check=True, timeout=120)
     assert os.listdir(tmp_path / "cache")
-
-
-BLOCK_FROM_A_WORKER_THREAD = """
-import ctypes, json, sys, threading
-from r3jax.main import keep_freed_host_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_host_memory()
-FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in FIELDS]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
-def mapped():  # bytes malloc holds in mmap'd blocks, and in its heaps
-    info = libc.mallinfo2()
-    return {"mmapped": info.hblkhd, "heap": info.arena}
-seen = []
-def allocate_and_free():  # 256 MB, from a thread of its own, as XLA:CPU's workers allocate
-    block = libc.malloc(256 << 20)
-    seen.append(mapped())
-    libc.free(ctypes.c_void_p(block))
-    seen.append(mapped())
-for _ in range(2):
-    worker = threading.Thread(target=allocate_and_free)
-    worker.start()
-    worker.join()
-print(json.dumps(seen))
-"""
-
-
-def test_freed_host_memory_is_kept_in_the_heap_for_the_next_call():
-    """XLA:CPU's worker threads allocate each call's buffers (229 MB of temporaries for the GRPO
-    update). By default glibc maps a block that large afresh and unmaps it when freed, so each call
-    faults its pages in again; with keep_freed_host_memory it comes from the heap, stays there
-    when freed, and the next block reuses it."""
-    env = {k: v for k, v in ENV.items() if k not in MALLOC_SETTINGS}
-    block = 256 << 20
-    seen = {mode: json.loads(subprocess.run([sys.executable, "-c", BLOCK_FROM_A_WORKER_THREAD, mode], env=env,
-                                            check=True, capture_output=True, text=True, timeout=60).stdout)
-            for mode in ("keep", "default")}
-    held, freed, held_again, _ = seen["default"]
-    assert held["mmapped"] >= block and freed["mmapped"] < block and held_again["mmapped"] >= block
-    held, freed, held_again, freed_again = seen["keep"]
-    assert all(state["mmapped"] < block for state in seen["keep"]), seen
-    assert held["heap"] >= block and freed["heap"] >= block, "freed, the block left the heap"
-    assert held_again["heap"] == held["heap"] == freed_again["heap"], "the second block did not reuse the first's"
-
-
-def test_freed_host_memory_is_left_to_the_users_own_malloc_settings_and_accelerators(monkeypatch):
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert not keep_freed_host_memory()
-    for platforms, other in (("cpu", False), ("cuda", True), ("cpu,tpu", True)):
-        monkeypatch.setenv("JAX_PLATFORMS", platforms)
-        assert accelerator_plugins() is other, platforms
-    monkeypatch.delenv("JAX_PLATFORMS")
-    assert not accelerator_plugins()  # the test environment installs no GPU or TPU plugin
 
 
 def test_a_rerun_loads_its_kept_programs_and_repeats_the_run(tmp_path):
