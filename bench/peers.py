@@ -381,8 +381,8 @@ def ppo_update_bound(summary: dict, ppo_runs: list[dict]) -> dict:
     from sampler import matmul_rate
 
     ppo_cfg = ppo.PPOConfig(**PPO_STEP)
-    flops = (update_passes(ppo_cfg) * forward_flops(SMALL, BATCH, PROMPT + NEW, NEW)
-             + 3 * ppo_cfg.epochs * forward_flops(SMALL, BATCH, PROMPT + NEW, 0))
+    flops = (update_passes(ppo_cfg) * forward_flops(SMALL, BATCH, PROMPT + NEW, NEW, NEW)
+             + 3 * ppo_cfg.epochs * forward_flops(SMALL, BATCH, PROMPT + NEW, 0, NEW))
     matmul = matmul_rate(2048, jnp.float32)
     r3jax, rollout_s = summary["r3jax-ppo"], summary["r3jax-ppo"]["rollout_s"]
     steady = [step for run in ppo_runs for step in run["steps"][1:]]

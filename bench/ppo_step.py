@@ -28,7 +28,7 @@ from common import write
 from sampler import ONE_B, matmul_rate
 from r3jax import optim, ppo
 from r3jax.metrics import machine_info
-from r3jax.models.transformer import ModelConfig, init_params
+from r3jax.models.transformer import ModelConfig, init_params, reads_in_last_layer
 from r3jax.models.value import actor_critic_params
 from r3jax.sampling import Rollout
 from r3jax.train.sft import SFTState, make_train_step
@@ -113,14 +113,21 @@ LARGE = ONE_B.replace(param_dtype="float32")
 LARGE_BATCH, LARGE_PROMPT, LARGE_NEW = 16, 128, 256
 
 
-def forward_flops(cfg, rows: int, length: int, head_positions: int) -> float:
+def forward_flops(cfg, rows: int, length: int, head_positions: int, read_positions: int | None = None) -> float:
     """Matmul FLOPs of one forward pass over `rows` sequences of `length` tokens, the LM head at
-    `head_positions` of each (PaLM's count: 2 per weight per token, plus 4 * layers * width * length
-    per token for attention, causal masking not halved)."""
+    `head_positions` of each (PaLM's count: 2 per weight per token, plus 4 * width * length per
+    token and layer for attention, causal masking not halved). `read_positions`: how many
+    positions of each sequence a `Read` names; where the model computes its last layer there
+    alone (`reads_in_last_layer`), that layer's keys and values alone run over every position."""
     head = cfg.vocab_size * cfg.hidden_size
     body = cfg.num_params() - head * (1 if cfg.tie_word_embeddings else 2)  # the embedding lookup is no matmul
     attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * length
-    return rows * (length * (2 * body + attention) + 2 * head * head_positions)
+    flops = length * (2 * body + attention) + 2 * head * head_positions
+    if read_positions is not None and reads_in_last_layer(cfg):
+        layer = body / cfg.num_layers
+        keys_values = 2 * cfg.num_kv_heads * cfg.head_dim * cfg.hidden_size
+        flops -= (length - read_positions) * (2 * (layer - keys_values) + attention / cfg.num_layers)
+    return rows * flops
 
 
 def update_passes(ppo_cfg: ppo.PPOConfig) -> int:
@@ -139,7 +146,7 @@ def accelerator_utilisation(optimizer, key) -> dict:
     tokens = make_rollout(cfg, key, rows, LARGE_PROMPT, LARGE_NEW).rollout.tokens
     sft_s = seconds_per_call(sft_caller(cfg, optimizer, key, tokens, 128))
     rate = matmul_rate(8192, jnp.bfloat16)
-    completion_pass = forward_flops(cfg, rows, length, LARGE_NEW)
+    completion_pass = forward_flops(cfg, rows, length, LARGE_NEW, LARGE_NEW)
     ppo_flops = update_passes(ppo_cfg) * completion_pass
     sft_flops = 3 * forward_flops(cfg, rows, length, length)
     return {"model": "TinyLlama-1.1B shape, float32 weights, bfloat16 compute", "params": cfg.num_params(),

@@ -24,7 +24,7 @@ import optax
 from r3jax import optim
 from r3jax.config import ESTIMATORS, LOSS_AGGREGATIONS
 from r3jax.models.lora import merge
-from r3jax.models.transformer import ModelConfig, forward, head_logits
+from r3jax.models.transformer import ModelConfig, Read, forward, head_logits
 from r3jax.models.value import ActorCritic, critic_values, hidden_and_values
 from r3jax.packing import Packing
 from r3jax.sampling import Rollout
@@ -51,7 +51,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     score_clip: float = 0.0  # 0: off; the non-math recipe clips rewards to +-5
     max_log_ratio: float = 20.0
-    logits_chunk: int = 0  # completion positions per LM-head call in completion_logprobs; 0: all
+    logits_chunk: int = 0  # completion positions per LM-head call in chunked_logprobs; 0: all
     max_new_tokens: int = 0  # seq_mean_token_sum_norm's constant (the sampling budget); 0: the batch's width
     reuse_sampler_logprobs: bool = False  # old log-probs from the rollout, not from a policy forward
     prepare_chunks: int = 1  # slices of the batch's rows the no-gradient forward passes run one at a time
@@ -104,12 +104,14 @@ class ForwardRows(NamedTuple):
         return ForwardRows(data.packing.tokens, data.packing.segment_ids, data.packing.positions,
                            data.packing.state_index)
 
-    def at_completion(self, x: jnp.ndarray, num_new: int) -> jnp.ndarray:
-        """`x [rows, width, ...]`, a forward's output on these rows, at the states that predict each
-        completion token: `[batch, new, ...]`."""
+    def completion_read(self, num_new: int) -> Read:
+        """The states that predict each completion token, as a forward over these rows reads them
+        (`[batch, new]` positions; a rollout's lie in one row)."""
         if self.state_index is None:
-            return x[:, -num_new - 1:-1]
-        return x.reshape(-1, *x.shape[2:])[self.state_index]
+            batch, width = self.tokens.shape
+            return Read(jnp.broadcast_to(jnp.arange(width - num_new - 1, width - 1), (batch, num_new)))
+        width = self.tokens.shape[1]
+        return Read(self.state_index % width, self.state_index[:, 0] // width)
 
 
 class PreparedBatch(NamedTuple):
@@ -167,15 +169,6 @@ def chunked_logprobs(model_cfg: ModelConfig, policy_params: Any, states: jnp.nda
     _, (logp, entropy) = jax.lax.scan(one_chunk, None, (by_chunk(states), by_chunk(targets)))
     unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, -1)[:, :num]
     return unchunk(logp), unchunk(entropy)
-
-
-def completion_logprobs(model_cfg: ModelConfig, policy_params: Any, hidden: jnp.ndarray, rows: ForwardRows,
-                        targets: jnp.ndarray, temperature: float, chunk: int = 0):
-    """`chunked_logprobs` of the completion tokens `targets [batch, new]` from the final hidden
-    states of a forward over `rows` (`[rows, width, embed]`): the LM head runs only at the states
-    that predict them. `[batch, new]` log-probs and entropies."""
-    return chunked_logprobs(model_cfg, policy_params, rows.at_completion(hidden, targets.shape[1]), targets,
-                            temperature, chunk)
 
 
 def gae(rewards: jnp.ndarray, values: jnp.ndarray, mask: jnp.ndarray, gamma: float, lam: float):
@@ -298,16 +291,16 @@ def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, 
     whose first pass prepares (`first_pass_prepares`): where `first` (a bool, traced or not) it
     completes `batch` from its own forward, else it reads `batch` as given; what it completed is
     (the batch it read, `complete`'s metrics and per-sequence metrics of its own forward); else None."""
-    num_new = batch.completion_mask.shape[1]
     mask = batch.completion_mask.astype(jnp.float32)
     rows = batch.rows
-    hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
-    logp, entropy = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rows, batch.targets,
-                                        cfg.temperature, cfg.logits_chunk)
+    hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions,
+                                       rows.completion_read(mask.shape[1]))
+    logp, entropy = chunked_logprobs(model_cfg, merge(frozen, params.policy), hidden, batch.targets, cfg.temperature,
+                                     cfg.logits_chunk)
     completed = None
     if data is not None:
         # held constant from here on: no tangent enters `complete`, so no backward pass runs through it
-        old_values = batch.old_values if values is None else rows.at_completion(values, num_new) * mask
+        old_values = batch.old_values if values is None else values * mask
         own, metrics, per_sequence = complete(cfg, jax.lax.stop_gradient(batch._replace(
             old_logprobs=logp * mask, old_values=old_values)), data, params.has_critic)
         batch = jax.tree.map(functools.partial(jnp.where, first), own, batch)
@@ -323,8 +316,7 @@ def minibatch_loss(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic, 
     metrics = {"pg_loss": pg_loss, "clip_frac": clip_frac, "entropy": mean_entropy,
                "approx_kl": masked_mean(batch.old_logprobs - logp, mask)}
     if values is not None:
-        metrics["vf_loss"] = value_loss(rows.at_completion(values, num_new), batch.old_values, batch.returns, mask,
-                                        cfg.value_clip)
+        metrics["vf_loss"] = value_loss(values, batch.old_values, batch.returns, mask, cfg.value_clip)
         loss = loss + cfg.vf_coef * metrics["vf_loss"]
     metrics["loss"] = loss
     return loss, (metrics, completed)
@@ -360,21 +352,20 @@ def _forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic 
     """The no-gradient forward passes: (old log-probs, old values, reference log-probs), each
     `[batch, new]` and masked, 0 where a pass is not made (the policy and the critic when `params`
     is None, the policy's log-probs when reused from the sampler, no critic, no KL penalty)."""
-    num_new = mask.shape[1]
+    read = rows.completion_read(mask.shape[1])
     old_logp = ref_logp = values = None
     if params is not None and cfg.reuse_sampler_logprobs:
-        values = critic_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
+        values = critic_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions, read)
     elif params is not None:
-        hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions)
-        old_logp, _ = completion_logprobs(model_cfg, merge(frozen, params.policy), hidden, rows, targets,
-                                          cfg.temperature, cfg.logits_chunk)
+        hidden, values = hidden_and_values(model_cfg, params, rows.tokens, rows.attention_mask, frozen, rows.positions,
+                                           read)
+        old_logp, _ = chunked_logprobs(model_cfg, merge(frozen, params.policy), hidden, targets, cfg.temperature,
+                                       cfg.logits_chunk)
     if cfg.kl_coef:
         _, ref_hidden = forward(model_cfg.base(), ref_params, rows.tokens, rows.attention_mask, with_head=False,
-                                positions=rows.positions)
-        ref_logp, _ = completion_logprobs(model_cfg, ref_params, ref_hidden, rows, targets, cfg.temperature,
-                                          cfg.logits_chunk)
-    old_values = None if values is None else rows.at_completion(values, num_new)
-    return tuple(jnp.zeros_like(mask) if x is None else x * mask for x in (old_logp, old_values, ref_logp))
+                                positions=rows.positions, read=read)
+        ref_logp, _ = chunked_logprobs(model_cfg, ref_params, ref_hidden, targets, cfg.temperature, cfg.logits_chunk)
+    return tuple(jnp.zeros_like(mask) if x is None else x * mask for x in (old_logp, values, ref_logp))
 
 
 def forward_passes(model_cfg: ModelConfig, cfg: PPOConfig, params: ActorCritic | None, ref_params,

@@ -2,7 +2,7 @@
 
 Log-probs. `Rollout.logprobs` are log-probs of the sampled tokens under
 `softmax(logits / temperature)`, before any top-k/top-p truncation (temperature 1 for greedy).
-The PPO side recomputes exactly this (`ppo.completion_logprobs` divides by the same temperature), so
+The PPO side recomputes exactly this (`ppo.chunked_logprobs` divides by the same temperature), so
 the importance ratio starts at 1. With top-k or top-p the sampling distribution is the truncated
 one; the paper's recipe uses neither.
 """
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from r3jax import programs
-from r3jax.models.transformer import (ModelConfig, Transformer, cache_block, head_logits, init_cache,
+from r3jax.models.transformer import (ModelConfig, Read, Transformer, cache_block, head_logits, init_cache,
                                      positions_from_mask)
 
 
@@ -86,9 +86,12 @@ def choose_tokens(logits: jnp.ndarray, key: jax.Array, settings: SamplingConfig)
 
 def prefill(cfg: ModelConfig, params: Any, tokens, positions, kv_mask, cache):
     """The prompt `[batch, prompt]` through the model into the cache: (logits `[batch, vocab]` of the
-    last prompt position only, no `[batch, prompt, vocab]` array; the filled cache)."""
-    _, hidden, cache = Transformer(cfg, with_head=False).apply({"params": params}, tokens, positions, kv_mask, cache, 0)
-    return head_logits(cfg, params, hidden[:, -1]), cache
+    last prompt position only, the last layer's queries there alone; the filled cache)."""
+    batch, width = tokens.shape
+    last = Read(jnp.full((batch, 1), width - 1))
+    _, hidden, cache = Transformer(cfg, with_head=False).apply({"params": params}, tokens, positions, kv_mask, cache, 0,
+                                                              read=last)
+    return head_logits(cfg, params, hidden[:, 0]), cache
 
 
 def decode_step(cfg: ModelConfig, params: Any, token, position, kv_mask, cache, cache_start):

@@ -144,9 +144,8 @@ def test_lora_ppo_update_trains_adapters_and_critic_against_the_base_as_referenc
     rollout = sample(LORA, params, TOKENS, MASK, jax.random.key(0), SamplingConfig(max_new_tokens=6, pad_id=0))
     data = ppo.experience(rollout, jnp.asarray([1.0, 0.0]))
     prepared, metrics, _ = ppo.prepare(LORA, cfg, actor_critic, None, data, base)
-    rows = ppo.ForwardRows(rollout.tokens, rollout.attention_mask)
-    base_logp, _ = ppo.completion_logprobs(TINY, base, forward(TINY, base, rows.tokens, rows.attention_mask,
-                                                               with_head=False)[1], rows, rollout.tokens[:, -6:], 1.0)
+    base_hidden = forward(TINY, base, rollout.tokens, rollout.attention_mask, with_head=False)[1]
+    base_logp, _ = ppo.chunked_logprobs(TINY, base, base_hidden[:, -7:-1], rollout.tokens[:, -6:], 1.0)
     np.testing.assert_allclose(prepared.ref_logprobs, base_logp, atol=1e-6)  # the reference: adapters off
     np.testing.assert_allclose(prepared.old_logprobs * rollout.completion_mask, rollout.logprobs, atol=1e-5)
     update = ppo.make_ppo_update(LORA, cfg, optimizer)

@@ -326,14 +326,15 @@ def test_completion_logprobs_match_full_logits_and_chunks_keep_gradients(chunk):
     logits, hidden = forward(TINY, params, tokens, mask)
     scaled = jax.nn.log_softmax(logits[:, -num_new - 1:-1] / 0.7, axis=-1)
     expected = jnp.take_along_axis(scaled, tokens[:, -num_new:, None], axis=-1)[..., 0]
-    rows, targets = ppo.ForwardRows(tokens, mask), tokens[:, -num_new:]
-    logp, entropy = ppo.completion_logprobs(TINY, params, hidden, rows, targets, 0.7, chunk)
+    targets, read = tokens[:, -num_new:], ppo.ForwardRows(tokens, mask).completion_read(num_new)
+    _, read_hidden = forward(TINY, params, tokens, mask, with_head=False, read=read)
+    logp, entropy = ppo.chunked_logprobs(TINY, params, read_hidden, targets, 0.7, chunk)
     np.testing.assert_allclose(np.asarray(logp), np.asarray(expected), atol=1e-5)
     np.testing.assert_allclose(np.asarray(entropy), np.asarray(-(jnp.exp(scaled) * scaled).sum(-1)), atol=1e-5)
 
     def weighted(p, chunk_size):
-        _, h = forward(TINY, p, tokens, mask, with_head=False)
-        lp, ent = ppo.completion_logprobs(TINY, p, h, rows, targets, 0.7, chunk_size)
+        _, h = forward(TINY, p, tokens, mask, with_head=False, read=read)
+        lp, ent = ppo.chunked_logprobs(TINY, p, h, targets, 0.7, chunk_size)
         return (lp * jnp.arange(num_new)).sum() + ent.sum()
 
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),

@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from helpers import TINY, tiny_params
 from r3jax.models import hf
-from r3jax.models.transformer import attention, causal_block_attention, forward
+from r3jax.models.transformer import Read, attention, causal_block_attention, forward, reads_in_last_layer
 from r3jax.sampling import SamplingConfig, sample
 
 
@@ -119,6 +119,38 @@ def test_chunked_attention_equals_whole_logits_gradients_packed_and_decoding(che
     got = sample(chunked, loaded, tokens, mask, jax.random.key(1), settings)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("scan, remat, chunk", [(False, "none", 0), (False, "full", 0), (True, "none", 0),
+                                               (False, "none", 4)])
+def test_a_forward_read_at_a_few_positions_equals_the_whole_forward_there(checkpoint, scan, remat, chunk):
+    """A `Read` (the states that predict completion tokens): the same logits, hidden states and
+    gradients as the whole forward taken at those positions, on left-padded rows (the last 5 slots
+    of each) and on packed ones (two read sequences in row 0, one in each other row, row 1's read
+    twice). The unrolled dense forward computes its last layer there alone; the others read after."""
+    path, _ = checkpoint
+    cfg, params = hf.load(path, scan_layers=scan, remat=remat)
+    cfg = cfg.replace(attention_chunk=chunk)
+    assert reads_in_last_layer(cfg) == (not scan and not chunk)
+    tokens, mask = _inputs()
+    segments = jnp.array([[1] * 5 + [2] * 7, [1] * 12, [1] * 3 + [2] * 6 + [0] * 3])
+    positions = jnp.where(segments > 0, jnp.arange(12) - jnp.array([[0] * 5 + [5] * 7, [0] * 12, [0] * 3 + [3] * 9]), 0)
+    padded_read = Read(jnp.broadcast_to(jnp.arange(6, 11), (3, 5)))
+    packed_read = Read(jnp.array([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [2, 3, 4, 5, 6], [1, 2, 3, 4, 5], [4, 5, 6, 7, 8]]),
+                       jnp.array([0, 0, 1, 1, 2]))
+    weights = jax.random.normal(jax.random.key(3), (5, 5, cfg.vocab_size))
+    for batch_mask, batch_positions, read in ((mask, None, padded_read), (segments, positions, packed_read)):
+        whole_logits, whole_hidden = forward(cfg, params, tokens, batch_mask, positions=batch_positions)
+        read_logits, read_hidden = forward(cfg, params, tokens, batch_mask, positions=batch_positions, read=read)
+        assert read_logits.shape == (read.slots.shape[0], 5, cfg.vocab_size)
+        np.testing.assert_allclose(np.asarray(read_logits), np.asarray(read.take(whole_logits)), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(read_hidden), np.asarray(read.take(whole_hidden)), atol=1e-5, rtol=1e-5)
+        loss = lambda p, r: (forward(cfg, p, tokens, batch_mask, positions=batch_positions, read=r)[0]
+                             * weights[:r.slots.shape[0]]).sum()
+        whole = lambda p: (read.take(forward(cfg, p, tokens, batch_mask, positions=batch_positions)[0])
+                           * weights[:read.slots.shape[0]]).sum()
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5),
+                     jax.grad(loss)(params, read), jax.grad(whole)(params))
 
 
 def test_causal_blocks_skip_only_masked_scores():

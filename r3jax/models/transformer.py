@@ -12,6 +12,9 @@ minus one); `kv_mask` marks which key slots hold real tokens. A KV cache is a pl
 Without a cache, rows may also be packed: several sequences share a row, `segment_ids` number them
 (1, 2, ...; 0 is padding), a token attends only within its own segment, and positions restart
 at 0 in each (`forward` with explicit `positions`).
+
+A caller that reads the output at a few positions only (the states that predict a completion)
+names them (`Read`): the last layer then computes its queries, attention and MLP there alone.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import contextvars
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -181,6 +184,24 @@ def layer_keys_values(cache: dict, layer_index=None) -> tuple[jnp.ndarray, jnp.n
             jax.lax.dynamic_index_in_dim(cache["v"], layer_index, keepdims=False))
 
 
+class Read(NamedTuple):
+    """The positions a forward's caller reads: columns `slots [n, count]` of the input's rows, the
+    i-th read sequence lying in row `rows[i]` (`rows` None: in row i). A forward given one returns
+    its hidden states (and logits) there alone, `[n, count, ...]`."""
+    slots: jnp.ndarray
+    rows: jnp.ndarray | None = None
+
+    def take(self, x: jnp.ndarray) -> jnp.ndarray:
+        """`x [rows, width, ...]` at the read positions: `[n, count, ...]`."""
+        if self.rows is None:
+            return jnp.take_along_axis(x, self.slots.reshape(self.slots.shape + (1,) * (x.ndim - 2)), axis=1)
+        return x.reshape(-1, *x.shape[2:])[self.rows[:, None] * x.shape[1] + self.slots]
+
+    def of_rows(self, x: jnp.ndarray) -> jnp.ndarray:
+        """`x [rows, ...]`, something per row, for each read sequence: `[n, ...]`."""
+        return x if self.rows is None else x[self.rows]
+
+
 def attention(q, k, v, kv_mask, cache_start, segment_ids=None, chunk: int = 0) -> jnp.ndarray:
     """Causal attention of queries at slots `cache_start + [0, seq)` over every key slot.
 
@@ -216,11 +237,11 @@ def causal_block_attention(q, k, v, kv_mask, segment_ids=None) -> jnp.ndarray:
 
 
 def _attend(q, k, v, kv_mask, query_slots, query_segments, key_segments) -> jnp.ndarray:
-    """`attention` for queries at `query_slots [seq]`, with their segment ids `[batch, seq]` and the
-    keys' `[batch, keys]` (or both None)."""
+    """`attention` for queries at `query_slots` (`[seq]`, or `[batch, seq]` per row), with their
+    segment ids `[batch, seq]` and the keys' `[batch, keys]` (or both None)."""
     scores = jnp.einsum("bqkgd,bksd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
     key_slots = jnp.arange(k.shape[2])
-    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & kv_mask[:, None, :].astype(bool)
+    allowed = (key_slots <= query_slots[..., None]) & kv_mask[:, None, :].astype(bool)
     if query_segments is not None:
         allowed = allowed & (query_segments[:, :, None] == key_segments[:, None, :])
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -557,16 +578,20 @@ class Attention(nn.Module):
         return with_adapter(cfg, name, x, y, ("embed",), ("heads", "head_dim"))
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids, layer_index=None):
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids, layer_index=None,
+                 read: Read | None = None):
         """x `[batch, seq, embed]`; kv_mask `[batch, keys]`; segment_ids `[batch, seq]` or None;
         `layer_cache` is this layer's cache, or with `layer_index` the whole stacked one (see
-        `write_cache`); returns (`[batch, seq, embed]`, the cache as it was given, updated)."""
+        `write_cache`); returns (`[batch, seq, embed]`, the cache as it was given, updated). With
+        `read` (no cache or a prefill; the dense kernel): queries at the read positions alone,
+        `[n, count, embed]` returned."""
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg)
-        q, k = self._proj("q_proj", cfg.num_heads, x), self._proj("k_proj", cfg.num_kv_heads, x)
+        queries_in, query_positions = (x, positions) if read is None else (read.take(x), read.take(positions))
+        q, k = self._proj("q_proj", cfg.num_heads, queries_in), self._proj("k_proj", cfg.num_kv_heads, x)
         if cfg.qk_norm:
             q, k = RMSNorm(cfg, cfg.head_dim, name="q_norm")(q), RMSNorm(cfg, cfg.head_dim, name="k_norm")(k)
-        q = apply_rope(q, positions, inv_freq)
+        q = apply_rope(q, query_positions, inv_freq)
         # keys and values as [batch, kv_heads, keys, head_dim], the cache's layout: each decode
         # step then reads the cache as it lies, with no transposed copy of it
         k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)
@@ -582,10 +607,15 @@ class Attention(nn.Module):
         own_keys = layer_cache is None or prefill
         kv_mask = kv_mask[:, :seq] if prefill else kv_mask
         groups = cfg.num_heads // cfg.num_kv_heads
+        batch, seq = queries_in.shape[:2]
         q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
         block = cache_block(cfg)
         kernel = attention_kernel(cfg)
-        if layer_cache is not None and seq == 1 and block:
+        if read is not None:
+            out = _attend(q, read.of_rows(k), read.of_rows(v), read.of_rows(kv_mask), read.slots,
+                          None if segment_ids is None else read.take(segment_ids),
+                          None if segment_ids is None else read.of_rows(segment_ids))
+        elif layer_cache is not None and seq == 1 and block:
             out = decode_attention(q, k, v, kv_mask, cache_start, block)
         elif own_keys and kernel != "xla":
             segments = kv_mask.astype(jnp.int32) if segment_ids is None else segment_ids
@@ -619,11 +649,13 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids, layer_index=None):
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_start, segment_ids, layer_index=None,
+                 read: Read | None = None):
+        """As `Attention`: with `read`, the layer's output at the read positions alone."""
         attn_out, layer_cache = Attention(self.cfg, name="attn")(
             RMSNorm(self.cfg, name="input_norm")(x), positions, kv_mask, layer_cache, cache_start, segment_ids,
-            layer_index)
-        x = x + attn_out
+            layer_index, read)
+        x = (x if read is None else read.take(x)) + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
         return x, layer_cache
 
@@ -649,20 +681,31 @@ def _scanned_layer(layer: nn.Module, carry, positions, kv_mask, cache_start, seg
     return (x, cache, index + 1), None
 
 
+def reads_in_last_layer(cfg: ModelConfig) -> bool:
+    """Whether a forward given a `Read` computes its last layer at the read positions alone: with
+    unrolled layers and the dense kernel over whole rows. The fused kernels take as many queries as
+    keys, a chunked attention's memory bound would not hold, and a scan runs every layer alike;
+    those forwards compute every position and read after."""
+    return not cfg.scan_layers and not cfg.attention_chunk and attention_kernel(cfg) == "xla"
+
+
 class Transformer(nn.Module):
     """Returns (logits `[batch, seq, vocab]` float32, final hidden `[batch, seq, embed]`, cache);
-    logits are None with `with_head=False` (see `head_logits`)."""
+    logits are None with `with_head=False` (see `head_logits`). With a `Read` (no cache, or a
+    prefill): logits and hidden at the read positions alone, `[n, count, ...]`."""
     cfg: ModelConfig
     with_head: bool = True
 
     @nn.compact
-    def __call__(self, tokens, positions, kv_mask, cache=None, cache_start=0, segment_ids=None):
+    def __call__(self, tokens, positions, kv_mask, cache=None, cache_start=0, segment_ids=None,
+                 read: Read | None = None):
         cfg = self.cfg
         embed = _embed_layer(cfg, name="embed")
         x = embed(tokens)
         layer = DecoderLayer
         if cfg.remat != "none":
             layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        last_layer_reads = read is not None and reads_in_last_layer(cfg)
         if cfg.scan_layers:
             layers = nn.scan(_scanned_layer, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=nn.broadcast, length=cfg.num_layers,
@@ -673,8 +716,11 @@ class Transformer(nn.Module):
             new_cache = []
             for i in range(cfg.num_layers):
                 x, layer_cache = layer(cfg, name=f"layers_{i}")(
-                    x, positions, kv_mask, None if cache is None else cache[i], cache_start, segment_ids)
+                    x, positions, kv_mask, None if cache is None else cache[i], cache_start, segment_ids, None,
+                    read if last_layer_reads and i == cfg.num_layers - 1 else None)
                 new_cache.append(layer_cache)
+        if read is not None and not last_layer_reads:
+            x = read.take(x)
         hidden = RMSNorm(cfg, name="final_norm")(x)
         new_cache = None if cache is None else new_cache
         if not self.with_head:
@@ -699,17 +745,18 @@ def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def forward(cfg: ModelConfig, params: Any, tokens: jnp.ndarray, attention_mask: jnp.ndarray,
-            with_head: bool = True, positions: jnp.ndarray | None = None):
+            with_head: bool = True, positions: jnp.ndarray | None = None, read: Read | None = None):
     """Full no-cache forward: (logits `[b, s, vocab]`, hidden `[b, s, embed]`); logits None with
     `with_head=False`. Either a left-padded batch (`attention_mask` 0/1, positions counted from
-    it), or packed rows: `attention_mask` holds segment ids and `positions` restart in each."""
+    it), or packed rows: `attention_mask` holds segment ids and `positions` restart in each.
+    `read`: both at the read positions alone, `[n, count, ...]`."""
     if positions is None:
         positions = positions_from_mask(attention_mask)
         segment_ids = None
     else:
         segment_ids = attention_mask
     logits, hidden, _ = Transformer(cfg, with_head).apply(
-        {"params": params}, tokens, positions, attention_mask > 0, segment_ids=segment_ids)
+        {"params": params}, tokens, positions, attention_mask > 0, segment_ids=segment_ids, read=read)
     return logits, hidden
 
 

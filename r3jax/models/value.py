@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from r3jax.models.lora import merge
-from r3jax.models.transformer import ModelConfig, forward
+from r3jax.models.transformer import ModelConfig, Read, forward
 
 
 @flax.struct.dataclass
@@ -52,23 +52,27 @@ def head_values(head: dict[str, jnp.ndarray], hidden: jnp.ndarray) -> jnp.ndarra
 
 
 def critic_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray, attention_mask: jnp.ndarray,
-                  frozen: dict | None = None, positions: jnp.ndarray | None = None) -> jnp.ndarray | None:
+                  frozen: dict | None = None, positions: jnp.ndarray | None = None, read: Read | None = None,
+                  ) -> jnp.ndarray | None:
     """Values `[b, s]` (float32) from the critic's own forward pass, or None without a critic.
-    `positions`: packed rows (`transformer.forward`)."""
+    `positions`: packed rows; `read`: values at the read positions alone, `[n, count]`
+    (`transformer.forward`)."""
     if not params.has_critic:
         return None
     backbone = params.policy if params.critic_backbone is None else params.critic_backbone
-    _, hidden = forward(cfg, merge(frozen, backbone), tokens, attention_mask, with_head=False, positions=positions)
+    _, hidden = forward(cfg, merge(frozen, backbone), tokens, attention_mask, with_head=False, positions=positions,
+                        read=read)
     return head_values(params.value_head, hidden)
 
 
 def hidden_and_values(cfg: ModelConfig, params: ActorCritic, tokens: jnp.ndarray, attention_mask: jnp.ndarray,
-                      frozen: dict | None = None, positions: jnp.ndarray | None = None,
+                      frozen: dict | None = None, positions: jnp.ndarray | None = None, read: Read | None = None,
                       ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """(the policy's final hidden states `[b, s, embed]`, values `[b, s]` or None without a critic);
-    the policy's logits are left to the caller (`ppo.completion_logprobs`). `positions`: packed
-    rows (`transformer.forward`)."""
-    _, hidden = forward(cfg, merge(frozen, params.policy), tokens, attention_mask, with_head=False, positions=positions)
+    the policy's logits are left to the caller (`ppo.chunked_logprobs`). `positions` and `read`
+    as in `critic_values`."""
+    _, hidden = forward(cfg, merge(frozen, params.policy), tokens, attention_mask, with_head=False, positions=positions,
+                        read=read)
     if params.has_critic and params.critic_backbone is None:
         return hidden, head_values(params.value_head, hidden)
-    return hidden, critic_values(cfg, params, tokens, attention_mask, frozen, positions)
+    return hidden, critic_values(cfg, params, tokens, attention_mask, frozen, positions, read)
