@@ -201,13 +201,13 @@ def gsm8k(args) -> dict:
 
 def real_token_flops(config, model_cfg, batches) -> float:
     """Model FLOPs of the updates of `batches` counted on real tokens alone: each rollout's forward
-    (`forward_flops` at its real length, the LM head and the read at its completion), times the update's passes
+    (`forward_flops` at its real length, the LM head at its completion), times the update's passes
     (`update_passes`: the policy's with its value head standing for the critic's)."""
     per_pass = 0.0
     for batch in batches:
         real = batch.rollout.attention_mask.sum(1)
         completion = batch.rollout.completion_mask.sum(1)
-        per_pass += sum(forward_flops(model_cfg, 1, int(n), int(m), int(m)) for n, m in zip(real, completion))
+        per_pass += sum(forward_flops(model_cfg, 1, int(n), int(m)) for n, m in zip(real, completion))
     return update_passes(settings_lib.of(config).ppo) * per_pass
 
 

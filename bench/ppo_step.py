@@ -117,8 +117,8 @@ def forward_flops(cfg, rows: int, length: int, head_positions: int, read_positio
     """Matmul FLOPs of one forward pass over `rows` sequences of `length` tokens, the LM head at
     `head_positions` of each (PaLM's count: 2 per weight per token, plus 4 * width * length per
     token and layer for attention, causal masking not halved). `read_positions`: how many
-    positions of each sequence a `Read` names; where the model computes its last layer there
-    alone (`reads_in_last_layer`), that layer's keys and values alone run over every position."""
+    positions of each row a row-by-row `Read` names; where the model computes its last layer
+    there alone (`reads_in_last_layer`), that layer's keys and values alone run over every position."""
     head = cfg.vocab_size * cfg.hidden_size
     body = cfg.num_params() - head * (1 if cfg.tie_word_embeddings else 2)  # the embedding lookup is no matmul
     attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * length

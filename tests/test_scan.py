@@ -126,8 +126,9 @@ def test_chunked_attention_equals_whole_logits_gradients_packed_and_decoding(che
 def test_a_forward_read_at_a_few_positions_equals_the_whole_forward_there(checkpoint, scan, remat, chunk):
     """A `Read` (the states that predict completion tokens): the same logits, hidden states and
     gradients as the whole forward taken at those positions, on left-padded rows (the last 5 slots
-    of each) and on packed ones (two read sequences in row 0, one in each other row, row 1's read
-    twice). The unrolled dense forward computes its last layer there alone; the others read after."""
+    of each), on packed ones read row by row (5 slots of one segment per row), and across packed
+    rows (two read sequences in row 0, one in each other row, row 1's read twice). Read row by row,
+    the unrolled dense forward computes its last layer there alone; the others read after."""
     path, _ = checkpoint
     cfg, params = hf.load(path, scan_layers=scan, remat=remat)
     cfg = cfg.replace(attention_chunk=chunk)
@@ -136,10 +137,12 @@ def test_a_forward_read_at_a_few_positions_equals_the_whole_forward_there(checkp
     segments = jnp.array([[1] * 5 + [2] * 7, [1] * 12, [1] * 3 + [2] * 6 + [0] * 3])
     positions = jnp.where(segments > 0, jnp.arange(12) - jnp.array([[0] * 5 + [5] * 7, [0] * 12, [0] * 3 + [3] * 9]), 0)
     padded_read = Read(jnp.broadcast_to(jnp.arange(6, 11), (3, 5)))
+    row_by_row_read = Read(jnp.array([[6, 7, 8, 9, 10], [2, 3, 4, 5, 6], [4, 5, 6, 7, 8]]))
     packed_read = Read(jnp.array([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [2, 3, 4, 5, 6], [1, 2, 3, 4, 5], [4, 5, 6, 7, 8]]),
                        jnp.array([0, 0, 1, 1, 2]))
     weights = jax.random.normal(jax.random.key(3), (5, 5, cfg.vocab_size))
-    for batch_mask, batch_positions, read in ((mask, None, padded_read), (segments, positions, packed_read)):
+    for batch_mask, batch_positions, read in ((mask, None, padded_read), (segments, positions, row_by_row_read),
+                                              (segments, positions, packed_read)):
         whole_logits, whole_hidden = forward(cfg, params, tokens, batch_mask, positions=batch_positions)
         read_logits, read_hidden = forward(cfg, params, tokens, batch_mask, positions=batch_positions, read=read)
         assert read_logits.shape == (read.slots.shape[0], 5, cfg.vocab_size)
