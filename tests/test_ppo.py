@@ -319,7 +319,7 @@ def _completion_inputs(num_new=7):
 
 
 @pytest.mark.parametrize("chunk", [0, 3, 7])
-def test_completion_logprobs_match_full_logits_and_chunks_keep_gradients(chunk):
+def test_logprobs_of_a_read_forward_match_full_logits_and_chunks_keep_gradients(chunk):
     from r3jax.models.transformer import forward
 
     params, (tokens, mask, num_new) = tiny_params(), _completion_inputs()
