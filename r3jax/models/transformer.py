@@ -593,7 +593,6 @@ class Attention(nn.Module):
         # step then reads the cache as it lies, with no transposed copy of it
         k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)
         v = self._proj("v_proj", cfg.num_kv_heads, x).transpose(0, 2, 1, 3)
-        batch, seq = x.shape[:2]
         # a prefill (the cache empty, filled from slot 0) attends over its own keys alone, as a
         # forward without a cache does: the cache's later slots are empty, so reading them is waste
         prefill = layer_cache is not None and isinstance(cache_start, int) and cache_start == 0
@@ -602,7 +601,7 @@ class Attention(nn.Module):
             if not prefill:
                 k, v = layer_keys_values(layer_cache, layer_index)
         own_keys = layer_cache is None or prefill
-        kv_mask = kv_mask[:, :seq] if prefill else kv_mask
+        kv_mask = kv_mask[:, :x.shape[1]] if prefill else kv_mask
         groups = cfg.num_heads // cfg.num_kv_heads
         batch, seq = queries_in.shape[:2]
         q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
