@@ -19,7 +19,7 @@ from r3jax import sharding
 from r3jax.config import data_parallel_size
 from r3jax.curriculum import StartState
 from r3jax.models.transformer import ModelConfig
-from r3jax.sampling import Rollout, SamplingConfig, sample
+from r3jax.sampling import Rollout, SamplingConfig, prompt_bucket, sample
 from r3jax.tasks.base import Demonstration, Task
 from r3jax.tokenizer import Span, Tokenizer, left_pad, tokens_within
 
@@ -73,22 +73,24 @@ def tokenize_states(tokenizer: Tokenizer, task: Task, states: Sequence[StartStat
     return tokenized
 
 
-def encode_prompts(states: Sequence[StartState], pad_id: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prompt tokens `[rows, length]`; rows past the states repeat the first one so
-    the batch splits evenly over the mesh."""
+def encode_prompts(states: Sequence[StartState], settings: SamplingConfig, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt tokens and mask `[rows, bucket]`, left-padded to the sampler's bucket here on the host
+    (`sample` would pad on the device: one more small program per prompt width); rows past the
+    states repeat the first one so the batch splits evenly over the mesh."""
     if any(not s.prompt_tokens for s in states):
         raise ValueError("start states without prompt tokens: pass them through tokenize_states")
     encoded = [list(s.prompt_tokens) for s in states]
     encoded += [encoded[0]] * (rows - len(encoded))
-    return left_pad(encoded, pad_id)
+    return left_pad(encoded, settings.pad_id, prompt_bucket(max(map(len, encoded)), settings.min_prompt_bucket))
 
 
 def decode_completions(tokenizer: Tokenizer, rollout: Rollout, count: int) -> list[str]:
     """The text of the first `count` completions, each cut after its stop token."""
-    completions = sharding.to_host(rollout.completions)
+    completions = sharding.to_host(rollout.tokens)[:, rollout.prompt_length:]  # cut on the host: no program per shape
     mask = sharding.to_host(rollout.completion_mask).astype(bool)
     stops = set(tokenizer.stop_ids)
-    return [tokenizer.decode([t for t in row[m] if t not in stops]) for row, m in zip(completions[:count], mask[:count])]
+    return [tokenizer.decode([t for t in row[m] if t not in stops])
+            for row, m in zip(completions[:count], mask[:count])]
 
 
 def dispatch_sampling(model_cfg: ModelConfig, params: Any, states: Sequence[StartState],
@@ -98,7 +100,7 @@ def dispatch_sampling(model_cfg: ModelConfig, params: Any, states: Sequence[Star
     up to a multiple of the data-parallel size."""
     rows = max(rows, len(states))
     rows += -rows % data_parallel_size(mesh.devices.shape)
-    tokens, mask = sharding.shard_batch(encode_prompts(states, settings.pad_id, rows), mesh)
+    tokens, mask = sharding.shard_batch(encode_prompts(states, settings, rows), mesh)
     return sample(model_cfg, params, tokens, mask, key, settings)
 
 

@@ -117,6 +117,36 @@ def test_rollout_layout_samples_what_the_training_layout_samples(setup):
     assert got[1] == want[1]
 
 
+def test_generate_pads_prompts_to_the_bucket_on_the_host_and_samples_what_sample_does(setup):
+    """generate's prompts reach the device already at the sampler's bucket width; its rollout and
+    texts equal `sample`'s on the prompts padded only to the longest, which `sample` pads itself."""
+    import jax.numpy as jnp
+
+    from r3jax import rollout as rollout_lib
+    from r3jax.curriculum import start_states
+    from r3jax.sampling import prompt_bucket, sample
+
+    task, tok, cfg, params = setup
+    states = rollout_lib.tokenize_states(tok, task, [start_states(task, d, 5)[0]
+                                                     for d in task.demonstrations("train")[:6]])
+    settings = SamplingConfig(max_new_tokens=8, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    rows = [list(s.prompt_tokens) for s in states] + [list(states[0].prompt_tokens)] * 2
+    longest = max(map(len, rows))
+    assert longest < prompt_bucket(longest)  # so that the bucket pads further
+    tokens, mask = rollout_lib.encode_prompts(states, settings, 8)
+    assert tokens.shape == mask.shape == (8, prompt_bucket(longest))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    rollout, texts = rollout_lib.generate(cfg, params, tok, states, settings, jax.random.key(3), mesh, rows=8)
+    unbucketed = tokenizer.left_pad(rows, tok.pad_id)
+    want = sample(cfg, params, jnp.asarray(unbucketed[0]), jnp.asarray(unbucketed[1]), jax.random.key(3), settings)
+    np.testing.assert_array_equal(np.asarray(rollout.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(rollout.logprobs), np.asarray(want.logprobs))
+    completions = np.asarray(want.completions)[:6]
+    stops = set(tok.stop_ids)
+    assert texts == [tok.decode([t for t in row[m] if t not in stops])
+                     for row, m in zip(completions, np.asarray(want.completion_mask)[:6].astype(bool))]
+
+
 class HalfCorrectTask(CoinTask):
     """CoinTask whose rewarded completions count as correct, so some groups all fail and some do not."""
 
