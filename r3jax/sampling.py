@@ -122,6 +122,12 @@ def cache_length(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> int:
     return -(-(prompt_len + new_tokens) // block) * block
 
 
+def read_ahead(cfg: ModelConfig, settings: SamplingConfig) -> None:
+    """Starts reading back the sampler's programs for `cfg` and `settings` that an earlier run kept
+    on disk (`programs.Cached`), so that a rerun's first rollout does not wait to load its own."""
+    _generator(cfg, settings)
+
+
 @functools.cache
 def _generator(cfg: ModelConfig, settings: SamplingConfig) -> programs.Cached:
     """The sampler's program for one model config and sampling settings, kept on disk."""

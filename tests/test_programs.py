@@ -175,3 +175,35 @@ def test_a_program_is_traced_under_the_mesh_its_arguments_lie_on(tmp_path, monke
     on_mesh(jnp.zeros(8), jnp.ones(8))
     on_mesh(*sharding.shard_batch((jnp.zeros(4), jnp.ones(4)), sharding.make_mesh((1, 1, 1), jax.devices()[:1])))
     assert seen == [{"data": 2, "fsdp": 2, "tensor": 2}, None, None]
+
+
+def test_the_samplers_programs_are_read_back_before_the_first_rollout(kept_in, salt, monkeypatch):
+    """`sampling.read_ahead` (what RL calls at set-up) has the loader thread read the sampler's kept
+    program back, so that a rerun's first `sample` neither traces nor loads it itself."""
+    import threading
+
+    from helpers import TINY, tiny_params
+    from r3jax import sampling
+
+    settings = sampling.SamplingConfig(max_new_tokens=3, temperature=1.0 + salt / 2**30)  # a program of its own
+    params, prompts = tiny_params(), jnp.arange(1, 9, dtype=jnp.int32).reshape(2, 4)
+    sample = functools.partial(sampling.sample, TINY, params, prompts, jnp.ones_like(prompts), jax.random.key(0),
+                               settings)
+    sampling._generator.cache_clear()
+    first = sample()
+    assert len(kept(kept_in)) == 1
+    sampling._generator.cache_clear()  # as in a new process
+    readers = []
+    read_program = programs.read_program
+    monkeypatch.setattr(programs, "read_program",
+                        lambda path: readers.append(threading.current_thread().name) or read_program(path))
+    sampling.read_ahead(TINY, settings)
+    assert sampling._generator.cache_info().currsize == 1
+    cached = sampling._generator(TINY, settings)
+    for future in cached.read_ahead.values():
+        future.result(timeout=60)
+    monkeypatch.setattr(programs, "compile_for_keeping", lambda *_: pytest.fail("the rerun compiled the sampler"))
+    again = sample()
+    sampling._generator.cache_clear()
+    assert readers == ["r3jax-programs"] and not cached.read_ahead
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(first.tokens))

@@ -21,7 +21,7 @@ from r3jax.evaluate import accuracy_report, evaluate, greedy_problems, samples
 from r3jax.models import lora
 from r3jax.models.transformer import ModelConfig
 from r3jax.models.value import actor_critic_params
-from r3jax.sampling import Rollout, SamplingConfig
+from r3jax.sampling import Rollout, SamplingConfig, read_ahead
 from r3jax.curriculum import StartState
 from r3jax.tasks.answers import Score
 from r3jax.rollout import Policy
@@ -317,15 +317,15 @@ def train(settings: Settings, start: Policy, task: Task, workdir: str, stop: Sto
     config.seed: every weight, or with LoRA (adapters in `start`) the adapters alone. Returns the
     final policy's params with the steps taken and tokens sampled, or None when stopped early by a
     signal."""
-    config = settings.config
-    c, strategy, seed = config.rl, config.rl.strategy, config.seed
+    c, strategy, seed = settings.config.rl, settings.config.rl.strategy, settings.config.seed
     model_cfg, _, tokenizer, mesh = start
     policy, frozen = lora.trainable_and_frozen(model_cfg, start.params)
     os.makedirs(workdir, exist_ok=True)
     curriculum = build_curriculum(c, task, tokenizer, strategy, seed)
+    sampling = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature, c.top_k, c.top_p)
+    read_ahead(model_cfg, sampling)  # ahead of the update's programs, which the first step needs later
     initial_state, learn = _learner(c, settings.ppo, model_cfg, policy, frozen, mesh)
     steps = _steps(c, curriculum)
-    sampling = rollout_lib.sampling_config(tokenizer, c.max_new_tokens, c.temperature, c.top_k, c.top_p)
     rollout_mesh = sharding.make_mesh(c.rollout_mesh) if c.rollout_mesh else mesh
     to_rollout_layout = sharding.compute_copy(model_cfg, rollout_mesh)
     validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], settings.eval)
@@ -360,7 +360,7 @@ def train(settings: Settings, start: Policy, task: Task, workdir: str, stop: Sto
         return ({f"eval/{k}": v for k, v in report.items() if "/steps_" not in k},
                 samples(task, validation.demos, records), meta)
 
-    phase = _phase(config, strategy, workdir)
+    phase = _phase(settings.config, strategy, workdir)
     hooks = loop.Hooks(
         rl_step, lambda meta: meta["step"] >= steps or bool(budget and meta["tokens_sampled"] >= budget),
         lambda meta: (meta["tokens_sampled"], budget, "tok") if budget else (meta["step"], steps, "step"), validate)
