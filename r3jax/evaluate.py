@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from r3jax import sharding
 from r3jax.curriculum import StartState, start_states
-from r3jax.rollout import Policy, decode_completions, dispatch_sampling, sampling_config, tokenize_states
+from r3jax.rollout import Policy, decode_completions, dispatch_sampling, sampling_config, to_host, tokenize_states
 from r3jax.sampling import Rollout
 from r3jax.tasks.answers import majority
 from r3jax.tasks.base import Demonstration, Task
@@ -81,7 +81,7 @@ def evaluate(policy: Policy, problems: Problems, desc: str = "eval") -> tuple[di
     texts, predictions = [], []
 
     def read_chunk(chunk: Sequence[StartState], rollout: Rollout) -> None:
-        chunk_texts = decode_completions(tokenizer, rollout, len(chunk))
+        chunk_texts = decode_completions(tokenizer, to_host(rollout), len(chunk))
         texts.extend(chunk_texts)
         predictions.extend(task.answers([s.given + t for s, t in zip(chunk, chunk_texts)]))
 

@@ -84,10 +84,17 @@ def encode_prompts(states: Sequence[StartState], settings: SamplingConfig, rows:
     return left_pad(encoded, settings.pad_id, prompt_bucket(max(map(len, encoded)), settings.min_prompt_bucket))
 
 
+def to_host(rollout: Rollout) -> Rollout:
+    """The rollout's fields as numpy on this process, gathered from the other hosts (multi-host:
+    every process must call it)."""
+    return Rollout(*(sharding.to_host(field) for field in rollout))
+
+
 def decode_completions(tokenizer: Tokenizer, rollout: Rollout, count: int) -> list[str]:
-    """The text of the first `count` completions, each cut after its stop token."""
-    completions = sharding.to_host(rollout.tokens)[:, rollout.prompt_length:]  # cut on the host: no program per shape
-    mask = sharding.to_host(rollout.completion_mask).astype(bool)
+    """The text of the first `count` completions of a rollout on the host (`to_host`), each cut
+    after its stop token."""
+    completions = rollout.tokens[:, rollout.prompt_length:]
+    mask = rollout.completion_mask.astype(bool)
     stops = set(tokenizer.stop_ids)
     return [tokenizer.decode([t for t in row[m] if t not in stops])
             for row, m in zip(completions[:count], mask[:count])]
@@ -106,8 +113,8 @@ def dispatch_sampling(model_cfg: ModelConfig, params: Any, states: Sequence[Star
 
 def generate(model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, states: Sequence[StartState],
              settings: SamplingConfig, key: jax.Array, mesh, rows: int = 0) -> tuple[Rollout, list[str]]:
-    """Samples one completion per start state: the rollout and the completions' text."""
-    rollout = dispatch_sampling(model_cfg, params, states, settings, key, mesh, rows)
+    """Samples one completion per start state: the rollout on the host and the completions' text."""
+    rollout = to_host(dispatch_sampling(model_cfg, params, states, settings, key, mesh, rows))
     return rollout, decode_completions(tokenizer, rollout, len(states))
 
 

@@ -115,8 +115,8 @@ def pack_width(c) -> int:
 def update_batch(c, experience: ppo.Experience, batch_shards: int) -> ppo.Experience:
     """The batch the update reads (host arrays): trimmed, and with rl.pack its rollouts also packed
     into rows of `pack_width`, as many as a multiple of `packing.row_multiple(batch_shards)`
-    (`batch_shards`: the mesh's data x fsdp); the rollout then keeps only its completion columns (the targets and their mask),
-    the prompts being in the packed rows."""
+    (`batch_shards`: the mesh's data x fsdp); the rollout then keeps only its completion columns
+    (the targets and their mask), the prompts being in the packed rows."""
     batch = trim(experience, c.length_bucket)
     if not c.pack:
         return batch
@@ -151,7 +151,7 @@ def _sample_round(c, round_states: list[StartState], task: Task, sampler: Policy
         rollout, chunk_texts = rollout_lib.generate(sampler.model_cfg, sampler.params, sampler.tokenizer, chunk,
                                                     settings, jax.random.fold_in(key, index) if index else key,
                                                     sampler.mesh, rows=size)  # a short last call padded: one shape
-        calls.append({name: sharding.to_host(value)[:len(chunk)] for name, value in rollout._asdict().items()})
+        calls.append({name: value[:len(chunk)] for name, value in rollout._asdict().items()})
         texts += chunk_texts
     round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
                                     [s.demo.answer for s in round_states])
