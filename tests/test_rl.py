@@ -118,8 +118,9 @@ def test_rollout_layout_samples_what_the_training_layout_samples(setup):
 
 
 def test_generate_pads_prompts_to_the_bucket_on_the_host_and_samples_what_sample_does(setup):
-    """generate's prompts reach the device already at the sampler's bucket width; its rollout and
-    texts equal `sample`'s on the prompts padded only to the longest, which `sample` pads itself."""
+    """generate's prompts reach the device already at the sampler's bucket width; its rollout (on
+    the host) and texts equal `sample`'s on the prompts padded only to the longest, which `sample`
+    pads itself."""
     import jax.numpy as jnp
 
     from r3jax import rollout as rollout_lib
@@ -137,6 +138,7 @@ def test_generate_pads_prompts_to_the_bucket_on_the_host_and_samples_what_sample
     assert tokens.shape == mask.shape == (8, prompt_bucket(longest))
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     rollout, texts = rollout_lib.generate(cfg, params, tok, states, settings, jax.random.key(3), mesh, rows=8)
+    assert all(isinstance(field, np.ndarray) for field in rollout)  # on the host, where RL reads it
     unbucketed = tokenizer.left_pad(rows, tok.pad_id)
     want = sample(cfg, params, jnp.asarray(unbucketed[0]), jnp.asarray(unbucketed[1]), jax.random.key(3), settings)
     np.testing.assert_array_equal(np.asarray(rollout.tokens), np.asarray(want.tokens))
