@@ -1,4 +1,5 @@
-"""Sampler: greedy vs full-forward argmax, log-probs vs teacher forcing, padding, stops, mesh."""
+"""Sampler: its draws vs numpy's argmax and JAX's categorical, greedy vs full-forward argmax, log-probs vs
+teacher forcing, padding, stops, mesh."""
 import functools
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 from helpers import TINY, tiny_params
 from r3jax import models, sharding
 from r3jax.models.transformer import cache_block, init_params
-from r3jax.sampling import SamplingConfig, sample
+from r3jax.sampling import SamplingConfig, categorical, filter_logits, first_argmax, sample
 from r3jax.tokenizer import left_pad
 
 PAD = 0
@@ -33,6 +34,26 @@ def _teacher_forced_logprobs(params, rollout, temperature):
     p = rollout.prompt_length
     logp = jax.nn.log_softmax(logits[:, p - 1:-1] / temperature, axis=-1)
     return jnp.take_along_axis(logp, rollout.completions[..., None], axis=-1)[..., 0]
+
+
+def test_first_argmax_is_numpys_argmax_with_ties_and_minus_infinity():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(200, 37)).astype(np.float32)  # many tied maxima
+    x[rng.random(x.shape) < 0.2] = -np.inf
+    x[5] = -np.inf
+    x[5, 36] = 1.0  # the maximum at the last index
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_categorical_draws_what_jax_random_categorical_draws(top_k):
+    """The sampler's categorical is jax.random.categorical with another argmax: the same token for
+    every key, also where top-k set logits to -inf."""
+    logits = filter_logits(jax.random.normal(jax.random.key(0), (8, 300)) * 4, top_k, 1.0)
+    ours, theirs = jax.jit(categorical), jax.jit(jax.random.categorical)
+    for seed in range(100):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(np.asarray(ours(key, logits)), np.asarray(theirs(key, logits)))
 
 
 def test_greedy_equals_full_forward_argmax(params):
