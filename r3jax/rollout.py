@@ -93,11 +93,10 @@ def to_host(rollout: Rollout) -> Rollout:
 def decode_completions(tokenizer: Tokenizer, rollout: Rollout, count: int) -> list[str]:
     """The text of the first `count` completions of a rollout on the host (`to_host`), each cut
     after its stop token."""
-    completions = rollout.tokens[:, rollout.prompt_length:]
     mask = rollout.completion_mask.astype(bool)
     stops = set(tokenizer.stop_ids)
     return [tokenizer.decode([t for t in row[m] if t not in stops])
-            for row, m in zip(completions[:count], mask[:count])]
+            for row, m in zip(rollout.completions[:count], mask[:count])]
 
 
 def dispatch_sampling(model_cfg: ModelConfig, params: Any, states: Sequence[StartState],
