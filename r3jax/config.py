@@ -1,7 +1,8 @@
 """Shared config pieces (ml_collections) and start-up validation.
 
 Every experiment file in configs/ starts from `base_config()` and changes what it needs. Bad values
-raise `ConfigError` with the key named; main.py turns that into one line and exit status 2.
+raise `ConfigError` with the key named; main.py turns that into one line and exit status 2. A key
+the table does not have, set in a config file, is refused naming the file and line that set it.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from typing import Any, NamedTuple, Sequence
 
 import ml_collections
@@ -281,7 +283,13 @@ def flatten(config, prefix: str = "", sections: bool = False) -> dict[str, Any]:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(_defaults(SCHEMA))
+    """Every documented key at its default, locked against new keys (a misspelt key in a config
+    file would otherwise be a new key that nothing reads); task.options holds each task's own
+    keys, so it stays open."""
+    config = ml_collections.ConfigDict(_defaults(SCHEMA))
+    config.lock()
+    config.task.options.unlock()
+    return config
 
 
 def allow_config_imports(path: str) -> None:
@@ -293,12 +301,39 @@ def allow_config_imports(path: str) -> None:
 
 
 def load_config_file(path: str, argument: str = "") -> ml_collections.ConfigDict:
-    """`get_config([argument])` of a config file imported by its path."""
+    """`get_config([argument])` of a config file imported by its path; ConfigError naming the file
+    and line for a key that `base_config()` does not have."""
     allow_config_imports(path)
     spec = importlib.util.spec_from_file_location("r3jax_user_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(argument) if argument else module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        return module.get_config(argument) if argument else module.get_config()
+    except (AttributeError, KeyError) as error:
+        if LOCKED not in str(error):
+            raise
+        raise unknown_key_error(error) from None
+
+
+# how ml_collections words a new key set on a locked ConfigDict
+LOCKED = "cannot be added since the config is locked"
+
+
+def unknown_key_error(error: AttributeError | KeyError) -> ConfigError:
+    """The ConfigError for a new key set on `base_config()` (`error` is ml_collections' refusal):
+    the key with its section, the config file and line that set it, the closest known keys."""
+    name = re.search(r'Key "([^"]*)"', str(error)).group(1)
+    frames = list(traceback.walk_tb(error.__traceback__))
+    refusing = next(frame.f_locals["self"] for frame, _ in frames
+                    if isinstance(frame.f_locals.get("self"), ml_collections.ConfigDict))
+    defaults = base_config()
+    sections = {"": defaults, **{f"{path}.": value for path, value in flatten(defaults, sections=True).items()
+                                 if isinstance(value, ml_collections.ConfigDict)}}
+    section = next((path for path, value in sections.items() if set(value.keys()) == set(refusing.keys())), "")
+    setter = [entry for entry in traceback.extract_tb(error.__traceback__)
+              if os.sep + "ml_collections" + os.sep not in entry.filename][-1]
+    return ConfigError(f"config.{section}{name}: unknown config key, set in {setter.filename}:{setter.lineno} "
+                       f"({setter.line}; closest known: {closest_keys(section + name, defaults)})")
 
 
 def closest_keys(key: str, config: ml_collections.ConfigDict) -> str:

@@ -45,17 +45,20 @@ def _config_file(argv: list[str]) -> str | None:
 
 
 def _explain_override_failure(argv: list[str]) -> str | None:
-    """One line for the commonest failures to load: a missing config file, an unknown key."""
+    """One line for the commonest failures to load: a missing config file, an unknown key (in the
+    file or in an override)."""
     value = _config_file(argv)
     if value is None:
         return None
     path, _, argument = value.partition(":")
     if not os.path.exists(path):
         return f"--config: config file {path} not found"
-    from r3jax.config import closest_keys, flatten, load_config_file
+    from r3jax.config import ConfigError, closest_keys, flatten, load_config_file
 
     try:
         config = load_config_file(path, argument)
+    except ConfigError as error:  # the file sets a key that no config has
+        return str(error)
     except Exception:  # the config file itself is broken: absl's own message says how
         return None
     known = flatten(config, sections=True)

@@ -25,6 +25,30 @@ def test_unknown_key_names_the_closest_known_keys(override, named):
     assert message.startswith(f"{key}: unknown config key") and named in message.split("closest known:")[1]
 
 
+@pytest.mark.parametrize("line, named", [
+    ("c.rl.lenght_bucket = 4", "config.rl.lenght_bucket: unknown config key"),
+    ("c.model.hiden_size = 32", "config.model.hiden_size: unknown config key"),
+    ("c.sedd = 1", "config.sedd: unknown config key"),
+    ("c.rl['kl_cof'] = 0.1", "config.rl.kl_cof: unknown config key"),
+])
+def test_a_config_file_setting_an_unknown_key_is_refused_at_its_line(line, named, tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text(f"from configs.arith import get_config as arith\n\n\ndef get_config():\n    c = arith()\n"
+                    f"    {line}\n    return c\n")
+    with pytest.raises(config_lib.ConfigError) as refused:
+        config_lib.load_config_file(str(path))
+    message = str(refused.value)
+    assert message.startswith(named) and f"set in {path}:6 ({line};" in message, message
+    assert main._explain_override_failure(["r3jax", f"--config={path}"]) == message
+
+
+def test_a_config_file_may_give_a_task_its_own_options(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text("from configs.arith import get_config as arith\n\n\ndef get_config():\n    c = arith()\n"
+                    "    c.task.options.new_option = 3\n    return c\n")
+    assert config_lib.load_config_file(str(path)).task.options.new_option == 3
+
+
 def test_known_keys_and_paper_arguments_are_not_flagged():
     paper = os.path.join(ROOT, "configs", "paper.py")
     assert main._explain_override_failure(["r3jax", f"--config={paper}:svamp", "--config.rl.lr=1e-6"]) is None

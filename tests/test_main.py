@@ -50,6 +50,13 @@ def test_bad_input_exits_2_naming_it(args, named):
     assert "Traceback" not in result.stderr
 
 
+def test_a_misspelt_key_in_a_config_file_exits_2_naming_its_line(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text("from configs.arith import get_config as arith\n\n\ndef get_config():\n    c = arith()\n"
+                    "    c.rl.lenght_bucket = 4\n    return c\n")
+    test_bad_input_exits_2_naming_it([f"--config={path}"], f"config.rl.lenght_bucket: unknown config key, set in {path}:6")
+
+
 @pytest.mark.slow  # 150 s; in CI the recipes' settings are checked by the paper-recipe test, the sharded
 # update by tests/test_ppo.py and tests/test_trim.py on 8 devices, bfloat16 by tests/test_precision.py
 def test_gsm8k_recipe_on_tiny_hf_llama(tmp_path, data_dir):
