@@ -464,6 +464,8 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
         _check(not path or os.path.exists(path), f"task.options.{key}", f"data file {path} not found")
     _check(c.model.path or c.model.from_scratch, "model.path",
            "required by this config (a local HF checkpoint directory)")
+    _check(c.model.path or c.mode != "eval", "model.path", "mode=eval evaluates the model in this HF directory "
+           "(a run's <workdir>/rl/final or <workdir>/sft/best); none given")
     if c.model.path:
         _check(os.path.isdir(c.model.path), "model.path", f"model directory {c.model.path} not found")
         _check(os.path.exists(os.path.join(c.model.path, "config.json")), "model.path",
@@ -472,6 +474,8 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
         _check(os.path.exists(c.tokenizer.path), "tokenizer.path", f"{c.tokenizer.path} not found")
     if c.rl.init:
         _check(os.path.isdir(c.rl.init), "rl.init", f"SFT checkpoint directory {c.rl.init} not found")
+        _check(os.path.exists(os.path.join(c.rl.init, "config.json")), "rl.init",
+               f"{c.rl.init} has no config.json (an HF model directory, as a run's <workdir>/sft/best)")
 
 
 def lora_targets(pattern: str) -> tuple[str, ...]:

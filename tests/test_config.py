@@ -80,15 +80,24 @@ def test_packing_is_refused_where_rows_would_be_split_by_rollout(setting):
         config_lib.validate(c, num_devices=1)
 
 
-def test_bfloat16_master_weights_are_refused_for_training_only():
+def test_bfloat16_master_weights_are_refused_for_training_only(tmp_path):
     c = config_lib.base_config()
     c.model.param_dtype = "bfloat16"
     with pytest.raises(config_lib.ConfigError, match="config.model.param_dtype: bfloat16 master weights"):
         config_lib.validate(c, num_devices=1)
     c.mode = "eval"
+    (tmp_path / "config.json").write_text("{}")  # a model directory, as far as validation looks
+    c.model.path = str(tmp_path)
     config_lib.validate(c, num_devices=1)
     c.model.dtype = "bf16"
     with pytest.raises(config_lib.ConfigError, match="config.model.dtype: 'bf16'"):
+        config_lib.validate(c, num_devices=1)
+
+
+def test_evaluation_needs_a_model_to_evaluate():
+    c = config_lib.base_config()
+    c.mode = "eval"
+    with pytest.raises(config_lib.ConfigError, match="config.model.path: mode=eval evaluates the model in this HF"):
         config_lib.validate(c, num_devices=1)
 
 

@@ -378,7 +378,11 @@ def broken_inputs(tmp_path, hf_dir):
     ({"sft__max_length": 8}, "config.sft.max_length: 8 tokens fit none"),
     ({"workdir": "{other}"}, "was made by a different config:"),
     ({"workdir": "{truncated}"}, "crashed_run/config.json cannot be read"),
-], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir", "truncated-config"])
+    ({"mode": "rl"}, "config.rl.init: '' starts RL from"),
+    ({"mode": "rl", "rl__init": "{tmp}"}, "config.rl.init: {tmp} has no config.json"),
+    ({"mode": "eval"}, "config.model.path: mode=eval evaluates the model in this HF directory"),
+], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir", "truncated-config", "rl-without-sft",
+        "rl-init-not-a-model", "eval-without-model"])
 def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, capsys):
     overrides = {k: v.format(**broken_inputs) if isinstance(v, str) else v for k, v in overrides.items()}
     workdir = overrides.pop("workdir", broken_inputs["tmp"] / "run")
@@ -386,7 +390,7 @@ def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, c
                                   sft__steps=1, **overrides)
     assert code == 2 and "Traceback" not in err, err[-2000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and named in errors[0], err[-2000:]
+    assert len(errors) == 1 and named.format(**broken_inputs) in errors[0], err[-2000:]
 
 
 def test_broken_jsonl_line_is_named(broken_inputs, capsys):

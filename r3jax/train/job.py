@@ -135,11 +135,20 @@ def result_entries(name: str, policy: Policy, problems: Problems, eval_settings:
     return results
 
 
+def require_sft_model(workdir: str) -> None:
+    """ConfigError unless `workdir` holds the SFT model that mode=rl starts from by default."""
+    if not os.path.exists(os.path.join(workdir, "sft", "best", "config.json")):
+        raise config_lib.ConfigError(f"config.rl.init: '' starts RL from {os.path.join(workdir, 'sft', 'best')}, "
+                                     "which holds no model; give rl.init, or run SFT into this workdir first (mode=sft)")
+
+
 def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
     """Modes train / sft / rl / eval. Returns the results entries, or None if stopped by a signal."""
     config = settings.config
     os.makedirs(workdir, exist_ok=True)
     stop = StopSignal()
+    if config.mode == "rl" and not config.rl.init:
+        require_sft_model(workdir)
     tokenizer = build_tokenizer(config, task, workdir)
     policy = None if config.mode == "rl" else build_model(config, tokenizer, mesh)
     problems = test_problems(settings, task)
