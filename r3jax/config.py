@@ -570,6 +570,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _validate_rl(c)
     _validate_selection(c)
     _validate_compare(c)
+    validate_layout(c, num_devices)
+
+
+def validate_layout(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The meshes fit the devices, and every batch splits evenly over the data-parallel ones."""
     data_parallel = data_parallel_size(validate_mesh(c, num_devices))
     for key in ("sft.batch_size", "rl.batch_size", "eval.batch_size"):
         _check(value_at(c, key) % data_parallel == 0, key,

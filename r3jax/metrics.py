@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -224,20 +225,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("log", help="a metrics .jsonl file written by a run")
     parser.add_argument("--out", help="PNG path (default: next to the log, <name>_curves_on_demand.png, "
                                       "beside and never over the run's own curves)")
-    parser.add_argument("--keys", nargs="+", default=["reward", "accuracy"],
-                        help="one panel per metric prefix, e.g. reward accuracy kl entropy")
+    parser.add_argument("--keys", nargs="+", help="one panel per metric prefix, e.g. reward accuracy kl entropy "
+                                                  "(default: reward and accuracy where logged, else loss)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.log):
         print(f"error: {args.log}: no such metrics file", file=sys.stderr)
         return 2
     try:
         records = read_jsonl(args.log)
+        prefixes = panels(records, args.keys, args.log)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out or os.path.splitext(args.log)[0] + "_curves_on_demand.png"
-    print(plot_curves(records, out, args.keys, title=os.path.basename(args.log)))
+    print(plot_curves(records, out, prefixes, title=os.path.basename(args.log)))
     return 0
+
+
+def panels(records: list[dict], asked: list[str] | None, log: str) -> list[str]:
+    """The metric prefixes to draw from `records`: those `asked` (InputError for one that `log`
+    lacks, with the closest logged keys), else reward and accuracy where logged, else loss (an
+    SFT log)."""
+    logged = sorted({key for record in records for key in record})
+    has = lambda prefix: any(key == prefix or key.startswith(prefix + "/") for key in logged)
+    if asked:
+        for prefix in asked:
+            if not has(prefix):
+                closest = ", ".join(difflib.get_close_matches(prefix, logged, n=3, cutoff=0.0))
+                raise InputError(f"--keys {prefix}: not logged in {log} (closest logged: {closest})")
+        return asked
+    return [prefix for prefix in ("reward", "accuracy") if has(prefix)] or ["loss"]
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from r3jax import files, optim, packing, ppo, programs, sampling, settings as settings_lib, sharding
-from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_mesh, value_at
+from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_layout, value_at
 from r3jax.models import hf, lora, transformer
 from r3jax.models.transformer import init_cache, init_params
 from r3jax.models.value import actor_critic_params
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
         devices = tpu_chips(args.tpu) if args.tpu else None
         config = load_config(args.config, args.set)
-        validate_mesh(config, len(devices) if devices else args.devices)
+        validate_layout(config, len(devices) if devices else args.devices)
         model_cfg = model_config_for(config, args.model)
     except (PlanError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -40,6 +40,13 @@ def test_validate_names_the_key():
         config_lib.validate(c, num_devices=1)
 
 
+def test_curves_on_demand_default_to_what_the_log_has():
+    rl_records, sft_records = [{"step": 1, "reward": 0.5, "accuracy/stage_0": 0.2}], [{"step": 1, "loss": 2.0}]
+    assert metrics.panels(rl_records, None, "rl.jsonl") == ["reward", "accuracy"]
+    assert metrics.panels(sft_records, None, "sft.jsonl") == ["loss"]
+    assert metrics.panels(sft_records, ["loss"], "sft.jsonl") == ["loss"]
+
+
 def test_curves_on_demand_cli(tmp_path, capsys):
     writer = MetricsWriter(str(tmp_path), "rl")
     for step in range(1, 4):
@@ -48,6 +55,8 @@ def test_curves_on_demand_cli(tmp_path, capsys):
     log = str(tmp_path / "rl.jsonl")
     assert metrics.main([log, "--keys", "reward", "kl"]) == 0
     assert os.path.getsize(tmp_path / "rl_curves_on_demand.png") > 1000
+    assert metrics.main([log, "--keys", "rewrd"]) == 2
+    assert f"--keys rewrd: not logged in {log} (closest logged: reward" in capsys.readouterr().err
     assert metrics.main([str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such metrics file" in capsys.readouterr().err
     with open(log, "a") as f:

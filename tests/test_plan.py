@@ -114,6 +114,8 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     (["--config=configs/gsm8k.py", "--set", "model.path=/nonexistent"], "/nonexistent has no config.json"),
     (["--config=configs/gsm8k.py", "--config.model.path=/nonexistent"], "/nonexistent has no config.json"),
     (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--devices=6", "--config.mesh=(1,4,1)"], "config.mesh"),
+    (["--config=configs/paper.py:gsm8k", "--model=qwen3-0.6b", "--devices=3"],
+     "config.sft.batch_size: 64 is not a multiple of the data-parallel size 3"),
     (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--config.rl.kl_cof=0.1"],
      "config.rl.kl_cof: unknown config key in configs/gsm8k.py (closest known: rl.kl_coef"),
     (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--config.rl.steps=many"], "config.rl.steps: 'many'"),
