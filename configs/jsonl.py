@@ -1,4 +1,4 @@
-"""Your own data: SFT then R^3 on local JSONL files (README, "Your own data and reward").
+"""Your own data: SFT then R^3 on local JSONL files (README, "Your data, your reward, your model").
 
     python -m r3jax.main --config=configs/jsonl.py --config.task.options.train_path=train.jsonl \
         --config.task.options.test_path=test.jsonl [--config.model.path=/models/my-llama]

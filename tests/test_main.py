@@ -451,6 +451,23 @@ def test_own_data_and_reward_end_to_end(tmp_path, capsys, monkeypatch):
     assert f"results written to {tmp_path / 'run'}" in out
 
 
+def test_the_readmes_own_data_example_runs(tmp_path, capsys, monkeypatch):
+    """README's "Your data" example as written, on a small budget: its snippet writes the JSONL
+    files, and configs/jsonl.py trains and evaluates on them."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    snippet = re.search(r"^python - <<'PY'[^\n]*\n(.*?)^PY$", readme, re.S | re.M).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})
+    code, out, err = run_in_process(
+        capsys, f"{ROOT}/configs/jsonl.py", tmp_path / "run", task__options__train_path="my_train.jsonl",
+        task__options__test_path="my_test.jsonl", model__hidden_size=32, model__intermediate_size=64, model__head_dim=8,
+        sft__steps=2, sft__eval_every=2, sft__eval_examples=8, rl__steps=2, rl__batch_size=8, rl__max_new_tokens=16,
+        rl__eval_every=0, eval__max_new_tokens=16)
+    assert code == 0, err[-3000:]
+    results = json.load(open(tmp_path / "run" / "results.json"))
+    assert set(results) == {"sft", "r3-mixed"} and len(read_jsonl(tmp_path / "run" / "sft_predictions.jsonl")) == 20
+
+
 def test_lora_run_on_an_hf_model_end_to_end(tmp_path, capsys):
     """SFT then R^3 with rank-4 adapters on a tiny HF Llama (a separate critic, LoRA too): the start-up
     line counts trainable and frozen weights, both phases export a folded model and a PEFT adapter

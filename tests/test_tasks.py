@@ -87,6 +87,9 @@ def test_validation_split_is_carved_from_train():
     train, validation = task.demonstrations("train"), task.demonstrations("validation")
     assert len(train) == 40 and len(validation) == 10
     assert not {d.id for d in train} & {d.id for d in validation}
+    assert len(tasks.get("arith", num_train=50, validation_size=0.05).demonstrations("validation")) == 2
+    with pytest.raises(ValueError, match="validation_size 0.005 of 50 training demonstrations is none of them"):
+        tasks.get("arith", num_train=50, validation_size=0.005).demonstrations("train")
 
 
 def test_arith_is_deterministic_and_gold_scores_one():

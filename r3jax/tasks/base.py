@@ -146,6 +146,9 @@ class Task:
             if size >= len(train):
                 raise ValueError(f"task {self.name}: validation_size {self.validation_size} leaves none of the "
                                  f"{len(train)} training demonstrations to train on")
+            if self.validation_size and not size:
+                raise ValueError(f"task {self.name}: validation_size {self.validation_size} of {len(train)} training "
+                                 "demonstrations is none of them; give a count (validation_size=1 or more) or more data")
             cut = len(train) - size
             demos = train[:cut] if split == "train" else train[cut:]
         else:
