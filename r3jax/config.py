@@ -51,7 +51,8 @@ BATCH_AXES = ("data", "fsdp")
 # its choices checked) by construction.
 SCHEMA: dict[str, Any] = {
     "seed": (0, "seeds the model's initialisation, the data order and sampling"),
-    "mode": ("train", "train (SFT then RL), sft, rl (from rl.init or this workdir's SFT), eval, compare", MODES),
+    "mode": ("train", "train (SFT then RL), sft, rl (from rl.init or this workdir's SFT), eval (model.path's model), "
+                      "compare", MODES),
     "compile_cache": ("~/.cache/r3jax/jax", "JAX's persistent compilation cache, shared by runs and processes "
                                             "(a rerun skips compiling), with r3jax's kept programs in its "
                                             "r3jax-programs/ (a rerun skips tracing its steps); '' = off; "

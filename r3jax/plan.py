@@ -511,8 +511,8 @@ def report_lines(result: dict, memory: float) -> list[str]:
     lines.append(f"peak {result['peak_bytes_per_device'] / GB:.1f} GB per device of {memory / GB:.0f} GB: "
                  + ("fits" if result["fits"] else "does NOT fit") + f" (with {100 - 100 * HEADROOM:.0f}% headroom)")
     if result["knobs_applied"]:
-        lines.append(f"planned with {', '.join(result['knobs_applied'])} changed (first plan's peak: "
-                     f"{result['first_plan_peak_bytes'] / GB:.1f} GB)")
+        lines.append(f"planned after {len(result['knobs_applied'])} knob turns, each round's above (first plan's "
+                     f"peak: {result['first_plan_peak_bytes'] / GB:.1f} GB)")
         lines.append("as overrides: " + " ".join(f"--config.{key}={value}"
                                                  for key, value in result["overrides"].items()))
     if not result["fits"] and _resident_bytes(result) > HEADROOM * memory:
