@@ -138,7 +138,7 @@ SCHEMA: dict[str, Any] = {
         "logits_chunk": (0, "positions per LM-head call in the loss (memory at large vocabularies); 0 = all"),
     },
     "rl": {
-        "init": ("", "HF dir of the SFT model; '' = <workdir>/sft/best"),
+        "init": ("", "HF dir of the SFT model that mode=rl and mode=compare start from; '' = <workdir>/sft/best"),
         "strategy": ("mixed", "start states: outcome (k = 0 only), staged (easiest stage first), mixed (R^3), "
                               "adaptive (each demonstration's start point moved by its samples' success), "
                               "hint_on_failure (k = 0; groups that all fail sampled again from a hint)", STRATEGIES),
@@ -474,6 +474,8 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
     if c.tokenizer.path:
         _check(os.path.exists(c.tokenizer.path), "tokenizer.path", f"{c.tokenizer.path} not found")
     if c.rl.init:
+        _check(c.mode in ("rl", "compare"), "rl.init", f"mode={c.mode} does not read it (mode=rl and mode=compare "
+               "start from it; mode=train starts RL from its own SFT model)")
         _check(os.path.isdir(c.rl.init), "rl.init", f"SFT checkpoint directory {c.rl.init} not found")
         _check(os.path.exists(os.path.join(c.rl.init, "config.json")), "rl.init",
                f"{c.rl.init} has no config.json (an HF model directory, as a run's <workdir>/sft/best)")

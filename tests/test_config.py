@@ -94,6 +94,19 @@ def test_bfloat16_master_weights_are_refused_for_training_only(tmp_path):
         config_lib.validate(c, num_devices=1)
 
 
+def test_an_rl_start_model_is_refused_where_the_mode_does_not_read_it(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a model directory, as far as validation looks
+    c = config_lib.base_config()
+    c.rl.init = str(tmp_path)
+    for mode in ("rl", "compare"):
+        c.mode = mode
+        config_lib.validate(c, num_devices=1)
+    for mode in ("train", "sft"):
+        c.mode = mode
+        with pytest.raises(config_lib.ConfigError, match=f"^config.rl.init: mode={mode} does not read it"):
+            config_lib.validate(c, num_devices=1)
+
+
 def test_evaluation_needs_a_model_to_evaluate():
     c = config_lib.base_config()
     c.mode = "eval"
