@@ -169,6 +169,8 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     if "://" in workdir:
         fail(f"--workdir={workdir}: remote URLs are not supported; mount the bucket (e.g. gcsfuse) on every "
              "host and give the mounted path")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        fail(f"--workdir={workdir}: a file, not a directory")
     use_compile_cache(config.compile_cache)
     try:
         config_lib.validate(config, jax.device_count())

@@ -367,8 +367,10 @@ def broken_inputs(tmp_path, hf_dir):
     truncated = tmp_path / "crashed_run"
     truncated.mkdir()
     (truncated / "config.json").write_text(stored.to_json_best_effort()[:100])  # a write cut short
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     return {"unsupported": unsupported, "big_tokenizer": big_tokenizer, "broken": broken, "other": other,
-            "truncated": truncated, "hf": hf_dir, "tmp": tmp_path}
+            "truncated": truncated, "hf": hf_dir, "tmp": tmp_path, "a_file": a_file}
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -381,8 +383,10 @@ def broken_inputs(tmp_path, hf_dir):
     ({"mode": "rl"}, "config.rl.init: '' starts RL from"),
     ({"mode": "rl", "rl__init": "{tmp}"}, "config.rl.init: {tmp} has no config.json"),
     ({"mode": "eval"}, "config.model.path: mode=eval evaluates the model in this HF directory"),
+    ({"workdir": "{a_file}"}, "--workdir={a_file}: a file, not a directory"),
+    ({"task__options__max_stepz": 3}, "config.task.options.max_stepz: task arith takes no such option"),
 ], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir", "truncated-config", "rl-without-sft",
-        "rl-init-not-a-model", "eval-without-model"])
+        "rl-init-not-a-model", "eval-without-model", "workdir-a-file", "task-option"])
 def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, capsys):
     overrides = {k: v.format(**broken_inputs) if isinstance(v, str) else v for k, v in overrides.items()}
     workdir = overrides.pop("workdir", broken_inputs["tmp"] / "run")

@@ -82,6 +82,14 @@ def test_malformed_record_names_file_and_line(tmp_path):
         tasks.get("snli", train_path=str(listing)).demonstrations("train")
 
 
+def test_an_option_a_task_does_not_take_is_named():
+    with pytest.raises(tasks.ConfigError, match=r"^config.task.options.max_stepz: task arith takes no such option "
+                                                r"\(closest given: max_steps\)$"):
+        tasks.get("arith", max_steps=4, max_stepz=3)
+    with pytest.raises(tasks.ConfigError, match="^config.task.options.bogus: task snli takes no such option$"):
+        tasks.get("snli", bogus=1)
+
+
 def test_validation_split_is_carved_from_train():
     task = tasks.get("arith", num_train=50, validation_size=10)
     train, validation = task.demonstrations("train"), task.demonstrations("validation")
