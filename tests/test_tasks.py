@@ -82,6 +82,15 @@ def test_malformed_record_names_file_and_line(tmp_path):
         tasks.get("snli", train_path=str(listing)).demonstrations("train")
 
 
+def test_a_missing_shared_data_file_names_the_data_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("R3JAX_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"gsm8k/train.jsonl: data file not found \(the shared data folder, "
+                                                r"\$R3JAX_DATA_DIR, is .*nowhere: set it"):
+        tasks.get("gsm8k").demonstrations("train")
+    with pytest.raises(FileNotFoundError, match=r"mine.jsonl: data file not found$"):
+        tasks.get("jsonl", train_path=str(tmp_path / "mine.jsonl")).demonstrations("train")
+
+
 def test_an_option_a_task_does_not_take_is_named():
     with pytest.raises(tasks.ConfigError, match=r"^config.task.options.max_stepz: task arith takes no such option "
                                                 r"\(closest given: max_steps\)$"):

@@ -63,7 +63,10 @@ def _parsed(path: str) -> Iterator[tuple[str, Any]]:
 def read_records(path: str) -> Iterator[tuple[str, dict]]:
     """(location, record) for a .jsonl (one object a line) or .json (a list of objects) file."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: data file not found")
+        shared = data_dir()
+        hint = (f" (the shared data folder, $R3JAX_DATA_DIR, is {shared}: set it, or give task.options.train_path "
+                "and test_path)") if os.path.abspath(path).startswith(shared + os.sep) else ""
+        raise FileNotFoundError(f"{path}: data file not found{hint}")
     for location, record in _parsed(path):
         if not isinstance(record, dict):
             raise RecordError(f"{location}: expected a JSON object")
