@@ -468,17 +468,20 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
     _check(c.model.path or c.mode != "eval", "model.path", "mode=eval evaluates the model in this HF directory "
            "(a run's <workdir>/rl/final or <workdir>/sft/best); none given")
     if c.model.path:
-        _check(os.path.isdir(c.model.path), "model.path", f"model directory {c.model.path} not found")
-        _check(os.path.exists(os.path.join(c.model.path, "config.json")), "model.path",
-               f"{c.model.path} has no config.json")
+        _check_model_dir("model.path", "model", c.model.path)
     if c.tokenizer.path:
         _check(os.path.exists(c.tokenizer.path), "tokenizer.path", f"{c.tokenizer.path} not found")
     if c.rl.init:
         _check(c.mode in ("rl", "compare"), "rl.init", f"mode={c.mode} does not read it (mode=rl and mode=compare "
                "start from it; mode=train starts RL from its own SFT model)")
-        _check(os.path.isdir(c.rl.init), "rl.init", f"SFT checkpoint directory {c.rl.init} not found")
-        _check(os.path.exists(os.path.join(c.rl.init, "config.json")), "rl.init",
-               f"{c.rl.init} has no config.json (an HF model directory, as a run's <workdir>/sft/best)")
+        _check_model_dir("rl.init", "SFT checkpoint", c.rl.init,
+                         " (an HF model directory, as a run's <workdir>/sft/best)")
+
+
+def _check_model_dir(key: str, what: str, path: str, hint: str = "") -> None:
+    """`path`, config key `key`, is an HF model directory: it exists and holds a config.json."""
+    _check(os.path.isdir(path), key, f"{what} directory {path} not found")
+    _check(os.path.exists(os.path.join(path, "config.json")), key, f"{path} has no config.json{hint}")
 
 
 def lora_targets(pattern: str) -> tuple[str, ...]:
