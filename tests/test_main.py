@@ -416,8 +416,10 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
     assert "  sft.steps = 1000 -> 2000" in out and "  tokenizer.vocab_size = 256 -> 160" in out
 
 
-def test_rl_mode_announces_the_model_it_loads(tmp_path, capsys, monkeypatch):
-    """--config.mode=rl names the rl.init model at start-up (and builds no from-scratch one)."""
+@pytest.mark.parametrize("init", [True, False], ids=["rl.init", "the-workdirs-sft-model"])
+def test_rl_mode_announces_the_model_it_loads(init, tmp_path, capsys, monkeypatch):
+    """--config.mode=rl names the model it starts from at start-up (and builds no from-scratch one):
+    rl.init's, or without it the workdir's own SFT model."""
     from r3jax.rollout import Policy
     from r3jax.train import job, sft
 
@@ -425,13 +427,14 @@ def test_rl_mode_announces_the_model_it_loads(tmp_path, capsys, monkeypatch):
     texts = [arith.prompt(d.question) + d.response for d in arith.demonstrations("train")]
     tok = tokenizer.load(tokenizer.train_sentencepiece(texts, str(tmp_path / "tok"), vocab_size=TINY.vocab_size))
     cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
-    sft.export(str(tmp_path / "sft"), Policy(cfg, tiny_params(cfg), tok, None))
+    model_dir = tmp_path / "sft" if init else tmp_path / "run" / "sft" / "best"
+    sft.export(str(model_dir), Policy(cfg, tiny_params(cfg), tok, None))
     monkeypatch.setattr(job.rl, "train", lambda *args: None)  # the run stops as RL begins
     monkeypatch.setattr(job, "init_params", None)  # a from-scratch model would fail here
     code, out, _ = run_in_process(capsys, f"{ROOT}/configs/arith.py", tmp_path / "run", mode="rl",
-                                  rl__init=str(tmp_path / "sft"))
+                                  **({"rl__init": str(model_dir)} if init else {}))
     assert code == 75
-    assert f"model: llama, {cfg.num_params():,} parameters ({tmp_path / 'sft'}), 2 layers" in out
+    assert f"model: llama, {cfg.num_params():,} parameters ({model_dir}), 2 layers" in out
 
 
 def test_own_data_and_reward_end_to_end(tmp_path, capsys, monkeypatch):

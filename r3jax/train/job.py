@@ -135,11 +135,13 @@ def result_entries(name: str, policy: Policy, problems: Problems, eval_settings:
     return results
 
 
-def require_sft_model(workdir: str) -> None:
-    """ConfigError unless `workdir` holds the SFT model that mode=rl starts from by default."""
-    if not os.path.exists(os.path.join(workdir, "sft", "best", "config.json")):
-        raise config_lib.ConfigError(f"config.rl.init: '' starts RL from {os.path.join(workdir, 'sft', 'best')}, "
-                                     "which holds no model; give rl.init, or run SFT into this workdir first (mode=sft)")
+def workdir_sft_model(workdir: str) -> str:
+    """The SFT model in `workdir` that mode=rl starts from without rl.init; ConfigError if none."""
+    path = os.path.join(workdir, "sft", "best")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise config_lib.ConfigError(f"config.rl.init: '' starts RL from {path}, which holds no model; give rl.init, "
+                                     "or run SFT into this workdir first (mode=sft)")
+    return path
 
 
 def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
@@ -147,8 +149,7 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
     config = settings.config
     os.makedirs(workdir, exist_ok=True)
     stop = StopSignal()
-    if config.mode == "rl" and not config.rl.init:
-        require_sft_model(workdir)
+    sft_dir = config.rl.init or (workdir_sft_model(workdir) if config.mode == "rl" else "")
     tokenizer = build_tokenizer(config, task, workdir)
     policy = None if config.mode == "rl" else build_model(config, tokenizer, mesh)
     problems = test_problems(settings, task)
@@ -157,7 +158,6 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
         write_results(workdir, results, f"{task.name}: evaluation")
         return results
     results = {}
-    sft_dir = config.rl.init
     if config.mode in ("train", "sft"):
         sft_dir = sft.train(settings, policy, task, workdir, stop)
         if sft_dir is None:
@@ -165,19 +165,18 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
         results.update(result_entries("sft", load_policy(sft_dir, config, tokenizer, mesh), problems, settings.eval,
                                       workdir))
     if config.mode in ("train", "rl"):
-        start_dir = sft_dir or os.path.join(workdir, "sft", "best")
         # after SFT here, fresh adapters on the folded SFT model; mode=rl may continue an adapter
-        start = with_adapters(config, load_policy(start_dir, config, tokenizer, mesh),
+        start = with_adapters(config, load_policy(sft_dir, config, tokenizer, mesh),
                               config.model.lora.init_from if config.mode == "rl" else "")
         if policy is None:
-            announce(start, start_dir)
+            announce(start, sft_dir)
         result = rl.train(settings, start, task, os.path.join(workdir, "rl"), stop)
         if result is None:
             return None
         final = start.with_params(result["params"])
         results.update(result_entries(f"r3-{config.rl.strategy}", final, problems, settings.eval, workdir,
                                       {"steps": result["steps"], "tokens_sampled": result["tokens_sampled"]}))
-        sft.export(os.path.join(workdir, "rl", "final"), final, config.model.export_dtype, start_dir)
+        sft.export(os.path.join(workdir, "rl", "final"), final, config.model.export_dtype, sft_dir)
     stop.restore()
     write_results(workdir, results, f"{task.name}: test accuracy at start state k = 0 (greedy unless maj@k)")
     return results
