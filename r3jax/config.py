@@ -342,6 +342,17 @@ def closest_keys(key: str, config: ml_collections.ConfigDict) -> str:
     return ", ".join(difflib.get_close_matches(key, list(flatten(config, sections=True)), n=3, cutoff=0.0))
 
 
+def unknown_override(key: str, config: ml_collections.ConfigDict, source: str) -> str:
+    """Why an override of `key` is refused: unknown in the config file `source`, its closest known
+    keys, and for a task option, that task.options holds the options the file sets for its own task."""
+    why = f"unknown config key in {source} (closest known: {closest_keys(key, config)})"
+    if key.startswith("task.options."):
+        why += (f"; task.options holds the options {source} sets for task {config.task.name}: start from a config "
+                "for the task you want, e.g. --config=configs/jsonl.py for your own files, "
+                "--config=configs/paper.py:<task> for the paper's")
+    return why
+
+
 def apply_override(config: ml_collections.ConfigDict, key: str, text: str, source: str) -> None:
     """Sets `config.<key>` from the text of a --config.KEY=VALUE flag: a Python literal where the
     text is one, else the text; ConfigError naming the key for an unknown key or a value of the
@@ -351,8 +362,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str, sourc
     for part in filter(None, section.split(".")):
         target = target.get(part) if hasattr(target, "get") else None
     if not hasattr(target, "get") or name not in target:
-        raise ConfigError(f"config.{key}: unknown config key in {source} (closest known: "
-                          f"{closest_keys(key, config)})")
+        raise ConfigError(f"config.{key}: {unknown_override(key, config, source)}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -53,7 +53,7 @@ def _explain_override_failure(argv: list[str]) -> str | None:
     path, _, argument = value.partition(":")
     if not os.path.exists(path):
         return f"--config: config file {path} not found"
-    from r3jax.config import ConfigError, closest_keys, flatten, load_config_file
+    from r3jax.config import ConfigError, flatten, load_config_file, unknown_override
 
     try:
         config = load_config_file(path, argument)
@@ -66,7 +66,7 @@ def _explain_override_failure(argv: list[str]) -> str | None:
         if arg.startswith("--config.") and "=" in arg:
             key = arg[len("--config."):].split("=", 1)[0]
             if key not in known:
-                return f"--config.{key}: unknown config key in {path} (closest known: {closest_keys(key, config)})"
+                return f"--config.{key}: {unknown_override(key, config, path)}"
     return None
 
 

@@ -25,6 +25,17 @@ def test_unknown_key_names_the_closest_known_keys(override, named):
     assert message.startswith(f"{key}: unknown config key") and named in message.split("closest known:")[1]
 
 
+def test_another_tasks_option_points_to_a_config_for_that_task():
+    """configs/arith.py's task.options are arith's: another task's option names the config to start from."""
+    message = main._explain_override_failure(["r3jax", f"--config={ARITH}", "--config.task.name=jsonl",
+                                              "--config.task.options.train_path=mine.jsonl"])
+    assert message.startswith("--config.task.options.train_path: unknown config key")
+    assert message.endswith(f"task.options holds the options {ARITH} sets for task arith: start from a config for "
+                            "the task you want, e.g. --config=configs/jsonl.py for your own files, "
+                            "--config=configs/paper.py:<task> for the paper's")
+    assert "task arith" not in main._explain_override_failure(["r3jax", f"--config={ARITH}", "--config.rl.kl_cof=1"])
+
+
 @pytest.mark.parametrize("line, named", [
     ("c.rl.lenght_bucket = 4", "config.rl.lenght_bucket: unknown config key"),
     ("c.model.hiden_size = 32", "config.model.hiden_size: unknown config key"),

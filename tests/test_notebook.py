@@ -32,3 +32,19 @@ def test_colab_notebook_runs_headless(tmp_path, monkeypatch):
     assert sum("image/png" in d for d in shown) == 2
     clone = tmp_path / "r3jax"
     assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip() == head
+
+
+def test_the_notebooks_next_commands_name_known_keys():
+    """Each command the notebook's last cell suggests loads its config file and sets only keys that
+    config has."""
+    import json
+    import re
+
+    from r3jax import main
+
+    notebook = json.load(open(os.path.join(ROOT, "launch", "colab.ipynb")))
+    suggestions = re.findall(r"`(--config=[^`]*)`", "".join(notebook["cells"][-1]["source"]))
+    assert len(suggestions) == 3
+    for suggestion in suggestions:
+        argv = ["r3jax", *suggestion.replace("configs/", f"{ROOT}/configs/").split()]
+        assert main._explain_override_failure(argv) is None, suggestion
