@@ -9,10 +9,12 @@ import pytest
 
 from helpers import TINY, tiny_params
 from r3jax import sharding, tasks, tokenizer
-from r3jax.curriculum import start_states
-from r3jax.evaluate import EvalSettings, Problems, evaluate
+from r3jax.curriculum import StartState, start_states
+from r3jax.evaluate import EvalSettings, Problems, accuracy_report, evaluate
 from r3jax.rollout import Policy, generate, tokenize_states
 from r3jax.sampling import SamplingConfig
+from r3jax.tasks.answers import Score
+from r3jax.tasks.base import Demonstration
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,19 @@ def test_pipelined_records_match_their_own_chunks(setup):
     assert [r["completions"] for r in records] == [[t] for t in expected]
     assert len(set(expected)) > 1  # the random model writes different text per problem
     assert report["accuracy"] == pytest.approx(np.mean([r["correct"] for r in records]))
+    assert report["answered"] == pytest.approx(np.mean([r["predictions"][0] is not None for r in records]))
+
+
+def test_accuracy_report_by_hand():
+    """Two stages, one answer unreadable: accuracy, reward and the answered share, worked by hand."""
+    demo = Demonstration("d", "q", "\n1 + 1 = 2", "\n#### 2", "2")
+    states = [StartState(demo, k=1 - stage, num_steps=1, stage=stage, given="", prompt_text="", target="")
+              for stage in (0, 0, 1)]
+    scores = [Score(1.0, True, True), Score(0.0, False, False), Score(0.1, False, True)]
+    report = accuracy_report(states, scores)
+    assert report == pytest.approx({"accuracy": 1 / 3, "reward": 1.1 / 3, "accuracy/stage_0": 0.5,
+                                    "reward/stage_0": 0.5, "accuracy/stage_1": 0.0, "reward/stage_1": 0.1,
+                                    "answered": 2 / 3})
 
 
 def test_maj_at_k_near_zero_temperature_is_greedy(setup):
