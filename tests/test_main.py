@@ -458,6 +458,31 @@ def test_own_data_and_reward_end_to_end(tmp_path, capsys, monkeypatch):
     assert f"results written to {tmp_path / 'run'}" in out
 
 
+def test_sft_then_rl_in_one_workdir_keeps_the_sft_row(tmp_path, capsys):
+    """mode=sft, then mode=rl from the workdir's SFT model: the second run's table still holds the
+    SFT model's row and the paired R^3 - SFT difference; with other test problems it leaves it out."""
+    small = dict(task__options__num_train=200, task__options__validation_size=16, task__options__num_test=16,
+                 task__options__max_steps=3, model__hidden_size=32, model__intermediate_size=64,
+                 model__head_dim=8, sft__steps=2, sft__eval_every=0, rl__steps=1, rl__batch_size=8,
+                 rl__max_new_tokens=16, rl__eval_every=0, eval__num_examples=16, eval__max_new_tokens=16)
+    run = tmp_path / "run"
+    code, _, err = run_in_process(capsys, f"{ROOT}/configs/arith.py", run, mode="sft", **small)
+    assert code == 0, err[-3000:]
+    sft_results = json.load(open(run / "results.json"))
+    code, out, err = run_in_process(capsys, f"{ROOT}/configs/arith.py", run, mode="rl", **small)
+    assert code == 0, err[-3000:]
+    results = json.load(open(run / "results.json"))
+    assert set(results) == {"sft", "r3-mixed"} and results["sft"] == sft_results["sft"]
+    assert "r3-mixed - sft: " in (run / "results.md").read_text() and "| sft |" in out
+
+    predictions = run / "sft_predictions.jsonl"
+    predictions.write_text("".join(line.replace('"id": "', '"id": "other-') + "\n"
+                                   for line in predictions.read_text().splitlines()))
+    code, out, err = run_in_process(capsys, f"{ROOT}/configs/arith.py", run, mode="rl", **small)
+    assert code == 0, err[-3000:]
+    assert set(json.load(open(run / "results.json"))) == {"r3-mixed"}
+
+
 def test_the_readmes_own_data_example_runs(tmp_path, capsys, monkeypatch):
     """README's "Your data" example as written, on a small budget: its snippet writes the JSONL
     files, and configs/jsonl.py trains and evaluates on them."""

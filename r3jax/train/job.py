@@ -135,6 +135,19 @@ def result_entries(name: str, policy: Policy, problems: Problems, eval_settings:
     return results
 
 
+def earlier_sft_entries(workdir: str, problems: Problems) -> dict[str, dict]:
+    """The SFT model's entries that this workdir's mode=sft run left in results.json, for the table
+    of a mode=rl run from that model, so that R^3 - SFT stays in it; none unless the SFT model's
+    predictions are of these problems, in this order."""
+    path, predictions = os.path.join(workdir, "results.json"), os.path.join(workdir, "sft_predictions.jsonl")
+    if not (os.path.exists(path) and os.path.exists(predictions)):
+        return {}
+    if [record["id"] for record in read_jsonl(predictions)] != [demo.id for demo in problems.demos]:
+        return {}
+    earlier = files.read_json(path, "delete it, and this run's table leaves the SFT model out")
+    return {name: entry for name, entry in earlier.items() if name == "sft" or name.startswith("sft maj@")}
+
+
 def workdir_sft_model(workdir: str) -> str:
     """The SFT model in `workdir` that mode=rl starts from without rl.init; ConfigError if none."""
     path = os.path.join(workdir, "sft", "best")
@@ -157,7 +170,7 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
         results = result_entries("model", policy, problems, settings.eval, workdir)
         write_results(workdir, results, f"{task.name}: evaluation")
         return results
-    results = {}
+    results = earlier_sft_entries(workdir, problems) if config.mode == "rl" and not config.rl.init else {}
     if config.mode in ("train", "sft"):
         sft_dir = sft.train(settings, policy, task, workdir, stop)
         if sft_dir is None:
