@@ -14,8 +14,10 @@ plans again with them.
     python -m r3jax.plan --config=configs/gsm8k.py --model=tinyllama-1.1b --tpu=v5p:2x2x1 --device-memory=95GB
 
 plans for a TPU topology's chips instead, compiled by JAX's TPU compiler without them (the
-`libtpu` wheel, not in the requirements). A CPU compile holds float32 copies of bfloat16 weights
-and activations, so under bfloat16 compute the CPU plan over-counts a TPU's memory.
+`libtpu` wheel, not in the requirements). XLA:CPU computes bfloat16 dots in float32, so a CPU
+plan of bfloat16 weights compiles without hoisting those converts out of the layer loop
+(CPU_BFLOAT16_OPTIONS); under bfloat16 compute a CPU plan still over-counts a GPU's or TPU's
+memory somewhat, and where checked against the TPU compiler it never under-counted it.
 """
 from __future__ import annotations
 
@@ -206,11 +208,28 @@ def _tree_bytes_per_device(tree) -> int:
                    for x in jax.tree.leaves(tree)))
 
 
+# XLA:CPU computes bfloat16 dots in float32, and its loop-invariant code motion hoists those
+# converts out of the layer scan: a CPU compile of bfloat16 weights then holds a float32 copy of
+# every one, which a GPU or TPU, computing on them as stored, never makes. Without the hoisting each
+# layer's copy is made inside the loop, one at a time (measured against the TPU compiler:
+# docs/experiments.md, "Paper scale: planned memory").
+CPU_BFLOAT16_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def compiler_options(model_cfg, mesh) -> dict[str, str]:
+    """The XLA options a plan compiles with: CPU_BFLOAT16_OPTIONS on CPU devices for weights stored
+    and computed in bfloat16 (a LoRA base too), else XLA's own, whose count of float32 master
+    weights computing in bfloat16 was checked against a GPU's allocator."""
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    in_bfloat16 = {jnp.dtype(model_cfg.param_dtype), jnp.dtype(model_cfg.dtype)} == {jnp.dtype(jnp.bfloat16)}
+    return CPU_BFLOAT16_OPTIONS if on_cpu and in_bfloat16 and not model_cfg.quantized_kernels else {}
+
+
 class _Compiler:
     """Compiles a run's phases one by one, recording each one's memory, collectives and compile time."""
 
-    def __init__(self, progress):
-        self.progress, self.phases, self.seconds = progress, {}, {}
+    def __init__(self, progress, options: dict[str, str]):
+        self.progress, self.options, self.phases, self.seconds = progress, options, {}, {}
 
     def __call__(self, name: str, mesh, lowered_fn):
         """Compiles `lowered_fn()`, traced under `mesh` as programs.Cached traces a run's programs."""
@@ -218,7 +237,7 @@ class _Compiler:
         start = time.perf_counter()
         try:
             with programs.on_mesh(mesh):
-                compiled = lowered_fn().compile()
+                compiled = lowered_fn().compile(compiler_options=self.options)
         except jax.errors.JaxRuntimeError as error:
             over = over_device_bytes(str(error))
             if over is None:
@@ -377,7 +396,7 @@ def plan(config, model_cfg, progress=print, rollout_tokens: int = 0, devices=Non
     params = abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
     policy, frozen = lora.trainable_and_frozen(model_cfg, params)
     reference = abstract_reference(model_cfg, policy, frozen)
-    compile_phase = _Compiler(progress)
+    compile_phase = _Compiler(progress, compiler_options(model_cfg, mesh))
     _plan_sft(compile_phase, config, model_cfg, policy, frozen, mesh)
     state = _plan_update(compile_phase, config, model_cfg, policy, reference, frozen, mesh, rollout_tokens)
     rollout_weight_bytes = _plan_sampler(compile_phase, config, model_cfg, params, boxed, "rollout", rollout_mesh)
@@ -385,7 +404,7 @@ def plan(config, model_cfg, progress=print, rollout_tokens: int = 0, devices=Non
     result = {"model": dataclasses.asdict(model_cfg), "num_params": model_cfg.num_params(),
               "devices": mesh.size, "device_kind": mesh.devices.flat[0].device_kind,
               "mesh": dict(mesh.shape), "rollout_mesh": dict(rollout_mesh.shape),
-              "phases": compile_phase.phases}
+              "phases": compile_phase.phases, "compiler_options": compile_phase.options}
     result.update(compile_seconds=compile_phase.seconds)
     if config.rl.pack:
         result.update(packed_update_rollout_tokens=rollout_tokens,
@@ -502,6 +521,9 @@ def report_lines(result: dict, memory: float) -> list[str]:
                      f"collectives {sum(phase['collective_bytes'].values()) / GB:8.3f} GB, "
                      f"compiled in {phase['compile_seconds']:.0f} s"
                      + (f"; refused for memory: {phase['compile_error']}" if "compile_error" in phase else ""))
+    if result.get("compiler_options"):
+        lines.append("counted without the float32 copies of the bfloat16 weights that XLA:CPU hoists out of the "
+                     "layer loop (a GPU or TPU computes on them as stored)")
     if "packed_update_flops_ratio" in result:
         lines.append(f"a packed update (rl.pack) at {result['packed_update_rollout_tokens']} real tokens per rollout "
                      f"costs {result['packed_update_flops_ratio']:.2f}x the padded update's FLOPs (XLA's count)")

@@ -148,7 +148,7 @@ def test_a_phase_refused_for_memory_enters_the_plan_at_its_bytes():
     """As a TPU compile for a chip too small (the planner's --tpu); any other error is raised."""
     from r3jax import sharding
 
-    compile_phase = plan._Compiler(lambda _: None)
+    compile_phase = plan._Compiler(lambda _: None, {})
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
 
     def failing(message):
@@ -260,3 +260,44 @@ def test_knob_search_stops_when_no_knob_is_left(monkeypatch):
                              update_gb=lambda c: 10, sampling_gb=lambda c: 10)
     assert not result["fits"] and result["knobs_applied"][-1] == "sft.grad_accum=64"
     assert len(result["knobs_applied"]) == 7 and config.sft.batch_size == 1
+
+
+def test_a_bfloat16_plan_holds_no_float32_copy_of_the_weights(monkeypatch):
+    """XLA:CPU computes bfloat16 dots in float32 and, left to itself, hoists the converts of the
+    stacked weights out of the layer scan: a float32 copy of every weight in a decode step's
+    temporaries, which no GPU or TPU makes. The plan compiles without that hoisting."""
+    config = _tiny_config()
+    config.model.update(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4,
+                        head_dim=64, dtype="bfloat16", param_dtype="bfloat16", remat="none")
+    config.mesh, config.rl.rollout_mesh = (1, 1, 1), None
+    config.sft.update(batch_size=1, max_length=16)
+    config.rl.update(batch_size=2, rollout_rows=2, max_new_tokens=8, max_prompt_length=8, pack=False)
+    model_cfg = plan.model_config_for(config, None)
+    layer_weights_float32 = config.model.num_layers * (4 * 256 * 256 + 3 * 256 * 1024) * 4
+    devices = jax.devices()[:1]
+    result = plan.plan_until_it_fits(config, model_cfg, 16 * 2 ** 30, devices=devices)
+    assert result["compiler_options"] == plan.CPU_BFLOAT16_OPTIONS
+    assert any("without the float32 copies" in line for line in plan.report_lines(result, 16 * 2 ** 30))
+    assert result["phases"]["decode_step_training"]["temp_bytes"] < 0.5 * layer_weights_float32
+    monkeypatch.setattr(plan, "CPU_BFLOAT16_OPTIONS", {})  # XLA:CPU's own passes
+    hoisting = plan.plan(config, model_cfg, progress=lambda _: None, devices=devices)
+    assert hoisting["phases"]["decode_step_training"]["temp_bytes"] > layer_weights_float32
+    assert hoisting["phases"]["ppo_update"]["temp_bytes"] > result["phases"]["ppo_update"]["temp_bytes"]
+
+
+def test_plans_of_float32_weights_compile_with_xlas_own_passes():
+    """Float32 master weights computing in bfloat16 keep the count checked against a GPU's
+    allocator; so does an int8 or nf4 base."""
+    import dataclasses
+
+    from helpers import TINY
+    from r3jax import sharding
+
+    cpu = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+
+    def options(**dtypes):
+        return plan.compiler_options(dataclasses.replace(TINY, **dtypes), cpu)
+
+    assert options(param_dtype="bfloat16", dtype="bfloat16") == plan.CPU_BFLOAT16_OPTIONS
+    assert options(param_dtype="float32", dtype="bfloat16") == options(param_dtype="float32", dtype="float32") == {}
+    assert options(param_dtype="bfloat16", dtype="bfloat16", quantized_kernels="nf4") == {}
