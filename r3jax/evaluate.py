@@ -19,7 +19,8 @@ from r3jax.tasks.base import Demonstration, Task
 
 def accuracy_report(states: Sequence[StartState], scores) -> dict[str, float]:
     """accuracy and reward overall, per stage (`/stage_j`) and per reasoning length (`/steps_n`);
-    `answered`, the share of answers the task could read at all (a format rate)."""
+    `answered`, the share of answers the task could read at all (a format rate), where every score
+    says (a user's reward_fn need not)."""
     groups: dict[str, list] = collections.defaultdict(list)
     for state, score in zip(states, scores):
         keys = ["", f"/stage_{state.stage}"]
@@ -31,7 +32,8 @@ def accuracy_report(states: Sequence[StartState], scores) -> dict[str, float]:
     for key, group in sorted(groups.items()):
         report[f"accuracy{key}"] = float(np.mean([s.correct for s in group]))
         report[f"reward{key}"] = float(np.mean([s.reward for s in group]))
-    report["answered"] = float(np.mean([s.parsed for s in scores]))
+    if scores and all(s.parsed is not None for s in scores):
+        report["answered"] = float(np.mean([s.parsed for s in scores]))
     return report
 
 

@@ -58,6 +58,8 @@ def test_accuracy_report_by_hand():
     assert report == pytest.approx({"accuracy": 1 / 3, "reward": 1.1 / 3, "accuracy/stage_0": 0.5,
                                     "reward/stage_0": 0.5, "accuracy/stage_1": 0.0, "reward/stage_1": 0.1,
                                     "answered": 2 / 3})
+    unknown = [Score(1.0, True, None)] + scores[1:]  # a user's reward_fn says nothing of reading
+    assert "answered" not in accuracy_report(states, unknown)
 
 
 def test_maj_at_k_near_zero_temperature_is_greedy(setup):

@@ -93,11 +93,13 @@ def test_a_reward_function_scores_any_task(tmp_path, monkeypatch):
     task = tasks.get("arith", num_train=8, num_test=4, reward_fn="my_rewards:contains_gold")
     demo = task.demonstrations("train")[0]
     assert task.answers([demo.response]) == [demo.response]  # the whole response is what is scored
-    assert task.score_batch([demo.response, "nothing"], [demo.answer] * 2) == [Score(1.0, True, True),
-                                                                             Score(0.0, False, True)]
+    # whether a bool or a number read an answer is not known; a Score says so itself
+    assert task.score_batch([demo.response, "nothing"], [demo.answer] * 2) == [Score(1.0, True, None),
+                                                                             Score(0.0, False, None)]
     graded = tasks.get("arith", num_train=8, num_test=4, reward_fn="my_rewards:graded")
-    assert graded.score_batch(["#### 1"], ["2"])[0] == Score(0.5, False, True)
-    assert tasks.get("arith", num_train=8, reward_fn="my_rewards:scored").score_batch(["x"], ["2"])[0].reward == 2.0
+    assert graded.score_batch(["#### 1"], ["2"])[0] == Score(0.5, False, None)
+    assert tasks.get("arith", num_train=8, reward_fn="my_rewards:scored").score_batch(["x"], ["2"])[0] == Score(
+        2.0, True, True)
     for spec, message in (("my_rewards", "not package.module:function"), ("nope_module:f", "cannot import nope_module"),
                           ("my_rewards:missing", "has no function missing")):
         with pytest.raises(InputError, match=f"config.task.options.reward_fn: .*{message}"):

@@ -79,7 +79,7 @@ def test_gsm8k_recipe_on_tiny_hf_llama(tmp_path, data_dir):
     assert [r["step"] for r in read_jsonl(str(workdir / "sft" / "sft.jsonl"))] == [1, 2]
     rl_log = [json.loads(line) for line in open(workdir / "rl" / "rl.jsonl")]
     assert [r["step"] for r in rl_log] == [1, 2]
-    for key in ("reward", "accuracy", "kl", "clip_frac", "value_explained_variance", "entropy",
+    for key in ("reward", "accuracy", "answered", "kl", "clip_frac", "value_explained_variance", "entropy",
                 "response_length", "sample_tokens_per_s", "time/update_s"):
         assert all(np.isfinite(r[key]) for r in rl_log), key
     results = json.load(open(workdir / "results.json"))
@@ -455,6 +455,7 @@ def test_own_data_and_reward_end_to_end(tmp_path, capsys, monkeypatch):
     assert code == 0, err[-3000:]
     results = json.load(open(tmp_path / "run" / "results.json"))
     assert set(results) == {"sft", "r3-mixed"} and [r["step"] for r in rl_log(str(tmp_path / "run"))] == [1, 2]
+    assert "answered" not in results["sft"]  # the user's reward function says nothing of reading an answer
     assert f"results written to {tmp_path / 'run'}" in out
 
 
@@ -473,6 +474,7 @@ def test_sft_then_rl_in_one_workdir_keeps_the_sft_row(tmp_path, capsys):
     assert code == 0, err[-3000:]
     results = json.load(open(run / "results.json"))
     assert set(results) == {"sft", "r3-mixed"} and results["sft"] == sft_results["sft"]
+    assert 0.0 <= results["r3-mixed"]["answered"] <= 1.0 and "answered" in rl_log(str(run))[0]
     assert "r3-mixed - sft: " in (run / "results.md").read_text() and "| sft |" in out
 
     predictions = run / "sft_predictions.jsonl"

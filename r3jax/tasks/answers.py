@@ -16,7 +16,7 @@ TOLERANCE = 1e-2
 class Score:
     reward: float
     correct: bool
-    parsed: bool
+    parsed: bool | None  # whether an answer could be read at all; None: not known (a user's reward_fn)
 
 
 def _to_float(match: re.Match) -> float:

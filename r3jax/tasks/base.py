@@ -102,13 +102,13 @@ def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
 
 
 def as_score(value) -> Score:
-    """A reward function's result as a Score."""
+    """A reward function's result as a Score (whether it read an answer is its own to say)."""
     if isinstance(value, Score):
         return value
     if isinstance(value, (bool, np.bool_)):
-        return Score(float(value), bool(value), True)
+        return Score(float(value), bool(value), None)
     reward = float(value)
-    return Score(reward, reward >= 1.0, True)
+    return Score(reward, reward >= 1.0, None)
 
 
 class Task:
