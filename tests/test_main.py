@@ -475,6 +475,10 @@ def test_sft_then_rl_in_one_workdir_keeps_the_sft_row(tmp_path, capsys):
     results = json.load(open(run / "results.json"))
     assert set(results) == {"sft", "r3-mixed"} and results["sft"] == sft_results["sft"]
     assert 0.0 <= results["r3-mixed"]["answered"] <= 1.0 and "answered" in rl_log(str(run))[0]
+    logged = {key for record in [*read_jsonl(str(run / "sft" / "sft.jsonl")), *rl_log(str(run))] for key in record}
+    guide = open(os.path.join(ROOT, "docs", "guide.md")).read().split("## What a run logs")[1].split("\n## ")[0]
+    undocumented = {key for key in logged - {"step"} if f"`{key.split('/stage_')[0]}`" not in guide}
+    assert not undocumented, f"docs/guide.md, What a run logs: {sorted(undocumented)}"
     assert "r3-mixed - sft: " in (run / "results.md").read_text() and "| sft |" in out
 
     predictions = run / "sft_predictions.jsonl"
