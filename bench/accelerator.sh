@@ -29,4 +29,7 @@ section 100 attention python3 attention.py
 fused=$(grep -o "fastest fused kernel: [a-z]*" "$log" | tail -n 1 | cut -d" " -f4)
 section 260 padding python3 padding.py --gsm8k-steps 2 --gsm8k-repeats 2 --fused "${fused:-none}"
 section 130 ppo_step python3 ppo_step.py
+# the planner's count for weights stored in bfloat16 (plan.CPU_BFLOAT16_OPTIONS), not yet checked on a GPU
+section 150 plan_memory python3 plan_memory.py --model qwen3-0.6b --set "mesh=(-1,1,1)" model.lora.rank=64 \
+  model.lora.base_dtype=bfloat16
 section 100 sampler python3 sampler.py --quick --floor

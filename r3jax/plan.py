@@ -218,8 +218,8 @@ CPU_BFLOAT16_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-mot
 
 def compiler_options(model_cfg, mesh) -> dict[str, str]:
     """The XLA options a plan compiles with: CPU_BFLOAT16_OPTIONS on CPU devices for weights stored
-    and computed in bfloat16 (a LoRA base too), else XLA's own, whose count of float32 master
-    weights computing in bfloat16 was checked against a GPU's allocator."""
+    and computed in bfloat16 (a LoRA base too), whose float32 copies are the CPU's alone; else
+    XLA's own, the larger count."""
     on_cpu = mesh.devices.flat[0].platform == "cpu"
     in_bfloat16 = {jnp.dtype(model_cfg.param_dtype), jnp.dtype(model_cfg.dtype)} == {jnp.dtype(jnp.bfloat16)}
     return CPU_BFLOAT16_OPTIONS if on_cpu and in_bfloat16 and not model_cfg.quantized_kernels else {}

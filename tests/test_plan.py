@@ -286,8 +286,8 @@ def test_a_bfloat16_plan_holds_no_float32_copy_of_the_weights(monkeypatch):
 
 
 def test_plans_of_float32_weights_compile_with_xlas_own_passes():
-    """Float32 master weights computing in bfloat16 keep the count checked against a GPU's
-    allocator; so does an int8 or nf4 base."""
+    """Float32 master weights computing in bfloat16 keep XLA's own passes, the larger count; so
+    does an int8 or nf4 base."""
     import dataclasses
 
     from helpers import TINY
