@@ -113,8 +113,8 @@ def write_results(workdir: str, results: dict[str, dict], title: str) -> None:
     if not sharding.is_primary():
         return
     files.write_json(os.path.join(workdir, "results.json"), results)
-    correct = {name: np.array([float(r["correct"]) for r in read_jsonl(os.path.join(workdir, f"{name}_predictions.jsonl"))])
-               for name in results if os.path.exists(os.path.join(workdir, f"{name}_predictions.jsonl"))}
+    correct = {name: np.array([float(r["correct"]) for r in read_jsonl(predictions_path(workdir, name))])
+               for name in results if os.path.exists(predictions_path(workdir, name))}
     table = results_markdown(results, correct, title)
     files.write_text(os.path.join(workdir, "results.md"), table)
     print(table, end="")
@@ -139,7 +139,7 @@ def earlier_sft_entries(workdir: str, problems: Problems) -> dict[str, dict]:
     """The SFT model's entries that this workdir's mode=sft run left in results.json, for the table
     of a mode=rl run from that model, so that R^3 - SFT stays in it; none unless the SFT model's
     predictions are of these problems, in this order."""
-    path, predictions = os.path.join(workdir, "results.json"), os.path.join(workdir, "sft_predictions.jsonl")
+    path, predictions = os.path.join(workdir, "results.json"), predictions_path(workdir, "sft")
     if not (os.path.exists(path) and os.path.exists(predictions)):
         return {}
     if [record["id"] for record in read_jsonl(predictions)] != [demo.id for demo in problems.demos]:
@@ -162,7 +162,8 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
     config = settings.config
     os.makedirs(workdir, exist_ok=True)
     stop = StopSignal()
-    sft_dir = config.rl.init or (workdir_sft_model(workdir) if config.mode == "rl" else "")
+    from_own_sft = config.mode == "rl" and not config.rl.init  # this workdir's SFT model, and its results
+    sft_dir = workdir_sft_model(workdir) if from_own_sft else config.rl.init
     tokenizer = build_tokenizer(config, task, workdir)
     policy = None if config.mode == "rl" else build_model(config, tokenizer, mesh)
     problems = test_problems(settings, task)
@@ -170,7 +171,7 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
         results = result_entries("model", policy, problems, settings.eval, workdir)
         write_results(workdir, results, f"{task.name}: evaluation")
         return results
-    results = earlier_sft_entries(workdir, problems) if config.mode == "rl" and not config.rl.init else {}
+    results = earlier_sft_entries(workdir, problems) if from_own_sft else {}
     if config.mode in ("train", "sft"):
         sft_dir = sft.train(settings, policy, task, workdir, stop)
         if sft_dir is None:
@@ -195,7 +196,12 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
     return results
 
 
+def predictions_path(workdir: str, name: str) -> str:
+    """Where the per-problem records of the model evaluated as `name` are written."""
+    return os.path.join(workdir, f"{name}_predictions.jsonl")
+
+
 def write_records(workdir: str, name: str, records: list[dict]) -> None:
     if not sharding.is_primary():
         return
-    files.write_jsonl(os.path.join(workdir, f"{name}_predictions.jsonl"), records)
+    files.write_jsonl(predictions_path(workdir, name), records)
