@@ -3,7 +3,9 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 
+import jax
 import pytest
 
 from r3jax import tasks
@@ -69,3 +71,22 @@ def test_pool_runs_programs_in_parallel():
                               "    return start\n"] * 4)
     assert all(isinstance(s, float) for s in starts)
     assert max(starts) - min(starts) < 2.0
+
+
+def test_the_program_runs_under_its_limits_and_the_trainer_runs_no_python_between_fork_and_exec():
+    """The runner sets its limits on itself (read back from /proc/self/limits inside the sandbox),
+    so the trainer starts it without a preexec_fn, which would run Python in the forked child of a
+    multithreaded process (JAX warns at such a fork, once its backend exists)."""
+    jax.devices()
+    code = ("def solution():\n    rows = {line[:26].strip(): line[26:68].split() for line in "
+            "open('/proc/self/limits').read().splitlines()[1:]}\n"
+            "    return ' '.join('/'.join(rows[name]) for name in ('Max cpu time', 'Max address space', "
+            "'Max file size', 'Max core file size', 'Max processes'))\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        limits_inside = run_program(code, LIMITS)
+    assert not [w for w in caught if "fork" in str(w.message)]
+    assert limits_inside == f"1/1 {512 << 20}/{512 << 20} {1 << 16}/{1 << 16} 0/0 64/64"
+    over_memory = "def solution():\n    return len(bytes(1 << 30))  # calloc: address space, no pages touched\n"
+    assert run_program(over_memory, LIMITS) is None
+    assert run_program(over_memory, dataclasses.replace(LIMITS, memory_bytes=2 << 30)) == float(1 << 30)

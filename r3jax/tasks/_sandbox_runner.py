@@ -1,8 +1,10 @@
 """Runs one untrusted program in its own process; started by sandbox.py as `python -I -S`.
 
-Reads a nonce line and then the program from stdin, executes it in its working directory with an
-audit hook that refuses processes, signals, sockets, native code and writes outside that
-directory, calls `solution()`, and prints `<nonce> <json value>` as the last line of its stdout.
+Sets its own CPU-time, address-space, file-size and process-count limits (argv after the working
+directory), then reads a nonce line and the program from stdin, executes it in its working
+directory with an audit hook that refuses processes, signals, sockets, native code and writes
+outside that directory, calls `solution()`, and prints `<nonce> <json value>` as the last line of
+its stdout.
 Under bubblewrap this hook is the second layer; the namespaces are the boundary.
 """
 import json
@@ -21,6 +23,16 @@ BLOCKED_MODULES = {"ctypes", "_ctypes", "socket", "_socket", "subprocess", "_pos
 PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
                "os.link", "os.symlink", "os.truncate", "shutil.rmtree", "os.utime"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _limit_self(cpu_seconds, memory_bytes, output_bytes, processes):
+    import resource
+
+    for kind, value in ((resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_AS, memory_bytes),
+                        (resource.RLIMIT_FSIZE, output_bytes), (resource.RLIMIT_CORE, 0),
+                        (resource.RLIMIT_NPROC, processes)):
+        resource.setrlimit(kind, (value, value))
+    del sys.modules["resource"]  # the program's own `import resource` meets the audit hook
 
 
 def _inside(path):
@@ -54,6 +66,7 @@ def _jsonable(value):
 
 
 def main():
+    _limit_self(*map(int, sys.argv[2:6]))
     nonce = sys.stdin.readline().strip()
     code = sys.stdin.read()
     result_fd = os.dup(1)

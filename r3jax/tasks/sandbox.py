@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import os
-import resource
 import secrets
 import shutil
 import signal
@@ -45,14 +44,11 @@ class Limits:
     processes: int = 64
 
 
-def _limit_child(limits: Limits):
-    def preexec():
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.output_bytes, limits.output_bytes))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-    return preexec
+def _runner_limit_arguments(limits: Limits) -> list[str]:
+    """The runner's arguments after its working directory: the limits it sets on itself before it
+    reads the program (in the runner, not in a preexec_fn: Python code run between fork and exec in
+    the multithreaded trainer can deadlock the child)."""
+    return [str(limits.cpu_seconds), str(limits.memory_bytes), str(limits.output_bytes), str(limits.processes)]
 
 
 def bwrap_binary() -> str | None:
@@ -117,11 +113,12 @@ def run_program(code: str, limits: Limits = Limits(), isolated: bool = True) -> 
             command, cwd = [*bwrap_command(bwrap), "-I", "-S", INSIDE_RUNNER, INSIDE_WORKDIR], None
         else:
             command, cwd = [sys.executable, "-I", "-S", RUNNER, host_dir], host_dir
+        command += _runner_limit_arguments(limits)
         # the program goes in through stdin; stdout is a host file the size limit caps
         out_path = os.path.join(host_dir, "stdout")
         with open(out_path, "wb") as out:
             proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
-                                    cwd=cwd, env={}, start_new_session=True, preexec_fn=_limit_child(limits))
+                                    cwd=cwd, env={}, start_new_session=True)
             try:
                 proc.communicate(f"{nonce}\n{code}".encode(), timeout=limits.wall_seconds)
             except (subprocess.TimeoutExpired, BrokenPipeError):
