@@ -44,6 +44,7 @@ from r3jax import tokenizer as tokenizer_lib
 from r3jax.curriculum import start_states
 from r3jax.metrics import machine_info, read_jsonl
 from r3jax.rollout import tokenize_states
+from r3jax.train.job import predictions_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, "bench", ".peers")
@@ -190,8 +191,8 @@ def evaluate_final(model: str, sft: str, out: str, temperature: float) -> dict:
              f"--config.eval.maj_k={EVAL_SAMPLES}", f"--config.eval.temperature={temperature}",
              log=os.path.join(out, "eval.log"))
     task = arith_task()
-    greedy = read_jsonl(os.path.join(out, "model_predictions.jsonl"))
-    sampled = read_jsonl(os.path.join(out, f"model_maj{EVAL_SAMPLES}_predictions.jsonl"))
+    greedy = read_jsonl(predictions_path(out, "model"))
+    sampled = read_jsonl(predictions_path(out, f"model_maj{EVAL_SAMPLES}"))
     return {"greedy_correct": [float(r["correct"]) for r in greedy],
             "sample_correct": [float(np.mean([task.score_answer(p, r["answer"]).correct for p in r["predictions"]]))
                                for r in sampled]}
