@@ -1,5 +1,5 @@
 """A workdir belongs to the config that made it (its `config.json`). A rerun under a config that
-differs is refused, one line per differing key, unless `config.resume` says what to do; a rerun
+differs is refused (unless that run made nothing but the config.json), one line per differing key, unless `config.resume` says what to do; a rerun
 that only extends a finished phase (more SFT steps, a bigger RL budget, more comparison seeds or
 arms) continues it."""
 from __future__ import annotations
@@ -108,6 +108,9 @@ def claim(workdir: str, config, primary: bool = True) -> list[str]:
                 f"{_aside(workdir, 'old', primary)}"]
     old, new = stored_values(stored), defining_values(config)
     conflicts, extending = differences(old, new)
+    if conflicts and os.listdir(workdir) == ["config.json"]:
+        return [f"{stored_path} was all an earlier run left (it stopped before making anything): "
+                "running under the new config"]
     described = [f"  {key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"
                  for key in conflicts + extending]
     if conflicts and not config.resume:

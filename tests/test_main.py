@@ -360,7 +360,7 @@ def broken_inputs(tmp_path, hf_dir):
     broken = tmp_path / "train.jsonl"
     broken.write_text('{"question": "1+1?", "answer": "1+1=2\\n#### 2"}\n{"question": \n')
     other = tmp_path / "other_run"
-    other.mkdir()
+    (other / "sft").mkdir(parents=True)  # that run made something: its config holds the workdir
     stored = config_lib.base_config()
     stored.task.name = "gsm8k"
     (other / "config.json").write_text(stored.to_json_best_effort())

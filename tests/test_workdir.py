@@ -11,7 +11,8 @@ from r3jax.train import compare
 
 
 def _stored(path, config):
-    os.makedirs(path, exist_ok=True)
+    """A workdir whose run under `config` made its SFT phase."""
+    os.makedirs(os.path.join(path, "sft"), exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({**json.loads(config.to_json_best_effort()), "runtime": {"sandbox": "none"}}, f)
 
@@ -41,15 +42,30 @@ def test_a_workdir_from_before_a_key_existed_takes_its_default(tmp_path):
     older = json.loads(config.to_json_best_effort())
     del older["resume"], older["metrics"], older["rl"]["max_log_ratio"]
     (tmp_path / "config.json").write_text(json.dumps(older))
+    (tmp_path / "sft").mkdir()
     assert workdir.claim(str(tmp_path), config) == []
     config.rl.max_log_ratio = 10.0
     with pytest.raises(config_lib.ConfigError, match="rl.max_log_ratio: 20.0 there, 10.0 now"):
         workdir.claim(str(tmp_path), config)
 
 
+def test_a_workdir_that_holds_only_its_config_takes_a_new_one(tmp_path):
+    """A run that failed at start-up (a model directory without a tokenizer) left its config.json
+    and nothing else: the corrected command runs there; anything more, and it is refused."""
+    _stored(tmp_path, config_lib.base_config())
+    (tmp_path / "sft").rmdir()
+    new = config_lib.base_config()
+    new.tokenizer.path = "/models/tokenizer.model"
+    assert workdir.claim(str(tmp_path), new) == [
+        f"{tmp_path}/config.json was all an earlier run left (it stopped before making anything): "
+        "running under the new config"]
+    (tmp_path / "tokenizer.model").write_text("")
+    with pytest.raises(config_lib.ConfigError, match="tokenizer.path: '' there"):
+        workdir.claim(str(tmp_path), new)
+
+
 def test_resume_continue_keeps_and_restart_moves_aside(tmp_path):
     _stored(tmp_path / "run", config_lib.base_config())
-    (tmp_path / "run" / "sft").mkdir()
     new = config_lib.base_config()
     new.rl.kl_coef, new.resume = 0.1, "continue"
     messages = workdir.claim(str(tmp_path / "run"), new)
