@@ -22,6 +22,7 @@ def get_config():
         "answer_marker": "####",
         "partial_reward": 0.0,
         "reward_fn": "",  # package.module:function replaces the scorer
+        "limit": 0,  # the first N records of each split; 0 = all
     })
     c.sft.eval_examples = 100
     c.eval.num_examples = 0

@@ -62,12 +62,13 @@ SCHEMA: dict[str, Any] = {
     "task": {
         "name": ("arith", "the task: arith, gsm8k, gsm8k_pot, svamp, svamp_pot, snli, mnli, race, race_high, "
                           "race_middle, boardgameqa, jsonl", TASKS),
-        "options": ({}, "the task's own options (README, Tasks). Every task: validation_size (a count or "
-                        "fraction of train carved off for model selection), limit, reward_fn "
-                        "(package.module:function). File tasks: train_path, test_path, tfds. jsonl: cut, "
-                        "answer_type, answer_marker, partial_reward. arith: seed, num_train, num_test, "
-                        "min_steps, max_steps, max_value, max_operand, operations, distractors, "
-                        "partial_reward"),
+        "options": ({"limit": 0, "reward_fn": ""},
+                    "the task's own options (README, Tasks). Every task: validation_size (a count or "
+                    "fraction of train carved off for model selection), limit (at most N demonstrations of "
+                    "each split; 0 = all) and reward_fn (package.module:function, replacing the task's "
+                    "scorer), the last two in every config. File tasks: train_path, test_path, tfds. jsonl: "
+                    "cut, answer_type, answer_marker, partial_reward. arith: seed, num_train, num_test, "
+                    "min_steps, max_steps, max_value, max_operand, operations, distractors, partial_reward"),
     },
     "tokenizer": {
         "path": ("", "a SentencePiece .model or an HF tokenizer dir; '' = model.path's, else one trained on "

@@ -65,6 +65,19 @@ def test_known_keys_and_paper_arguments_are_not_flagged():
     assert main._explain_override_failure(["r3jax", f"--config={paper}:svamp", "--config.rl.lr=1e-6"]) is None
 
 
+SHIPPED_CONFIGS = [name for name in sorted(os.listdir(os.path.join(ROOT, "configs")))
+                   if name.endswith(".py") and name not in ("__init__.py", "paper.py")]
+PAPER_TASKS = runpy.run_path(os.path.join(ROOT, "configs", "paper.py"))["TASKS"]
+
+
+@pytest.mark.parametrize("config_file", SHIPPED_CONFIGS + [f"paper.py:{task}" for task in PAPER_TASKS])
+def test_every_shipped_config_takes_the_options_every_task_takes(config_file):
+    """The README's `--config.task.options.reward_fn=...` works on any config, arith's included."""
+    argv = ["r3jax", f"--config={os.path.join(ROOT, 'configs', config_file)}",
+            "--config.task.options.reward_fn=my_rewards:score", "--config.task.options.limit=50"]
+    assert main._explain_override_failure(argv) is None
+
+
 def test_missing_config_file_is_one_line():
     message = main._explain_override_failure(["r3jax", "--config=/nonexistent/exp.py:gsm8k"])
     assert message == "--config: config file /nonexistent/exp.py not found"

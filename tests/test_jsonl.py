@@ -84,6 +84,18 @@ def graded(response, gold):
 
 def scored(response, gold):
     return Score(2.0, True, True)
+
+def raises(response, gold):
+    return int(response)
+
+def returns_none(response, gold):
+    return None
+
+def returns_nan(response, gold):
+    return float("nan")
+
+def returns_text(response, gold):
+    return "1"
 '''
 
 
@@ -105,3 +117,20 @@ def test_a_reward_function_scores_any_task(tmp_path, monkeypatch):
         with pytest.raises(InputError, match=f"config.task.options.reward_fn: .*{message}"):
             tasks.get("arith", reward_fn=spec)
     assert os.getcwd() == str(tmp_path)
+
+
+@pytest.mark.parametrize("function, message", [
+    ("raises", "my_rewards:raises raised ValueError: invalid literal for int"),
+    ("returns_none", "my_rewards:returns_none returned None"),
+    ("returns_nan", "my_rewards:returns_nan returned nan"),
+    ("returns_text", "my_rewards:returns_text returned '1'"),
+])
+def test_a_reward_function_that_raises_or_returns_no_number_is_named_with_the_response(tmp_path, monkeypatch,
+                                                                                      function, message):
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.chdir(tmp_path)
+    task = tasks.get("arith", num_train=8, num_test=4, reward_fn=f"my_rewards:{function}")
+    with pytest.raises(InputError) as error:
+        task.score_batch(["so the answer is seven"], ["7"])
+    assert str(error.value).startswith(f"config.task.options.reward_fn: {message}")
+    assert "scoring the response ending 'so the answer is seven' against '7'" in str(error.value)

@@ -12,6 +12,7 @@ from r3jax.checkpoint import StopSignal
 from r3jax.metrics import read_jsonl
 from r3jax.models import lora
 from r3jax.rollout import Policy
+from r3jax.tasks.answers import Score
 from r3jax.train import rl, sft
 
 TIMING = ("time/", "sample_tokens_per_s", "compiled/")  # facts of the process, not of the trajectory
@@ -122,3 +123,28 @@ def test_rl_stopped_mid_run_resumes_exactly_with_dynamic_sampling(tiny_setup, tm
     if strategy == "hint_on_failure":
         assert sum(r["hinted_fraction"] for r in expected) > 0
         assert (tmp_path / "whole" / "rl_start_point.png").exists()
+
+
+def test_a_step_that_raises_saves_the_last_logged_step_and_a_rerun_resumes_there(tiny_setup, tmp_path, capsys):
+    """A user's reward function that breaks at step 4 (checkpoints every 100 steps) loses no
+    finished step: step 3 is saved before the error ends the run, and the rerun resumes there."""
+    task, tok, cfg, mesh, config = tiny_setup
+    log = tmp_path / "rl.jsonl"
+
+    def parity_until_three_steps(response: str, gold: str) -> Score:
+        if len(read_jsonl(str(log))) >= 3:
+            raise RuntimeError("the grader broke")
+        return Score(float(len(response) % 2), False, None)
+
+    task = tasks.get("arith", num_train=80, num_test=8, max_steps=3, validation_size=8)
+    task.reward_fn = parity_until_three_steps
+    run = lambda: rl.train(settings.of(config), Policy(cfg, tiny_params(cfg, scale=3.0), tok, mesh), task,
+                           str(tmp_path), StopSignal())
+    with pytest.raises(RuntimeError, match="the grader broke"):
+        run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+    assert "RL mixed: step 4 failed; saved step 3, where a rerun resumes" in capsys.readouterr().err
+    task.reward_fn = lambda response, gold: Score(float(len(response) % 2), False, None)
+    assert run()["steps"] == 5
+    assert "RL mixed: resuming at step 3" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(str(log))] == [1, 2, 3, 4, 5]

@@ -408,7 +408,8 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
     assert result.returncode == 0
     out = result.stdout
     documented = config_lib.documented_keys()
-    assert {key.name for key in documented} == set(config_lib.flatten(config_lib.base_config())) | {"task.options"}
+    leaves = {key for key in config_lib.flatten(config_lib.base_config()) if not key.startswith("task.options.")}
+    assert {key.name for key in documented} == leaves | {"task.options"}  # its every-task keys: its meaning
     reference = open(os.path.join(ROOT, "docs", "configuration.md")).read()
     for key in documented:
         assert f"  {key.name} = {key.default!r}" in out and key.meaning[:40] in out, key.name

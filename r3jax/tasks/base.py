@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Iterator, Sequence
@@ -17,6 +19,7 @@ from r3jax.tasks.answers import Score
 DEFAULT_HEADER = ("Below is an instruction that describes a task. Write a response that appropriately "
                   "completes the request.\n\n### Instruction:\n")
 RESPONSE_MARKER = "\n\n### Response:"
+REWARD_FN_KEY = "config.task.options.reward_fn"
 
 
 def data_dir() -> str:
@@ -81,34 +84,40 @@ def field(record: dict, location: str, *names: str) -> Any:
     raise RecordError(f"{location}: missing field {' or '.join(repr(n) for n in names)}")
 
 
-def load_reward_fn(spec: str) -> Callable[[str, str], Any]:
+def load_reward_fn(spec: str) -> Callable[[str, str], Score]:
     """`package.module:function`, imported from the installed packages or the working directory.
-    The function takes (response, gold answer) and returns a Score, a bool, or a reward (a number;
-    correct when at least 1)."""
+    The function takes (response, gold answer) and returns a Score, a bool, or a finite reward
+    (correct when at least 1). Returned as a scorer that stops the run, naming the function and the
+    response, where the function raises or returns anything else."""
     module_name, _, function_name = spec.partition(":")
-    key = "config.task.options.reward_fn"
     if not module_name or not function_name:
-        raise InputError(f"{key}: {spec!r} is not package.module:function")
+        raise InputError(f"{REWARD_FN_KEY}: {spec!r} is not package.module:function")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise InputError(f"{key}: cannot import {module_name} ({error})") from None
+        raise InputError(f"{REWARD_FN_KEY}: cannot import {module_name} ({error})") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise InputError(f"{key}: {module_name} has no function {function_name}")
-    return function
+        raise InputError(f"{REWARD_FN_KEY}: {module_name} has no function {function_name}")
+    return functools.partial(_user_score, function, spec)
 
 
-def as_score(value) -> Score:
-    """A reward function's result as a Score (whether it read an answer is its own to say)."""
+def _user_score(function: Callable, spec: str, response: str, gold: str) -> Score:
+    scoring = f"scoring the response ending {response[-120:]!r} against {gold!r}"
+    try:
+        value = function(response, gold)
+    except Exception as error:
+        raise InputError(f"{REWARD_FN_KEY}: {spec} raised {type(error).__name__}: {error}, {scoring}") from error
     if isinstance(value, Score):
         return value
     if isinstance(value, (bool, np.bool_)):
         return Score(float(value), bool(value), None)
-    reward = float(value)
-    return Score(reward, reward >= 1.0, None)
+    if isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value):
+        return Score(float(value), float(value) >= 1.0, None)
+    raise InputError(f"{REWARD_FN_KEY}: {spec} returned {value!r}, {scoring}; a reward function returns a Score, "
+                     "a bool or a finite number")
 
 
 class Task:
@@ -168,7 +177,7 @@ class Task:
         return list(responses) if self.reward_fn else self.extract_answers(responses)
 
     def score_answer(self, answer, gold: str) -> Score:
-        return as_score(self.reward_fn(answer, gold)) if self.reward_fn else self.score_extracted(answer, gold)
+        return self.reward_fn(answer, gold) if self.reward_fn else self.score_extracted(answer, gold)
 
     def extract_answers(self, responses: Sequence[str]) -> list:
         raise NotImplementedError

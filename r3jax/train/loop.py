@@ -1,18 +1,21 @@
 """The training-loop scaffold SFT and RL share: resume from the last checkpoint, the primary
 host's progress bar and metrics writer, periodic evaluation, a stop on a non-finite value,
-checkpoints at their interval and on a stop signal, and the phase's curves at the end. A phase supplies
-only its step, `(state, meta) -> (state, meta, record)`, where `meta` holds the host-side facts a
-checkpoint keeps beside the state (at least `step`)."""
+checkpoints at their interval, on a stop signal and before a failing step's error ends the run,
+and the phase's curves at the end. A phase supplies only its step, `(state, meta) -> (state, meta,
+record)`, where `meta` holds the host-side facts a checkpoint keeps beside the state (at least
+`step`)."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any, Callable, NamedTuple
 
+import jax
 from tqdm import tqdm
 
 from r3jax import sharding
-from r3jax.checkpoint import Checkpointer, StopSignal, check_finite
+from r3jax.checkpoint import Checkpointer, NonFiniteError, StopSignal, check_finite
 from r3jax.metrics import MetricsWriter, plot_curves, plot_heatmap, read_jsonl
 from r3jax.settings import Settings
 
@@ -45,6 +48,19 @@ class Hooks(NamedTuple):
     evaluate: Callable[[Any, Meta], tuple[dict, list[dict], Meta]] | None = None
 
 
+def _save_before_failing(name: str, checkpointer: Checkpointer, state: Any, meta: Meta) -> None:
+    """Keeps the last finished step when a step raises (a user's reward function, say): saved, unless
+    it is saved already, is step 0, or its arrays went to the failing call (donated). One process
+    only: in a multi-host run the other processes would wait in the save's barrier."""
+    step = meta["step"]
+    donated = any(leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
+    if jax.process_count() > 1 or step == 0 or donated or checkpointer.latest_step() == step:
+        return
+    checkpointer.save(step, state, meta)
+    checkpointer.close()
+    tqdm.write(f"{name}: step {step + 1} failed; saved step {step}, where a rerun resumes", file=sys.stderr)
+
+
 def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, stop: StopSignal) -> tuple[Any, Meta, bool]:
     """Runs (or resumes) a phase from `state` and `meta` (or from its last checkpoint) until
     `hooks.done(meta)` or a stop signal. Returns (state, meta, finished): finished is False when a
@@ -61,22 +77,28 @@ def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, 
     writer = MetricsWriter(phase.workdir, phase.log, meta["step"], settings.metrics, settings.config.to_dict())
     with tqdm(total=total, initial=min(now, total), desc=phase.name, unit=unit,
               disable=not sharding.is_primary()) as bar:
-        while not done(meta) and not stop.requested:
-            state, meta, record = step_fn(state, meta)
-            step = meta["step"]
-            due = phase.eval_every and (step % phase.eval_every == 0 or (phase.eval_at_end and done(meta)))
-            if evaluate_fn and due:
-                evaluated, samples, meta = evaluate_fn(state, meta)
-                record.update(evaluated)
-                writer.write_samples(step, samples)
-            check_finite(record, phase.finite_keys, phase.name.split()[0], step, checkpointer)
-            writer.write(step, record)
-            later, _, _ = position(meta)
-            bar.update(later - now)
-            now = later
-            bar.set_postfix({label: f"{record[key]:.3f}" for label, key in phase.progress_bar if key in record})
-            if step % phase.checkpoint_every == 0 or stop.requested:
-                checkpointer.save(step, state, meta)
+        try:
+            while not done(meta) and not stop.requested:
+                next_state, next_meta, record = step_fn(state, meta)
+                step = next_meta["step"]
+                due = phase.eval_every and (step % phase.eval_every == 0 or (phase.eval_at_end and done(next_meta)))
+                if evaluate_fn and due:
+                    evaluated, samples, next_meta = evaluate_fn(next_state, next_meta)
+                    record.update(evaluated)
+                    writer.write_samples(step, samples)
+                check_finite(record, phase.finite_keys, phase.name.split()[0], step, checkpointer)
+                writer.write(step, record)
+                state, meta = next_state, next_meta  # logged: a step a failure may save
+                later, _, _ = position(meta)
+                bar.update(later - now)
+                now = later
+                bar.set_postfix({label: f"{record[key]:.3f}" for label, key in phase.progress_bar if key in record})
+                if step % phase.checkpoint_every == 0 or stop.requested:
+                    checkpointer.save(step, state, meta)
+        except Exception as error:
+            if not isinstance(error, NonFiniteError):
+                _save_before_failing(phase.name, checkpointer, state, meta)
+            raise
     finished = not stop.requested
     if finished and checkpointer.latest_step() != meta["step"]:
         checkpointer.save(meta["step"], state, meta)
