@@ -140,8 +140,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _fast_tokenizer(self):
         """r3jax's SentencePiece settings (`train_sentencepiece`: BPE, digits split, no dummy prefix,
-        identity normalisation, "\n" a piece of its own) as a `tokenizers.Tokenizer` adding BOS."""
-        from tokenizers import AddedToken, Tokenizer as FastTokenizer, decoders, models, normalizers, pre_tokenizers, processors
+        identity normalisation, "\n" a piece of its own) as a `tokenizers.Tokenizer` adding BOS. No
+        pre-tokenizer: the merges never join a digit to anything, and SentencePiece makes one <unk>
+        of a run of unknown characters, digits included, which BPE fuses only within one pre-token."""
+        from tokenizers import AddedToken, Tokenizer as FastTokenizer, decoders, models, normalizers, processors
         from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
         extracted = SentencePieceExtractor(self.model_file).extract(models.BPE)
@@ -149,7 +151,6 @@ class SentencePieceTokenizer(Tokenizer):
         fast = FastTokenizer(models.BPE(extracted["vocab"], extracted["merges"], unk_token=piece(self.sp.unk_id()),
                                         fuse_unk=True, byte_fallback=False))
         fast.normalizer = normalizers.Replace(" ", "\u2581")
-        fast.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True)
         fast.decoder = decoders.Replace("\u2581", " ")
         fast.add_special_tokens([AddedToken(piece(i), special=True) for i in (self.bos_id, self.eos_id, self.pad_id)])
         fast.add_tokens([AddedToken("\n", normalized=False)])

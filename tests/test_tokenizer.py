@@ -69,3 +69,18 @@ def test_a_saved_sentencepiece_tokenizer_encodes_alike_in_transformers(sp_file, 
     assert hf.decode(hf(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert isinstance(tokenizer.load(str(tmp_path)), tokenizer.SentencePieceTokenizer)
+
+
+def test_a_tokenizer_missing_some_digits_still_exports_a_tokenizer_json_that_encodes_alike(tmp_path):
+    """SNLI's text trains a tokenizer without some digits; SentencePiece makes one <unk> of a run
+    of unknown characters ("78"), and so must the exported tokenizer.json, or the export has none."""
+    task = tasks.get("arith", num_train=300)
+    texts = [(task.prompt(d.question) + d.response).translate(str.maketrans("", "", "78"))
+             for d in task.demonstrations("train")]
+    tok = tokenizer.load(tokenizer.train_sentencepiece(texts, str(tmp_path / "tok"), vocab_size=120))
+    assert tok.sp.piece_to_id("7") == tok.sp.unk_id()
+    tok.save(str(tmp_path / "export"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    probes = ["6 + 78 = 84", "787 - 8 = 779\n#### 779", texts[0]]
+    assert [hf(text)["input_ids"] for text in probes] == [tok.encode(text, add_bos=True) for text in probes]
+    assert tok.encode("78").count(tok.sp.unk_id()) == 1
