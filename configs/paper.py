@@ -32,6 +32,7 @@ def get_config(task: str = "gsm8k"):
     c.task.name = task
     c.task.options.train_path = ""  # "" = the task's file under $R3JAX_DATA_DIR
     c.task.options.test_path = ""
+    c.task.options.tfds = False  # True: read the task's TFDS dataset (prepared with `tfds build`) instead
     c.task.options.limit = 0
     c.task.options.validation_size = 0.05  # 5% of train: SFT's best checkpoint and RL's evaluations
     c.model.path = ""  # required: a local HF Llama/Mistral/Qwen2 directory

@@ -132,6 +132,8 @@ def test_unknown_task_and_bad_options():
         tasks.get("gsm9k")
     with pytest.raises(ValueError, match="operations"):
         tasks.get("arith", operations=("div",))
+    with pytest.raises(ValueError, match="task race_middle: .*config.task.options.train_path .*config.task.options.tfds"):
+        tasks.get("race_middle")
 
 
 TFDS_RECORDS = {  # in TFDS's feature layout: bytes strings, int labels, nested sequences

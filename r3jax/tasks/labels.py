@@ -67,7 +67,8 @@ def race(level: str = "high", train_path=None, test_path=None, **options) -> Lab
         raise ValueError(f"race level {level!r}: expected 'high' or 'middle'")
     paths = _paths("race_high", "raceHigh_train_example.json", "raceHigh_test.json", train_path, test_path)
     if level == "middle" and not (train_path and test_path) and not options.get("tfds"):
-        raise ValueError("race middle: no local files ship here; pass train_path/test_path or tfds=True")
+        raise ValueError("task race_middle: no local files ship for it; give config.task.options.train_path and "
+                         "test_path, or config.task.options.tfds=True")
     return LabelTask(f"race_{level}", ("A", "B", "C", "D"), "###", tfds_name=f"race/{level}",
                      **options, **paths)
 
