@@ -469,6 +469,21 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
         _check(0 <= c.rl[key] <= 1, f"rl.{key}", f"must be in [0, 1], got {c.rl[key]}")
 
 
+SCRATCH_SHAPE = ("model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads",
+                 "model.num_kv_heads", "model.head_dim", "model.max_position_embeddings", "model.rope_theta")
+
+
+def _validate_scratch_model(c: ml_collections.ConfigDict) -> None:
+    """A from-scratch model's shape (a model.path brings its own)."""
+    if c.model.path:
+        return
+    for key in SCRATCH_SHAPE:
+        _check(value_at(c, key) > 0, key, f"must be positive, got {value_at(c, key)}")
+    _check(c.model.num_heads % c.model.num_kv_heads == 0, "model.num_heads",
+           f"{c.model.num_heads} query heads do not share model.num_kv_heads = {c.model.num_kv_heads} key/value "
+           "heads evenly (grouped-query attention needs a multiple)")
+
+
 def _validate_paths(c: ml_collections.ConfigDict) -> None:
     """Every file or directory the config names exists."""
     for key in ("train_path", "test_path"):
@@ -582,6 +597,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first bad key."""
     _validate_choices(c)
     _validate_ranges(c)
+    _validate_scratch_model(c)
     _validate_paths(c)
     _validate_lora(c)
     _validate_rl(c)

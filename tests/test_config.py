@@ -133,6 +133,20 @@ def test_an_rl_start_model_is_refused_where_the_mode_does_not_read_it(tmp_path):
             config_lib.validate(c, num_devices=1)
 
 
+def test_a_from_scratch_model_shape_is_checked_and_a_model_path_brings_its_own(tmp_path):
+    c = config_lib.base_config()
+    c.model.num_heads, c.model.num_kv_heads = 3, 2
+    with pytest.raises(config_lib.ConfigError, match="^config.model.num_heads: 3 query heads do not share "
+                                                     "model.num_kv_heads = 2"):
+        config_lib.validate(c, num_devices=1)
+    (tmp_path / "config.json").write_text("{}")
+    c.model.path = str(tmp_path)
+    config_lib.validate(c, num_devices=1)
+    c.model.path, c.model.num_heads, c.model.num_layers = "", 4, 0
+    with pytest.raises(config_lib.ConfigError, match="^config.model.num_layers: must be positive, got 0"):
+        config_lib.validate(c, num_devices=1)
+
+
 def test_evaluation_needs_a_model_to_evaluate():
     c = config_lib.base_config()
     c.mode = "eval"
