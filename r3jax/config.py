@@ -610,5 +610,8 @@ def validate_layout(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """The meshes fit the devices, and every batch splits evenly over the data-parallel ones."""
     data_parallel = data_parallel_size(validate_mesh(c, num_devices))
     for key in ("sft.batch_size", "rl.batch_size", "eval.batch_size"):
-        _check(value_at(c, key) % data_parallel == 0, key,
-               f"{value_at(c, key)} is not a multiple of the data-parallel size {data_parallel}")
+        size = value_at(c, key)
+        below, above = max(size // data_parallel, 1) * data_parallel, -(-size // data_parallel) * data_parallel
+        _check(size % data_parallel == 0, key,
+               f"{size} is not a multiple of the data-parallel size {data_parallel} (the mesh's data x fsdp): "
+               + " or ".join(str(n) for n in dict.fromkeys((below, above))) + " would do")

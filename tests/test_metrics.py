@@ -28,7 +28,11 @@ def test_validate_names_the_key():
     c = config_lib.base_config()
     config_lib.validate(c, num_devices=8)
     c.rl.batch_size = 12
-    with pytest.raises(config_lib.ConfigError, match="config.rl.batch_size: 12 is not a multiple of the data-parallel size 8"):
+    with pytest.raises(config_lib.ConfigError, match=r"config.rl.batch_size: 12 is not a multiple of the data-parallel "
+                                                     r"size 8 \(the mesh's data x fsdp\): 8 or 16 would do"):
+        config_lib.validate(c, num_devices=8)
+    c.rl.batch_size, c.rl.group_size = 4, 4
+    with pytest.raises(config_lib.ConfigError, match="config.rl.batch_size: 4 .* size 8 .*: 8 would do"):
         config_lib.validate(c, num_devices=8)
     c = config_lib.base_config()
     c.rl.stage_unit = "budget"
