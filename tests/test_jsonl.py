@@ -96,6 +96,10 @@ def returns_nan(response, gold):
 
 def returns_text(response, gold):
     return "1"
+
+def returns_array(response, gold):
+    import numpy
+    return numpy.array(0.5, numpy.float32)
 '''
 
 
@@ -112,6 +116,8 @@ def test_a_reward_function_scores_any_task(tmp_path, monkeypatch):
     assert graded.score_batch(["#### 1"], ["2"])[0] == Score(0.5, False, None)
     assert tasks.get("arith", num_train=8, reward_fn="my_rewards:scored").score_batch(["x"], ["2"])[0] == Score(
         2.0, True, True)
+    assert tasks.get("arith", num_train=8, reward_fn="my_rewards:returns_array").score_batch(["x"], ["2"])[0] == Score(
+        0.5, False, None)  # a 0-d array, as numpy or a framework returns a reward
     for spec, message in (("my_rewards", "not package.module:function"), ("nope_module:f", "cannot import nope_module"),
                           ("my_rewards:missing", "has no function missing")):
         with pytest.raises(InputError, match=f"config.task.options.reward_fn: .*{message}"):

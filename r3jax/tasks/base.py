@@ -114,10 +114,23 @@ def _user_score(function: Callable, spec: str, response: str, gold: str) -> Scor
         return value
     if isinstance(value, (bool, np.bool_)):
         return Score(float(value), bool(value), None)
-    if isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value):
-        return Score(float(value), float(value) >= 1.0, None)
+    reward = _finite_number(value)
+    if reward is not None:
+        return Score(reward, reward >= 1.0, None)
     raise InputError(f"{REWARD_FN_KEY}: {spec} returned {value!r}, {scoring}; a reward function returns a Score, "
                      "a bool or a finite number")
+
+
+def _finite_number(value) -> float | None:
+    """`value` as a finite float (a Python or numpy number, a one-element array or tensor), else
+    None; text is not a number here, even where float() would read it."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 class Task:
