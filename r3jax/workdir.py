@@ -114,9 +114,14 @@ def claim(workdir: str, config, primary: bool = True) -> list[str]:
     described = [f"  {key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"
                  for key in conflicts + extending]
     if conflicts and not config.resume:
+        sft_model = os.path.join(workdir, "sft", "best")
+        other_rl = ([f"(RL alone differs: --config.mode=rl --config.rl.init={sft_model} in another --workdir "
+                     "trains it from this workdir's SFT model)"]
+                    if all(key.startswith("rl.") for key in conflicts) and os.path.isdir(sft_model) else [])
         raise ConfigError("\n".join([f"--workdir={workdir} was made by a different config:", *described,
                                      "give another --workdir, or --config.resume=continue (keep its checkpoints, "
-                                     "run under the new config) or --config.resume=restart (move it aside)"]))
+                                     "run under the new config) or --config.resume=restart (move it aside)",
+                                     *other_rl]))
     if config.resume == "restart" and (conflicts or extending):
         return [f"resume=restart: moved the old workdir to {_aside(workdir, 'old', primary)}"]
     messages = []

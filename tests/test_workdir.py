@@ -35,6 +35,14 @@ def test_a_different_config_is_refused_one_line_per_key(tmp_path):
     assert lines[0] == f"--workdir={tmp_path} was made by a different config:"
     assert lines[1:3] == ["  sft.lr: 2e-05 there, 0.001 now", "  task.name: 'arith' there, 'gsm8k' now"]
     assert "--config.resume=continue" in lines[3] and len(lines) == 4
+    (tmp_path / "sft" / "best").mkdir()
+    rl_only = config_lib.base_config()
+    rl_only.rl.strategy = "staged"
+    with pytest.raises(config_lib.ConfigError) as error:
+        workdir.claim(str(tmp_path), rl_only)
+    assert str(error.value).splitlines()[-1] == (
+        f"(RL alone differs: --config.mode=rl --config.rl.init={tmp_path}/sft/best in another --workdir trains it "
+        "from this workdir's SFT model)")
 
 
 def test_a_workdir_from_before_a_key_existed_takes_its_default(tmp_path):
