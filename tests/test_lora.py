@@ -355,3 +355,17 @@ def test_the_job_quantises_the_base_it_puts_adapters_on(tmp_path):
     assert plan.model_config_for(config, None) == policy.model_cfg
     logits = forward(policy.model_cfg, policy.params, TOKENS, MASK)[0]
     assert bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("base_dtype, said", [("float32", "weights in float32, compute"),
+                                              ("nf4", "weights in float32 (the frozen projections in nf4), compute")])
+def test_the_start_up_line_says_what_the_base_is_stored_in(base_dtype, said, capsys):
+    from r3jax.train import job
+
+    config = config_lib.base_config()
+    config.model.lora.update(rank=4, base_dtype=base_dtype)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    policy = job.with_adapters(config, Policy(TINY, tiny_params(TINY), None, mesh))
+    job.announce(policy, "a test")
+    lines = capsys.readouterr().out.splitlines()
+    assert said in lines[0] and lines[1].startswith("LoRA rank 4 on ")

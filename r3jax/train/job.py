@@ -87,8 +87,9 @@ def announce(policy: Policy, source: str) -> None:
     model_cfg = policy.model_cfg
     if not sharding.is_primary():
         return
+    kernels = f" (the frozen projections in {model_cfg.quantized_kernels})" if model_cfg.quantized_kernels else ""
     print(f"model: {model_cfg.model_type}, {model_cfg.num_params():,} parameters ({source}), "
-          f"{model_cfg.num_layers} layers, weights in {model_cfg.param_dtype}, compute in {model_cfg.dtype}")
+          f"{model_cfg.num_layers} layers, weights in {model_cfg.param_dtype}{kernels}, compute in {model_cfg.dtype}")
     if model_cfg.lora_rank:
         print(f"LoRA rank {model_cfg.lora_rank} on {', '.join(model_cfg.lora_targets)}: "
               f"{lora.describe(model_cfg, policy.params)}")
