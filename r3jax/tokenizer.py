@@ -70,8 +70,9 @@ class Tokenizer:
         a sampled padding id has no text."""
         return [int(i) for i in ids if 0 <= i < self.vocab_size]
 
-    def save(self, directory: str) -> None:
-        """Writes the tokenizer into a model directory, where `load(directory)` finds it."""
+    def save(self, directory: str) -> bool:
+        """Writes the tokenizer into a model directory, where `load(directory)` finds it; False
+        where `transformers.AutoTokenizer` would not encode as this tokenizer does there."""
         raise NotImplementedError
 
 
@@ -115,12 +116,12 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(self.known(ids))
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str) -> bool:
         """The SentencePiece model, and beside it the same tokenizer as HF files (`tokenizer.json`,
         `tokenizer_config.json`) that `transformers.AutoTokenizer` loads and that encode as r3jax
         does, BOS included: what TRL, vLLM or any transformers user of an export then reads. r3jax
-        itself reads the SentencePiece model (`load`). The HF files are left out, with a line
-        saying so, for a model whose encoding they do not reproduce on a probe of its own pieces."""
+        itself reads the SentencePiece model (`load`). The HF files are left out (False) for a model
+        whose encoding they do not reproduce on a probe of its own pieces."""
         os.makedirs(directory, exist_ok=True)
         shutil.copyfile(self.model_file, os.path.join(directory, SENTENCEPIECE_FILE))
         fast = self._fast_tokenizer()
@@ -129,14 +130,14 @@ class SentencePieceTokenizer(Tokenizer):
         probe = ["".join(pieces).replace("\u2581", " "),
                  "  two  spaces, 12345 + 678 = 9\n\nQ: ?\nA: x"]
         if any(fast.encode(text).ids != self.encode(text, add_bos=True) for text in probe):
-            print(f"{directory}: no tokenizer.json (its encoding would differ from {self.model_file}'s)")
-            return
+            return False
         fast.save(os.path.join(directory, "tokenizer.json"))
         piece = self.sp.id_to_piece
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(self.bos_id),
                   "eos_token": piece(self.eos_id), "pad_token": piece(self.pad_id), "unk_token": piece(self.sp.unk_id()),
                   "add_bos_token": True, R3JAX_SENTENCEPIECE_KEY: SENTENCEPIECE_FILE}
         files.write_json(os.path.join(directory, "tokenizer_config.json"), config)
+        return True
 
     def _fast_tokenizer(self):
         """r3jax's SentencePiece settings (`train_sentencepiece`: BPE, digits split, no dummy prefix,
@@ -187,8 +188,9 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(self.known(ids), skip_special_tokens=True)
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str) -> bool:
         self.tok.save_pretrained(directory)
+        return True
 
 
 def _r3jax_sentencepiece(directory: str) -> str | None:

@@ -85,3 +85,18 @@ def test_pytorch_bin_checkpoint_is_refused_with_the_conversion_command(tmp_path)
     os.rename(tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin")
     with pytest.raises(hf.CheckpointError, match="PyTorch .bin checkpoint.*save_pretrained"):
         hf.load(str(tmp_path))
+
+
+def test_an_export_without_a_faithful_tokenizer_json_says_so_under_its_own_name(tok, tmp_path, monkeypatch, capsys):
+    """Where the converted tokenizer.json would encode otherwise (here: a BPE without merges), the
+    export leaves it out and names the export's path, not the directory it was written in first."""
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
+    unfaithful = tok._fast_tokenizer()
+    unfaithful.model = type(unfaithful.model)(unfaithful.get_vocab(), [], unk_token="<unk>")
+    monkeypatch.setattr(type(tok), "_fast_tokenizer", lambda self: unfaithful)
+    path = str(tmp_path / "best")
+    sft.export(path, Policy(cfg, tiny_params(cfg), tok, None))
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}: no tokenizer.json (it would encode otherwise than the SentencePiece model tokenizer.model "
+        "beside it, which r3jax reads)"]
+    assert "tokenizer.json" not in os.listdir(path) and "tokenizer.model" in os.listdir(path)

@@ -54,7 +54,9 @@ def export(path: str, policy: Policy, dtype: str = "", base_model: str = "") -> 
                              jax.jit(lora.fold, static_argnums=0)(model_cfg, params))
     hf.save(partial, model_cfg, params, dtype=dtype, special_ids=special_ids)
     if sharding.is_primary():
-        tokenizer.save(partial)
+        if not tokenizer.save(partial):
+            print(f"{path}: no tokenizer.json (it would encode otherwise than the SentencePiece model "
+                  "tokenizer.model beside it, which r3jax reads)")
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(partial, path)
