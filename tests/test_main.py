@@ -462,7 +462,8 @@ def test_own_data_and_reward_end_to_end(tmp_path, capsys, monkeypatch):
 
 def test_sft_then_rl_in_one_workdir_keeps_the_sft_row(tmp_path, capsys):
     """mode=sft, then mode=rl from the workdir's SFT model: the second run's table still holds the
-    SFT model's row and the paired R^3 - SFT difference; with other test problems it leaves it out."""
+    SFT model's row and the paired R^3 - SFT difference, as does mode=rl in another workdir with
+    rl.init=<workdir>/sft/best; with other test problems it leaves it out."""
     small = dict(task__options__num_train=200, task__options__validation_size=16, task__options__num_test=16,
                  task__options__max_steps=3, model__hidden_size=32, model__intermediate_size=64,
                  model__head_dim=8, sft__steps=2, sft__eval_every=0, rl__steps=1, rl__batch_size=8,
@@ -481,6 +482,13 @@ def test_sft_then_rl_in_one_workdir_keeps_the_sft_row(tmp_path, capsys):
     undocumented = {key for key in logged - {"step"} if f"`{key.split('/stage_')[0]}`" not in guide}
     assert not undocumented, f"docs/guide.md, What a run logs: {sorted(undocumented)}"
     assert "r3-mixed - sft: " in (run / "results.md").read_text() and "| sft |" in out
+
+    other = tmp_path / "rl_elsewhere"  # RL in its own workdir from this one's SFT model: the same row
+    code, _, err = run_in_process(capsys, f"{ROOT}/configs/arith.py", other, mode="rl",
+                                  rl__init=str(run / "sft" / "best"), **small)
+    assert code == 0, err[-3000:]
+    assert json.load(open(other / "results.json"))["sft"] == sft_results["sft"]
+    assert "r3-mixed - sft: " in (other / "results.md").read_text()
 
     predictions = run / "sft_predictions.jsonl"
     predictions.write_text("".join(line.replace('"id": "', '"id": "other-') + "\n"

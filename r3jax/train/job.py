@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -136,17 +137,28 @@ def result_entries(name: str, policy: Policy, problems: Problems, eval_settings:
     return results
 
 
-def earlier_sft_entries(workdir: str, problems: Problems) -> dict[str, dict]:
-    """The SFT model's entries that this workdir's mode=sft run left in results.json, for the table
-    of a mode=rl run from that model, so that R^3 - SFT stays in it; none unless the SFT model's
-    predictions are of these problems, in this order."""
-    path, predictions = os.path.join(workdir, "results.json"), predictions_path(workdir, "sft")
+def earlier_sft_entries(sft_workdir: str, problems: Problems, workdir: str) -> dict[str, dict]:
+    """The SFT model's entries that the mode=sft or train run in `sft_workdir` left in its
+    results.json, for the table of a mode=rl run in `workdir` from that model, so that R^3 - SFT
+    stays in it (its predictions copied beside this run's for the paired difference); none unless
+    they are of these problems, in this order."""
+    path, predictions = os.path.join(sft_workdir, "results.json"), predictions_path(sft_workdir, "sft")
     if not (os.path.exists(path) and os.path.exists(predictions)):
         return {}
     if [record["id"] for record in read_jsonl(predictions)] != [demo.id for demo in problems.demos]:
         return {}
     earlier = files.read_json(path, "delete it, and this run's table leaves the SFT model out")
+    if os.path.realpath(sft_workdir) != os.path.realpath(workdir) and sharding.is_primary():
+        shutil.copyfile(predictions, predictions_path(workdir, "sft"))
     return {name: entry for name, entry in earlier.items() if name == "sft" or name.startswith("sft maj@")}
+
+
+def workdir_of_sft_model(path: str) -> str | None:
+    """`W` for a model at `W/sft/best`, the SFT model a run in workdir W evaluated; else None."""
+    best = os.path.normpath(path)
+    if os.path.basename(best) == "best" and os.path.basename(os.path.dirname(best)) == "sft":
+        return os.path.dirname(os.path.dirname(best))
+    return None
 
 
 def workdir_sft_model(workdir: str) -> str:
@@ -172,7 +184,8 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
         results = result_entries("model", policy, problems, settings.eval, workdir)
         write_results(workdir, results, f"{task.name}: evaluation")
         return results
-    results = earlier_sft_entries(workdir, problems) if from_own_sft else {}
+    sft_workdir = workdir if from_own_sft else workdir_of_sft_model(config.rl.init)
+    results = earlier_sft_entries(sft_workdir, problems, workdir) if config.mode == "rl" and sft_workdir else {}
     if config.mode in ("train", "sft"):
         sft_dir = sft.train(settings, policy, task, workdir, stop)
         if sft_dir is None:
