@@ -454,9 +454,13 @@ NON_NEGATIVE = ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", 
                 "rl.pack_width")
 
 
-def _validate_ranges(c: ml_collections.ConfigDict) -> None:
-    for key in POSITIVE:
+def _check_positive(c: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+    for key in keys:
         _check(value_at(c, key) > 0, key, f"must be positive, got {value_at(c, key)}")
+
+
+def _validate_ranges(c: ml_collections.ConfigDict) -> None:
+    _check_positive(c, POSITIVE)
     for key in NON_NEGATIVE:
         _check(value_at(c, key) >= 0, key, f"must be non-negative, got {value_at(c, key)}")
     _check(0 < c.rl.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {c.rl.top_p}")
@@ -477,8 +481,7 @@ def _validate_scratch_model(c: ml_collections.ConfigDict) -> None:
     """A from-scratch model's shape (a model.path brings its own)."""
     if c.model.path:
         return
-    for key in SCRATCH_SHAPE:
-        _check(value_at(c, key) > 0, key, f"must be positive, got {value_at(c, key)}")
+    _check_positive(c, SCRATCH_SHAPE)
     _check(c.model.num_heads % c.model.num_kv_heads == 0, "model.num_heads",
            f"{c.model.num_heads} query heads do not share model.num_kv_heads = {c.model.num_kv_heads} key/value "
            "heads evenly (grouped-query attention needs a multiple)")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -145,11 +144,12 @@ def earlier_sft_entries(sft_workdir: str, problems: Problems, workdir: str) -> d
     path, predictions = os.path.join(sft_workdir, "results.json"), predictions_path(sft_workdir, "sft")
     if not (os.path.exists(path) and os.path.exists(predictions)):
         return {}
-    if [record["id"] for record in read_jsonl(predictions)] != [demo.id for demo in problems.demos]:
+    records = read_jsonl(predictions)
+    if [record["id"] for record in records] != [demo.id for demo in problems.demos]:
         return {}
     earlier = files.read_json(path, "delete it, and this run's table leaves the SFT model out")
-    if os.path.realpath(sft_workdir) != os.path.realpath(workdir) and sharding.is_primary():
-        shutil.copyfile(predictions, predictions_path(workdir, "sft"))
+    if os.path.realpath(sft_workdir) != os.path.realpath(workdir):
+        write_records(workdir, "sft", records)
     return {name: entry for name, entry in earlier.items() if name == "sft" or name.startswith("sft maj@")}
 
 
@@ -175,8 +175,7 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
     config = settings.config
     os.makedirs(workdir, exist_ok=True)
     stop = StopSignal()
-    from_own_sft = config.mode == "rl" and not config.rl.init  # this workdir's SFT model, and its results
-    sft_dir = workdir_sft_model(workdir) if from_own_sft else config.rl.init
+    sft_dir = config.rl.init or (workdir_sft_model(workdir) if config.mode == "rl" else "")
     tokenizer = build_tokenizer(config, task, workdir)
     policy = None if config.mode == "rl" else build_model(config, tokenizer, mesh)
     problems = test_problems(settings, task)
@@ -184,8 +183,8 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
         results = result_entries("model", policy, problems, settings.eval, workdir)
         write_results(workdir, results, f"{task.name}: evaluation")
         return results
-    sft_workdir = workdir if from_own_sft else workdir_of_sft_model(config.rl.init)
-    results = earlier_sft_entries(sft_workdir, problems, workdir) if config.mode == "rl" and sft_workdir else {}
+    sft_workdir = workdir_of_sft_model(sft_dir) if config.mode == "rl" else None
+    results = earlier_sft_entries(sft_workdir, problems, workdir) if sft_workdir else {}
     if config.mode in ("train", "sft"):
         sft_dir = sft.train(settings, policy, task, workdir, stop)
         if sft_dir is None:
