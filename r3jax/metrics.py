@@ -45,8 +45,6 @@ def _scalar(value) -> float:
     return float(np.asarray(value))
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     """config.metrics: what goes beside the JSONL log."""
@@ -113,8 +111,10 @@ class MetricsWriter:
     def write_samples(self, step: int, samples: list[dict]) -> None:
         """The first `options.sample_completions` of `samples` ({"prompt", "completion", "answer",
         "correct"}) as TensorBoard text under `samples` (and a W&B table)."""
+        if not self.active:
+            return
         samples = samples[:self.options.sample_completions]
-        if not self.active or not samples:
+        if not samples:
             return
         self.tensorboard.add_text("samples", "\n\n".join(_sample_markdown(s) for s in samples), step)
         if self.wandb:

@@ -17,8 +17,9 @@ TINY_JOB = [f"--config={ROOT}/configs/arith.py", "--config.mesh=(1,-1,1)",
             "--config.model.hidden_size=32", "--config.model.intermediate_size=64",
             "--config.model.num_layers=2", "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
             "--config.model.head_dim=16", "--config.sft.steps=6", "--config.sft.batch_size=8",
-            "--config.sft.eval_every=0", "--config.sft.checkpoint_every=3", "--config.rl.steps=3",
-            "--config.rl.batch_size=8", "--config.rl.max_new_tokens=24", "--config.rl.eval_every=0",
+            "--config.sft.eval_every=3", "--config.sft.eval_examples=8", "--config.sft.checkpoint_every=3",
+            "--config.rl.steps=3", "--config.rl.batch_size=8", "--config.rl.max_new_tokens=24",
+            "--config.rl.eval_every=3",  # evaluations write sample completions on process 0 alone
             "--config.rl.length_bucket=128",  # no trimming: one update shape for three processes to compile
             "--config.eval.num_examples=8", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24"]
 
