@@ -9,10 +9,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
+from r3jax import sharding
 from r3jax.models.value import ActorCritic
 
+
+def initial_state(optimizer: optax.GradientTransformation, params: Any) -> tuple[Any, jax.Array]:
+    """(`optimizer`'s state for `params`, a step count of 0), laid out like the params: Adam's
+    moments like their weights, counts replicated (`sharding.init_like_params`)."""
+    return sharding.init_like_params(lambda p: (optimizer.init(p), jnp.zeros((), jnp.int32)), params)
 
 
 def lr_scale(kind: str, warmup_steps: int, step: int, progress: float) -> float:

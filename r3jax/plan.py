@@ -36,7 +36,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from r3jax import files, optim, packing, ppo, programs, sampling, settings as settings_lib, sharding
 from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_layout, value_at
@@ -189,18 +188,9 @@ def abstract(tree, shardings):
 
 def like_params(fn, params, mesh):
     """The abstract output of `fn(params)` (params and optimizer states built from them), each leaf
-    placed like the parameter whose path ends its own path (Adam's moments like their weights),
-    anything else replicated."""
-    by_path = {jax.tree_util.keystr(path): leaf.sharding
-               for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-
-    def placed(path, leaf):
-        name = jax.tree_util.keystr(path)
-        matches = [p for p in by_path if name.endswith(p) and by_path[p] is not None]
-        placement = by_path[max(matches, key=len)] if matches else NamedSharding(mesh, PartitionSpec())
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement)
-
-    return jax.tree_util.tree_map_with_path(placed, jax.eval_shape(fn, params))
+    placed as `sharding.shardings_like_params` places it (Adam's moments like their weights)."""
+    tree = jax.eval_shape(fn, params)
+    return abstract(tree, sharding.shardings_like_params(tree, params, mesh))
 
 
 def _tree_bytes_per_device(tree) -> int:
@@ -426,7 +416,7 @@ def concrete_phase(config, model_cfg, phase: str):
     if phase == "sft_step":
         c = config.sft
         optimizer = optim.sft_optimizer(c)
-        state = SFTState(policy, optimizer.init(policy), jnp.zeros((), jnp.int32))
+        state = SFTState(policy, *optim.initial_state(optimizer, policy))
         shape = (c.batch_size, c.grad_accum, c.max_length)
         batch = sharding.shard_batch({k: np.ones(shape, np.int32) for k in ("tokens", "attention_mask", "loss_mask")},
                                      mesh)

@@ -484,5 +484,5 @@ def make_ppo_update(model_cfg: ModelConfig, cfg: PPOConfig, optimizer: optax.Gra
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> PPOState:
-    """Optimizer state created under jit, so it inherits the params' shardings."""
-    return PPOState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
+    """The first training state: Adam's moments laid out like the params (`optim.initial_state`)."""
+    return PPOState(params, *optim.initial_state(optimizer, params))

@@ -62,6 +62,35 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh
     return jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(key)
 
 
+def shardings_like_params(tree: Any, params: Any, mesh: Mesh) -> Any:
+    """A sharding for each leaf of `tree` (a state built from `params`: optimizer moments,
+    counters): that of the parameter of its shape whose path ends the leaf's own path (Adam's
+    moments like their weights) where it is placed on a mesh, else replicated over `mesh`."""
+    by_path = {jax.tree_util.keystr(path): (leaf.shape, leaf.sharding)
+               for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if isinstance(getattr(leaf, "sharding", None), NamedSharding)}
+
+    def placed(path, leaf):
+        name = jax.tree_util.keystr(path)
+        matches = [p for p, (shape, _) in by_path.items() if name.endswith(p) and shape == leaf.shape]
+        return by_path[max(matches, key=len)][1] if matches else NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(placed, tree)
+
+
+def init_like_params(fn: Callable[[Any], Any], params: Any) -> Any:
+    """`fn(params)` under jit (an optimizer's state, a step counter), laid out by
+    `shardings_like_params` on the params' mesh. jit alone leaves outputs that do not depend on
+    the params' values (zeros, counts) uncommitted on one device: a StateStep then replicated Adam's
+    moments in full on every device of an FSDP mesh, and a multi-host run could not resume, its
+    checkpoint restored onto one device of each process."""
+    mesh = next((leaf.sharding.mesh for leaf in jax.tree.leaves(params)
+                 if isinstance(getattr(leaf, "sharding", None), NamedSharding)), None)
+    if mesh is None:  # plain arrays, off any mesh
+        return jax.jit(fn)(params)
+    return jax.jit(fn, out_shardings=shardings_like_params(jax.eval_shape(fn, params), params, mesh))(params)
+
+
 @functools.lru_cache(maxsize=8)  # one compiled copier per model and mesh: the comparison's arms share it
 def compute_copy(model_cfg: ModelConfig, mesh: Mesh) -> Callable[[Any], Any]:
     """`copy(params) -> params` in the compute dtype, in new buffers, laid out as the params'
@@ -123,17 +152,23 @@ class StateStep:
             self.programs[key] = programs.Cached(self.name, pinned, identity, donate_argnums=(0,))
         return key, layout
 
-    def prepare(self, state: Any) -> None:
-        """Makes ready the programs for `state`'s layout ahead of the first call: kept ones are read
-        back in the background meanwhile (`programs.Cached`)."""
-        self._for(state)
+    @staticmethod
+    def _place(state: Any, layout: list) -> Any:
+        leaves, treedef = jax.tree.flatten(state)
+        return jax.tree.unflatten(treedef, [
+            leaf if sharding is None or leaf.sharding == sharding else jax.device_put(leaf, sharding)
+            for leaf, sharding in zip(leaves, layout)])
+
+    def prepare(self, state: Any) -> Any:
+        """Makes ready the programs for `state`'s layout ahead of the first call (kept ones are read
+        back in the background meanwhile, `programs.Cached`), and returns `state` placed as they take
+        it. A checkpoint restored onto that comes back on the mesh: a leaf left on one device (a
+        count, a value head) would come back committed to it, which no other host can read."""
+        return self._place(state, self._for(state)[1])
 
     def __call__(self, state: Any, *args):
         key, layout = self._for(state)
-        leaves, treedef = jax.tree.flatten(state)
-        placed = [leaf if sharding is None or leaf.sharding == sharding else jax.device_put(leaf, sharding)
-                  for leaf, sharding in zip(leaves, layout)]
-        return self.programs[key](jax.tree.unflatten(treedef, placed), *args)
+        return self.programs[key](self._place(state, layout), *args)
 
     def lower(self, state: Any, *args):
         with programs.mesh_context((state, *args)):

@@ -30,22 +30,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    single = tmp_path / "single"
-    one = subprocess.run([sys.executable, "-m", "r3jax.main", *TINY_JOB, f"--workdir={single}"],
-                         cwd=ROOT, env=xla_env(4), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-
-    multi = tmp_path / "multi"
+def _two_processes(workdir, *overrides) -> list[str]:
+    """Runs the tiny job as two processes over loopback; their stderr, once both exit 0."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, f"--workdir={multi}",
+    procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, *overrides, f"--workdir={workdir}",
                                f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
                               cwd=ROOT, env=xla_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-    assert "RL mixed" in outputs[0][1] and "RL mixed" not in outputs[1][1]  # one progress bar
+    return [err for _, err in outputs]
+
+
+def test_two_processes_match_one_and_resume(tmp_path):
+    single = tmp_path / "single"
+    one = subprocess.run([sys.executable, "-m", "r3jax.main", *TINY_JOB, f"--workdir={single}"],
+                         cwd=ROOT, env=xla_env(4), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    errors = _two_processes(multi)
+    assert "RL mixed" in errors[0] and "RL mixed" not in errors[1]  # one progress bar
 
     assert json.load(open(multi / "results.json")) == json.load(open(single / "results.json"))
     for want, have in zip(rl_log(str(single)), rl_log(str(multi)), strict=True):
@@ -53,3 +59,7 @@ def test_two_processes_match_one(tmp_path):
         assert have["loss"] == pytest.approx(want["loss"], rel=1e-3, abs=1e-5)
     exported = sorted(os.listdir(multi / "rl" / "final"))
     assert "model.safetensors" in exported and "tokenizer.model" in exported
+
+    # one RL step more: each process restores its checkpoint onto the mesh and goes on
+    _two_processes(multi, "--config.rl.steps=4")
+    assert [record["step"] for record in rl_log(str(multi))] == [1, 2, 3, 4]

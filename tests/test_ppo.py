@@ -307,6 +307,12 @@ def test_sharded_update_equals_single_device(estimator, minibatches):
                                                                   jax.random.key(4))
     assert multi_state.params.policy["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == \
         jax.sharding.PartitionSpec("fsdp", "tensor")
+    opt_leaves = {jax.tree_util.keystr(path): leaf
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(multi_state.opt_state)}
+    up_moments = [leaf for name, leaf in opt_leaves.items() if name.endswith(".policy['layers_0']['mlp']['up_proj']['kernel']")]
+    assert len(up_moments) == 2  # Adam's mu and nu, each split as its weight is: no device holds a whole one
+    assert all(moment.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor") for moment in up_moments)
+    assert all(isinstance(leaf.sharding, jax.sharding.NamedSharding) for leaf in opt_leaves.values())
     for name in ("loss", "kl", "score", "pg_loss", *(("vf_loss",) if critic else ())):
         np.testing.assert_allclose(float(multi[name]), float(single[name]), atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),

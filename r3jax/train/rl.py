@@ -271,7 +271,7 @@ def _learner(c, ppo_cfg: ppo.PPOConfig, model_cfg: ModelConfig, policy: Any, fro
         return state, record
 
     state = ppo.init_state(params, optimizer)
-    update.prepare(state)
+    state = update.prepare(state)
     return state, learn
 
 

@@ -174,8 +174,8 @@ def train(settings: Settings, start: Policy, task: Task, workdir: str, stop: Sto
     phase = loop.Phase("SFT", out, "sft", c.checkpoint_every, config.checkpoint.keep, c.eval_every, eval_at_end=True,
                        finite_keys=("loss", "grad_norm"), progress_bar=(("loss", "loss"), ("acc", "eval/accuracy")),
                        plot_keys=("loss", "eval/accuracy"))
-    state = SFTState(params, jax.jit(optimizer.init)(params), jnp.zeros((), jnp.int32))
-    train_step.prepare(state)
+    state = SFTState(params, *optim.initial_state(optimizer, params))
+    state = train_step.prepare(state)
     hooks = loop.Hooks(sft_step, lambda meta: meta["step"] >= steps, lambda meta: (meta["step"], steps, "step"),
                        select)
     state, meta, finished = loop.run(phase, settings, state, {"step": 0, "best": {"accuracy": -1.0}}, hooks, stop)
