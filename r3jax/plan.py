@@ -498,7 +498,7 @@ def turn_knobs(config, over: list[str], queues: dict[str, list[Knob]]) -> list[s
 
 def report_lines(result: dict, memory: float) -> list[str]:
     phases = result["phases"]
-    lines = [f"{result['num_params'] / 1e9:.2f}B parameters on {result['devices']} devices "
+    lines = [f"{result['num_params']:,} parameters on {result['devices']} devices "
              f"({result['device_kind']}), mesh {result['mesh']}, "
              f"rollout mesh {result['rollout_mesh']}",
              f"per device: trained params {result['param_bytes_per_device'] / GB:.1f} GB, frozen "
