@@ -49,6 +49,16 @@ def test_planned_memory_agrees_with_the_real_update(tiny_plan):
         assert 0.5 <= planned[key] / value <= 2.0, (key, planned[key], value)
 
 
+def test_an_fsdp_sft_step_moves_each_weight_about_three_times(tiny_plan):
+    """FSDP over 8 devices: each weight all-gathered for the forward and again for the backward,
+    each gradient reduced once, about 3x the weight bytes. Left to sharding propagation, the
+    residual stream took the weights' layout and the step moved 30x (docs/experiments.md)."""
+    _, _, result = tiny_plan
+    moved = result["phases"]["sft_step"]["collective_bytes"]
+    assert sum(moved.values()) <= 4 * result["weight_bytes"], (moved, result["weight_bytes"])
+    assert moved["all-to-all"] == 0
+
+
 def test_packed_update_is_planned_at_its_real_tokens(tiny_plan):
     """Rollouts of 16 real tokens of the 64 a row can hold pack 4 to a row: 4 rows, rounded up to 8
     for the 8 batch shards, instead of 16: the packed update's compute is at most about half the
