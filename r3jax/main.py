@@ -183,17 +183,17 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     except (ValueError, FileNotFoundError, IsolationError) as error:  # InputError and bad task options
         fail(str(error))
     sharding.barrier("workdir claimed")
+    say = print if sharding.is_primary() else lambda *_: None  # one process speaks for the run
     for line in [f"{key}: {value}" for key, value in runtime.items()] + claimed:
-        print(line)
+        say(line)
     os.makedirs(workdir, exist_ok=True)
     if sharding.is_primary():
         files.write_json(os.path.join(workdir, "config.json"),
                          {**json.loads(config.to_json_best_effort()), "runtime": runtime})
     mesh = sharding.make_mesh(config.mesh)
     settings = settings_lib.of(config)
-    if sharding.is_primary():
-        print(f"r3jax {config.mode}: task {task.name}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
-              f"mesh {dict(mesh.shape)}, workdir {workdir}" + (f"; overrides: {' '.join(overrides)}" if overrides else ""))
+    say(f"r3jax {config.mode}: task {task.name}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"mesh {dict(mesh.shape)}, workdir {workdir}" + (f"; overrides: {' '.join(overrides)}" if overrides else ""))
     try:
         if config.mode == "compare":
             from r3jax.train import compare
@@ -209,9 +209,9 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     finally:
         task.close()
     if result is None:
-        print(f"stopped by a signal; rerun with --workdir={workdir} to resume (exit status {EXIT_STOPPED})")
+        say(f"stopped by a signal; rerun with --workdir={workdir} to resume (exit status {EXIT_STOPPED})")
         sys.exit(EXIT_STOPPED)
-    print("\n".join(final_summary(workdir, runtime)))
+    say("\n".join(final_summary(workdir, runtime)))
 
 
 def final_summary(workdir: str, runtime: dict[str, str]) -> list[str]:

@@ -146,5 +146,5 @@ def test_a_step_that_raises_saves_the_last_logged_step_and_a_rerun_resumes_there
     assert "RL mixed: step 4 failed; saved step 3, where a rerun resumes" in capsys.readouterr().err
     task.reward_fn = lambda response, gold: Score(float(len(response) % 2), False, None)
     assert run()["steps"] == 5
-    assert "RL mixed: resuming at step 3" in capsys.readouterr().out
+    assert "RL mixed: resuming at step 3 (3 of 5 steps)" in capsys.readouterr().out
     assert [r["step"] for r in read_jsonl(str(log))] == [1, 2, 3, 4, 5]

@@ -30,8 +30,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(workdir, *overrides) -> list[str]:
-    """Runs the tiny job as two processes over loopback; their stderr, once both exit 0."""
+def _two_processes(workdir, *overrides) -> list[tuple[str, str]]:
+    """Runs the tiny job as two processes over loopback; their (stdout, stderr), once both exit 0."""
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, *overrides, f"--workdir={workdir}",
                                f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
@@ -40,7 +40,7 @@ def _two_processes(workdir, *overrides) -> list[str]:
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-    return [err for _, err in outputs]
+    return outputs
 
 
 def test_two_processes_match_one_and_resume(tmp_path):
@@ -50,8 +50,10 @@ def test_two_processes_match_one_and_resume(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
 
     multi = tmp_path / "multi"
-    errors = _two_processes(multi)
-    assert "RL mixed" in errors[0] and "RL mixed" not in errors[1]  # one progress bar
+    (out_0, err_0), (out_1, err_1) = _two_processes(multi)
+    assert "RL mixed" in err_0 and "RL mixed" not in err_1  # one progress bar
+    for line in ("r3jax train:", "results written to"):  # one process speaks for the run
+        assert line in out_0 and line not in out_1, line
 
     assert json.load(open(multi / "results.json")) == json.load(open(single / "results.json"))
     for want, have in zip(rl_log(str(single)), rl_log(str(multi)), strict=True):
@@ -61,5 +63,6 @@ def test_two_processes_match_one_and_resume(tmp_path):
     assert "model.safetensors" in exported and "tokenizer.model" in exported
 
     # one RL step more: each process restores its checkpoint onto the mesh and goes on
-    _two_processes(multi, "--config.rl.steps=4")
+    (out_0, _), (out_1, _) = _two_processes(multi, "--config.rl.steps=4")
+    assert "RL mixed: resuming at step 3 (3 of 4 steps)" in out_0 and "resuming" not in out_1
     assert [record["step"] for record in rl_log(str(multi))] == [1, 2, 3, 4]

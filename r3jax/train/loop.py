@@ -21,6 +21,8 @@ from r3jax.settings import Settings
 
 Meta = dict[str, Any]
 
+UNIT_WORDS = {"step": "steps", "tok": "sampled tokens"}  # a progress bar's unit, in words
+
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
@@ -71,9 +73,9 @@ def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, 
     if restored:
         state, meta = checkpointer.restore(checkpointer.latest_step(), state)
     now, total, unit = position(meta)
-    if restored:
+    if restored and sharding.is_primary():
         print(f"{phase.name}: " + (f"finished at step {meta['step']}; nothing to add" if done(meta) else
-                                   f"resuming at step {meta['step']} ({now:,} of {total:,} {unit})"))
+                                   f"resuming at step {meta['step']} ({now:,} of {total:,} {UNIT_WORDS[unit]})"))
     writer = MetricsWriter(phase.workdir, phase.log, meta["step"], settings.metrics, settings.config.to_dict())
     with tqdm(total=total, initial=min(now, total), desc=phase.name, unit=unit,
               disable=not sharding.is_primary()) as bar:
