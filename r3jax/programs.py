@@ -77,10 +77,15 @@ def on_mesh(mesh):
     return contextlib.nullcontext() if mesh is None or mesh.size == 1 else jax.set_mesh(mesh)
 
 
+def mesh_of(tree: Any):
+    """The mesh that the first leaf of `tree` laid out by a NamedSharding lies on; None if none is."""
+    shardings = (getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(tree))
+    return next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None)
+
+
 def mesh_context(args: tuple):
-    """`on_mesh` of the mesh that the first array of `args` laid out by a NamedSharding lies on."""
-    shardings = (getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(args))
-    return on_mesh(next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None))
+    """`on_mesh` of `args`' mesh (`mesh_of`)."""
+    return on_mesh(mesh_of(args))
 
 
 def signature(args: tuple) -> tuple:

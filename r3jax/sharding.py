@@ -84,8 +84,7 @@ def init_like_params(fn: Callable[[Any], Any], params: Any) -> Any:
     the params' values (zeros, counts) uncommitted on one device: a StateStep then replicated Adam's
     moments in full on every device of an FSDP mesh, and a multi-host run could not resume, its
     checkpoint restored onto one device of each process."""
-    mesh = next((leaf.sharding.mesh for leaf in jax.tree.leaves(params)
-                 if isinstance(getattr(leaf, "sharding", None), NamedSharding)), None)
+    mesh = programs.mesh_of(params)
     if mesh is None:  # plain arrays, off any mesh
         return jax.jit(fn)(params)
     return jax.jit(fn, out_shardings=shardings_like_params(jax.eval_shape(fn, params), params, mesh))(params)
@@ -121,7 +120,7 @@ class StateStep:
         """Each leaf's sharding as a jitted call returns it (no mesh axis of size 1, no trailing
         None in the spec), so that the next call's inputs match the last one's exactly."""
         shardings = [getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(state)]
-        mesh = next((s.mesh for s in shardings if isinstance(s, NamedSharding)), None)
+        mesh = programs.mesh_of(state)
         if mesh is None:
             return [None] * len(shardings)
 

@@ -324,6 +324,17 @@ def fused_attention(q, k, v, segment_ids, kernel: str) -> jnp.ndarray:
     return by_kernel[kernel](q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids.astype(jnp.int32))
 
 
+def devices_in_context():
+    """The mesh in context (`jax.set_mesh`) where it has more than one device, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def rows_split(mesh, rows: int) -> bool:
+    """Whether `rows` split evenly over `mesh`'s batch axes."""
+    return rows % math.prod(mesh.shape[axis] for axis in BATCH_AXES) == 0
+
+
 def per_device(kernel):
     """`kernel(q, keys, values, segment_ids)` (shapes as in `_cudnn_attention`) run on each device's
     shard of the mesh in context (`jax.set_mesh`): rows split over the batch axes, key/value heads
@@ -331,10 +342,10 @@ def per_device(kernel):
     as it is. Rows and heads are independent in attention, so the shards need no communication;
     left to XLA, a kernel with no sharding rule would be run whole on every device."""
     def run(q, keys, values, segment_ids):
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or mesh.size == 1:
+        mesh = devices_in_context()
+        if mesh is None:
             return kernel(q, keys, values, segment_ids)
-        rows = BATCH_AXES if q.shape[0] % math.prod(mesh.shape[axis] for axis in BATCH_AXES) == 0 else None
+        rows = BATCH_AXES if rows_split(mesh, q.shape[0]) else None
         heads = "tensor" if q.shape[2] % mesh.shape["tensor"] == 0 else None
         spec = P(rows, None, heads)
         return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(rows)), out_specs=spec,
@@ -349,8 +360,8 @@ def split_rows(x: jnp.ndarray) -> jnp.ndarray:
     axis over `fsdp`): Llama-2-7B's SFT step on 8 devices moved 904 GB through collectives where
     it now moves 88 GB (the planner's count), and on a mesh with data and fsdp axes both XLA
     replicated whole activations ("involuntary full rematerialization")."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or x.shape[0] % math.prod(mesh.shape[axis] for axis in BATCH_AXES):
+    mesh = devices_in_context()
+    if mesh is None or not rows_split(mesh, x.shape[0]):
         return x
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
@@ -676,8 +687,7 @@ class Embed(nn.Embed):
     whole_table: bool = False
 
     def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
-        mesh = jax.sharding.get_abstract_mesh()
-        if not self.whole_table or mesh.empty or mesh.size == 1:
+        if not self.whole_table or devices_in_context() is None:
             return super().__call__(inputs)
         return jnp.take(jax.lax.with_sharding_constraint(self.embedding, P()).astype(self.dtype), inputs, axis=0)
 
