@@ -57,6 +57,9 @@ SCHEMA: dict[str, Any] = {
                                             "(a rerun skips compiling), with r3jax's kept programs in its "
                                             "r3jax-programs/ (a rerun skips tracing its steps); '' = off; "
                                             "JAX_COMPILATION_CACHE_DIR wins"),
+    "compile_cache_max_gb": (10.0, "the most disk compile_cache takes: JAX's entries and the kept programs each "
+                                   "keep to half, the least recently used removed first; 0 = no bound; "
+                                   "JAX_COMPILATION_CACHE_MAX_SIZE wins for JAX's entries"),
     "resume": ("", "a workdir whose stored config differs: '' refuses, 'continue' keeps what is there and "
                    "runs under the new config, 'restart' moves the old workdir aside and starts afresh", RESUME_CHOICES),
     "task": {
@@ -451,7 +454,7 @@ NON_NEGATIVE = ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", 
                 "rl.missing_eos_penalty", "metrics.sample_completions", "sft.logits_chunk", "rl.logits_chunk",
                 "model.attention_chunk",
                 "eval.maj_k", "sft.data_epochs", "rl.data_epochs", "compare.samples", "compare.sample_problems",
-                "rl.pack_width")
+                "rl.pack_width", "compile_cache_max_gb")
 
 
 def _check_positive(c: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:

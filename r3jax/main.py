@@ -143,9 +143,10 @@ def main(argv: list[str]) -> None:
     run(config, _WORKDIR.value or default_workdir(_config_file(argv), config), overrides)
 
 
-def use_compile_cache(directory: str) -> None:
+def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
     """The persistent compilation cache in `directory` ("": none), unless JAX_COMPILATION_CACHE_DIR
-    names one; every compile is cached, however short."""
+    names one; every compile is cached, however short. With `max_gb`, JAX's entries and r3jax's
+    kept programs each keep to half of it, the least recently used removed first."""
     import jax
 
     if directory and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -154,6 +155,8 @@ def use_compile_cache(directory: str) -> None:
         # JAX caches only compiles over 1 s by default; the ~15 shorter ones of an RL run then
         # recompile on every rerun, 1.4 s of a warm restart (docs/experiments.md, "First step")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if max_gb and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9 / 2))
 
 
 def run(config, workdir: str, overrides: list[str] = ()) -> None:
@@ -171,9 +174,9 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
              "host and give the mounted path")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         fail(f"--workdir={workdir}: a file, not a directory")
-    use_compile_cache(config.compile_cache)
     try:
         config_lib.validate(config, jax.device_count())
+        use_compile_cache(config.compile_cache, config.compile_cache_max_gb)
         task = tasks.get(config.task.name, **config.task.options.to_dict())
         task.demonstrations("train")  # reads the data now: a bad file or split fails here, in one line
         if config.mode in ("train", "rl", "eval", "compare") and not task.demonstrations(config.eval.split):

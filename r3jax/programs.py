@@ -13,6 +13,8 @@ about 1.2 s for each batch shape's first call, and 0.3 s for the sampler's (docs
 The programs live beside JAX's cache, in `<jax_compilation_cache_dir>/r3jax-programs`. With that
 cache off, or on more than one process (each would need its own copy), every call goes through
 `jax.jit` as before. A file that cannot be read back is removed, and its program compiled again.
+With `jax_compilation_cache_max_size` set (`config.compile_cache_max_gb`), the kept programs keep
+to that many bytes too, the least recently used removed first, as JAX does with its own entries.
 
 A program is traced under the mesh its arguments lie on (`mesh_context`), so that the model can
 run a kernel with no sharding rule of its own per device (`transformer.per_device`).
@@ -212,6 +214,29 @@ def _last_used(path: str) -> float:
         return 0.0
 
 
+def keep_within(where: str, max_bytes: int) -> None:
+    """Removes the least recently used programs kept in `where` until the rest take at most
+    `max_bytes` (-1: no bound)."""
+    if max_bytes < 0:
+        return
+    paths = sorted(glob.glob(os.path.join(glob.escape(where), "*.program")), key=_last_used)
+    sizes = [_size(path) for path in paths]
+    total = sum(sizes)
+    for path, size in zip(paths, sizes):
+        if total <= max_bytes:
+            return
+        with contextlib.suppress(FileNotFoundError):  # another process's removal
+            os.remove(path)
+        total -= size
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
 class Cached:
     """`jax.jit(fun, donate_argnums)` (`fun` of positional arguments) compiled once per call
     signature: in this process from memory, across processes from `folder()`. `identity` must
@@ -250,9 +275,12 @@ class Cached:
     def _kept(self, path: str) -> Callable | None:
         """The program kept in `path` (from the loader thread if it has it in hand), or None."""
         future = self.read_ahead.pop(path, None)
-        if future is not None and not future.cancel():
-            return future.result()
-        return read_program(path) if os.path.exists(path) else None
+        try:
+            if future is not None and not future.cancel():
+                return future.result()
+            return read_program(path)
+        except FileNotFoundError:  # never kept, or removed meanwhile by a process keeping to the bound
+            return None
 
     def _load_or_compile(self, args: tuple, call_signature: tuple) -> Callable:
         where = folder()
@@ -281,6 +309,7 @@ class Cached:
         # the devices it was compiled for, in order (a one-device program on one of several)
         device_ids = [device.id for device in compiled._executable.xla_executable.local_devices()]
         files.write_bytes(path, pickle.dumps((serialized, device_ids)))
+        keep_within(where, jax.config.jax_compilation_cache_max_size)
         return compiled
 
     def count(self) -> int:

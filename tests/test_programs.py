@@ -207,3 +207,30 @@ def test_the_samplers_programs_are_read_back_before_the_first_rollout(kept_in, s
     sampling._generator.cache_clear()
     assert readers == ["r3jax-programs"] and not cached.read_ahead
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(first.tokens))
+
+
+def test_kept_programs_keep_within_the_bound_least_recently_used_first(tmp_path):
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        path = tmp_path / f"{name}.program"
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (1e9 - age, 1e9 - age))
+    (tmp_path / "other-cache").write_bytes(b"x" * 1000)  # JAX's entry: its own cache bounds it
+    programs.keep_within(str(tmp_path), -1)
+    assert kept(tmp_path) == ["middle.program", "newest.program", "oldest.program"]
+    programs.keep_within(str(tmp_path), 250)
+    assert kept(tmp_path) == ["middle.program", "newest.program"]
+    programs.keep_within(str(tmp_path), 99)
+    assert kept(tmp_path) == [] and (tmp_path / "other-cache").exists()
+
+
+def test_a_new_program_past_the_bound_removes_the_least_recently_used(kept_in, salt):
+    traces = []
+    StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(3), jnp.ones(3))
+    (first,) = kept(kept_in)
+    os.utime(kept_in / first, (1e9, 1e9))
+    try:
+        jax.config.update("jax_compilation_cache_max_size", os.path.getsize(kept_in / first) + 1)
+        StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(4), jnp.ones(4))
+    finally:
+        jax.config.update("jax_compilation_cache_max_size", -1)
+    assert len(traces) == 2 and len(kept(kept_in)) == 1 and kept(kept_in) != [first]

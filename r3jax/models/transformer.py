@@ -676,7 +676,8 @@ class DecoderLayer(nn.Module):
             layer_index, read)
         x = (x if read is None else read.take(x)) + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
-        return (split_rows(x) if layer_cache is None else x), layer_cache
+        whole_sequences = layer_cache is None  # as in `Transformer`
+        return (split_rows(x) if whole_sequences else x), layer_cache
 
 
 class Embed(nn.Embed):

@@ -136,24 +136,21 @@ def result_entries(name: str, policy: Policy, problems: Problems, eval_settings:
     return results
 
 
-def earlier_sft_entries(sft_workdir: str, problems: Problems, workdir: str) -> dict[str, dict]:
+def earlier_sft_evaluation(sft_workdir: str, problems: Problems) -> tuple[dict[str, dict], list[dict]]:
     """The SFT model's entries that the mode=sft or train run in `sft_workdir` left in its
-    results.json, for the table of a mode=rl run in `workdir` from that model, so that R^3 - SFT
-    stays in it (its predictions copied beside this run's for the paired difference); none unless
-    they are of these problems, in this order."""
+    results.json, and its per-problem records, for the table of a mode=rl run from that model, so
+    that R^3 - SFT stays in it; ({}, []) unless they are of these problems, in this order."""
     path, predictions = os.path.join(sft_workdir, "results.json"), predictions_path(sft_workdir, "sft")
     if not (os.path.exists(path) and os.path.exists(predictions)):
-        return {}
+        return {}, []
     records = read_jsonl(predictions)
     if [record["id"] for record in records] != [demo.id for demo in problems.demos]:
-        return {}
+        return {}, []
     earlier = files.read_json(path, "delete it, and this run's table leaves the SFT model out")
-    if os.path.realpath(sft_workdir) != os.path.realpath(workdir):
-        write_records(workdir, "sft", records)
-    return {name: entry for name, entry in earlier.items() if name == "sft" or name.startswith("sft maj@")}
+    return {name: entry for name, entry in earlier.items() if name == "sft" or name.startswith("sft maj@")}, records
 
 
-def workdir_of_sft_model(path: str) -> str | None:
+def run_of_sft_model(path: str) -> str | None:
     """`W` for a model at `W/sft/best`, the SFT model a run in workdir W evaluated; else None."""
     best = os.path.normpath(path)
     if os.path.basename(best) == "best" and os.path.basename(os.path.dirname(best)) == "sft":
@@ -161,7 +158,7 @@ def workdir_of_sft_model(path: str) -> str | None:
     return None
 
 
-def workdir_sft_model(workdir: str) -> str:
+def sft_model_in(workdir: str) -> str:
     """The SFT model in `workdir` that mode=rl starts from without rl.init; ConfigError if none."""
     path = os.path.join(workdir, "sft", "best")
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -175,7 +172,7 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
     config = settings.config
     os.makedirs(workdir, exist_ok=True)
     stop = StopSignal()
-    sft_dir = config.rl.init or (workdir_sft_model(workdir) if config.mode == "rl" else "")
+    sft_dir = config.rl.init or (sft_model_in(workdir) if config.mode == "rl" else "")
     tokenizer = build_tokenizer(config, task, workdir)
     policy = None if config.mode == "rl" else build_model(config, tokenizer, mesh)
     problems = test_problems(settings, task)
@@ -183,8 +180,10 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
         results = result_entries("model", policy, problems, settings.eval, workdir)
         write_results(workdir, results, f"{task.name}: evaluation")
         return results
-    sft_workdir = workdir_of_sft_model(sft_dir) if config.mode == "rl" else None
-    results = earlier_sft_entries(sft_workdir, problems, workdir) if sft_workdir else {}
+    sft_workdir = run_of_sft_model(sft_dir) if config.mode == "rl" else None
+    results, sft_records = earlier_sft_evaluation(sft_workdir, problems) if sft_workdir else ({}, [])
+    if sft_records and os.path.realpath(sft_workdir) != os.path.realpath(workdir):
+        write_records(workdir, "sft", sft_records)  # beside this run's, for the paired difference
     if config.mode in ("train", "sft"):
         sft_dir = sft.train(settings, policy, task, workdir, stop)
         if sft_dir is None:
