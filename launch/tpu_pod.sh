@@ -4,7 +4,8 @@
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a ./launch/tpu_pod.sh --config=configs/gsm8k.py \
 #       --config.model.path=/mnt/llama-2-7b-hf --workdir=/mnt/shared/r3-gsm8k
 # The workdir must be a filesystem every host sees (e.g. a gcsfuse or Filestore mount); gs:// URLs
-# are refused. Arguments are quoted for the remote shell, so they arrive intact.
+# are refused. Put the compilation cache there too (--config.compile_cache=/mnt/shared/jax-cache):
+# JAX writes it from process 0 alone. Arguments are quoted for the remote shell, so they arrive intact.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REPO=${REPO:-'~/r3jax'}

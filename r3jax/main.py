@@ -159,6 +159,25 @@ def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
         jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9 / 2))
 
 
+def check_shared_folders(workdir: str) -> None:
+    """On several processes: exits (2) unless every process sees the workdir process 0 writes, and
+    warns unless they share the compilation cache (JAX writes its entries from process 0 alone)."""
+    import jax
+
+    from r3jax import sharding
+
+    cache = jax.config.jax_compilation_cache_dir
+    if jax.process_count() == 1:
+        return
+    if cache and (blind := sharding.processes_not_seeing(os.path.expanduser(cache))) and sharding.is_primary():
+        print(f"warning: compile_cache {cache}: processes {blind} do not see what process 0 writes there, and "
+              "JAX writes its cache from process 0 alone, so they compile every program on every run; give a "
+              "folder every host mounts", file=sys.stderr)
+    if blind := sharding.processes_not_seeing(workdir):
+        fail(f"--workdir={workdir}: processes {blind} do not see what process 0 writes there; a run over "
+             "several hosts needs a workdir every host mounts (NFS, Filestore, gcsfuse)")
+
+
 def run(config, workdir: str, overrides: list[str] = ()) -> None:
     """A parsed config run in `workdir`; exits with the documented status on a user mistake (2), a
     non-finite loss (3) or a stop signal (75)."""
@@ -190,6 +209,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     for line in [f"{key}: {value}" for key, value in runtime.items()] + claimed:
         say(line)
     os.makedirs(workdir, exist_ok=True)
+    check_shared_folders(workdir)
     if sharding.is_primary():
         files.write_json(os.path.join(workdir, "config.json"),
                          {**json.loads(config.to_json_best_effort()), "runtime": runtime})

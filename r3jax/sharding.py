@@ -6,6 +6,9 @@ mesh axes `data`, `fsdp` and `tensor`. Batches are split over `data` x `fsdp`.
 from __future__ import annotations
 
 import functools
+import os
+import secrets
+import time
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -212,6 +215,26 @@ def barrier(name: str) -> None:
     """Waits until every process gets here (a no-op for a single process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def processes_not_seeing(folder: str, wait_s: float = 10.0) -> list[int]:
+    """The processes that do not see a file process 0 writes in `folder` ([] for one process).
+    Each looks for it for up to `wait_s` seconds: a network filesystem may show a new file late."""
+    if jax.process_count() == 1:
+        return []
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    marker = os.path.join(folder, f".r3jax-shared-{token}")
+    if is_primary():
+        os.makedirs(folder, exist_ok=True)
+        open(marker, "w").close()
+    barrier("shared-folder marker written")  # one name: each process may spell the folder its own way
+    deadline = time.monotonic() + wait_s
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    seen = multihost_utils.process_allgather(np.int32(os.path.exists(marker)))
+    if is_primary():
+        os.remove(marker)
+    return [int(process) for process in np.flatnonzero(np.asarray(seen) == 0)]
 
 
 def initialize_distributed(enabled: bool, coordinator: str | None = None, num_processes: int | None = None,

@@ -30,17 +30,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(workdir, *overrides) -> list[tuple[str, str]]:
-    """Runs the tiny job as two processes over loopback; their (stdout, stderr), once both exit 0."""
+def _launch_two(workdirs, overrides=(), envs=({}, {})) -> list[tuple[int, str, str]]:
+    """Runs the tiny job as two processes over loopback, each with its own workdir and environment
+    additions; their (exit status, stdout, stderr)."""
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, *overrides, f"--workdir={workdir}",
                                f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=ROOT, env=xla_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
-    return outputs
+                              cwd=ROOT, env={**xla_env(2), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for i, (workdir, env) in enumerate(zip(workdirs, envs))]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
+
+
+def _two_processes(workdir, *overrides) -> list[tuple[str, str]]:
+    """Runs the tiny job as two processes in one workdir; their (stdout, stderr), once both exit 0."""
+    outputs = _launch_two((workdir, workdir), overrides)
+    for code, _, err in outputs:
+        assert code == 0, err[-3000:]
+    return [(out, err) for _, out, err in outputs]
+
+
+def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
+    """As if each host had its own disk: each process is given a folder of its own. The compilation
+    cache's is a warning (a rerun still works, compiling on process 1), the workdir's an error."""
+    caches = [{"JAX_COMPILATION_CACHE_DIR": str(tmp_path / f"cache{i}")} for i in range(2)]
+    outputs = _launch_two([tmp_path / "host0", tmp_path / "host1"], envs=caches)
+    assert [code for code, _, _ in outputs] == [2, 2]
+    for i, (_, _, err) in enumerate(outputs):
+        assert err.strip().splitlines()[-1] == (
+            f"error: --workdir={tmp_path / f'host{i}'}: processes [1] do not see what process 0 writes there; a "
+            "run over several hosts needs a workdir every host mounts (NFS, Filestore, gcsfuse)")
+    assert f"warning: compile_cache {tmp_path / 'cache0'}: processes [1] do not see" in outputs[0][2]
+    assert "warning: compile_cache" not in outputs[1][2]
 
 
 def test_two_processes_match_one_and_resume(tmp_path):
