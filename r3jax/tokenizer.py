@@ -236,7 +236,5 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
         user_defined_symbols=["\n"], normalization_rule_name="identity", hard_vocab_limit=False,
         minloglevel=2)
     path = model_prefix + ".model"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
+    files.write_bytes(path, model.getvalue())
     return path
