@@ -87,7 +87,8 @@ def evaluate(policy: Policy, problems: Problems, desc: str = "eval") -> tuple[di
     def read_chunk(chunk: Sequence[StartState], rollout: Rollout) -> None:
         chunk_texts = decode_completions(tokenizer, to_host(rollout), len(chunk))
         texts.extend(chunk_texts)
-        predictions.extend(task.answers([s.given + t for s, t in zip(chunk, chunk_texts)]))
+        responses = [s.given + t for s, t in zip(chunk, chunk_texts)]
+        predictions.extend(sharding.computed_by_primary(lambda: task.answers(responses)))
 
     pending = None
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=not sharding.is_primary()):
@@ -100,15 +101,14 @@ def evaluate(policy: Policy, problems: Problems, desc: str = "eval") -> tuple[di
     if pending:
         read_chunk(*pending)
 
-    scores, records = [], []
-    for i, state in enumerate(states):
-        votes = predictions[i * samples:(i + 1) * samples]
-        score = task.score_answer(majority(votes), state.demo.answer)
-        scores.append(score)
-        records.append({"id": state.demo.id, "completions": texts[i * samples:(i + 1) * samples],
-                        "predictions": votes, "answer": state.demo.answer, "correct": score.correct})
+    votes = [predictions[i * samples:(i + 1) * samples] for i in range(len(states))]
+    scores, sample_scores = sharding.computed_by_primary(lambda: (
+        [task.score_answer(majority(v), state.demo.answer) for v, state in zip(votes, states)],
+        [task.score_answer(p, s.demo.answer) for p, s in zip(predictions, rows)] if maj_k else []))
+    records = [{"id": state.demo.id, "completions": texts[i * samples:(i + 1) * samples], "predictions": votes[i],
+                "answer": state.demo.answer, "correct": score.correct}
+               for i, (state, score) in enumerate(zip(states, scores))]
     report = accuracy_report(states, scores)
     if maj_k:
-        report["sample_accuracy"] = float(np.mean([task.score_answer(p, s.demo.answer).correct
-                                                   for p, s in zip(predictions, rows)]))
+        report["sample_accuracy"] = float(np.mean([score.correct for score in sample_scores]))
     return report, records

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import secrets
 import time
 from typing import Any, Callable, Sequence
@@ -235,6 +236,36 @@ def processes_not_seeing(folder: str, wait_s: float = 10.0) -> list[int]:
     if is_primary():
         os.remove(marker)
     return [int(process) for process in np.flatnonzero(np.asarray(seen) == 0)]
+
+
+def computed_by_primary(compute: Callable[[], Any]) -> Any:
+    """`compute()` run on process 0 alone, and its result, or the exception it raised, given to
+    every process. For what need not come out the same on every host (a sandboxed program near its
+    time limit, a reward function that samples or calls a service) where every process must take
+    the same decisions from it: which groups to keep, which checkpoint is best."""
+    if jax.process_count() == 1:
+        return compute()
+    payload = b""
+    if is_primary():
+        try:
+            payload = pickle.dumps((True, compute()))
+        except Exception as error:  # raised on every process below
+            payload = _pickled_error(error)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
+    buffer = np.zeros(1 << max(size - 1, 1).bit_length(), np.uint8)  # a power of two: few broadcast shapes
+    buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    succeeded, value = pickle.loads(received[:size].tobytes())
+    if not succeeded:
+        raise value
+    return value
+
+
+def _pickled_error(error: Exception) -> bytes:
+    try:
+        return pickle.dumps((False, error))
+    except Exception:  # an exception that does not pickle: its type and message
+        return pickle.dumps((False, RuntimeError(f"{type(error).__name__}: {error}")))
 
 
 def initialize_distributed(enabled: bool, coordinator: str | None = None, num_processes: int | None = None,

@@ -62,3 +62,10 @@ def length_parity_reward(response: str, gold: str) -> float:
     """A reward a random model earns half the time (`task.options.reward_fn=helpers:length_parity_reward`),
     so RL tests see groups of both equal and unequal rewards."""
     return float(len(response) % 2)
+
+
+def process_dependent_reward(response: str, gold: str) -> float:
+    """`length_parity_reward` on process 0 and its opposite on the others: a reward that differs
+    between hosts, of which a multi-host run must use process 0's alone."""
+    parity = length_parity_reward(response, gold)
+    return parity if jax.process_index() == 0 else 1.0 - parity

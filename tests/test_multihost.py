@@ -21,7 +21,10 @@ TINY_JOB = [f"--config={ROOT}/configs/arith.py", "--config.mesh=(1,-1,1)",
             "--config.rl.steps=3", "--config.rl.batch_size=8", "--config.rl.max_new_tokens=24",
             "--config.rl.eval_every=3",  # evaluations write sample completions on process 0 alone
             "--config.rl.length_bucket=128",  # no trimming: one update shape for three processes to compile
-            "--config.eval.num_examples=8", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24"]
+            "--config.eval.num_examples=8", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=24",
+            # each process scores otherwise: the run must take process 0's scores (one process: the same)
+            "--config.task.options.reward_fn=helpers:process_dependent_reward"]
+WITH_HELPERS = {"PYTHONPATH": os.path.join(ROOT, "tests")}
 
 
 def _free_port() -> int:
@@ -36,8 +39,8 @@ def _launch_two(workdirs, overrides=(), envs=({}, {})) -> list[tuple[int, str, s
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, *overrides, f"--workdir={workdir}",
                                f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=ROOT, env={**xla_env(2), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                              cwd=ROOT, env={**xla_env(2), **WITH_HELPERS, **env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for i, (workdir, env) in enumerate(zip(workdirs, envs))]
     outputs = [proc.communicate(timeout=600) for proc in procs]
     return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
@@ -49,6 +52,34 @@ def _two_processes(workdir, *overrides) -> list[tuple[str, str]]:
     for code, _, err in outputs:
         assert code == 0, err[-3000:]
     return [(out, err) for _, out, err in outputs]
+
+
+COMPUTED_BY_PRIMARY = """
+import sys, jax
+from r3jax import sharding
+sharding.initialize_distributed(False, sys.argv[1], 2, int(sys.argv[2]))
+mine = jax.process_index()
+assert sharding.computed_by_primary(lambda: [mine, "x" * 3000 * (mine + 1)]) == [0, "x" * 3000]
+def fails_on_process_0():
+    if mine == 0:
+        raise ValueError("bad reward")
+    return 1.0
+try:
+    sharding.computed_by_primary(fails_on_process_0)
+except ValueError as error:
+    print("raised", error)
+"""
+
+
+def test_what_process_0_computes_every_process_gets_and_so_its_errors():
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", COMPUTED_BY_PRIMARY, coordinator, str(i)], cwd=ROOT,
+                              env=xla_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == "raised bad reward"  # after gloo's own lines
 
 
 def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
@@ -68,7 +99,7 @@ def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
 def test_two_processes_match_one_and_resume(tmp_path):
     single = tmp_path / "single"
     one = subprocess.run([sys.executable, "-m", "r3jax.main", *TINY_JOB, f"--workdir={single}"],
-                         cwd=ROOT, env=xla_env(4), capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, env={**xla_env(4), **WITH_HELPERS}, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
 
     multi = tmp_path / "multi"

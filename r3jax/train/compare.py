@@ -61,7 +61,8 @@ def premise_table(policy: Policy, task: Task, demos, config) -> dict[str, dict[s
         chunk = states[start:start + size]
         _, texts = rollout_lib.generate(model_cfg, params, tokenizer, chunk, settings,
                                         jax.random.fold_in(jax.random.key(config.seed), start), mesh, rows=size)
-        scores = task.score_batch([s.given + t for s, t in zip(chunk, texts)], [s.demo.answer for s in chunk])
+        scores = sharding.computed_by_primary(lambda: task.score_batch(
+            [s.given + t for s, t in zip(chunk, texts)], [s.demo.answer for s in chunk]))
         for state, score in zip(chunk, scores):
             outcomes[(dict(state.demo.meta).get("num_steps", state.num_steps), state.stage)].append(score.correct)
     table: dict[str, dict[str, float]] = collections.defaultdict(dict)

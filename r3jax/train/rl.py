@@ -153,8 +153,8 @@ def _sample_round(c, round_states: list[StartState], task: Task, sampler: Policy
                                                     sampler.mesh, rows=size)  # a short last call padded: one shape
         calls.append({name: value[:len(chunk)] for name, value in rollout._asdict().items()})
         texts += chunk_texts
-    round_scores = task.score_batch([s.given + t for s, t in zip(round_states, texts)],
-                                    [s.demo.answer for s in round_states])
+    round_scores = sharding.computed_by_primary(lambda: task.score_batch(
+        [s.given + t for s, t in zip(round_states, texts)], [s.demo.answer for s in round_states]))
     host = concatenate_rows(calls, settings.pad_id)
     rewards = np.array([s.reward for s in round_scores], np.float32)
     if c.missing_eos_penalty:
