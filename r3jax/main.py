@@ -159,6 +159,45 @@ def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
         jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9 / 2))
 
 
+EVALUATING_MODES = ("train", "rl", "eval", "compare")  # the modes that read config.eval.split
+
+
+def run_identity(config, task) -> dict[str, str]:
+    """Digests of what every process of a run must share: r3jax's source, the libraries, the
+    config and the task's data (its training and evaluation splits)."""
+    import hashlib
+
+    from r3jax import programs
+
+    def digest(value) -> str:
+        return hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+
+    read = ("train", config.eval.split) if config.mode in EVALUATING_MODES else ("train",)
+    splits = [task.demonstrations(split) for split in read]
+    return {"r3jax's source": programs.source_digest()[:16], "library versions": digest(programs.library_versions()),
+            "config": digest(config.to_json_best_effort()), "the task's data": digest(splits)}
+
+
+def check_processes_agree(config, task) -> None:
+    """On several processes: exits (2) unless every process runs process 0's code, libraries,
+    config and data (a host with another checkout would compute another step, or wait forever at
+    a collective the others never reach); each process that differs says in what."""
+    import jax
+
+    from r3jax import sharding
+
+    if jax.process_count() == 1:
+        return
+    mine = run_identity(config, task)
+    primary = sharding.computed_by_primary(lambda: mine)
+    differing = [name for name, value in mine.items() if primary[name] != value]
+    if differing:
+        print(f"process {jax.process_index()}: not as on process 0: {', '.join(differing)}", file=sys.stderr)
+    if others := sharding.processes_where(bool(differing)):
+        fail(f"processes {others} differ from process 0 in r3jax's source, library versions, config or the task's "
+             "data (each says which); run one checkout, environment, config and data on every host")
+
+
 def check_shared_folders(workdir: str) -> None:
     """On several processes: exits (2) unless every process sees the workdir process 0 writes, and
     warns unless they share the compilation cache (JAX writes its entries from process 0 alone)."""
@@ -198,9 +237,10 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
         use_compile_cache(config.compile_cache, config.compile_cache_max_gb)
         task = tasks.get(config.task.name, **config.task.options.to_dict())
         task.demonstrations("train")  # reads the data now: a bad file or split fails here, in one line
-        if config.mode in ("train", "rl", "eval", "compare") and not task.demonstrations(config.eval.split):
+        if config.mode in EVALUATING_MODES and not task.demonstrations(config.eval.split):
             raise config_lib.ConfigError(f"config.eval.split: the {config.eval.split} split of task {task.name} is empty")
         runtime = task.runtime_info()
+        check_processes_agree(config, task)
         claimed = workdir_lib.claim(workdir, config, sharding.is_primary())
     except (ValueError, FileNotFoundError, IsolationError) as error:  # InputError and bad task options
         fail(str(error))

@@ -109,11 +109,16 @@ NOT_COMPILED = ("jax_compilation_cache", "jax_persistent_cache", "jax_enable_com
                 "jax_raise_persistent_cache", "jax_log", "jax_explain_cache_misses")
 
 
+def library_versions() -> list[tuple[str, str]]:
+    """The versions of the libraries that trace r3jax's programs."""
+    return [(module.__name__, module.__version__) for module in (jax, jaxlib, flax, optax)]
+
+
 def environment() -> tuple:
     """What else shapes a compiled program: the libraries that trace it, JAX's options, XLA's flags
     and the devices."""
     options = sorted((k, v) for k, v in jax.config.values.items() if not k.startswith(NOT_COMPILED))
-    return (source_digest(), [(m.__name__, m.__version__) for m in (jax, jaxlib, flax, optax)], options,
+    return (source_digest(), library_versions(), options,
             os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
             [(d.platform, d.device_kind) for d in jax.devices()])
 

@@ -232,10 +232,18 @@ def processes_not_seeing(folder: str, wait_s: float = 10.0) -> list[int]:
     deadline = time.monotonic() + wait_s
     while not os.path.exists(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
-    seen = multihost_utils.process_allgather(np.int32(os.path.exists(marker)))
+    blind = processes_where(not os.path.exists(marker))
     if is_primary():
         os.remove(marker)
-    return [int(process) for process in np.flatnonzero(np.asarray(seen) == 0)]
+    return blind
+
+
+def processes_where(flag: bool) -> list[int]:
+    """The indices of the processes that pass `flag` True (every process must call it)."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    flags = multihost_utils.process_allgather(np.int32(flag))
+    return [int(process) for process in np.flatnonzero(np.asarray(flags))]
 
 
 def computed_by_primary(compute: Callable[[], Any]) -> Any:

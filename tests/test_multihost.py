@@ -33,15 +33,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two(workdirs, overrides=(), envs=({}, {})) -> list[tuple[int, str, str]]:
-    """Runs the tiny job as two processes over loopback, each with its own workdir and environment
-    additions; their (exit status, stdout, stderr)."""
+def _launch_two(workdirs, overrides=(), envs=({}, {}), own_overrides=((), ())) -> list[tuple[int, str, str]]:
+    """Runs the tiny job as two processes over loopback, each with its own workdir, environment
+    additions and overrides besides the shared ones; their (exit status, stdout, stderr)."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, *overrides, f"--workdir={workdir}",
+    procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, *overrides, *own, f"--workdir={workdir}",
                                f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
                               cwd=ROOT, env={**xla_env(2), **WITH_HELPERS, **env}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-             for i, (workdir, env) in enumerate(zip(workdirs, envs))]
+             for i, (workdir, env, own) in enumerate(zip(workdirs, envs, own_overrides))]
     outputs = [proc.communicate(timeout=600) for proc in procs]
     return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
 
@@ -80,6 +80,18 @@ def test_what_process_0_computes_every_process_gets_and_so_its_errors():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
         assert out.strip().splitlines()[-1] == "raised bad reward"  # after gloo's own lines
+
+
+def test_processes_with_another_config_are_refused(tmp_path):
+    """As if one host had been given another command line (or had another checkout or data)."""
+    outputs = _launch_two([tmp_path / "run"] * 2, own_overrides=((), ("--config.rl.lr=2e-5",)))
+    assert [code for code, _, _ in outputs] == [2, 2]
+    for _, _, err in outputs:
+        assert err.strip().splitlines()[-1] == (
+            "error: processes [1] differ from process 0 in r3jax's source, library versions, config or the task's "
+            "data (each says which); run one checkout, environment, config and data on every host")
+    assert "process 1: not as on process 0: config\n" in outputs[1][2]
+    assert not os.path.exists(tmp_path / "run" / "config.json")  # refused before it wrote anything
 
 
 def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
