@@ -108,7 +108,8 @@ def claim(workdir: str, config, primary: bool = True) -> list[str]:
                 f"{_aside(workdir, 'old', primary)}"]
     old, new = stored_values(stored), defining_values(config)
     conflicts, extending = differences(old, new)
-    if conflicts and os.listdir(workdir) == ["config.json"]:
+    # hidden files are a crashed write's temp file or a start-up's shared-folder marker
+    if conflicts and [name for name in os.listdir(workdir) if not name.startswith(".")] == ["config.json"]:
         return [f"{stored_path} was all an earlier run left (it stopped before making anything): "
                 "running under the new config"]
     described = [f"  {key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"

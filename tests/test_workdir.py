@@ -59,9 +59,11 @@ def test_a_workdir_from_before_a_key_existed_takes_its_default(tmp_path):
 
 def test_a_workdir_that_holds_only_its_config_takes_a_new_one(tmp_path):
     """A run that failed at start-up (a model directory without a tokenizer) left its config.json
-    and nothing else: the corrected command runs there; anything more, and it is refused."""
+    and nothing else (but hidden files: a crashed write's temp file, a start-up's shared-folder
+    marker): the corrected command runs there; anything more, and it is refused."""
     _stored(tmp_path, config_lib.base_config())
     (tmp_path / "sft").rmdir()
+    (tmp_path / ".r3jax-shared-123").write_text("")
     new = config_lib.base_config()
     new.tokenizer.path = "/models/tokenizer.model"
     assert workdir.claim(str(tmp_path), new) == [
