@@ -206,8 +206,6 @@ def check_shared_folders(workdir: str) -> None:
     from r3jax import sharding
 
     cache = jax.config.jax_compilation_cache_dir
-    if jax.process_count() == 1:
-        return
     if cache and (blind := sharding.processes_not_seeing(os.path.expanduser(cache))) and sharding.is_primary():
         print(f"warning: compile_cache {cache}: processes {blind} do not see what process 0 writes there, and "
               "JAX writes its cache from process 0 alone, so they compile every program on every run; give a "
