@@ -157,6 +157,28 @@ def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if max_gb and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
         jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9 / 2))
+    cache_dir = jax.config.jax_compilation_cache_dir
+    if cache_dir and "://" not in cache_dir and jax.config.jax_compilation_cache_max_size != -1:
+        date_unbounded_entries(cache_dir)
+
+
+def date_unbounded_entries(cache_dir: str) -> None:
+    """Gives each entry of JAX's compilation cache in `cache_dir` that has no access-time file one,
+    from the entry's modification time. A bounded cache reads that file for every entry at each
+    write, and entries written unbounded (compile_cache_max_gb=0, or r3jax before the bound) have
+    none: every write then failed (FileNotFoundError), so nothing new was cached."""
+    if not os.path.isdir(cache_dir):
+        return
+    names = set(os.listdir(cache_dir))
+    for name in names:
+        key = name.removesuffix("-cache")
+        if key != name and f"{key}-atime" not in names:
+            try:
+                modified_ns = os.stat(os.path.join(cache_dir, name)).st_mtime_ns
+            except FileNotFoundError:  # evicted meanwhile by another process
+                continue
+            with open(os.path.join(cache_dir, f"{key}-atime"), "wb") as atime:
+                atime.write(modified_ns.to_bytes(8, "little"))
 
 
 EVALUATING_MODES = ("train", "rl", "eval", "compare")  # the modes that read config.eval.split

@@ -195,6 +195,20 @@ def test_the_compile_cache_keeps_compiles_shorter_than_jaxs_one_second_default(t
     assert done.stdout.split()[-1] == str(250_000_000)
 
 
+def test_a_bounded_cache_keeps_caching_beside_entries_written_unbounded(tmp_path):
+    """Entries JAX writes with no bound have no access-time file, which JAX's bounded cache reads
+    for every entry at each write: without `date_unbounded_entries` each later compile failed to
+    be cached, with a warning."""
+    env = {k: v for k, v in ENV.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")}
+    for max_gb, added in ((0, 1), (0.5, 2), (0.5, 3)):
+        code = (f"import sys, jax; from r3jax.main import use_compile_cache; use_compile_cache(sys.argv[1], {max_gb}); "
+                f"jax.jit(lambda x: x + {added})(1.0).block_until_ready()")
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env, check=True, timeout=120,
+                              capture_output=True, text=True)
+        assert "Error writing persistent compilation cache" not in done.stderr
+    assert len([name for name in os.listdir(tmp_path / "cache") if name.endswith("-cache")]) == 3
+
+
 def test_a_rerun_loads_its_kept_programs_and_repeats_the_run(tmp_path):
     """config.compile_cache keeps the SFT step, the RL update and the sampler whole
     (r3jax/programs.py): a rerun in another process loads every one of them, compiles none anew,
