@@ -26,8 +26,32 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self._writing(lambda: self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True))
+
+    def check(self) -> None:
+        """Raises CheckpointWriteError if a save that ran in the background failed."""
+        if not self.manager.is_saving_in_progress():  # then the wait returns at once, or raises the failure
+            self._writing(self.manager.wait_until_finished)
+
+    def _writing(self, write) -> None:
+        """Runs `write`, where orbax raises a background save's failure (a full disk, say) as
+        well as its own. On failure the manager is closed and CheckpointWriteError names the
+        last checkpoint that is whole."""
+        try:
+            write()
+        except Exception as error:
+            try:
+                self.manager.close()
+            except Exception:  # the same failure, raised again by the wait for the background save
+                pass
+            self.manager.reload()
+            last = self.manager.latest_step()
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointWriteError(
+                f"{self.manager.directory}: a checkpoint could not be written ({cause}); "
+                + (f"the last whole one is step {last}" if last is not None else "none is whole yet")
+                + ": make room (or fix the folder) and rerun the same command to resume") from error
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict]:
         """Restores onto the shardings and dtypes of `like` (arrays or ShapeDtypeStructs)."""
@@ -47,7 +71,7 @@ class Checkpointer:
         return restored.state, restored.meta
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self._writing(self.manager.wait_until_finished)
         self.manager.close()
 
 
@@ -57,6 +81,10 @@ def latest_step(directory: str) -> int | None:
     step = checkpointer.latest_step()
     checkpointer.close()
     return step
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the run stops rather than train on unsaved."""
 
 
 class NonFiniteError(RuntimeError):

@@ -21,8 +21,10 @@ def _replace_with(path: str, write: Callable[[str], None]) -> None:
     try:
         write(temp_path)
         os.replace(temp_path, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(temp_path)
+        if isinstance(error, OSError) and error.filename is None:  # a full disk's error names no file
+            raise OSError(error.errno, error.strerror, path) from error
         raise
 
 

@@ -3,10 +3,12 @@
 Bad input (unknown key, wrong type, missing model or data file) prints one line naming it and
 exits with status 2. A run stopped by SIGTERM/SIGINT saves a checkpoint and exits with status 75
 (EX_TEMPFAIL: rerun to resume, e.g. a SLURM requeue); a NaN or infinite loss or reward stops the
-run with status 3, keeping the last good checkpoint.
+run with status 3, keeping the last good checkpoint; a checkpoint or file that cannot be written
+(a full disk) stops it with status 74 (EX_IOERR), naming the checkpoint a rerun resumes from.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -25,7 +27,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 
-EXIT_CONFIG, EXIT_NON_FINITE, EXIT_STOPPED = 2, 3, 75
+EXIT_CONFIG, EXIT_NON_FINITE, EXIT_WRITE, EXIT_STOPPED = 2, 3, 74, 75
 
 
 def fail(message: str) -> None:
@@ -145,9 +147,14 @@ def main(argv: list[str]) -> None:
 
 def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
     """The persistent compilation cache in `directory` ("": none), unless JAX_COMPILATION_CACHE_DIR
-    names one; every compile is cached, however short. With `max_gb`, JAX's entries and r3jax's
-    kept programs each keep to half of it, the least recently used removed first."""
+    names one; every compile is cached, however short. With `max_gb`, JAX's entries (at start-up)
+    and r3jax's kept programs (as each is kept) each keep to half of it, the least recently used
+    removed first. JAX's own bound (JAX_COMPILATION_CACHE_MAX_SIZE, which still wins) is not
+    used: it needs an access-time file beside every entry, and one entry without it (written
+    unbounded, or cut short by a full disk) made every later write fail."""
     import jax
+
+    from r3jax import programs
 
     if directory and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
@@ -155,20 +162,21 @@ def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
         # JAX caches only compiles over 1 s by default; the ~15 shorter ones of an RL run then
         # recompile on every rerun, 1.4 s of a warm restart (docs/experiments.md, "First step")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if max_gb and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-        jax.config.update("jax_compilation_cache_max_size", int(max_gb * 1e9 / 2))
+    if max_gb:
+        programs.max_bytes = int(max_gb * 1e9 / 2)
     cache_dir = jax.config.jax_compilation_cache_dir
-    if cache_dir and "://" not in cache_dir and jax.config.jax_compilation_cache_max_size != -1:
+    if not cache_dir or "://" in cache_dir or not os.path.isdir(cache_dir):
+        return
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" in os.environ:
         date_unbounded_entries(cache_dir)
+    elif max_gb:
+        programs.keep_within(cache_dir, programs.max_bytes, "*-cache")
 
 
 def date_unbounded_entries(cache_dir: str) -> None:
     """Gives each entry of JAX's compilation cache in `cache_dir` that has no access-time file one,
-    from the entry's modification time. A bounded cache reads that file for every entry at each
-    write, and entries written unbounded (compile_cache_max_gb=0, or r3jax before the bound) have
-    none: every write then failed (FileNotFoundError), so nothing new was cached."""
-    if not os.path.isdir(cache_dir):
-        return
+    from the entry's modification time, for JAX's own bounded cache: it reads that file for every
+    entry at each write, and with one missing every write failed (FileNotFoundError)."""
     names = set(os.listdir(cache_dir))
     for name in names:
         key = name.removesuffix("-cache")
@@ -239,11 +247,11 @@ def check_shared_folders(workdir: str) -> None:
 
 def run(config, workdir: str, overrides: list[str] = ()) -> None:
     """A parsed config run in `workdir`; exits with the documented status on a user mistake (2), a
-    non-finite loss (3) or a stop signal (75)."""
+    non-finite loss (3), a checkpoint or file it cannot write (74) or a stop signal (75)."""
     import jax
 
     from r3jax import config as config_lib, files, settings as settings_lib, sharding, tasks, workdir as workdir_lib
-    from r3jax.checkpoint import NonFiniteError
+    from r3jax.checkpoint import CheckpointWriteError, NonFiniteError
     from r3jax.errors import InputError
     from r3jax.tasks.sandbox import IsolationError
 
@@ -284,17 +292,30 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
         else:
             from r3jax.train import job
             result = job.run(settings, workdir, task, mesh)
-    except InputError as error:
-        fail(str(error))
-    except NonFiniteError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_NON_FINITE)
+    except (InputError, NonFiniteError, CheckpointWriteError, OSError) as error:
+        exit_for(error)
     finally:
         task.close()
     if result is None:
         say(f"stopped by a signal; rerun with --workdir={workdir} to resume (exit status {EXIT_STOPPED})")
         sys.exit(EXIT_STOPPED)
     say("\n".join(final_summary(workdir, runtime)))
+
+
+def exit_for(error: Exception) -> None:
+    """Ends a run that raised `error` with one line and its status: a user's mistake (2), a
+    non-finite loss (3), a checkpoint or file that could not be written (74); re-raises any other."""
+    from r3jax.checkpoint import CheckpointWriteError, NonFiniteError
+    from r3jax.errors import InputError
+
+    if isinstance(error, InputError):
+        fail(str(error))
+    full_disk = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if not full_disk and not isinstance(error, (NonFiniteError, CheckpointWriteError)):
+        raise error
+    remedy = ": make room and rerun the same command; it resumes from the last checkpoint" if full_disk else ""
+    print(f"error: {error}{remedy}", file=sys.stderr)
+    sys.exit(EXIT_NON_FINITE if isinstance(error, NonFiniteError) else EXIT_WRITE)
 
 
 def final_summary(workdir: str, runtime: dict[str, str]) -> list[str]:

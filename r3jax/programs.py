@@ -13,8 +13,8 @@ about 1.2 s for each batch shape's first call, and 0.3 s for the sampler's (docs
 The programs live beside JAX's cache, in `<jax_compilation_cache_dir>/r3jax-programs`. With that
 cache off, or on more than one process (each would need its own copy), every call goes through
 `jax.jit` as before. A file that cannot be read back is removed, and its program compiled again.
-With `jax_compilation_cache_max_size` set (`config.compile_cache_max_gb`), the kept programs keep
-to that many bytes too, the least recently used removed first, as JAX does with its own entries.
+With `max_bytes` set (half of `config.compile_cache_max_gb`), the kept programs keep to that many
+bytes, the least recently used removed first; `keep_within` trims JAX's entries the same way.
 
 A program is traced under the mesh its arguments lie on (`mesh_context`), so that the model can
 run a kernel with no sharding rule of its own per device (`transformer.per_device`).
@@ -33,6 +33,7 @@ import hashlib
 import os
 import pickle
 import queue
+import sys
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -62,6 +63,9 @@ def source_digest() -> str:
             with open(path, "rb") as f:
                 digest.update(f.read())
     return digest.hexdigest()
+
+
+max_bytes = -1  # the kept programs' bound, set by main.use_compile_cache; -1: none
 
 
 def folder() -> str | None:
@@ -213,18 +217,20 @@ _loader = _Loader()
 
 
 def _last_used(path: str) -> float:
+    """A kept program's use sets its mtime; a read of JAX's entry, its atime (to a day, under relatime)."""
     try:
-        return os.path.getmtime(path)
+        status = os.stat(path)
     except FileNotFoundError:  # removed by another process meanwhile
         return 0.0
+    return max(status.st_atime, status.st_mtime)
 
 
-def keep_within(where: str, max_bytes: int) -> None:
-    """Removes the least recently used programs kept in `where` until the rest take at most
-    `max_bytes` (-1: no bound)."""
+def keep_within(where: str, max_bytes: int, pattern: str = "*.program") -> None:
+    """Removes the least recently used files of `pattern` in `where` (kept programs, or JAX's
+    entries with "*-cache") until the rest take at most `max_bytes` (-1: no bound)."""
     if max_bytes < 0:
         return
-    paths = sorted(glob.glob(os.path.join(glob.escape(where), "*.program")), key=_last_used)
+    paths = sorted(glob.glob(os.path.join(glob.escape(where), pattern)), key=_last_used)
     sizes = [_size(path) for path in paths]
     total = sum(sizes)
     for path, size in zip(paths, sizes):
@@ -313,8 +319,12 @@ class Cached:
             return compiled
         # the devices it was compiled for, in order (a one-device program on one of several)
         device_ids = [device.id for device in compiled._executable.xla_executable.local_devices()]
-        files.write_bytes(path, pickle.dumps((serialized, device_ids)))
-        keep_within(where, jax.config.jax_compilation_cache_max_size)
+        try:
+            files.write_bytes(path, pickle.dumps((serialized, device_ids)))
+        except OSError as error:  # a full disk, say: the program runs all the same
+            print(f"{path}: not kept ({error})", file=sys.stderr)
+            return compiled
+        keep_within(where, max_bytes)
         return compiled
 
     def count(self) -> int:

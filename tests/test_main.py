@@ -166,6 +166,32 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert json.load(open(reference / "results.json")) == json.load(open(os.path.join(resumed, "results.json")))
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_74_and_a_rerun_finishes(tmp_path):
+    """A file-size limit stands in for a full disk: orbax's background save fails, and the run
+    must stop with one closing line naming the checkpoints folder (before: a crash of ~1,800
+    lines of tracebacks, after training on past the failed save). Without the limit, the same
+    command then finishes."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so that a write past the limit fails, not kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "r3jax.main", *TINY_RUN, "--mode=sft", f"--workdir={workdir}",
+            f"--config.compile_cache={tmp_path / 'cache'}"]  # its own, so that its programs are new
+    env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    cut = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, preexec_fn=small_files)
+    assert cut.returncode == 74, cut.stderr[-3000:]
+    (closing,) = [line for line in cut.stderr.splitlines() if line.startswith("error: ")]
+    assert closing.startswith(f"error: {workdir}/sft/checkpoints: a checkpoint could not be written (")
+    assert "File too large" in closing and "none is whole yet" in closing
+    assert ".program: not kept ([Errno 27] File too large: '" in cut.stderr  # a cache that cannot grow is no failure
+    rerun = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (workdir / "sft" / "best" / "model.safetensors").exists()
+
+
 def _assert_main_job_outputs(workdir, max_update_shapes: int = 4):
     log = rl_log(str(workdir))
     assert all(f"{name}/stage_{k}" in log[0] for name in ("reward", "kl", "response_length", "accuracy")
@@ -184,29 +210,48 @@ def _assert_main_job_outputs(workdir, max_update_shapes: int = 4):
 
 def test_the_compile_cache_keeps_compiles_shorter_than_jaxs_one_second_default(tmp_path):
     """JAX caches only compiles of 1 s or more unless told otherwise; a one-add program takes
-    milliseconds, and must still land in the cache. JAX's entries keep to half the bound."""
+    milliseconds, and must still land in the cache. The kept programs keep to half the bound,
+    and JAX's own bound stays off."""
     env = {k: v for k, v in ENV.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE",
                                                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
-    code = ("import sys, jax; from r3jax.main import use_compile_cache; use_compile_cache(sys.argv[1], 0.5); "
-            "jax.jit(lambda x: x + 1)(1.0).block_until_ready(); print(jax.config.jax_compilation_cache_max_size)")
+    code = ("import sys, jax; from r3jax import programs; from r3jax.main import use_compile_cache; "
+            "use_compile_cache(sys.argv[1], 0.5); jax.jit(lambda x: x + 1)(1.0).block_until_ready(); "
+            "print(programs.max_bytes, jax.config.jax_compilation_cache_max_size)")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env, check=True, timeout=120,
                           capture_output=True, text=True)
     assert os.listdir(tmp_path / "cache")
-    assert done.stdout.split()[-1] == str(250_000_000)
+    assert done.stdout.split()[-2:] == [str(250_000_000), "-1"]
 
 
-def test_a_bounded_cache_keeps_caching_beside_entries_written_unbounded(tmp_path):
-    """Entries JAX writes with no bound have no access-time file, which JAX's bounded cache reads
-    for every entry at each write: without `date_unbounded_entries` each later compile failed to
-    be cached, with a warning."""
+def _cache_entries(folder) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.endswith("-cache"))
+
+
+def test_jaxs_entries_keep_within_half_the_bound_at_start_up_least_recently_used_first(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for age, name in enumerate(["newest-cache", "oldest-cache"]):
+        (cache / name).write_bytes(b"x" * 400)
+        os.utime(cache / name, (1e9 - age, 1e9 - age))
     env = {k: v for k, v in ENV.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")}
-    for max_gb, added in ((0, 1), (0.5, 2), (0.5, 3)):
-        code = (f"import sys, jax; from r3jax.main import use_compile_cache; use_compile_cache(sys.argv[1], {max_gb}); "
+    code = "import sys; from r3jax.main import use_compile_cache; use_compile_cache(sys.argv[1], 1e-6)"  # 500 bytes
+    subprocess.run([sys.executable, "-c", code, str(cache)], env=env, check=True, timeout=120)
+    assert _cache_entries(cache) == ["newest-cache"]
+
+
+def test_jaxs_own_bound_keeps_caching_beside_entries_written_without_it(tmp_path):
+    """Entries JAX writes with no bound have no access-time file, which JAX's bounded cache
+    (JAX_COMPILATION_CACHE_MAX_SIZE) reads for every entry at each write: without
+    `date_unbounded_entries` each later compile failed to be cached, with a warning."""
+    env = {k: v for k, v in ENV.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")}
+    for jax_bound, added in ((None, 1), ("250000000", 2), ("250000000", 3)):
+        code = ("import sys, jax; from r3jax.main import use_compile_cache; use_compile_cache(sys.argv[1], 0.5); "
                 f"jax.jit(lambda x: x + {added})(1.0).block_until_ready()")
-        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env, check=True, timeout=120,
-                              capture_output=True, text=True)
+        bound = {"JAX_COMPILATION_CACHE_MAX_SIZE": jax_bound} if jax_bound else {}
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env={**env, **bound}, check=True,
+                              timeout=120, capture_output=True, text=True)
         assert "Error writing persistent compilation cache" not in done.stderr
-    assert len([name for name in os.listdir(tmp_path / "cache") if name.endswith("-cache")]) == 3
+    assert len(_cache_entries(tmp_path / "cache")) == 3
 
 
 def test_a_rerun_loads_its_kept_programs_and_repeats_the_run(tmp_path):

@@ -223,14 +223,11 @@ def test_kept_programs_keep_within_the_bound_least_recently_used_first(tmp_path)
     assert kept(tmp_path) == [] and (tmp_path / "other-cache").exists()
 
 
-def test_a_new_program_past_the_bound_removes_the_least_recently_used(kept_in, salt):
+def test_a_new_program_past_the_bound_removes_the_least_recently_used(kept_in, salt, monkeypatch):
     traces = []
     StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(3), jnp.ones(3))
     (first,) = kept(kept_in)
     os.utime(kept_in / first, (1e9, 1e9))
-    try:
-        jax.config.update("jax_compilation_cache_max_size", os.path.getsize(kept_in / first) + 1)
-        StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(4), jnp.ones(4))
-    finally:
-        jax.config.update("jax_compilation_cache_max_size", -1)
+    monkeypatch.setattr(programs, "max_bytes", os.path.getsize(kept_in / first) + 1)
+    StateStep(counting_step(traces, salt), "probe", identity="v1")(jnp.zeros(4), jnp.ones(4))
     assert len(traces) == 2 and len(kept(kept_in)) == 1 and kept(kept_in) != [first]

@@ -15,7 +15,7 @@ import jax
 from tqdm import tqdm
 
 from r3jax import sharding
-from r3jax.checkpoint import Checkpointer, NonFiniteError, StopSignal, check_finite
+from r3jax.checkpoint import CheckpointWriteError, Checkpointer, NonFiniteError, StopSignal, check_finite
 from r3jax.metrics import MetricsWriter, plot_curves, plot_heatmap, read_jsonl
 from r3jax.settings import Settings
 
@@ -58,8 +58,12 @@ def _save_before_failing(name: str, checkpointer: Checkpointer, state: Any, meta
     donated = any(leaf.is_deleted() for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array))
     if jax.process_count() > 1 or step == 0 or donated or checkpointer.latest_step() == step:
         return
-    checkpointer.save(step, state, meta)
-    checkpointer.close()
+    try:
+        checkpointer.save(step, state, meta)
+        checkpointer.close()
+    except CheckpointWriteError as error:  # the step's own error is the one to raise
+        tqdm.write(f"{name}: step {step + 1} failed, and saving step {step} failed too: {error}", file=sys.stderr)
+        return
     tqdm.write(f"{name}: step {step + 1} failed; saved step {step}, where a rerun resumes", file=sys.stderr)
 
 
@@ -81,6 +85,7 @@ def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, 
               disable=not sharding.is_primary()) as bar:
         try:
             while not done(meta) and not stop.requested:
+                checkpointer.check()  # a background save that failed stops the run here, not steps later
                 next_state, next_meta, record = step_fn(state, meta)
                 step = next_meta["step"]
                 due = phase.eval_every and (step % phase.eval_every == 0 or (phase.eval_at_end and done(next_meta)))
@@ -98,7 +103,7 @@ def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, 
                 if step % phase.checkpoint_every == 0 or stop.requested:
                     checkpointer.save(step, state, meta)
         except Exception as error:
-            if not isinstance(error, NonFiniteError):
+            if not isinstance(error, (NonFiniteError, CheckpointWriteError)):
                 _save_before_failing(phase.name, checkpointer, state, meta)
             raise
     finished = not stop.requested
