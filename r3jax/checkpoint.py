@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import sys
 from typing import Any
 
 import jax
@@ -104,14 +105,22 @@ def check_finite(record: dict, keys: tuple[str, ...], phase: str, step: int, che
 
 
 class StopSignal:
-    """Set by SIGTERM (preemption) or SIGINT; loops save a checkpoint and return when set."""
+    """Set by SIGTERM (preemption) or SIGINT; loops save a checkpoint and return when set. A second
+    signal stops the process at once, as without this handler (an evaluation or a long step
+    would otherwise hold it for minutes)."""
 
     def __init__(self):
         self.requested = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        if self.requested:
+            self.restore()
+            signal.raise_signal(signum)
+            return
         self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, which is then saved; "
+              "signal again to stop at once", file=sys.stderr)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -4,7 +4,8 @@ Bad input (unknown key, wrong type, missing model or data file) prints one line 
 exits with status 2. A run stopped by SIGTERM/SIGINT saves a checkpoint and exits with status 75
 (EX_TEMPFAIL: rerun to resume, e.g. a SLURM requeue); a NaN or infinite loss or reward stops the
 run with status 3, keeping the last good checkpoint; a checkpoint or file that cannot be written
-(a full disk) stops it with status 74 (EX_IOERR), naming the checkpoint a rerun resumes from.
+(a full disk) stops it with status 74 (EX_IOERR), naming the checkpoint a rerun resumes from. A
+second signal stops at once (SIGINT: status 130), as does the first in mode=eval.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 
-EXIT_CONFIG, EXIT_NON_FINITE, EXIT_WRITE, EXIT_STOPPED = 2, 3, 74, 75
+EXIT_CONFIG, EXIT_NON_FINITE, EXIT_WRITE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 74, 75, 130
 
 
 def fail(message: str) -> None:
@@ -325,4 +326,8 @@ def final_summary(workdir: str, runtime: dict[str, str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    try:
+        main(sys.argv)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step, saved)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

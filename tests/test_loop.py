@@ -1,6 +1,9 @@
 """The SFT and RL loops in-process on a tiny model: a stop signal mid-run saves and returns, and
 the resumed run ends exactly where an uninterrupted one does (logs and weights)."""
 import dataclasses
+import os
+import signal
+import time
 
 import jax
 import numpy as np
@@ -148,3 +151,19 @@ def test_a_step_that_raises_saves_the_last_logged_step_and_a_rerun_resumes_there
     assert run()["steps"] == 5
     assert "RL mixed: resuming at step 3 (3 of 5 steps)" in capsys.readouterr().out
     assert [r["step"] for r in read_jsonl(str(log))] == [1, 2, 3, 4, 5]
+
+
+def test_a_first_signal_asks_for_a_stop_and_a_second_stops_at_once(capsys):
+    """A long evaluation or step would otherwise hold a Ctrl-C for minutes."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop = StopSignal()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert stop.requested and "SIGINT: stopping after this step" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

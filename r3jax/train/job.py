@@ -171,7 +171,6 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
     """Modes train / sft / rl / eval. Returns the results entries, or None if stopped by a signal."""
     config = settings.config
     os.makedirs(workdir, exist_ok=True)
-    stop = StopSignal()
     sft_dir = config.rl.init or (sft_model_in(workdir) if config.mode == "rl" else "")
     tokenizer = build_tokenizer(config, task, workdir)
     policy = None if config.mode == "rl" else build_model(config, tokenizer, mesh)
@@ -180,6 +179,7 @@ def run(settings: Settings, workdir: str, task: Task, mesh) -> dict | None:
         results = result_entries("model", policy, problems, settings.eval, workdir)
         write_results(workdir, results, f"{task.name}: evaluation")
         return results
+    stop = StopSignal()  # an evaluation alone has nothing to save: a signal ends it as usual
     sft_workdir = run_of_sft_model(sft_dir) if config.mode == "rl" else None
     results, sft_records = earlier_sft_evaluation(sft_workdir, problems) if sft_workdir else ({}, [])
     if sft_records and os.path.realpath(sft_workdir) != os.path.realpath(workdir):
