@@ -166,7 +166,12 @@ def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
     if max_gb:
         programs.max_bytes = int(max_gb * 1e9 / 2)
     cache_dir = jax.config.jax_compilation_cache_dir
-    if not cache_dir or "://" in cache_dir or not os.path.isdir(cache_dir):
+    if not cache_dir or "://" in cache_dir:
+        return
+    if reason := unwritable(cache_dir):  # else every program would warn that it is not kept
+        print(f"warning: compile_cache {cache_dir}: cannot write there ({reason}); compiling every program afresh",
+              file=sys.stderr)
+        jax.config.update("jax_compilation_cache_dir", None)
         return
     if "JAX_COMPILATION_CACHE_MAX_SIZE" in os.environ:
         date_unbounded_entries(cache_dir)
@@ -229,6 +234,26 @@ def check_processes_agree(config, task) -> None:
              "data (each says which); run one checkout, environment, config and data on every host")
 
 
+def unwritable(folder: str) -> str | None:
+    """Makes `folder`; why this process cannot write there (a read-only mount, another user's
+    folder), or None if it can."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return error.strerror
+
+
+def check_writable(workdir: str) -> None:
+    """Makes `workdir`, and exits (2) naming it unless this process can write there, before
+    anything is computed."""
+    if reason := unwritable(workdir):
+        fail(f"--workdir={workdir}: cannot write there ({reason})")
+
+
 def check_shared_folders(workdir: str) -> None:
     """On several processes: exits (2) unless every process sees the workdir process 0 writes, and
     warns unless they share the compilation cache (JAX writes its entries from process 0 alone)."""
@@ -277,7 +302,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     say = print if sharding.is_primary() else lambda *_: None  # one process speaks for the run
     for line in [f"{key}: {value}" for key, value in runtime.items()] + claimed:
         say(line)
-    os.makedirs(workdir, exist_ok=True)
+    check_writable(workdir)
     check_shared_folders(workdir)
     if sharding.is_primary():
         files.write_json(os.path.join(workdir, "config.json"),

@@ -239,6 +239,19 @@ def test_jaxs_entries_keep_within_half_the_bound_at_start_up_least_recently_used
     assert _cache_entries(cache) == ["newest-cache"]
 
 
+def test_a_compile_cache_that_cannot_be_written_is_left_off_with_one_warning(tmp_path):
+    """Before, every kept program printed that it was not kept, and JAX warned on its own."""
+    (tmp_path / "a_file").write_text("")
+    env = {k: v for k, v in ENV.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")}
+    code = ("import sys, jax; from r3jax.main import use_compile_cache; use_compile_cache(sys.argv[1], 10); "
+            "print(jax.config.jax_compilation_cache_dir)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a_file" / "cache")], env=env, check=True,
+                          timeout=120, capture_output=True, text=True)
+    assert done.stdout.split()[-1] == "None"
+    assert done.stderr.strip() == (f"warning: compile_cache {tmp_path}/a_file/cache: cannot write there (Not a "
+                                   "directory); compiling every program afresh")
+
+
 def test_jaxs_own_bound_keeps_caching_beside_entries_written_without_it(tmp_path):
     """Entries JAX writes with no bound have no access-time file, which JAX's bounded cache
     (JAX_COMPILATION_CACHE_MAX_SIZE) reads for every entry at each write: without
@@ -445,9 +458,10 @@ def broken_inputs(tmp_path, hf_dir):
     ({"mode": "rl", "rl__init": "{tmp}"}, "config.rl.init: {tmp} has no config.json"),
     ({"mode": "eval"}, "config.model.path: mode=eval evaluates the model in this HF directory"),
     ({"workdir": "{a_file}"}, "--workdir={a_file}: a file, not a directory"),
+    ({"workdir": "{a_file}/run"}, "--workdir={a_file}/run: cannot write there (Not a directory)"),
     ({"task__options__max_stepz": 3}, "config.task.options.max_stepz: task arith takes no such option"),
 ], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir", "truncated-config", "rl-without-sft",
-        "rl-init-not-a-model", "eval-without-model", "workdir-a-file", "task-option"])
+        "rl-init-not-a-model", "eval-without-model", "workdir-a-file", "workdir-unwritable", "task-option"])
 def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, capsys):
     overrides = {k: v.format(**broken_inputs) if isinstance(v, str) else v for k, v in overrides.items()}
     workdir = overrides.pop("workdir", broken_inputs["tmp"] / "run")
