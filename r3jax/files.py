@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from typing import Any, Callable, Iterable
 
 from r3jax.errors import UnreadableFileError
@@ -16,8 +16,10 @@ def _replace_with(path: str, write: Callable[[str], None]) -> None:
     """Calls `write(temp_path)` on a temp file in `path`'s folder, then renames it onto `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(handle)
+    temp_path = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # made as open() makes a file, so that the umask sets its permissions (mkstemp's are 0600:
+    # results and exported models that no one else could read)
+    os.close(os.open(temp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(temp_path)
         os.replace(temp_path, path)

@@ -1,6 +1,7 @@
 """Crash-proof files: a write replaces the whole file or leaves the old one; a broken file is named."""
 import json
 import os
+import stat
 
 import pytest
 
@@ -66,3 +67,17 @@ def test_a_checkpoint_with_broken_metadata_is_named(tmp_path):
     with pytest.raises(UnreadableFileError, match=f"^{tmp_path}/1/meta/metadata cannot be read .*delete {tmp_path}/1 "):
         checkpointer.restore(1, state)
     checkpointer.close()
+
+
+def test_written_files_take_their_permissions_from_the_umask(tmp_path):
+    """As any new file does: before, every file r3jax wrote was 0600 whatever the umask (results,
+    exported models), so that no one else on a shared machine could read them."""
+    previous = os.umask(0o022)
+    try:
+        files.write_text(str(tmp_path / "shared.json"), "{}")
+        os.umask(0o077)
+        files.write_text(str(tmp_path / "private.json"), "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
