@@ -247,11 +247,15 @@ def unwritable(folder: str) -> str | None:
         return error.strerror
 
 
-def check_writable(workdir: str) -> None:
-    """Makes `workdir`, and exits (2) naming it unless this process can write there, before
-    anything is computed."""
+def take_workdir(workdir: str) -> None:
+    """Makes `workdir` and holds it for this run (process 0 locks it); exits (2) naming it if this
+    process cannot write there, or another run holds it."""
+    from r3jax import sharding, workdir as workdir_lib
+
     if reason := unwritable(workdir):
         fail(f"--workdir={workdir}: cannot write there ({reason})")
+    if holder := sharding.computed_by_primary(lambda: workdir_lib.lock(workdir)):
+        fail(f"--workdir={workdir}: in use by another run ({holder}); wait for it to end, or give another --workdir")
 
 
 def check_shared_folders(workdir: str) -> None:
@@ -295,6 +299,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
             raise config_lib.ConfigError(f"config.eval.split: the {config.eval.split} split of task {task.name} is empty")
         runtime = task.runtime_info()
         check_processes_agree(config, task)
+        take_workdir(workdir)
         claimed = workdir_lib.claim(workdir, config, sharding.is_primary())
     except (ValueError, FileNotFoundError, IsolationError) as error:  # InputError and bad task options
         fail(str(error))
@@ -302,7 +307,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     say = print if sharding.is_primary() else lambda *_: None  # one process speaks for the run
     for line in [f"{key}: {value}" for key, value in runtime.items()] + claimed:
         say(line)
-    check_writable(workdir)
+    take_workdir(workdir)  # again where resume=restart moved the old one aside, with its lock
     check_shared_folders(workdir)
     if sharding.is_primary():
         files.write_json(os.path.join(workdir, "config.json"),

@@ -4,10 +4,13 @@ that only extends a finished phase (more SFT steps, a bigger RL budget, more com
 arms) continues it."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from typing import Any
 
 from r3jax.config import base_config, flatten
@@ -22,6 +25,30 @@ EXTENDING = {"sft.steps": "sft", "sft.data_epochs": "sft", "rl.steps": "rl", "rl
              "rl.data_epochs": "rl", "compare.seeds": "compare", "compare.arms": "compare",
              "compare.tune_lr": "compare", "compare.tune_kl_coef": "compare", "compare.tune_continued_lr": "compare"}
 TRAINING_MODES = ("train", "sft", "rl")  # phases of one workdir: one may follow another
+
+
+LOCK = ".lock"
+_held_locks: list = []  # their open files: a POSIX lock lasts while its process keeps the file open
+
+
+def lock(workdir: str) -> str | None:
+    """Locks `<workdir>/.lock` for the rest of this process; returns who holds it instead, or None
+    when this process now does. A POSIX record lock: released when its process ends, however it
+    ends (no stale lock after a kill), and seen by other hosts on NFS."""
+    handle = open(os.path.join(workdir, LOCK), "a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    handle.flush()
+    _held_locks.append(handle)
+    return None
 
 
 def _json_form(config) -> dict[str, Any]:

@@ -472,6 +472,25 @@ def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, c
     assert len(errors) == 1 and named.format(**broken_inputs) in errors[0], err[-2000:]
 
 
+def test_a_workdir_in_use_by_another_run_is_refused_until_that_run_ends(tmp_path, capsys):
+    """Two runs in one workdir wrote over each other's checkpoints; one crashed with a traceback."""
+    from r3jax import workdir as workdir_lib
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from r3jax import workdir; "
+                               "workdir.lock(sys.argv[1]); print('held', flush=True); time.sleep(600)", str(tmp_path)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run_in_process(capsys, f"{ROOT}/configs/arith.py", tmp_path, task__options__num_train=300)
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert f"error: --workdir={tmp_path}: in use by another run (pid {holder.pid} on " in err
+        assert not (tmp_path / "config.json").exists()  # refused before touching the workdir
+    finally:
+        holder.kill()  # SIGKILL: no chance to unlock, and no stale lock left behind
+        holder.wait()
+    assert workdir_lib.lock(str(tmp_path)) is None
+
+
 def test_broken_jsonl_line_is_named(broken_inputs, capsys):
     code, _, err = run_in_process(capsys, f"{ROOT}/configs/gsm8k.py", broken_inputs["tmp"] / "run",
                                   model__path=broken_inputs["hf"], task__options__train_path=str(broken_inputs["broken"]))
