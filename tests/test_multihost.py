@@ -2,9 +2,11 @@
 FSDP-sharded across both; it must give the run one process on 4 devices gives."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -106,6 +108,32 @@ def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
             "run over several hosts needs a workdir every host mounts (NFS, Filestore, gcsfuse)")
     assert f"warning: compile_cache {tmp_path / 'cache0'}: processes [1] do not see" in outputs[0][2]
     assert "warning: compile_cache" not in outputs[1][2]
+
+
+def test_a_stop_signal_to_one_process_stops_and_saves_every_process(tmp_path):
+    """A preemption notice can reach one host alone. Before, the process it reached saved while
+    the other ran its next step: a collective mismatch, and both aborted (SIGABRT) 70 s later
+    with nothing saved."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, "--config.rl.steps=60",
+                               "--config.rl.eval_every=0", "--config.rl.checkpoint_every=1000", f"--workdir={tmp_path}",
+                               f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, env={**xla_env(2), **WITH_HELPERS}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        deadline = time.time() + 300
+        while len(rl_log(str(tmp_path))) < 2:
+            assert time.time() < deadline and all(proc.poll() is None for proc in procs)
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [proc.wait(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert codes == [75, 75], [proc.stderr.read()[-2000:] for proc in procs]
+    steps = len(rl_log(str(tmp_path)))
+    assert steps < 60 and os.path.isdir(tmp_path / "rl" / "checkpoints" / str(steps))
 
 
 def test_two_processes_match_one_and_resume(tmp_path):

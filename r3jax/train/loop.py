@@ -67,6 +67,12 @@ def _save_before_failing(name: str, checkpointer: Checkpointer, state: Any, meta
     tqdm.write(f"{name}: step {step + 1} failed; saved step {step}, where a rerun resumes", file=sys.stderr)
 
 
+def _stop_agreed(stop: StopSignal) -> bool:
+    """Whether any process was asked to stop: a preemption notice can reach one host alone, and a
+    process that stopped and saved alone would wait in the save for the others' next step."""
+    return bool(sharding.processes_where(stop.requested))
+
+
 def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, stop: StopSignal) -> tuple[Any, Meta, bool]:
     """Runs (or resumes) a phase from `state` and `meta` (or from its last checkpoint) until
     `hooks.done(meta)` or a stop signal. Returns (state, meta, finished): finished is False when a
@@ -83,8 +89,9 @@ def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, 
     writer = MetricsWriter(phase.workdir, phase.log, meta["step"], settings.metrics, settings.config.to_dict())
     with tqdm(total=total, initial=min(now, total), desc=phase.name, unit=unit,
               disable=not sharding.is_primary()) as bar:
+        stopping = _stop_agreed(stop)
         try:
-            while not done(meta) and not stop.requested:
+            while not done(meta) and not stopping:
                 checkpointer.check()  # a background save that failed stops the run here, not steps later
                 next_state, next_meta, record = step_fn(state, meta)
                 step = next_meta["step"]
@@ -100,13 +107,14 @@ def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, 
                 bar.update(later - now)
                 now = later
                 bar.set_postfix({label: f"{record[key]:.3f}" for label, key in phase.progress_bar if key in record})
-                if step % phase.checkpoint_every == 0 or stop.requested:
+                stopping = _stop_agreed(stop)
+                if step % phase.checkpoint_every == 0 or stopping:
                     checkpointer.save(step, state, meta)
         except Exception as error:
             if not isinstance(error, (NonFiniteError, CheckpointWriteError)):
                 _save_before_failing(phase.name, checkpointer, state, meta)
             raise
-    finished = not stop.requested
+    finished = not stopping
     if finished and checkpointer.latest_step() != meta["step"]:
         checkpointer.save(meta["step"], state, meta)
     checkpointer.close()
