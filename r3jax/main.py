@@ -163,8 +163,7 @@ def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
         # JAX caches only compiles over 1 s by default; the ~15 shorter ones of an RL run then
         # recompile on every rerun, 1.4 s of a warm restart (docs/experiments.md, "First step")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if max_gb:
-        programs.max_bytes = int(max_gb * 1e9 / 2)
+    programs.max_bytes = int(max_gb * 1e9 / 2) if max_gb else -1
     cache_dir = jax.config.jax_compilation_cache_dir
     if not cache_dir or "://" in cache_dir:
         return
