@@ -306,7 +306,8 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     say = print if sharding.is_primary() else lambda *_: None  # one process speaks for the run
     for line in [f"{key}: {value}" for key, value in runtime.items()] + claimed:
         say(line)
-    take_workdir(workdir)  # again where resume=restart moved the old one aside, with its lock
+    if not os.path.isdir(workdir):  # resume=restart moved the old one aside, with its lock
+        take_workdir(workdir)
     check_shared_folders(workdir)
     if sharding.is_primary():
         files.write_json(os.path.join(workdir, "config.json"),
