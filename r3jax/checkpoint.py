@@ -4,6 +4,7 @@ all a resumed run needs to draw the same data and samples."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -18,6 +19,8 @@ from r3jax.errors import InputError, UnreadableFileError
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
+        if not getattr(sys.unraisablehook, "drops_closed_loop_echoes", False):
+            sys.unraisablehook = _dropping_closed_loop_echoes(sys.unraisablehook)
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory), item_names=("state", "meta"),  # orbax needs absolute paths
             options=ocp.CheckpointManagerOptions(max_to_keep=keep,
@@ -42,6 +45,7 @@ class Checkpointer:
         try:
             write()
         except Exception as error:
+            logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)
             try:
                 self.manager.close()
             except Exception:  # the same failure, raised again by the wait for the background save
@@ -74,6 +78,23 @@ class Checkpointer:
     def close(self) -> None:
         self._writing(self.manager.wait_until_finished)
         self.manager.close()
+
+
+def _dropping_closed_loop_echoes(previous_hook):
+    """`previous_hook` without the "Event loop is closed" errors that tensorstore's threads raise
+    after a failed save, one per write still in flight, calling back into orbax's closed loop. They
+    are printed piece by piece from those threads, into the middle of the run's closing line."""
+    def hook(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous_hook(unraisable)
+    hook.drops_closed_loop_echoes = True
+    return hook
+
+
+def _drop_unretrieved_task_errors(record: logging.LogRecord) -> bool:
+    """A logging filter for after a failed save: asyncio reports each of orbax's failed write
+    tasks again as it is collected, hundreds of tracebacks after the run's closing line."""
+    return "exception was never retrieved" not in record.getMessage()
 
 
 def latest_step(directory: str) -> int | None:

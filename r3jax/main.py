@@ -31,9 +31,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process
 EXIT_CONFIG, EXIT_NON_FINITE, EXIT_WRITE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 74, 75, 130
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_CONFIG)
+def fail(message: str, status: int = EXIT_CONFIG) -> None:
+    sys.stderr.write(f"error: {message}\n")  # one write: other threads may be printing
+    sys.exit(status)
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -345,8 +345,7 @@ def exit_for(error: Exception) -> None:
     if not full_disk and not isinstance(error, (NonFiniteError, CheckpointWriteError)):
         raise error
     remedy = ": make room and rerun the same command; it resumes from the last checkpoint" if full_disk else ""
-    print(f"error: {error}{remedy}", file=sys.stderr)
-    sys.exit(EXIT_NON_FINITE if isinstance(error, NonFiniteError) else EXIT_WRITE)
+    fail(f"{error}{remedy}", EXIT_NON_FINITE if isinstance(error, NonFiniteError) else EXIT_WRITE)
 
 
 def final_summary(workdir: str, runtime: dict[str, str]) -> list[str]:
