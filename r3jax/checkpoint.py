@@ -19,8 +19,8 @@ from r3jax.errors import InputError, UnreadableFileError
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
-        if not getattr(sys.unraisablehook, "drops_closed_loop_echoes", False):
-            sys.unraisablehook = _dropping_closed_loop_echoes(sys.unraisablehook)
+        if not getattr(sys.unraisablehook, "drops_checkpoint_echoes", False):
+            sys.unraisablehook = _dropping_checkpoint_echoes(sys.unraisablehook)
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory), item_names=("state", "meta"),  # orbax needs absolute paths
             options=ocp.CheckpointManagerOptions(max_to_keep=keep,
@@ -52,7 +52,7 @@ class Checkpointer:
                 pass
             self.manager.reload()
             last = self.manager.latest_step()
-            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            cause = _first_line(error)
             raise CheckpointWriteError(
                 f"{self.manager.directory}: a checkpoint could not be written ({cause}); "
                 + (f"the last whole one is step {last}" if last is not None else "none is whole yet")
@@ -66,33 +66,75 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except json.JSONDecodeError as error:
-            raise UnreadableFileError(
-                f"{self.manager.directory}/{step}/meta/metadata cannot be read ({error}), perhaps cut short by a "
-                f"crash: delete {self.manager.directory}/{step} to resume from the checkpoint before it") from None
-        except ValueError as error:
+            raise self._unreadable(step, f"{self.manager.directory}/{step}/meta/metadata", str(error)) from None
+        except Exception as error:  # orbax and tensorstore raise ValueError, FileNotFoundError and bare Exception
+            logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)
+            cause = _first_line(error)
+            if self._stored_shapes(step) in (None, _shapes(abstract)):
+                raise self._unreadable(step, f"checkpoint {self.manager.directory}/{step}", cause) from None
             raise InputError(f"checkpoint {self.manager.directory}/{step} does not match this run's "
-                             f"model or optimizer (was the config changed? use a new --workdir): "
-                             f"{str(error).splitlines()[0]}") from None
+                             f"model or optimizer (was the config changed? use a new --workdir): {cause}") from None
         return restored.state, restored.meta
+
+    def _stored_shapes(self, step: int) -> dict[tuple, tuple] | None:
+        """The shape of each array in checkpoint `step`'s state by its key path; None when its
+        metadata cannot be read."""
+        try:
+            return _shapes(ocp.StandardCheckpointHandler().metadata(self.manager.directory / str(step) / "state"))
+        except Exception:
+            return None
+
+    def _unreadable(self, step: int, what: str, cause: str) -> UnreadableFileError:
+        """A checkpoint whose files are damaged or cut short (a crash mid-write, a lost file):
+        its arrays match this run's, so the way out is the checkpoint before it."""
+        earlier = [s for s in self.manager.all_steps() if s < step]
+        after = f"resume from step {max(earlier)}" if earlier else "start this phase afresh"
+        return UnreadableFileError(f"{what} cannot be read ({cause}), perhaps damaged or cut short by a crash: "
+                                   f"delete {self.manager.directory}/{step} to {after}")
 
     def close(self) -> None:
         self._writing(self.manager.wait_until_finished)
         self.manager.close()
 
 
-def _dropping_closed_loop_echoes(previous_hook):
-    """`previous_hook` without the "Event loop is closed" errors that tensorstore's threads raise
-    after a failed save, one per write still in flight, calling back into orbax's closed loop. They
-    are printed piece by piece from those threads, into the middle of the run's closing line."""
+def _first_line(error: BaseException) -> str:
+    """The first line of what first went wrong behind an orbax or tensorstore error (its root
+    cause), without the spec tensorstore appends to it."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return text.splitlines()[0].split(" [tensorstore_spec=")[0] if text else type(error).__name__
+
+
+def _shapes(tree: Any) -> dict[tuple, tuple]:
+    """The shape of each array leaf in `tree` by its key path, with dict keys, attribute names and
+    indices alike, so that a state and orbax's metadata of it (dicts and lists) compare equal."""
+    def name(key) -> Any:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                return getattr(key, attribute)
+        return str(key)
+    return {tuple(map(name, path)): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
+
+
+def _dropping_checkpoint_echoes(previous_hook):
+    """`previous_hook` without the echoes of a failed save or restore, which the run reports in one
+    line: the "Event loop is closed" errors that tensorstore's threads raise after a failed save, one
+    per write still in flight, calling back into orbax's closed loop (printed piece by piece from
+    those threads, into the middle of the run's closing line), and the errors of orbax's abandoned
+    read and write coroutines, one per array, as they are collected."""
     def hook(unraisable) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)
+        if not (closed_loop or f"{os.sep}orbax{os.sep}" in getattr(code, "co_filename", "")):
             previous_hook(unraisable)
-    hook.drops_closed_loop_echoes = True
+    hook.drops_checkpoint_echoes = True
     return hook
 
 
 def _drop_unretrieved_task_errors(record: logging.LogRecord) -> bool:
-    """A logging filter for after a failed save: asyncio reports each of orbax's failed write
+    """A logging filter for after a failed save or restore: asyncio reports each of orbax's failed
     tasks again as it is collected, hundreds of tracebacks after the run's closing line."""
     return "exception was never retrieved" not in record.getMessage()
 

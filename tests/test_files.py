@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from r3jax import files
-from r3jax.errors import UnreadableFileError
+from r3jax.errors import InputError, UnreadableFileError
 
 
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temp(tmp_path):
@@ -66,6 +66,37 @@ def test_a_checkpoint_with_broken_metadata_is_named(tmp_path):
     checkpointer = Checkpointer(str(tmp_path), asynchronous=False)
     with pytest.raises(UnreadableFileError, match=f"^{tmp_path}/1/meta/metadata cannot be read .*delete {tmp_path}/1 "):
         checkpointer.restore(1, state)
+    checkpointer.close()
+
+
+@pytest.mark.parametrize("damage", ["data cut short", "data lost", "metadata lost"])
+def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, damage):
+    """A checkpoint whose arrays match the run's but cannot be read is damaged, not a changed
+    config (before: a data file cut short was a traceback, a lost _METADATA "does not match this
+    run's model"); one whose arrays differ still is a changed config."""
+    import jax.numpy as jnp
+    import optax
+
+    from r3jax.checkpoint import Checkpointer
+
+    params = {"w": jnp.ones((300, 100)), "b": jnp.zeros(4)}
+    state = {"params": params, "opt_state": optax.adam(1e-3).init(params)}  # named tuples: orbax stores lists
+    checkpointer = Checkpointer(str(tmp_path), asynchronous=False)
+    for step in (1, 2):
+        checkpointer.save(step, state, {"step": step})
+    checkpointer.close()
+    stored = tmp_path / "2" / "state"
+    for data in stored.glob("**/d/*"):
+        os.truncate(data, 10) if damage == "data cut short" else os.remove(data)
+    if damage == "metadata lost":
+        os.remove(stored / "_METADATA")
+    checkpointer = Checkpointer(str(tmp_path), asynchronous=False)
+    with pytest.raises(UnreadableFileError, match=f"^checkpoint {tmp_path}/2 cannot be read \\(.+\\), perhaps damaged "
+                                                  f"or cut short by a crash: delete {tmp_path}/2 to resume from step 1$"):
+        checkpointer.restore(2, state)
+    changed = dict(state, params={"w": jnp.ones((300, 101)), "b": jnp.zeros(4)})
+    with pytest.raises(InputError, match=f"^checkpoint {tmp_path}/1 does not match this run's model or optimizer "):
+        checkpointer.restore(1, changed)
     checkpointer.close()
 
 

@@ -135,7 +135,8 @@ def _wait_for_step(proc, workdir, step, timeout=300):
 
 def test_killed_run_resumes_exactly(tmp_path):
     """The main job at toy scale, whole, then SIGTERM and SIGKILL through the CLI (GRPO with
-    dynamic sampling resumes in-process: test_loop.py)."""
+    dynamic sampling resumes in-process: test_loop.py); then a damaged checkpoint, named in the
+    last line with the step to resume from."""
     reference = tmp_path / "uninterrupted"
     result = run_cli(*TINY_RUN, "--workdir=uninterrupted", cwd=tmp_path)  # a relative workdir, as users type
     assert result.returncode == 0, result.stderr[-3000:]
@@ -164,6 +165,15 @@ def test_killed_run_resumes_exactly(tmp_path):
             if not key.startswith(TIMING):
                 assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (want["step"], key)
     assert json.load(open(reference / "results.json")) == json.load(open(os.path.join(resumed, "results.json")))
+
+    # a checkpoint damaged on disk (before: a traceback of hundreds of lines and status 1)
+    damaged = reference / "rl" / "checkpoints" / "10"
+    for data in (damaged / "state" / "ocdbt.process_0" / "d").iterdir():
+        os.truncate(data, 10)
+    result = run_cli(*TINY_RUN, "--workdir=uninterrupted", "--config.rl.steps=12", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.fullmatch(f"error: checkpoint {damaged} cannot be read \\(OUT_OF_RANGE: .*\\), perhaps damaged or cut "
+                        f"short by a crash: delete {damaged} to resume from step 8", result.stderr.splitlines()[-1])
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_74_and_a_rerun_finishes(tmp_path):
