@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -45,7 +46,7 @@ class Checkpointer:
         try:
             write()
         except Exception as error:
-            logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)
+            _quiet_the_echoes()
             try:
                 self.manager.close()
             except Exception:  # the same failure, raised again by the wait for the background save
@@ -68,7 +69,7 @@ class Checkpointer:
         except json.JSONDecodeError as error:
             raise self._unreadable(step, f"{self.manager.directory}/{step}/meta/metadata", str(error)) from None
         except Exception as error:  # orbax and tensorstore raise ValueError, FileNotFoundError and bare Exception
-            logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)
+            _quiet_the_echoes()
             cause = _first_line(error)
             if self._stored_shapes(step) in (None, _shapes(abstract)):
                 raise self._unreadable(step, f"checkpoint {self.manager.directory}/{step}", cause) from None
@@ -134,9 +135,16 @@ def _dropping_checkpoint_echoes(previous_hook):
 
 
 def _drop_unretrieved_task_errors(record: logging.LogRecord) -> bool:
-    """A logging filter for after a failed save or restore: asyncio reports each of orbax's failed
-    tasks again as it is collected, hundreds of tracebacks after the run's closing line."""
+    """Whether an asyncio log record is not a task's "exception was never retrieved"."""
     return "exception was never retrieved" not in record.getMessage()
+
+
+def _quiet_the_echoes() -> None:
+    """After a failed save or restore, which the run reports in one line: asyncio's report of each
+    of orbax's failed tasks, and Python's of each of its read coroutines never awaited, both printed
+    as they are collected, after that line."""
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)
+    warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
 def latest_step(directory: str) -> int | None:
