@@ -1,5 +1,5 @@
 """Files that survive a crash: every result, config and log rewrite r3jax makes goes through
-`write_text`, `write_bytes`, `write_json`, `write_jsonl` or `save_figure` (a temp file beside the target, then
+`write_text`, `write_bytes`, `write_json`, `write_jsonl`, `save_figure` or `write_with` (a temp file beside the target, then
 `os.replace`, so a reader sees the old file or the new one, never half of one), and every file it
 reads back goes through `read_json`, which names the file and the way out when it is broken."""
 from __future__ import annotations
@@ -7,21 +7,26 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from typing import Any, Callable, Iterable
 
 from r3jax.errors import UnreadableFileError
 
 
-def _replace_with(path: str, write: Callable[[str], None]) -> None:
-    """Calls `write(temp_path)` on a temp file in `path`'s folder, then renames it onto `path`."""
+def write_with(path: str, write: Callable[[str], None]) -> None:
+    """Calls `write(temp_path)` on a temp file in `path`'s folder, then renames it onto `path`,
+    with the permissions the umask gives a new file whatever `write` did to them."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temp_path = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # made as open() makes a file, so that the umask sets its permissions (mkstemp's are 0600:
-    # results and exported models that no one else could read)
+    # made as open() makes a file, so that the umask sets its permissions; kept through `write`,
+    # since mkstemp's and safetensors' files are 0600: results and exported models that no one
+    # else could read
     os.close(os.open(temp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    permissions = stat.S_IMODE(os.stat(temp_path).st_mode)
     try:
         write(temp_path)
+        os.chmod(temp_path, permissions)
         os.replace(temp_path, path)
     except BaseException as error:
         os.unlink(temp_path)
@@ -40,7 +45,7 @@ def write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    _replace_with(path, write)
+    write_with(path, write)
 
 
 def write_json(path: str, value: Any, indent: int | None = 2) -> None:
@@ -53,7 +58,7 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
 
 def save_figure(fig, path: str, dpi: int = 110) -> None:
     """A matplotlib figure as a PNG (the format named here, since the temp file has no .png)."""
-    _replace_with(path, lambda temp_path: fig.savefig(temp_path, dpi=dpi, format="png"))
+    write_with(path, lambda temp_path: fig.savefig(temp_path, dpi=dpi, format="png"))
 
 
 def read_json(path: str, remedy: str) -> Any:

@@ -3,6 +3,7 @@ not at all, and PyTorch .bin checkpoints are refused in one line."""
 import dataclasses
 import json
 import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,23 @@ def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
                                   np.asarray(tiny_params(cfg, seed=0)["lm_head"]["kernel"]))
     sft.export(path, Policy(cfg, tiny_params(cfg, seed=1), tok, None))  # the rerun cleans the partial one up
     assert not os.path.exists(path + ".partial") and sorted(os.listdir(path)) == first
+
+def test_exported_files_take_their_permissions_from_the_umask(tok, tmp_path):
+    """safetensors writes its files 0600: before, no one but the run's own user could load an
+    exported model.safetensors, on a shared machine or a team's NFS workdir."""
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size)
+    previous = os.umask(0o022)
+    try:
+        sft.export(str(tmp_path / "best"), Policy(cfg, tiny_params(cfg), tok, None))
+        hf.save(str(tmp_path / "sharded"), cfg, tiny_params(cfg), max_shard_bytes=1 << 14)
+    finally:
+        os.umask(previous)
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    modes = {str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode)
+             for path in tmp_path.rglob("*") if path.is_file()}
+    assert "best/model.safetensors" in modes and "sharded/model.safetensors.index.json" in modes
+    assert {path: mode for path, mode in modes.items() if mode != 0o644} == {}
+
 
 def test_pytorch_bin_checkpoint_is_refused_with_the_conversion_command(tmp_path):
     hf.save(str(tmp_path), TINY, tiny_params())

@@ -2,6 +2,8 @@
 optimizer state), scanned/remat and sharded models agree with the plain one, and the exports (folded
 HF checkpoint, PEFT adapter) load in transformers and peft with r3jax's outputs."""
 import functools
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +169,12 @@ def test_exports_fold_adapters_and_write_a_peft_adapter_that_peft_loads(tok, tmp
     params = _trained_adapters(tiny_params(cfg, scale=4.0))
     base_dir, export_dir = str(tmp_path / "base"), str(tmp_path / "export")
     sft.export(base_dir, Policy(cfg.base(), lora.split(params)[1], tok, None))
-    sft.export(export_dir, Policy(cfg, params, tok, None), base_model=base_dir)
+    previous = os.umask(0o022)
+    try:
+        sft.export(export_dir, Policy(cfg, params, tok, None), base_model=base_dir)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(f"{export_dir}/adapter/adapter_model.safetensors").st_mode) == 0o644  # safetensors': 0600
 
     prompt = tok.encode("Mia has 3 pens.", add_bos=True)
     rollout = sample(cfg, params, jnp.asarray([prompt]), jnp.ones((1, len(prompt)), jnp.int32), jax.random.key(0),

@@ -18,6 +18,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from r3jax import files
 from r3jax import sharding as sharding_lib
 from r3jax.errors import InputError
 from r3jax.models.transformer import ModelConfig, init_params
@@ -221,12 +222,9 @@ def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 3
     dtype = dtype or cfg.param_dtype
     writer = sharding_lib.is_primary()
     if writer:
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump({**config_to_hf(cfg, dtype), **(special_ids or {})}, f, indent=2)
+        files.write_json(os.path.join(path, "config.json"), {**config_to_hf(cfg, dtype), **(special_ids or {})})
         if special_ids:
-            with open(os.path.join(path, "generation_config.json"), "w") as f:
-                json.dump(special_ids, f, indent=2)
+            files.write_json(os.path.join(path, "generation_config.json"), special_ids)
     flat = traverse_util.flatten_dict(params)
     # Shards are written as soon as they fill, so at most one shard sits in host memory.
     written: list[tuple[str, list[str]]] = []
@@ -234,7 +232,7 @@ def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 3
 
     def flush():
         file = os.path.join(path, f"shard-{len(written):05d}.tmp")
-        save_file(shard, file, metadata={"format": "pt"})
+        files.write_with(file, lambda temp_path: save_file(shard, temp_path, metadata={"format": "pt"}))
         written.append((file, list(shard)))
         shard.clear()
 
@@ -258,5 +256,4 @@ def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 3
         file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
         os.replace(tmp, os.path.join(path, file))
         weight_map.update({name: file for name in names})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+    files.write_json(os.path.join(path, "model.safetensors.index.json"), {"metadata": {}, "weight_map": weight_map})

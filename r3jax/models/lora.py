@@ -211,7 +211,8 @@ def save_peft(path: str, model_cfg: ModelConfig, params: dict, base_model: str) 
               "target_modules": list(model_cfg.lora_targets), "bias": "none", "fan_in_fan_out": False,
               "use_rslora": False, "inference_mode": True}
     files.write_json(os.path.join(path, "adapter_config.json"), config)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    files.write_with(os.path.join(path, "adapter_model.safetensors"),
+                     lambda temp_path: save_file(tensors, temp_path, metadata={"format": "pt"}))
 
 
 def load_peft(path: str, model_cfg: ModelConfig, mesh) -> dict:
