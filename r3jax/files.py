@@ -72,6 +72,17 @@ def read_json(path: str, remedy: str) -> Any:
                                   f"perhaps cut short by a crash: {remedy}") from None
 
 
+def open_safetensors(path: str, remedy: str):
+    """`safetensors.safe_open(path)` for numpy; UnreadableFileError naming the file and `remedy`
+    when it is cut short or not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, "numpy")
+    except SafetensorError as error:
+        raise UnreadableFileError(f"{path} cannot be read ({error}), perhaps cut short by a crash: {remedy}") from None
+
+
 def cached_json(path: str, compute: Callable[[], Any], writer: bool = True) -> Any:
     """The JSON value stored at `path`, or `compute()`'s, stored there (by the `writer` process)
     unless it is None (a stopped computation)."""

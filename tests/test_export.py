@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import TINY, tiny_params
+from r3jax.errors import UnreadableFileError
 from r3jax.models import hf
 from r3jax.sampling import SamplingConfig, sample
 from r3jax.rollout import Policy
@@ -102,6 +103,20 @@ def test_pytorch_bin_checkpoint_is_refused_with_the_conversion_command(tmp_path)
     hf.save(str(tmp_path), TINY, tiny_params())
     os.rename(tmp_path / "model.safetensors", tmp_path / "pytorch_model.bin")
     with pytest.raises(hf.CheckpointError, match="PyTorch .bin checkpoint.*save_pretrained"):
+        hf.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("file, damage", [("model.safetensors", "cut short"), ("config.json", "emptied"),
+                                          ("model.safetensors.index.json", "cut short"),
+                                          ("model-00002-of-00006.safetensors", "cut short")])
+def test_a_damaged_model_directory_is_named_file_by_file(tmp_path, file, damage):
+    """Before: a traceback from safetensors' or json's depths (rl.init, model.path)."""
+    sharded = file.startswith("model-") or file.endswith("index.json")
+    hf.save(str(tmp_path), TINY, tiny_params(), max_shard_bytes=1 << 14 if sharded else 4 << 30)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) == (6 if sharded else 0)
+    os.truncate(tmp_path / file, 0 if damage == "emptied" else os.path.getsize(tmp_path / file) // 2)
+    with pytest.raises(UnreadableFileError, match=f"^{tmp_path / file} cannot be read \\(.+\\), perhaps cut short "
+                                                  "by a crash: export or download the model again$"):
         hf.load(str(tmp_path))
 
 

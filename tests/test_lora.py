@@ -253,6 +253,11 @@ def test_an_adapter_of_another_shape_or_rank_is_refused_naming_it(tmp_path):
         lora.load_peft(adapter_dir, cfg.replace(hidden_size=48), mesh)
     with pytest.raises(InputError, match=r"holds rank 4 adapters on .*; the config asks for rank 8"):
         lora.load_peft(adapter_dir, cfg.replace(lora_rank=8), mesh)
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) // 2)  # before: safetensors' traceback
+    with pytest.raises(InputError, match=f"^{weights} cannot be read \\(.+\\), perhaps cut short by a crash: "
+                                         "give config.model.lora.init_from a whole PEFT adapter directory$"):
+        lora.load_peft(adapter_dir, cfg.replace(hidden_size=32, intermediate_size=48), mesh)
 
 
 def test_an_int8_base_is_its_float_base_to_half_a_scale_step_and_stays_frozen():

@@ -6,7 +6,6 @@ checkpoint never needs a second full copy in host memory.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Callable, Iterator
 
@@ -15,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from r3jax import files
@@ -29,6 +27,9 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 
 class CheckpointError(InputError):
     """A HF checkpoint r3jax cannot read; the message names the file and tensor or field."""
+
+
+REREAD = "export or download the model again"
 
 
 def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
@@ -143,8 +144,7 @@ def _tensor_files(path: str) -> dict[str, str]:
     """HF tensor name -> safetensors file holding it."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = files.read_json(index, REREAD)["weight_map"]
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
@@ -155,7 +155,7 @@ def _tensor_files(path: str) -> dict[str, str]:
                 f"from_pretrained('{path}').save_pretrained('{path}-safetensors')\"")
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
                               "(only safetensors checkpoints are read)")
-    with safe_open(single, "numpy") as f:
+    with files.open_safetensors(single, REREAD) as f:
         return {name: single for name in f.keys()}
 
 
@@ -163,8 +163,7 @@ def read_config(path: str, **overrides) -> ModelConfig:
     config_file = os.path.join(path, "config.json")
     if not os.path.exists(config_file):
         raise CheckpointError(f"{config_file}: not found")
-    with open(config_file) as f:
-        return config_from_hf(json.load(f), source=config_file, **overrides)
+    return config_from_hf(files.read_json(config_file, REREAD), source=config_file, **overrides)
 
 
 def load(path: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -> tuple[ModelConfig, Any]:
@@ -177,16 +176,16 @@ def load(path: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -
     abstract = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
     shardings = traverse_util.flatten_dict(sharding_lib.logical_shardings(abstract, mesh))
     shapes = traverse_util.flatten_dict(jax.tree.map(lambda x: x.shape, nn.unbox(abstract)))
-    files = _tensor_files(path)
+    tensor_files = _tensor_files(path)
     flat = {}
     handles: dict[str, Any] = {}
 
     def read(hf_name: str, to_ours: Callable, shape: tuple[int, ...]) -> np.ndarray:
-        if hf_name not in files:
+        if hf_name not in tensor_files:
             raise CheckpointError(f"{path}: tensor {hf_name} is missing from the checkpoint")
-        file = files[hf_name]
+        file = tensor_files[hf_name]
         if file not in handles:
-            handles[file] = safe_open(file, "numpy").__enter__()
+            handles[file] = files.open_safetensors(file, REREAD).__enter__()
         host = to_ours(handles[file].get_tensor(hf_name)).astype(cfg.jnp_param_dtype)
         if host.shape != shape:
             raise CheckpointError(f"{file}: tensor {hf_name} has shape {host.shape} after "

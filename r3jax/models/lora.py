@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from r3jax import files, sharding
 from r3jax.config import LORA_MODULES, lora_targets
@@ -225,7 +225,9 @@ def load_peft(path: str, model_cfg: ModelConfig, mesh) -> dict:
         raise InputError(f"config.model.lora.init_from: {path} holds rank {saved.get('r')} adapters on "
                          f"{saved.get('target_modules')}; the config asks for rank {model_cfg.lora_rank} on "
                          f"{list(model_cfg.lora_targets)}")
-    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    with files.open_safetensors(os.path.join(path, "adapter_model.safetensors"),
+                                "give config.model.lora.init_from a whole PEFT adapter directory") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
     unrolled = model_cfg.replace(scan_layers=False)
     shapes = jax.eval_shape(lambda k: split(nn.unbox(init_params(unrolled, k)))[0], jax.random.key(0))
     layers = [{module: {name: {"a": _from_peft(tensors, f"{_peft_prefix(i, name)}.lora_A.weight", adapter["a"].shape, path),
