@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 
 from absl import flags
@@ -28,7 +29,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 
-EXIT_CONFIG, EXIT_NON_FINITE, EXIT_WRITE, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 74, 75, 130
+EXIT_CONFIG, EXIT_NON_FINITE, EXIT_WRITE, EXIT_STOPPED, EXIT_PEER_LOST, EXIT_INTERRUPTED = 2, 3, 74, 75, 76, 130
 
 
 def fail(message: str, status: int = EXIT_CONFIG) -> None:
@@ -276,7 +277,8 @@ def check_shared_folders(workdir: str) -> None:
 
 def run(config, workdir: str, overrides: list[str] = ()) -> None:
     """A parsed config run in `workdir`; exits with the documented status on a user mistake (2), a
-    non-finite loss (3), a checkpoint or file it cannot write (74) or a stop signal (75)."""
+    non-finite loss (3), a checkpoint or file it cannot write (74), a stop signal (75) or another
+    process of the run gone (76)."""
     import jax
 
     from r3jax import config as config_lib, files, settings as settings_lib, sharding, tasks, workdir as workdir_lib
@@ -323,7 +325,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
         else:
             from r3jax.train import job
             result = job.run(settings, workdir, task, mesh)
-    except (InputError, NonFiniteError, CheckpointWriteError, OSError) as error:
+    except (InputError, NonFiniteError, CheckpointWriteError, OSError, jax.errors.JaxRuntimeError) as error:
         exit_for(error)
     finally:
         task.close()
@@ -335,17 +337,32 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
 
 def exit_for(error: Exception) -> None:
     """Ends a run that raised `error` with one line and its status: a user's mistake (2), a
-    non-finite loss (3), a checkpoint or file that could not be written (74); re-raises any other."""
+    non-finite loss (3), a checkpoint or file that could not be written (74), another process of
+    the run gone (76); re-raises any other."""
     from r3jax.checkpoint import CheckpointWriteError, NonFiniteError
     from r3jax.errors import InputError
 
     if isinstance(error, InputError):
         fail(str(error))
+    if lost_a_process(error):
+        import jax
+        fail(f"process {jax.process_index()} of {jax.process_count()}: a collective failed, since another process of "
+             f"this run is gone ({str(error).strip().splitlines()[0]}); see that process's log, then rerun every "
+             "process with the same command to resume from the last checkpoint", EXIT_PEER_LOST)
     full_disk = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     if not full_disk and not isinstance(error, (NonFiniteError, CheckpointWriteError)):
         raise error
     remedy = ": make room and rerun the same command; it resumes from the last checkpoint" if full_disk else ""
     fail(f"{error}{remedy}", EXIT_NON_FINITE if isinstance(error, NonFiniteError) else EXIT_WRITE)
+
+
+def lost_a_process(error: Exception) -> bool:
+    """Whether `error` is a collective of a multi-process run that failed because a peer closed its
+    connection: it died or was killed. Gloo's words (CPU collectives); other backends' unverified."""
+    import jax
+
+    return (jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
+            and re.search(r"Connection (closed|reset) by peer", str(error)) is not None)
 
 
 def final_summary(workdir: str, runtime: dict[str, str]) -> list[str]:
@@ -360,3 +377,11 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step, saved)
         print("\ninterrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as stop:
+        if stop.code != EXIT_PEER_LOST:
+            raise
+        # Not through JAX's shutdown barrier at exit: it would wait out the lost process's heartbeat
+        # timeout (100 s), then abort with a C++ stack trace.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_PEER_LOST)

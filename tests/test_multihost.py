@@ -2,6 +2,7 @@
 FSDP-sharded across both; it must give the run one process on 4 devices gives."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -110,22 +111,31 @@ def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
     assert "warning: compile_cache" not in outputs[1][2]
 
 
+def _two_processes_at_rl_step_2(workdir, stderr) -> list[subprocess.Popen]:
+    """The tiny job as two processes with 60 RL steps, once their second RL step is logged."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, "--config.rl.steps=60",
+                               "--config.rl.eval_every=0", "--config.rl.checkpoint_every=1000", f"--workdir={workdir}",
+                               f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, env={**xla_env(2), **WITH_HELPERS}, stdout=subprocess.DEVNULL,
+                              stderr=stderr, text=True)
+             for i in range(2)]
+    deadline = time.time() + 300
+    while len(rl_log(str(workdir))) < 2:
+        if time.time() > deadline or any(proc.poll() is not None for proc in procs):
+            for proc in procs:
+                proc.kill()
+            raise AssertionError(f"RL step 2 not reached: {[proc.poll() for proc in procs]}")
+        time.sleep(0.2)
+    return procs
+
+
 def test_a_stop_signal_to_one_process_stops_and_saves_every_process(tmp_path):
     """A preemption notice can reach one host alone. Before, the process it reached saved while
     the other ran its next step: a collective mismatch, and both aborted (SIGABRT) 70 s later
     with nothing saved."""
-    coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, "--config.rl.steps=60",
-                               "--config.rl.eval_every=0", "--config.rl.checkpoint_every=1000", f"--workdir={tmp_path}",
-                               f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=ROOT, env={**xla_env(2), **WITH_HELPERS}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = _two_processes_at_rl_step_2(tmp_path, subprocess.PIPE)
     try:
-        deadline = time.time() + 300
-        while len(rl_log(str(tmp_path))) < 2:
-            assert time.time() < deadline and all(proc.poll() is None for proc in procs)
-            time.sleep(0.2)
         procs[1].send_signal(signal.SIGTERM)
         codes = [proc.wait(timeout=120) for proc in procs]
     finally:
@@ -134,6 +144,23 @@ def test_a_stop_signal_to_one_process_stops_and_saves_every_process(tmp_path):
     assert codes == [75, 75], [proc.stderr.read()[-2000:] for proc in procs]
     steps = len(rl_log(str(tmp_path)))
     assert steps < 60 and os.path.isdir(tmp_path / "rl" / "checkpoints" / str(steps))
+
+
+def test_a_process_that_dies_ends_the_others_at_once_in_one_line(tmp_path):
+    """Before: process 0's collective failed at once, but its exit waited in JAX's shutdown barrier
+    for the dead process's heartbeat timeout, then aborted (SIGABRT, 82 s after the kill)."""
+    with open(tmp_path / "stderr_0", "w") as stderr:
+        procs = _two_processes_at_rl_step_2(tmp_path / "run", stderr)
+        try:
+            procs[1].kill()
+            code = procs[0].wait(timeout=60)
+        finally:
+            procs[0].kill()
+    last = (tmp_path / "stderr_0").read_text().splitlines()[-1]
+    assert code == 76, last
+    assert re.fullmatch(r"error: process 0 of 2: a collective failed, since another process of this run is gone "
+                        r"\(.*Connection (closed|reset) by peer.*\); see that process's log, then rerun every process with "
+                        r"the same command to resume from the last checkpoint", last)
 
 
 def test_two_processes_match_one_and_resume(tmp_path):
