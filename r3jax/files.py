@@ -1,7 +1,8 @@
 """Files that survive a crash: every result, config and log rewrite r3jax makes goes through
 `write_text`, `write_bytes`, `write_json`, `write_jsonl`, `save_figure` or `write_with` (a temp file beside the target, then
 `os.replace`, so a reader sees the old file or the new one, never half of one), and every file it
-reads back goes through `read_json`, which names the file and the way out when it is broken."""
+reads back goes through `read_json` or `open_safetensors`, which name the file and the way out when
+it is broken."""
 from __future__ import annotations
 
 import json
