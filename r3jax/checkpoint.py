@@ -22,6 +22,7 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
         if not getattr(sys.unraisablehook, "drops_checkpoint_echoes", False):
             sys.unraisablehook = _dropping_checkpoint_echoes(sys.unraisablehook)
+            logging.getLogger("absl").addFilter(_without_failed_write_traceback)
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory), item_names=("state", "meta"),  # orbax needs absolute paths
             options=ocp.CheckpointManagerOptions(max_to_keep=keep,
@@ -132,6 +133,15 @@ def _dropping_checkpoint_echoes(previous_hook):
             previous_hook(unraisable)
     hook.drops_checkpoint_echoes = True
     return hook
+
+
+def _without_failed_write_traceback(record: logging.LogRecord) -> bool:
+    """Keeps an orbax log record, without its traceback when it reports a write that failed (a
+    full disk): orbax logs one from each of its threads, hundreds of lines of its internals before
+    the run's closing line, which names the cause."""
+    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname and "Error writing" in _first_line(record.exc_info[1]):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _drop_unretrieved_task_errors(record: logging.LogRecord) -> bool:

@@ -199,6 +199,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_74_and_a_rerun_f
     assert "File too large" in closing and "none is whole yet" in closing
     assert ".program: not kept ([Errno 27] File too large: '" in cut.stderr  # a cache that cannot grow is no failure
     assert "Event loop is closed" not in cut.stderr and "exception was never retrieved" not in cut.stderr
+    assert "Traceback" not in cut.stderr  # orbax's records of the failed writes keep one line each
     rerun = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (workdir / "sft" / "best" / "model.safetensors").exists()
