@@ -18,11 +18,14 @@ import orbax.checkpoint as ocp
 from r3jax.errors import InputError, UnreadableFileError
 
 
+ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"  # in the path of each of orbax's source files
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, asynchronous: bool = True):
         if not getattr(sys.unraisablehook, "drops_checkpoint_echoes", False):
             sys.unraisablehook = _dropping_checkpoint_echoes(sys.unraisablehook)
-            logging.getLogger("absl").addFilter(_without_failed_write_traceback)
+        logging.getLogger("absl").addFilter(_without_failed_write_traceback)  # a filter already there is not added twice
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory), item_names=("state", "meta"),  # orbax needs absolute paths
             options=ocp.CheckpointManagerOptions(max_to_keep=keep,
@@ -129,7 +132,7 @@ def _dropping_checkpoint_echoes(previous_hook):
     def hook(unraisable) -> None:
         closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
         code = getattr(unraisable.object, "cr_code", None)
-        if not (closed_loop or f"{os.sep}orbax{os.sep}" in getattr(code, "co_filename", "")):
+        if not (closed_loop or ORBAX_SOURCE in getattr(code, "co_filename", "")):
             previous_hook(unraisable)
     hook.drops_checkpoint_echoes = True
     return hook
@@ -139,7 +142,7 @@ def _without_failed_write_traceback(record: logging.LogRecord) -> bool:
     """Keeps an orbax log record, without its traceback when it reports a write that failed (a
     full disk): orbax logs one from each of its threads, hundreds of lines of its internals before
     the run's closing line, which names the cause."""
-    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname and "Error writing" in _first_line(record.exc_info[1]):
+    if record.exc_info and ORBAX_SOURCE in record.pathname and "Error writing" in _first_line(record.exc_info[1]):
         record.exc_info, record.exc_text = None, None
     return True
 
