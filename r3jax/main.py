@@ -9,11 +9,13 @@ second signal stops at once (SIGINT: status 130), as does the first in mode=eval
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import sys
+import warnings
 
 from absl import flags
 from ml_collections import config_flags
@@ -165,18 +167,77 @@ def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
         # recompile on every rerun, 1.4 s of a warm restart (docs/experiments.md, "First step")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     programs.max_bytes = int(max_gb * 1e9 / 2) if max_gb else -1
-    cache_dir = jax.config.jax_compilation_cache_dir
-    if not cache_dir or "://" in cache_dir:
+    if (cache_dir := jax_cache_dir()) is None:
         return
     if reason := unwritable(cache_dir):  # else every program would warn that it is not kept
         print(f"warning: compile_cache {cache_dir}: cannot write there ({reason}); compiling every program afresh",
               file=sys.stderr)
         jax.config.update("jax_compilation_cache_dir", None)
         return
+    if not getattr(warnings.showwarning, "mends_cache", False):
+        warnings.showwarning = mending_cache_entries(warnings.showwarning)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" in os.environ:
         date_unbounded_entries(cache_dir)
     elif max_gb:
         programs.keep_within(cache_dir, programs.max_bytes, "*-cache")
+
+
+JAX_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for '(.+?)': (.*)", re.DOTALL)
+
+
+def mending_cache_entries(showwarning):
+    """`showwarning` but for JAX's warnings that it cannot read or write a compilation cache entry:
+    that module's entries that do not decompress (cut short by a crash or a full disk) are removed,
+    with one line saying so. JAX writes an entry in place and never overwrites one, so without this
+    each later run warned and compiled that program again."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        cache_error = JAX_CACHE_ERROR.match(str(message))
+        if cache_error is None or (cache_dir := jax_cache_dir()) is None:
+            return showwarning(message, category, filename, lineno, file, line)
+        action, module, reason = cache_error.groups()
+        removed = remove_damaged_entries(cache_dir, module)
+        if action == "writing":
+            print(f"warning: compile_cache {cache_dir}: '{module}' could not be cached ({reason}); the next run "
+                  "compiles it again", file=sys.stderr)
+        elif removed:
+            entries = "an entry" if removed == 1 else f"{removed} entries"
+            print(f"warning: compile_cache {cache_dir}: {entries} of '{module}' could not be read ({reason}), "
+                  "perhaps cut short by a crash or a full disk; removed, compiling again", file=sys.stderr)
+        else:  # read, but not loaded: JAX's own word
+            showwarning(message, category, filename, lineno, file, line)
+
+    show.mends_cache = True
+    return show
+
+
+def jax_cache_dir() -> str | None:
+    """JAX's compilation cache folder, if it is a local one."""
+    import jax
+
+    cache_dir = jax.config.jax_compilation_cache_dir
+    return cache_dir if cache_dir and "://" not in cache_dir else None
+
+
+def remove_damaged_entries(cache_dir: str, module: str) -> int:
+    """Removes the entries of `module` (a module name, or a whole key) in JAX's cache folder
+    `cache_dir` that do not decompress; how many it removed."""
+    import glob
+
+    from jax._src import compilation_cache  # JAX's own format: zstd or zlib, by what is installed
+
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(cache_dir), f"{glob.escape(module)}*-cache")):
+        try:
+            with open(path, "rb") as entry:
+                compilation_cache.decompress_executable(entry.read())
+        except FileNotFoundError:  # removed meanwhile by another process
+            continue
+        except Exception:  # zlib.error, or zstd's
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            removed += 1
+    return removed
 
 
 def date_unbounded_entries(cache_dir: str) -> None:

@@ -265,6 +265,44 @@ def test_a_compile_cache_that_cannot_be_written_is_left_off_with_one_warning(tmp
                                    "directory); compiling every program afresh")
 
 
+def test_an_entry_cut_short_is_removed_and_cached_again_with_one_line(tmp_path):
+    """JAX writes an entry in place and never overwrites one, so an entry cut short by a full disk
+    (a file-size limit here) or a crash made every later run warn and compile it again."""
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # each of this program's entries is larger
+
+    env = {k: v for k, v in ENV.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")}
+    code = ("import sys, jax; from r3jax.main import use_compile_cache; use_compile_cache(sys.argv[1], 0.5); "
+            "print(jax.jit(lambda x: x * 3 + 1)(2.0))")
+    cache = tmp_path / "cache"
+
+    def rerun(limit=None) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", code, str(cache)], env=env, check=True, timeout=120,
+                              capture_output=True, text=True, preexec_fn=limit)
+        assert done.stdout.split()[-1] == "7.0"
+        return done.stderr.splitlines()
+
+    failed_writes = rerun(limit=small_files)
+    assert failed_writes and all(re.fullmatch(f"warning: compile_cache {re.escape(str(cache))}: '.+' could not be cached "
+                                              r"\(OSError: \[Errno 27\] File too large\); the next run compiles it "
+                                              "again", line) for line in failed_writes), failed_writes
+    assert _cache_entries(cache) == []  # none cut short left behind
+    assert rerun() == []
+    entries = _cache_entries(cache)
+    sizes = {name: os.path.getsize(cache / name) for name in entries}
+    with open(cache / entries[0], "r+b") as entry:
+        entry.truncate(sizes[entries[0]] // 2)
+    module = entries[0].rsplit("-", 2)[0]
+    assert rerun() == [f"warning: compile_cache {cache}: an entry of '{module}' could not be read (error: Error -5 "
+                       "while decompressing data: incomplete or truncated stream), perhaps cut short by a crash or a "
+                       "full disk; removed, compiling again"]
+    assert {name: os.path.getsize(cache / name) for name in entries} == sizes
+    assert rerun() == []
+
+
 def test_jaxs_own_bound_keeps_caching_beside_entries_written_without_it(tmp_path):
     """Entries JAX writes with no bound have no access-time file, which JAX's bounded cache
     (JAX_COMPILATION_CACHE_MAX_SIZE) reads for every entry at each write: without
