@@ -45,11 +45,13 @@ class Checkpointer:
 
     def _writing(self, write) -> None:
         """Runs `write`, where orbax raises a background save's failure (a full disk, say) as
-        well as its own. On failure the manager is closed and CheckpointWriteError names the
-        last checkpoint that is whole."""
+        well as its own. On the storage's failure the manager is closed and CheckpointWriteError
+        names the last checkpoint that is whole; any other error is raised as it is."""
         try:
             write()
         except Exception as error:
+            if not _is_storage_error(error):  # a state orbax cannot save, say: no disk to make room on
+                raise
             _quiet_the_echoes()
             try:
                 self.manager.close()
@@ -102,13 +104,24 @@ class Checkpointer:
         self.manager.close()
 
 
-def _first_line(error: BaseException) -> str:
-    """The first line of what first went wrong behind an orbax or tensorstore error (its root
-    cause), without the spec tensorstore appends to it."""
+def _root_cause(error: BaseException) -> BaseException:
+    """What first went wrong behind an orbax or tensorstore error."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip()
-    return text.splitlines()[0].split(" [tensorstore_spec=")[0] if text else type(error).__name__
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of `error`'s root cause, without the spec tensorstore appends to it."""
+    text = str(root := _root_cause(error)).strip()
+    return text.splitlines()[0].split(" [tensorstore_spec=")[0] if text else type(root).__name__
+
+
+def _is_storage_error(error: BaseException) -> bool:
+    """Whether `error`'s root cause is the storage's (a full disk, a file-size limit, a folder made
+    read-only): an OSError, or a tensorstore error carrying the OS's error code."""
+    root = _root_cause(error)
+    return isinstance(root, OSError) or "[os_error_code=" in str(root)
 
 
 def _shapes(tree: Any) -> dict[tuple, tuple]:

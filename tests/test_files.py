@@ -100,6 +100,20 @@ def test_a_damaged_checkpoint_is_named_with_the_step_to_resume_from(tmp_path, da
     checkpointer.close()
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_state_orbax_cannot_save_is_its_own_error_not_a_full_disk(tmp_path, asynchronous):
+    """Before, any failed save was "could not be written ... make room", exit 74. A full disk
+    (tensorstore's OS error code) is still that: tests/test_main.py's file-size limit."""
+    import jax.numpy as jnp
+
+    from r3jax.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(str(tmp_path), asynchronous=asynchronous)
+    with pytest.raises(ValueError, match="^Unsupported type: <class 'object'>"):
+        checkpointer.save(1, {"w": jnp.ones(3), "unsaveable": object()}, {"step": 1})
+        checkpointer.close()
+
+
 def test_written_files_take_their_permissions_from_the_umask(tmp_path):
     """As any new file does: before, every file r3jax wrote was 0600 whatever the umask (results,
     exported models), so that no one else on a shared machine could read them."""

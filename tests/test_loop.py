@@ -153,6 +153,23 @@ def test_a_step_that_raises_saves_the_last_logged_step_and_a_rerun_resumes_there
     assert [r["step"] for r in read_jsonl(str(log))] == [1, 2, 3, 4, 5]
 
 
+def test_a_save_that_fails_after_a_failed_step_leaves_the_step_its_own_error(capsys):
+    """Any failure of that save is reported, not only the storage's: the step's error is the one
+    the run ends with."""
+    from r3jax.train import loop
+
+    class Unsaving:
+        def latest_step(self):
+            return 2
+
+        def save(self, step, state, meta):
+            raise ValueError("Unsupported type: <class 'object'>")
+
+    loop._save_before_failing("RL mixed", Unsaving(), {"w": jax.numpy.ones(2)}, {"step": 3})
+    assert ("RL mixed: step 4 failed, and saving step 3 failed too: Unsupported type: <class 'object'>"
+            in capsys.readouterr().err)
+
+
 def test_a_first_signal_asks_for_a_stop_and_a_second_stops_at_once(capsys):
     """A long evaluation or step would otherwise hold a Ctrl-C for minutes."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -61,7 +61,7 @@ def _save_before_failing(name: str, checkpointer: Checkpointer, state: Any, meta
     try:
         checkpointer.save(step, state, meta)
         checkpointer.close()
-    except CheckpointWriteError as error:  # the step's own error is the one to raise
+    except Exception as error:  # the step's own error is the one to raise
         tqdm.write(f"{name}: step {step + 1} failed, and saving step {step} failed too: {error}", file=sys.stderr)
         return
     tqdm.write(f"{name}: step {step + 1} failed; saved step {step}, where a rerun resumes", file=sys.stderr)
