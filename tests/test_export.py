@@ -82,6 +82,20 @@ def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
     sft.export(path, Policy(cfg, tiny_params(cfg, seed=1), tok, None))  # the rerun cleans the partial one up
     assert not os.path.exists(path + ".partial") and sorted(os.listdir(path)) == first
 
+    def killed_while_removing(directory):  # before, the removal of the previous export at `path` itself
+        os.remove(os.path.join(directory, "model.safetensors"))
+        raise KeyboardInterrupt("killed while removing the previous export")
+
+    monkeypatch.setattr(sft.shutil, "rmtree", killed_while_removing)
+    with pytest.raises(KeyboardInterrupt):
+        sft.export(path, Policy(cfg, tiny_params(cfg, seed=2), tok, None))
+    monkeypatch.undo()
+    _, loaded = hf.load(path)  # the new export, whole
+    np.testing.assert_array_equal(np.asarray(loaded["lm_head"]["kernel"]),
+                                  np.asarray(tiny_params(cfg, seed=2)["lm_head"]["kernel"]))
+    sft.export(path, Policy(cfg, tiny_params(cfg, seed=3), tok, None))
+    assert sorted(os.listdir(tmp_path)) == ["best"]  # what the kill left is cleaned up
+
 def test_exported_files_take_their_permissions_from_the_umask(tok, tmp_path):
     """safetensors writes its files 0600: before, no one but the run's own user could load an
     exported model.safetensors, on a shared machine or a team's NFS workdir."""

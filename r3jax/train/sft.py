@@ -41,11 +41,14 @@ def export(path: str, policy: Policy, dtype: str = "", base_model: str = "") -> 
     in `<path>/adapter`, for the HF model in `base_model`.
 
     Atomic: written beside `path`, then renamed over it, so a run killed mid-export leaves the
-    previous export (or none), never a partial one."""
+    previous export (or none), never a partial one. The previous one is renamed away before it is
+    removed, so that a kill while removing it (seconds for large files on NFS) leaves the new one."""
     model_cfg, params, tokenizer, _ = policy
-    partial = path.rstrip("/") + ".partial"
-    if sharding.is_primary() and os.path.exists(partial):
-        shutil.rmtree(partial)
+    partial, replaced = path.rstrip("/") + ".partial", path.rstrip("/") + ".replaced"
+    if sharding.is_primary():
+        for leftover in (partial, replaced):
+            if os.path.exists(leftover):
+                shutil.rmtree(leftover)
     special_ids = {"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id,
                    "eos_token_id": tokenizer.eos_id if len(tokenizer.stop_ids) == 1 else list(tokenizer.stop_ids)}
     if model_cfg.lora_rank:
@@ -58,8 +61,10 @@ def export(path: str, policy: Policy, dtype: str = "", base_model: str = "") -> 
             print(f"{path}: no tokenizer.json (it would encode otherwise than the SentencePiece model "
                   "tokenizer.model beside it, which r3jax reads)")
         if os.path.exists(path):
-            shutil.rmtree(path)
+            os.replace(path, replaced)
         os.replace(partial, path)
+        if os.path.exists(replaced):
+            shutil.rmtree(replaced)
     sharding.barrier(f"export {path}")
 
 
