@@ -302,7 +302,8 @@ class Cached:
         try:
             program = self._kept(path)
         except Exception as error:  # written by another JAX, or broken: compile again
-            print(f"{path}: could not be loaded ({type(error).__name__}: {error}); removed, compiling it again")
+            print(f"warning: {path}: could not be loaded ({type(error).__name__}: {error}); removed, compiling it "
+                  "again", file=sys.stderr)
             with contextlib.suppress(FileNotFoundError):  # another process's removal
                 os.remove(path)
         else:
@@ -322,7 +323,7 @@ class Cached:
         try:
             files.write_bytes(path, pickle.dumps((serialized, device_ids)))
         except OSError as error:  # a full disk, say: the program runs all the same
-            print(f"{path}: not kept ({error})", file=sys.stderr)
+            print(f"warning: {path}: not kept ({error})", file=sys.stderr)
             return compiled
         keep_within(where, max_bytes)
         return compiled

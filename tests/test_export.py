@@ -143,7 +143,7 @@ def test_an_export_without_a_faithful_tokenizer_json_says_so_under_its_own_name(
     monkeypatch.setattr(type(tok), "_fast_tokenizer", lambda self: unfaithful)
     path = str(tmp_path / "best")
     sft.export(path, Policy(cfg, tiny_params(cfg), tok, None))
-    assert capsys.readouterr().out.splitlines() == [
-        f"{path}: no tokenizer.json (it would encode otherwise than the SentencePiece model tokenizer.model "
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {path}: no tokenizer.json (it would encode otherwise than the SentencePiece model tokenizer.model "
         "beside it, which r3jax reads)"]
     assert "tokenizer.json" not in os.listdir(path) and "tokenizer.model" in os.listdir(path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -58,8 +59,8 @@ def export(path: str, policy: Policy, dtype: str = "", base_model: str = "") -> 
     hf.save(partial, model_cfg, params, dtype=dtype, special_ids=special_ids)
     if sharding.is_primary():
         if not tokenizer.save(partial):
-            print(f"{path}: no tokenizer.json (it would encode otherwise than the SentencePiece model "
-                  "tokenizer.model beside it, which r3jax reads)")
+            print(f"warning: {path}: no tokenizer.json (it would encode otherwise than the SentencePiece model "
+                  "tokenizer.model beside it, which r3jax reads)", file=sys.stderr)
         if os.path.exists(path):
             os.replace(path, replaced)
         os.replace(partial, path)
