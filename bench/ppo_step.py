@@ -18,6 +18,7 @@ Results: bench/results/ppo_step-<device>.json.
 """
 from __future__ import annotations
 
+import argparse
 import time
 
 import flax.linen as nn
@@ -196,4 +197,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
