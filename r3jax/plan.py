@@ -632,7 +632,10 @@ def load_config(spec: str, overrides: list[str]):
         raise PlanError(f"--config: config file {path} not found")
     config = load_config_file(path, argument)
     for override in overrides:
-        apply_override(config, *override.split("=", 1), path)
+        key, equals, text = override.partition("=")
+        if not equals:
+            raise PlanError(f"--set {override}: expected KEY=VALUE, e.g. rl.kl_coef=0.05")
+        apply_override(config, key, text, path)
     return config
 
 

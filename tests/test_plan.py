@@ -123,6 +123,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 @pytest.mark.parametrize("args, named", [
     (["--config=configs/gsm8k.py", "--model=llama-3-70b"], "unknown preset"),
     (["--config=configs/gsm8k.py", "--set", "model.path=/nonexistent"], "/nonexistent has no config.json"),
+    (["--config=configs/gsm8k.py", "--set", "rl.kl_coef"], "--set rl.kl_coef: expected KEY=VALUE"),
     (["--config=configs/gsm8k.py", "--config.model.path=/nonexistent"], "/nonexistent has no config.json"),
     (["--config=configs/gsm8k.py", "--model=llama-2-7b", "--devices=6", "--config.mesh=(1,4,1)"], "config.mesh"),
     (["--config=configs/paper.py:gsm8k", "--model=qwen3-0.6b", "--devices=3"],
