@@ -513,6 +513,8 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
 def _check_model_dir(key: str, what: str, path: str, hint: str = "") -> None:
     """`path`, config key `key`, is an HF model directory: it exists and holds a config.json."""
     _check(os.path.isdir(path), key, f"{what} directory {path} not found")
+    _check(not os.path.exists(os.path.join(path, "adapter_config.json")), key, f"{path} is a PEFT adapter, not a "
+           f"model: give the model it was trained on as {key}, and this directory as model.lora.init_from")
     _check(os.path.exists(os.path.join(path, "config.json")), key, f"{path} has no config.json{hint}")
 
 

@@ -495,8 +495,11 @@ def broken_inputs(tmp_path, hf_dir):
     (truncated / "config.json").write_text(stored.to_json_best_effort()[:100])  # a write cut short
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    adapter = tmp_path / "adapter"  # as a LoRA run exports it, beside its merged model
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
     return {"unsupported": unsupported, "big_tokenizer": big_tokenizer, "broken": broken, "other": other,
-            "truncated": truncated, "hf": hf_dir, "tmp": tmp_path, "a_file": a_file}
+            "truncated": truncated, "hf": hf_dir, "tmp": tmp_path, "a_file": a_file, "adapter": adapter}
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -508,12 +511,14 @@ def broken_inputs(tmp_path, hf_dir):
     ({"workdir": "{truncated}"}, "crashed_run/config.json cannot be read"),
     ({"mode": "rl"}, "config.rl.init: '' starts RL from"),
     ({"mode": "rl", "rl__init": "{tmp}"}, "config.rl.init: {tmp} has no config.json"),
+    ({"mode": "rl", "rl__init": "{adapter}"}, "config.rl.init: {adapter} is a PEFT adapter, not a model: give the "
+     "model it was trained on as rl.init, and this directory as model.lora.init_from"),
     ({"mode": "eval"}, "config.model.path: mode=eval evaluates the model in this HF directory"),
     ({"workdir": "{a_file}"}, "--workdir={a_file}: a file, not a directory"),
     ({"workdir": "{a_file}/run"}, "--workdir={a_file}/run: cannot write there (Not a directory)"),
     ({"task__options__max_stepz": 3}, "config.task.options.max_stepz: task arith takes no such option"),
 ], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir", "truncated-config", "rl-without-sft",
-        "rl-init-not-a-model", "eval-without-model", "workdir-a-file", "workdir-unwritable", "task-option"])
+        "rl-init-not-a-model", "rl-init-an-adapter", "eval-without-model", "workdir-a-file", "workdir-unwritable", "task-option"])
 def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, capsys):
     overrides = {k: v.format(**broken_inputs) if isinstance(v, str) else v for k, v in overrides.items()}
     workdir = overrides.pop("workdir", broken_inputs["tmp"] / "run")
