@@ -304,6 +304,21 @@ def test_an_entry_cut_short_is_removed_and_cached_again_with_one_line(tmp_path):
     assert rerun() == []
 
 
+def test_an_entry_that_cannot_be_removed_is_left_to_jaxs_own_warning(tmp_path, monkeypatch):
+    """Another user's entry in a shared folder (sticky, as /tmp): the warning hook runs inside
+    JAX's compile, where an error would end the run."""
+    from r3jax import main
+
+    (tmp_path / "jit_f-0a1b-cache").write_bytes(b"cut short")
+
+    def not_ours(path):
+        raise PermissionError(1, "Operation not permitted", path)
+
+    monkeypatch.setattr(main.os, "remove", not_ours)
+    assert main.remove_damaged_entries(str(tmp_path), "jit_f") == 0
+    assert os.path.exists(tmp_path / "jit_f-0a1b-cache")
+
+
 def test_jaxs_own_bound_keeps_caching_beside_entries_written_without_it(tmp_path):
     """Entries JAX writes with no bound have no access-time file, which JAX's bounded cache
     (JAX_COMPILATION_CACHE_MAX_SIZE) reads for every entry at each write: without
