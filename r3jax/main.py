@@ -203,7 +203,7 @@ def mending_cache_entries(showwarning):
             entries = "an entry" if removed == 1 else f"{removed} entries"
             print(f"warning: compile_cache {cache_dir}: {entries} of '{module}' could not be read ({reason}), "
                   "perhaps cut short by a crash or a full disk; removed, compiling again", file=sys.stderr)
-        else:  # read, but not loaded: JAX's own word
+        else:  # none removed: an entry that decompresses but does not load, or not ours to remove
             showwarning(message, category, filename, lineno, file, line)
 
     show.mends_cache = True
