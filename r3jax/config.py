@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import difflib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -513,9 +514,20 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
 def _check_model_dir(key: str, what: str, path: str, hint: str = "") -> None:
     """`path`, config key `key`, is an HF model directory: it exists and holds a config.json."""
     _check(os.path.isdir(path), key, f"{what} directory {path} not found")
-    _check(not os.path.exists(os.path.join(path, "adapter_config.json")), key, f"{path} is a PEFT adapter, not a "
-           f"model: give the model it was trained on as {key}, and this directory as model.lora.init_from")
+    if os.path.exists(adapter_config := os.path.join(path, "adapter_config.json")):
+        base = _adapter_base(adapter_config)
+        raise ConfigError(f"config.{key}: {path} is a PEFT adapter, not a model: give the model it was trained on"
+                          f"{f' ({base})' if base else ''} as {key}, and this directory as model.lora.init_from")
     _check(os.path.exists(os.path.join(path, "config.json")), key, f"{path} has no config.json{hint}")
+
+
+def _adapter_base(adapter_config: str) -> str | None:
+    """The base model a PEFT adapter_config.json names, if it can be read."""
+    try:
+        with open(adapter_config) as f:
+            return json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):  # the error being reported is the directory, not this file
+        return None
 
 
 def lora_targets(pattern: str) -> tuple[str, ...]:

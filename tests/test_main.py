@@ -512,7 +512,8 @@ def broken_inputs(tmp_path, hf_dir):
     a_file.write_text("")
     adapter = tmp_path / "adapter"  # as a LoRA run exports it, beside its merged model
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "base_model_name_or_path": '
+                                                 '"/runs/x/sft/best"}')
     return {"unsupported": unsupported, "big_tokenizer": big_tokenizer, "broken": broken, "other": other,
             "truncated": truncated, "hf": hf_dir, "tmp": tmp_path, "a_file": a_file, "adapter": adapter}
 
@@ -527,7 +528,7 @@ def broken_inputs(tmp_path, hf_dir):
     ({"mode": "rl"}, "config.rl.init: '' starts RL from"),
     ({"mode": "rl", "rl__init": "{tmp}"}, "config.rl.init: {tmp} has no config.json"),
     ({"mode": "rl", "rl__init": "{adapter}"}, "config.rl.init: {adapter} is a PEFT adapter, not a model: give the "
-     "model it was trained on as rl.init, and this directory as model.lora.init_from"),
+     "model it was trained on (/runs/x/sft/best) as rl.init, and this directory as model.lora.init_from"),
     ({"mode": "eval"}, "config.model.path: mode=eval evaluates the model in this HF directory"),
     ({"workdir": "{a_file}"}, "--workdir={a_file}: a file, not a directory"),
     ({"workdir": "{a_file}/run"}, "--workdir={a_file}/run: cannot write there (Not a directory)"),
