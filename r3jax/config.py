@@ -513,7 +513,10 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
 
 def _check_model_dir(key: str, what: str, path: str, hint: str = "") -> None:
     """`path`, config key `key`, is an HF model directory: it exists and holds a config.json."""
-    _check(os.path.isdir(path), key, f"{what} directory {path} not found")
+    interrupted = os.path.isdir(path.rstrip("/") + ".partial")
+    _check(os.path.isdir(path), key, f"{what} directory {path} not found" + (
+        f" ({path.rstrip('/')}.partial is an export of it being written, or interrupted: rerun the run that "
+        "exports it)" if interrupted else ""))
     if os.path.exists(adapter_config := os.path.join(path, "adapter_config.json")):
         base = _adapter_base(adapter_config)
         raise ConfigError(f"config.{key}: {path} is a PEFT adapter, not a model: give the model it was trained on"

@@ -96,6 +96,26 @@ def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
     sft.export(path, Policy(cfg, tiny_params(cfg, seed=3), tok, None))
     assert sorted(os.listdir(tmp_path)) == ["best"]  # what the kill left is cleaned up
 
+    rename = os.replace
+
+    def killed_between_the_renames(source, destination):
+        if source == path + ".partial":
+            raise KeyboardInterrupt("killed between the two renames")
+        rename(source, destination)
+
+    monkeypatch.setattr(sft.os, "replace", killed_between_the_renames)
+    with pytest.raises(KeyboardInterrupt):
+        sft.export(path, Policy(cfg, tiny_params(cfg, seed=4), tok, None))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["best.partial", "best.replaced"]
+    sft.export(path + "-other", Policy(cfg, tiny_params(cfg, seed=5), tok, None))  # another export: no effect here
+    sft.finish_interrupted_export(path)
+    _, loaded = hf.load(path)  # the export the kill interrupted
+    np.testing.assert_array_equal(np.asarray(loaded["lm_head"]["kernel"]),
+                                  np.asarray(tiny_params(cfg, seed=4)["lm_head"]["kernel"]))
+    sft.export(path, Policy(cfg, tiny_params(cfg, seed=6), tok, None))
+    assert sorted(os.listdir(tmp_path)) == ["best", "best-other"]
+
 def test_exported_files_take_their_permissions_from_the_umask(tok, tmp_path):
     """safetensors writes its files 0600: before, no one but the run's own user could load an
     exported model.safetensors, on a shared machine or a team's NFS workdir."""

@@ -2,6 +2,7 @@
 the resumed run ends exactly where an uninterrupted one does (logs and weights)."""
 import dataclasses
 import os
+import shutil
 import signal
 import time
 
@@ -79,7 +80,13 @@ def test_finished_sft_is_skipped_and_more_steps_extend_it(tiny_setup, tmp_path, 
     run = lambda: sft.train(settings.of(config), Policy(cfg, tiny_params(cfg), tok, mesh), task, str(tmp_path), StopSignal())
     run()
     first_export = (tmp_path / "sft" / "last" / "model.safetensors").stat().st_mtime
+    best = tmp_path / "sft" / "best"
+    weights = (best / "model.safetensors").read_bytes()
+    shutil.copytree(best, str(best) + ".replaced")  # as an export killed between its renames leaves it
+    (tmp_path / "sft" / "best.replaced" / "model.safetensors").write_bytes(b"the earlier export")
+    os.rename(best, str(best) + ".partial")
     assert "finished at step 2" in (run(), capsys.readouterr().out)[1]
+    assert (best / "model.safetensors").read_bytes() == weights  # the interrupted export, completed
     config.sft.steps = 3
     run()
     assert "SFT: extending from step 2 to 3" in capsys.readouterr().out

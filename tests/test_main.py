@@ -514,7 +514,10 @@ def broken_inputs(tmp_path, hf_dir):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "base_model_name_or_path": '
                                                  '"/runs/x/sft/best"}')
-    return {"unsupported": unsupported, "big_tokenizer": big_tokenizer, "broken": broken, "other": other,
+    interrupted = tmp_path / "killed_run" / "sft" / "best"  # its export killed between its two renames
+    interrupted.parent.mkdir(parents=True)
+    (interrupted.parent / "best.partial").mkdir()
+    return {"interrupted": interrupted, "unsupported": unsupported, "big_tokenizer": big_tokenizer, "broken": broken, "other": other,
             "truncated": truncated, "hf": hf_dir, "tmp": tmp_path, "a_file": a_file, "adapter": adapter}
 
 
@@ -529,12 +532,14 @@ def broken_inputs(tmp_path, hf_dir):
     ({"mode": "rl", "rl__init": "{tmp}"}, "config.rl.init: {tmp} has no config.json"),
     ({"mode": "rl", "rl__init": "{adapter}"}, "config.rl.init: {adapter} is a PEFT adapter, not a model: give the "
      "model it was trained on (/runs/x/sft/best) as rl.init, and this directory as model.lora.init_from"),
+    ({"mode": "rl", "rl__init": "{interrupted}"}, "config.rl.init: SFT checkpoint directory {interrupted} not found "
+     "({interrupted}.partial is an export of it being written, or interrupted: rerun the run that exports it)"),
     ({"mode": "eval"}, "config.model.path: mode=eval evaluates the model in this HF directory"),
     ({"workdir": "{a_file}"}, "--workdir={a_file}: a file, not a directory"),
     ({"workdir": "{a_file}/run"}, "--workdir={a_file}/run: cannot write there (Not a directory)"),
     ({"task__options__max_stepz": 3}, "config.task.options.max_stepz: task arith takes no such option"),
 ], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir", "truncated-config", "rl-without-sft",
-        "rl-init-not-a-model", "rl-init-an-adapter", "eval-without-model", "workdir-a-file", "workdir-unwritable", "task-option"])
+        "rl-init-not-a-model", "rl-init-an-adapter", "rl-init-interrupted", "eval-without-model", "workdir-a-file", "workdir-unwritable", "task-option"])
 def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, capsys):
     overrides = {k: v.format(**broken_inputs) if isinstance(v, str) else v for k, v in overrides.items()}
     workdir = overrides.pop("workdir", broken_inputs["tmp"] / "run")

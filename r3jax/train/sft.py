@@ -45,8 +45,9 @@ def export(path: str, policy: Policy, dtype: str = "", base_model: str = "") -> 
     previous export (or none), never a partial one. The previous one is renamed away before it is
     removed, so that a kill while removing it (seconds for large files on NFS) leaves the new one."""
     model_cfg, params, tokenizer, _ = policy
-    partial, replaced = path.rstrip("/") + ".partial", path.rstrip("/") + ".replaced"
+    partial, replaced = _beside(path)
     if sharding.is_primary():
+        finish_interrupted_export(path)
         for leftover in (partial, replaced):
             if os.path.exists(leftover):
                 shutil.rmtree(leftover)
@@ -67,6 +68,22 @@ def export(path: str, policy: Policy, dtype: str = "", base_model: str = "") -> 
         if os.path.exists(replaced):
             shutil.rmtree(replaced)
     sharding.barrier(f"export {path}")
+
+
+def _beside(path: str) -> tuple[str, str]:
+    """(where an export of `path` is written, where the export it replaces waits to be removed)."""
+    return path.rstrip("/") + ".partial", path.rstrip("/") + ".replaced"
+
+
+def finish_interrupted_export(path: str) -> None:
+    """Completes an export killed between its two renames, which leaves no `path`. The earlier
+    export is renamed to `.replaced` only once `.partial` is whole, so `.partial` is the export
+    (or, were it gone, `.replaced` is)."""
+    partial, replaced = _beside(path)
+    if os.path.exists(path) or not os.path.exists(replaced):
+        return
+    os.replace(partial if os.path.exists(partial) else replaced, path)
+    print(f"{path}: an export interrupted between its renames, completed", file=sys.stderr)
 
 
 def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, np.ndarray]:
@@ -133,6 +150,24 @@ def _fitting_examples(task: Task, tokenizer: Tokenizer, max_length: int) -> list
     return examples
 
 
+def _finished_earlier(out: str, steps: int) -> bool:
+    """Whether the SFT run in `out` exported its last model at `steps` or later (and is to be
+    skipped); says so, or that it is to be extended."""
+    best_dir, last_dir = os.path.join(out, "best"), os.path.join(out, "last")
+    if sharding.is_primary():
+        for directory in (best_dir, last_dir):
+            finish_interrupted_export(directory)
+    sharding.barrier("sft exports")
+    if not os.path.exists(os.path.join(last_dir, "config.json")):  # exports appear whole (export)
+        return False
+    latest = latest_step(os.path.join(out, "checkpoints"))
+    if (latest or 0) >= steps:
+        print(f"SFT: finished at step {latest} ({last_dir}); skipped")
+        return True
+    print(f"SFT: extending from step {latest} to {steps}")
+    return False
+
+
 def train(settings: Settings, start: Policy, task: Task, workdir: str, stop: StopSignal) -> str | None:
     """Runs (or resumes, or extends) SFT from `start` in `<workdir>/sft`: every weight, or with
     LoRA the adapters alone. Returns the HF dir of the best model (by accuracy on the validation
@@ -147,12 +182,8 @@ def train(settings: Settings, start: Policy, task: Task, workdir: str, stop: Sto
     steps = config_lib.training_steps(c, len(examples), c.batch_size * c.grad_accum)
     if c.data_epochs:
         print(f"SFT: {c.data_epochs:g} epochs over {len(examples):,} examples = {steps:,} steps")
-    latest = latest_step(os.path.join(out, "checkpoints"))
-    if os.path.exists(os.path.join(last_dir, "config.json")):  # exports appear whole (export)
-        if (latest or 0) >= steps:
-            print(f"SFT: finished at step {latest} ({last_dir}); skipped")
-            return best_dir
-        print(f"SFT: extending from step {latest} to {steps}")
+    if _finished_earlier(out, steps):
+        return best_dir
     optimizer = optim.sft_optimizer(c)
     train_step = make_train_step(model_cfg, optimizer, c.logits_chunk, optim.sft_optimizer_knobs(c))
     validation = greedy_problems(task, task.demonstrations("validation")[:c.eval_examples], settings.eval)  # never test
