@@ -2,7 +2,8 @@
 
 Every experiment file in configs/ starts from `base_config()` and changes what it needs. Bad values
 raise `ConfigError` with the key named; main.py turns that into one line and exit status 2. A key
-the table does not have, set in a config file, is refused naming the file and line that set it.
+the table does not have, or a bad value, set in a config file, is refused naming the file and line
+that set it.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import linecache
 import math
 import os
 import re
@@ -34,6 +36,9 @@ LORA_BASE_DTYPES = (*DTYPES, "int8", "nf4")
 REMAT_CHOICES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "splash", "auto")
 SCHEDULES = ("constant", "linear", "cosine")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hugging Face hub names a model
+# the keys naming a model or tokenizer directory, which may also be a hub id in the local HF cache
+MODEL_DIR_KEYS = ("model.path", "tokenizer.path", "rl.init", "model.lora.init_from")
 STRATEGIES = ("outcome", "staged", "mixed", "adaptive", "hint_on_failure")
 STAGE_UNITS = ("steps", "epochs", "budget")
 KL_MODES = ("reward", "loss")
@@ -80,7 +85,8 @@ SCHEMA: dict[str, Any] = {
         "vocab_size": (256, "the vocabulary of a SentencePiece model trained on the task's text"),
     },
     "model": {
-        "path": ("", "a local HF checkpoint dir (Llama, Mistral, Qwen2, Qwen3); '' = a from-scratch model of the "
+        "path": ("", "a local HF checkpoint dir (Llama, Mistral, Qwen2, Qwen3), or a hub id (org/name) already "
+                     "in the local Hugging Face cache (nothing is downloaded); '' = a from-scratch model of the "
                      "shape below"),
         "from_scratch": (True, "allow a from-scratch model; False makes model.path required"),
         "param_dtype": ("float32", "trainable weights and optimizer moments (master weights; bfloat16 ones "
@@ -321,6 +327,44 @@ def load_config_file(path: str, argument: str = "") -> ml_collections.ConfigDict
         raise unknown_key_error(error) from None
 
 
+def where_set(path: str, argument: str = "") -> dict[str, str]:
+    """{dotted key: "file:line: its source"}: where the config file `path`, or a file it calls,
+    last set each key. Read by loading the file again with ConfigDict's setter watched."""
+    setters: dict[tuple[int, str], str] = {}
+    setitem = ml_collections.ConfigDict.__setitem__
+
+    def watched(self, key, value):
+        setitem(self, key, value)
+        frame = sys._getframe(1)
+        while frame is not None and os.sep + "ml_collections" + os.sep in frame.f_code.co_filename:
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_filename != __file__:  # not base_config's defaults
+            source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            setters[(id(self), key)] = f"{frame.f_code.co_filename}:{frame.f_lineno}: {source}"
+
+    ml_collections.ConfigDict.__setitem__ = watched
+    try:
+        config = load_config_file(path, argument)
+    finally:
+        ml_collections.ConfigDict.__setitem__ = setitem
+    sections = {id(config): ""} | {id(value): f"{key}." for key, value in flatten(config, sections=True).items()
+                                   if isinstance(value, ml_collections.ConfigDict)}
+    return {sections[owner] + key: where for (owner, key), where in setters.items() if owner in sections}
+
+
+def with_setting_line(message: str, config_file: str, overrides: Sequence[str]) -> str:
+    """`message`, an error naming `config.KEY: ...`, with the line of `config_file` (`path[:argument]`)
+    that set KEY, where the file set it and no override (`KEY=VALUE`) did."""
+    named = re.match(r"config\.([\w.]+): ", message)
+    if not named or not config_file or named.group(1) in {override.partition("=")[0] for override in overrides}:
+        return message
+    try:
+        where = where_set(*config_file.split(":", 1)).get(named.group(1))
+    except Exception:  # the error to report is `message`; a file that no longer loads only loses the line
+        return message
+    return f"{message} (set in {where})" if where else message
+
+
 # how ml_collections words a new key set on a locked ConfigDict
 LOCKED = "cannot be added since the config is locked"
 
@@ -416,6 +460,11 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config.{key}: {message}")
 
 
+def _numbers(values) -> bool:
+    """Whether every one of `values` is a number (a tuple key's literal may hold anything)."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     """The training mesh and the rollout mesh fit the devices; returns the training mesh's shape."""
     for key, shape in (("rl.rollout_mesh", c.rl.rollout_mesh), ("mesh", c.mesh)):
@@ -434,10 +483,13 @@ def value_at(c: ml_collections.ConfigDict, key: str) -> Any:
     return c
 
 
-def _validate_choices(c: ml_collections.ConfigDict) -> None:
-    """Every key with a choice list (SCHEMA's third element) holds one of its choices."""
+def _validate_values(c: ml_collections.ConfigDict) -> None:
+    """Every key holds a value, not None (which a config file may set any key to), and one with a
+    choice list (SCHEMA's third element) one of its choices."""
     for key in documented_keys():
         value = value_at(c, key.name)
+        _check(value is not None, key.name, f"None, where a {type(key.default).__name__} is expected "
+               f"(default: {key.default!r})")
         _check(not key.choices or value in key.choices, key.name,
                f"{value!r} is not one of {key.choices}")
 
@@ -470,7 +522,7 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
     _check(0 < c.rl.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {c.rl.top_p}")
     _check(0 <= c.rl.full_task_fraction <= 1, "rl.full_task_fraction", f"must be in [0, 1], got {c.rl.full_task_fraction}")
     band = tuple(c.rl.adaptive_band)
-    _check(len(band) == 2 and 0 <= band[0] < band[1] <= 1, "rl.adaptive_band",
+    _check(len(band) == 2 and _numbers(band) and 0 <= band[0] < band[1] <= 1, "rl.adaptive_band",
            f"must be (low, high) with 0 <= low < high <= 1, got {band}")
     _check(c.rl.clip_ratio_low < 1, "rl.clip_ratio_low", f"must be below 1, got {c.rl.clip_ratio_low}")
     for key in ("gamma", "lam"):
@@ -503,7 +555,8 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
     if c.model.path:
         _check_model_dir("model.path", "model", c.model.path)
     if c.tokenizer.path:
-        _check(os.path.exists(c.tokenizer.path), "tokenizer.path", f"{c.tokenizer.path} not found")
+        _check(os.path.exists(c.tokenizer.path), "tokenizer.path",
+               f"{c.tokenizer.path} not found{_why_not_found(c.tokenizer.path)}")
     if c.rl.init:
         _check(c.mode in ("rl", "compare"), "rl.init", f"mode={c.mode} does not read it (mode=rl and mode=compare "
                "start from it; mode=train starts RL from its own SFT model)")
@@ -513,15 +566,23 @@ def _validate_paths(c: ml_collections.ConfigDict) -> None:
 
 def _check_model_dir(key: str, what: str, path: str, hint: str = "") -> None:
     """`path`, config key `key`, is an HF model directory: it exists and holds a config.json."""
-    interrupted = os.path.isdir(path.rstrip("/") + ".partial")
-    _check(os.path.isdir(path), key, f"{what} directory {path} not found" + (
-        f" ({path.rstrip('/')}.partial is an export of it being written, or interrupted: rerun the run that "
-        "exports it)" if interrupted else ""))
+    _check(os.path.isdir(path), key, f"{what} directory {path} not found{_why_not_found(path)}")
     if os.path.exists(adapter_config := os.path.join(path, "adapter_config.json")):
         base = _adapter_base(adapter_config)
         raise ConfigError(f"config.{key}: {path} is a PEFT adapter, not a model: give the model it was trained on"
                           f"{f' ({base})' if base else ''} as {key}, and this directory as model.lora.init_from")
     _check(os.path.exists(os.path.join(path, "config.json")), key, f"{path} has no config.json{hint}")
+
+
+def _why_not_found(path: str) -> str:
+    """What a model directory `path` that is not there may be instead, for its error message."""
+    if os.path.isdir(path.rstrip("/") + ".partial"):
+        return (f" ({path.rstrip('/')}.partial is an export of it being written, or interrupted: rerun the run "
+                "that exports it)")
+    if HUB_ID.fullmatch(path):
+        return (" nor in the local Hugging Face cache (r3jax downloads nothing: `huggingface-cli download "
+                f"{path}` first, or give a local directory)")
+    return ""
 
 
 def _adapter_base(adapter_config: str) -> str | None:
@@ -593,7 +654,7 @@ def _validate_rl(c: ml_collections.ConfigDict) -> None:
 def _validate_selection(c: ml_collections.ConfigDict) -> None:
     """Model selection reads a validation split that exists."""
     validation_size = c.task.options.get("validation_size", 0)
-    _check(validation_size >= 0, "task.options.validation_size",
+    _check(isinstance(validation_size, (int, float)) and validation_size >= 0, "task.options.validation_size",
            f"must be a count or a fraction of the training data, got {validation_size}")
     _check(validation_size > 0 or not (c.sft.eval_every or c.rl.eval_every or c.eval.split == "validation"),
            "task.options.validation_size", "model selection (sft.eval_every, rl.eval_every) and "
@@ -602,13 +663,14 @@ def _validate_selection(c: ml_collections.ConfigDict) -> None:
 
 def _validate_compare(c: ml_collections.ConfigDict) -> None:
     for arm in c.compare.arms:
-        strategy, _, estimator = arm.partition("-")
+        strategy, _, estimator = str(arm).partition("-")
         _check(strategy in ARMS and (not estimator or estimator in ESTIMATORS), "compare.arms",
                f"{arm!r}: expected one of {tuple(ARMS)}, optionally with -<estimator> ({', '.join(ESTIMATORS)})")
     for key in ("tune_lr", "tune_continued_lr"):
-        _check(all(v > 0 for v in c.compare[key]), f"compare.{key}",
+        _check(_numbers(c.compare[key]) and all(v > 0 for v in c.compare[key]), f"compare.{key}",
                f"{c.compare[key]}: learning rates must be > 0")
-    _check(all(v >= 0 for v in c.compare.tune_kl_coef), "compare.tune_kl_coef",
+    kl_coefs = c.compare.tune_kl_coef
+    _check(_numbers(kl_coefs) and all(v >= 0 for v in kl_coefs), "compare.tune_kl_coef",
            f"{c.compare.tune_kl_coef}: KL coefficients must be >= 0")
     _check(c.compare.group_size >= 2 and c.rl.batch_size % c.compare.group_size == 0, "compare.group_size",
            f"{c.compare.group_size}: needs at least 2 completions per start state, dividing rl.batch_size")
@@ -618,7 +680,7 @@ def _validate_compare(c: ml_collections.ConfigDict) -> None:
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError naming the first bad key."""
-    _validate_choices(c)
+    _validate_values(c)
     _validate_ranges(c)
     _validate_scratch_model(c)
     _validate_paths(c)

@@ -145,7 +145,22 @@ def main(argv: list[str]) -> None:
     sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
     overrides = [arg[len("--config."):] for arg in argv if arg.startswith("--config.")]
-    run(config, _WORKDIR.value or default_workdir(_config_file(argv), config), overrides)
+    run(config, _WORKDIR.value or default_workdir(_config_file(argv), config), overrides, _config_file(argv) or "")
+
+
+def use_cached_hub_models(config) -> None:
+    """Puts, for each hub id (org/name) under config_lib.MODEL_DIR_KEYS, its folder in the local
+    Hugging Face cache where one is cached, and says so."""
+    from r3jax import config as config_lib, sharding
+    from r3jax.models import hf
+
+    for key in config_lib.MODEL_DIR_KEYS:
+        section, _, name = key.rpartition(".")
+        hub_id = config_lib.value_at(config, key)
+        if folder := hf.cached_snapshot(hub_id):
+            config_lib.value_at(config, section)[name] = folder
+            if sharding.is_primary():
+                print(f"{key}: {hub_id} from the local Hugging Face cache, {folder}")
 
 
 def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
@@ -337,10 +352,11 @@ def check_shared_folders(workdir: str) -> None:
              "several hosts needs a workdir every host mounts (NFS, Filestore, gcsfuse)")
 
 
-def run(config, workdir: str, overrides: list[str] = ()) -> None:
+def run(config, workdir: str, overrides: list[str] = (), config_file: str = "") -> None:
     """A parsed config run in `workdir`; exits with the documented status on a user mistake (2), a
     non-finite loss (3), a checkpoint or file it cannot write (74), a stop signal (75) or another
-    process of the run gone (76)."""
+    process of the run gone (76). `config_file` (`path[:argument]`) is where `config` came from, for
+    the line that set a bad value."""
     import jax
 
     from r3jax import config as config_lib, files, settings as settings_lib, sharding, tasks, workdir as workdir_lib
@@ -354,6 +370,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         fail(f"--workdir={workdir}: a file, not a directory")
     try:
+        use_cached_hub_models(config)
         config_lib.validate(config, jax.device_count())
         use_compile_cache(config.compile_cache, config.compile_cache_max_gb)
         task = tasks.get(config.task.name, **config.task.options.to_dict())
@@ -365,7 +382,7 @@ def run(config, workdir: str, overrides: list[str] = ()) -> None:
         take_workdir(workdir)
         claimed = workdir_lib.claim(workdir, config, sharding.is_primary())
     except (ValueError, FileNotFoundError, IsolationError) as error:  # InputError and bad task options
-        fail(str(error))
+        fail(config_lib.with_setting_line(str(error), config_file, overrides))
     sharding.barrier("workdir claimed")
     say = print if sharding.is_primary() else lambda *_: None  # one process speaks for the run
     for line in [f"{key}: {value}" for key, value in runtime.items()] + claimed:

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from r3jax import files, optim, packing, ppo, programs, sampling, settings as settings_lib, sharding
-from r3jax.config import apply_override, data_parallel_size, flatten, load_config_file, validate_layout, value_at
+from r3jax.config import (apply_override, data_parallel_size, flatten, load_config_file, validate_layout, value_at,
+                          with_setting_line)
 from r3jax.models import hf, lora, transformer
 from r3jax.models.transformer import init_cache, init_params
 from r3jax.models.value import actor_critic_params
@@ -168,9 +169,10 @@ def _base_model_config(config, preset: str | None):
         if config.model.from_scratch:  # the config's own from-scratch shape
             return scratch_model_config(config, config.tokenizer.vocab_size)
         raise PlanError("give --model=<preset> or config.model.path (a directory with config.json)")
-    if not os.path.exists(os.path.join(config.model.path, "config.json")):
-        raise PlanError(f"config.model.path: {config.model.path} has no config.json")
-    return hf.read_config(config.model.path, **execution)
+    path = hf.cached_snapshot(config.model.path) or config.model.path
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise PlanError(f"config.model.path: {path} has no config.json")
+    return hf.read_config(path, **execution)
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -573,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_layout(config, len(devices) if devices else args.devices)
         model_cfg = model_config_for(config, args.model)
     except (PlanError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {with_setting_line(str(error), args.config, args.set)}", file=sys.stderr)
         return 2
     with transformer.compiling_for("tpu") if devices else contextlib.nullcontext():
         result = plan_until_it_fits(config, model_cfg, memory, args.rollout_tokens, devices)

@@ -53,6 +53,24 @@ def test_a_config_file_setting_an_unknown_key_is_refused_at_its_line(line, named
     assert main._explain_override_failure(["r3jax", f"--config={path}"]) == message
 
 
+def test_a_bad_value_a_config_file_sets_is_refused_at_its_line(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text("from configs.arith import get_config as arith\n\n\ndef get_config():\n    c = arith()\n"
+                    "    c.rl.update(top_p=1.5,\n                lr=1e-6)\n    c['sft']['steps'] = 7\n    return c\n")
+    where = config_lib.where_set(str(path))
+    assert where["rl.top_p"] == where["rl.lr"] == f"{path}:6: c.rl.update(top_p=1.5,"
+    assert where["sft.steps"] == f"{path}:8: c['sft']['steps'] = 7"
+    assert where["task.name"] == f"{ROOT}/configs/arith.py:10: c.task.name = \"arith\""  # in the file it calls
+    assert "checkpoint.keep" not in where  # left at base_config's default
+    c = config_lib.load_config_file(str(path))
+    with pytest.raises(config_lib.ConfigError) as refused:
+        config_lib.validate(c, 1)
+    assert config_lib.with_setting_line(str(refused.value), str(path), []) == (
+        f"config.rl.top_p: must be in (0, 1], got 1.5 (set in {path}:6: c.rl.update(top_p=1.5,)")
+    assert config_lib.with_setting_line(str(refused.value), str(path), ["rl.top_p=1.5"]) == str(refused.value)  # its override's
+    assert config_lib.with_setting_line("config.checkpoint.keep: must be positive", str(path), []).endswith("positive")
+
+
 def test_a_config_file_may_give_a_task_its_own_options(tmp_path):
     path = tmp_path / "exp.py"
     path.write_text("from configs.arith import get_config as arith\n\n\ndef get_config():\n    c = arith()\n"
@@ -250,6 +268,27 @@ def test_config_file_with_a_bad_value_is_refused(config_file, overrides, named, 
             target = target[part]
         target[name] = value.format(hf=tmp_path) if isinstance(value, str) else value
     with pytest.raises(config_lib.ConfigError, match=named):
+        config_lib.validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize("key", [key.name for key in config_lib.documented_keys()])
+def test_none_in_a_config_file_is_refused_naming_its_key(key):
+    """ConfigDict lets a config file set any key to None; most keys then raised a TypeError."""
+    c = config_lib.base_config()
+    section, _, name = key.rpartition(".")
+    (config_lib.value_at(c, section) if section else c)[name] = None
+    with pytest.raises(config_lib.ConfigError, match=f"^config.{key}: None, where a "):
+        config_lib.validate(c, num_devices=1)
+
+
+@pytest.mark.parametrize("key, value", [("compare.tune_lr", ("x",)), ("compare.tune_continued_lr", (1e-5, None)),
+                                        ("compare.tune_kl_coef", ("0.1",)), ("rl.adaptive_band", (0.2, "x")),
+                                        ("compare.arms", (0,)), ("task.options.validation_size", "x")])
+def test_a_tuple_of_the_wrong_things_is_refused_naming_its_key(key, value):
+    c = config_lib.base_config()
+    section, _, name = key.rpartition(".")
+    config_lib.value_at(c, section)[name] = value
+    with pytest.raises(config_lib.ConfigError, match=f"^config.{key}: "):
         config_lib.validate(c, num_devices=1)
 
 

@@ -550,6 +550,30 @@ def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, c
     assert len(errors) == 1 and named.format(**broken_inputs) in errors[0], err[-2000:]
 
 
+def test_a_hub_id_is_read_from_the_local_hugging_face_cache_and_nothing_is_downloaded(broken_inputs, hf_dir, tmp_path,
+                                                                                       capsys, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--org--tiny-llama"  # as `huggingface-cli download org/tiny-llama` lays it out
+    shutil.copytree(hf_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # any download would fail
+    run = lambda **model: run_in_process(capsys, f"{ROOT}/configs/arith.py", tmp_path / "run", task__options__num_train=300,
+                                         sft__steps=1, tokenizer__path=str(broken_inputs["big_tokenizer"]), **model)
+    code, out, err = run(model__path="org/tiny-llama")
+    assert f"model.path: org/tiny-llama from the local Hugging Face cache, {repo / 'snapshots' / 'abc123'}" in out
+    # the cached model's config was read: its vocabulary is smaller than this tokenizer's
+    assert code == 2 and "config.tokenizer.path: the tokenizer has 200 ids" in err, err[-2000:]
+    code, _, err = run(model__path="org/not-cached")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "error: config.model.path: model directory org/not-cached not found nor in the local Hugging Face cache "
+        "(r3jax downloads nothing: `huggingface-cli download org/not-cached` first, or give a local directory)")
+
+
 def test_a_workdir_in_use_by_another_run_is_refused_until_that_run_ends(tmp_path, capsys):
     """Two runs in one workdir wrote over each other's checkpoints; one crashed with a traceback."""
     from r3jax import workdir as workdir_lib
@@ -567,6 +591,16 @@ def test_a_workdir_in_use_by_another_run_is_refused_until_that_run_ends(tmp_path
         holder.kill()  # SIGKILL: no chance to unlock, and no stale lock left behind
         holder.wait()
     assert workdir_lib.lock(str(tmp_path)) is None
+
+
+def test_a_bad_value_in_a_config_file_names_the_line_that_set_it(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text("from configs.arith import get_config as arith\n\n\ndef get_config():\n    c = arith()\n"
+                    "    c.rl.temperature = -1.0\n    return c\n")
+    result = run_cli(f"--config={path}", f"--workdir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: config.rl.temperature: must be positive, got -1.0 (set in {path}:6: c.rl.temperature = -1.0)"), \
+        result.stderr[-2000:]
 
 
 def test_broken_jsonl_line_is_named(broken_inputs, capsys):

@@ -148,6 +148,18 @@ def test_bad_input_is_one_line(args, named, capsys, monkeypatch):
     assert len(err) == 1 and err[0].startswith("error:") and named in err[0], err
 
 
+def test_a_bad_value_in_a_config_file_is_named_at_its_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    path = tmp_path / "exp.py"
+    path.write_text("from configs.gsm8k import get_config as gsm8k\n\n\ndef get_config():\n    c = gsm8k()\n"
+                    "    c.sft.batch_size = 5\n    return c\n")
+    assert plan.main([f"--config={path}", "--model=qwen3-0.6b", "--devices=2"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"(set in {path}:6: c.sft.batch_size = 5)")
+    assert plan.main([f"--config={path}", "--model=qwen3-0.6b", "--devices=2", "--set", "sft.batch_size=3"]) == 2
+    assert "(set in" not in capsys.readouterr().err  # the override set it
+
+
 def test_a_tpu_compile_refused_for_memory_is_read_as_its_bytes():
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                "(20.83G) exceeds available HBM (15.75G).")
@@ -205,6 +217,27 @@ def test_presets_are_the_published_shapes():
         embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
         assert cfg.qk_norm and round(cfg.num_params() / 1e9, 1) == total, name
         assert abs((cfg.num_params() - embeddings) / 1e9 - body) < 0.05, name  # the cards round
+
+
+def test_a_hub_id_is_planned_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub.constants
+
+    from r3jax import config as config_lib
+
+    repo = tmp_path / "models--Qwen--Qwen3-1.7B"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text(json.dumps(plan.PRESETS["qwen3-1.7b"]))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    config = config_lib.base_config()
+    config.model.path = "Qwen/Qwen3-1.7B"
+    assert round(plan.model_config_for(config, None).num_params() / 1e9, 1) == 1.7
+    config.model.path = "Qwen/Qwen3-4B"
+    with pytest.raises(plan.PlanError, match="config.model.path: Qwen/Qwen3-4B has no config.json"):
+        plan.model_config_for(config, None)
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 from r3jax import files
 from r3jax import sharding as sharding_lib
+from r3jax.config import HUB_ID
 from r3jax.errors import InputError
 from r3jax.models.transformer import ModelConfig, init_params
 
@@ -157,6 +158,20 @@ def _tensor_files(path: str) -> dict[str, str]:
                               "(only safetensors checkpoints are read)")
     with files.open_safetensors(single, REREAD) as f:
         return {name: single for name in f.keys()}
+
+
+def cached_snapshot(name: str) -> str | None:
+    """The folder of hub model `name` (org/name) in the local Hugging Face cache (HF_HUB_CACHE,
+    HF_HOME), when `name` is not a local path and a snapshot of it is cached. Nothing is downloaded."""
+    if os.path.exists(name) or not HUB_ID.fullmatch(name):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except (HFValidationError, LocalEntryNotFoundError):
+        return None
 
 
 def read_config(path: str, **overrides) -> ModelConfig:
