@@ -672,7 +672,8 @@ def _validate_compare(c: ml_collections.ConfigDict) -> None:
     kl_coefs = c.compare.tune_kl_coef
     _check(_numbers(kl_coefs) and all(v >= 0 for v in kl_coefs), "compare.tune_kl_coef",
            f"{c.compare.tune_kl_coef}: KL coefficients must be >= 0")
-    _check(c.compare.group_size >= 2 and c.rl.batch_size % c.compare.group_size == 0, "compare.group_size",
+    _check(c.compare.group_size >= 2 and (c.mode != "compare" or c.rl.batch_size % c.compare.group_size == 0),
+           "compare.group_size",
            f"{c.compare.group_size}: needs at least 2 completions per start state, dividing rl.batch_size")
     _check(c.compare.metric != "sample" or c.compare.samples > 0, "compare.metric",
            "sample reads compare.samples samples per problem: set compare.samples above 0")

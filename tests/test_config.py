@@ -292,6 +292,16 @@ def test_a_tuple_of_the_wrong_things_is_refused_naming_its_key(key, value):
         config_lib.validate(c, num_devices=1)
 
 
+def test_the_comparisons_group_size_binds_only_a_comparison():
+    """A training run of 2 completions a step was refused for compare.group_size (4), a key it never reads."""
+    c = config_lib.load_config_file("configs/arith.py")
+    c.rl.update(batch_size=2, group_size=2)
+    config_lib.validate(c, num_devices=1)
+    c.mode = "compare"
+    with pytest.raises(config_lib.ConfigError, match="^config.compare.group_size: 4: needs at least 2 completions"):
+        config_lib.validate(c, num_devices=1)
+
+
 def test_at_least_thirty_bad_inputs():
     assert len(BAD_VALUES) >= 30
 

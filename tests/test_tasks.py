@@ -5,7 +5,7 @@ import pytest
 
 from r3jax import tasks
 from r3jax.tasks import answers
-from r3jax.errors import RecordError
+from r3jax.errors import ConfigError, RecordError
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -105,8 +105,19 @@ def test_validation_split_is_carved_from_train():
     assert len(train) == 40 and len(validation) == 10
     assert not {d.id for d in train} & {d.id for d in validation}
     assert len(tasks.get("arith", num_train=50, validation_size=0.05).demonstrations("validation")) == 2
-    with pytest.raises(ValueError, match="validation_size 0.005 of 50 training demonstrations is none of them"):
+    with pytest.raises(ConfigError, match="^config.task.options.validation_size: 0.005 of 50 training "
+                                          "demonstrations of task arith is none of them"):
         tasks.get("arith", num_train=50, validation_size=0.005).demonstrations("train")
+    with pytest.raises(ConfigError, match="^config.task.options.validation_size: 50 leaves none of the 50"):
+        tasks.get("arith", num_train=50, validation_size=50).demonstrations("train")
+
+
+@pytest.mark.parametrize("options, key", [({"max_steps": 1}, "max_steps"), ({"min_steps": 0}, "min_steps"),
+                                          ({"operations": ("^",)}, "operations"), ({"max_value": 4}, "max_value"),
+                                          ({"max_operand": 0}, "max_operand")])
+def test_a_bad_arith_option_is_refused_naming_its_key(options, key):
+    with pytest.raises(ConfigError, match=f"^config.task.options.{key}: "):
+        tasks.get("arith", **options)
 
 
 def test_arith_is_deterministic_and_gold_scores_one():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from r3jax.errors import ConfigError
 from r3jax.tasks import answers
 from r3jax.tasks.answers import Score
 from r3jax.tasks.base import Demonstration, Task
@@ -67,14 +68,15 @@ class ArithTask(Task):
         super().__init__(header=header, **base)
         unknown = set(operations) - set(OPERATIONS)
         if unknown or not operations:
-            raise ValueError(f"arith operations {tuple(operations)}: choose from {OPERATIONS}")
+            raise ConfigError(f"config.task.options.operations: {tuple(operations)}; choose from {OPERATIONS}")
         if not 1 <= min_steps <= max_steps:
-            raise ValueError(f"arith steps: need 1 <= min_steps ({min_steps}) <= max_steps ({max_steps})")
+            raise ConfigError(f"config.task.options.{'min_steps' if min_steps < 1 else 'max_steps'}: need 1 <= "
+                              f"min_steps ({min_steps}) <= max_steps ({max_steps})")
         if max_value < 8:
-            raise ValueError(f"arith max_value {max_value}: needs to be at least 8")
+            raise ConfigError(f"config.task.options.max_value: {max_value}; needs to be at least 8")
         self.seed, self.sizes = seed, {"train": num_train, "test": num_test}
         if max_operand < 1:
-            raise ValueError(f"arith max_operand {max_operand}: needs to be at least 1")
+            raise ConfigError(f"config.task.options.max_operand: {max_operand}; needs to be at least 1")
         self.steps, self.max_value, self.max_operand = (min_steps, max_steps), max_value, max_operand
         self.operations, self.distractors = tuple(operations), distractors
         self.partial_reward = partial_reward

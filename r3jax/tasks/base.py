@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from r3jax.errors import InputError, RecordError
+from r3jax.errors import ConfigError, InputError, RecordError
 from r3jax.tasks import tfds_source
 from r3jax.tasks.answers import Score
 
@@ -153,7 +153,8 @@ class Task:
         if not self.use_tfds:
             return read_records(self.paths[split])
         if not self.tfds_name:
-            raise ValueError(f"task {self.name}: no TFDS source; give train_path/test_path")
+            raise ConfigError(f"config.task.options.tfds: task {self.name} has no TFDS source; give train_path and "
+                              "test_path")
         return tfds_source.records(self.tfds_name, split)
 
     def load_split(self, split: str) -> list[Demonstration]:
@@ -169,11 +170,12 @@ class Task:
             train = self.load_split("train")
             size = round(len(train) * self.validation_size) if self.validation_size < 1 else int(self.validation_size)
             if size >= len(train):
-                raise ValueError(f"task {self.name}: validation_size {self.validation_size} leaves none of the "
-                                 f"{len(train)} training demonstrations to train on")
+                raise ConfigError(f"config.task.options.validation_size: {self.validation_size} leaves none of the "
+                                  f"{len(train)} training demonstrations of task {self.name} to train on")
             if self.validation_size and not size:
-                raise ValueError(f"task {self.name}: validation_size {self.validation_size} of {len(train)} training "
-                                 "demonstrations is none of them; give a count (validation_size=1 or more) or more data")
+                raise ConfigError(f"config.task.options.validation_size: {self.validation_size} of {len(train)} "
+                                  f"training demonstrations of task {self.name} is none of them; give a count "
+                                  "(validation_size=1 or more) or more data")
             cut = len(train) - size
             demos = train[:cut] if split == "train" else train[cut:]
         else:
