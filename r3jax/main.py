@@ -190,13 +190,16 @@ def use_compile_cache(directory: str, max_gb: float = 0.0) -> None:
         return
     if not getattr(warnings.showwarning, "mends_cache", False):
         warnings.showwarning = mending_cache_entries(warnings.showwarning)
+        # ahead of the user's filters (-W ignore would drop them before the hook): it mends the cache
+        warnings.filterwarnings("always", message=JAX_CACHE_WARNING)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" in os.environ:
         date_unbounded_entries(cache_dir)
     elif max_gb:
         programs.keep_within(cache_dir, programs.max_bytes, "*-cache")
 
 
-JAX_CACHE_ERROR = re.compile(r"Error (reading|writing) persistent compilation cache entry for '(.+?)': (.*)", re.DOTALL)
+JAX_CACHE_WARNING = r"Error (reading|writing) persistent compilation cache entry for "  # JAX's words
+JAX_CACHE_ERROR = re.compile(JAX_CACHE_WARNING + r"'(.+?)': (.*)", re.DOTALL)
 
 
 def mending_cache_entries(showwarning):

@@ -116,6 +116,21 @@ def test_export_is_whole_or_absent(tok, tmp_path, monkeypatch):
     sft.export(path, Policy(cfg, tiny_params(cfg, seed=6), tok, None))
     assert sorted(os.listdir(tmp_path)) == ["best", "best-other"]
 
+def test_a_large_model_shows_its_progress_loading_and_saving(tmp_path, capsys, monkeypatch):
+    path = str(tmp_path / "model")
+    hf.save(path, TINY, tiny_params())
+    hf.load(path)
+    assert capsys.readouterr().err == ""  # a small model: no bar
+    monkeypatch.setattr(hf, "PROGRESS_BYTES", TINY.num_params() * 4)  # as large as this one
+    hf.save(path, TINY, tiny_params())
+    hf.load(path)
+    err = capsys.readouterr().err
+    tensors = len(hf._grouped_tensors(TINY))
+    assert f"saving {path}:   0%" in err and f"loading {path}:   0%" in err and f"0/{tensors} " in err, err
+    hf.save(path, TINY, tiny_params(), dtype="bfloat16")  # half the bytes
+    assert capsys.readouterr().err == ""
+
+
 def test_exported_files_take_their_permissions_from_the_umask(tok, tmp_path):
     """safetensors writes its files 0600: before, no one but the run's own user could load an
     exported model.safetensors, on a shared machine or a team's NFS workdir."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from r3jax import files
 from r3jax import sharding as sharding_lib
@@ -31,6 +32,16 @@ class CheckpointError(InputError):
 
 
 REREAD = "export or download the model again"
+PROGRESS_BYTES = 1 << 30  # a model of fewer bytes loads and saves in seconds: no progress bar
+
+
+def _tensor_groups(cfg: ModelConfig, action: str, path: str, dtype: str = ""):
+    """_grouped_tensors' items, with a progress bar (on the primary process) for a model of
+    PROGRESS_BYTES or more in `dtype` ("" = its param_dtype)."""
+    groups = _grouped_tensors(cfg).items()
+    size = cfg.num_params() * jnp.dtype(dtype or cfg.param_dtype).itemsize
+    return tqdm(groups, desc=f"{action} {path}", unit="tensor", leave=False,
+                disable=size < PROGRESS_BYTES or not sharding_lib.is_primary())
 
 
 def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
@@ -208,7 +219,7 @@ def load(path: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -
         return host
 
     try:
-        for ours, entries in _grouped_tensors(cfg).items():
+        for ours, entries in _tensor_groups(cfg, "loading", path):
             if _stacked(cfg, ours):
                 # each device's shard reads just its layers from disk: no stacked copy on the host
                 def layers(index, entries=entries, shape=shapes[ours][1:]):
@@ -250,7 +261,7 @@ def save(path: str, cfg: ModelConfig, params: Any, max_shard_bytes: int = 4 << 3
         written.append((file, list(shard)))
         shard.clear()
 
-    for ours, entries in _grouped_tensors(cfg).items():
+    for ours, entries in _tensor_groups(cfg, "saving", path, dtype):
         host = sharding_lib.to_host(flat[ours])  # a collective across hosts: every process gathers
         if not writer:
             continue
