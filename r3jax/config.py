@@ -579,7 +579,7 @@ def _why_not_found(path: str) -> str:
     if os.path.isdir(path.rstrip("/") + ".partial"):
         return (f" ({path.rstrip('/')}.partial is an export of it being written, or interrupted: rerun the run "
                 "that exports it)")
-    if HUB_ID.fullmatch(path):
+    if HUB_ID.fullmatch(path) and not os.path.isdir(path.split("/")[0]):  # else a local folder's
         return (" nor in the local Hugging Face cache (r3jax downloads nothing: `huggingface-cli download "
                 f"{path}` first, or give a local directory)")
     return ""
@@ -671,7 +671,7 @@ def _validate_compare(c: ml_collections.ConfigDict) -> None:
                f"{c.compare[key]}: learning rates must be > 0")
     kl_coefs = c.compare.tune_kl_coef
     _check(_numbers(kl_coefs) and all(v >= 0 for v in kl_coefs), "compare.tune_kl_coef",
-           f"{c.compare.tune_kl_coef}: KL coefficients must be >= 0")
+           f"{kl_coefs}: KL coefficients must be >= 0")
     _check(c.compare.group_size >= 2 and (c.mode != "compare" or c.rl.batch_size % c.compare.group_size == 0),
            "compare.group_size",
            f"{c.compare.group_size}: needs at least 2 completions per start state, dividing rl.batch_size")

@@ -292,6 +292,19 @@ def test_a_tuple_of_the_wrong_things_is_refused_naming_its_key(key, value):
         config_lib.validate(c, num_devices=1)
 
 
+def test_a_missing_model_directory_is_called_a_hub_id_only_where_it_could_be_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    c = config_lib.base_config()
+    for path, hint in (("runs/best", ""), ("org/model", " nor in the local Hugging Face cache (r3jax downloads "
+                                                          "nothing: `huggingface-cli download org/model` first")):
+        c.model.path = path
+        with pytest.raises(config_lib.ConfigError) as refused:
+            config_lib.validate(c, 1)
+        assert str(refused.value).startswith(f"config.model.path: model directory {path} not found{hint}")
+        assert hint or str(refused.value).endswith("not found"), str(refused.value)
+
+
 def test_the_comparisons_group_size_binds_only_a_comparison():
     """A training run of 2 completions a step was refused for compare.group_size (4), a key it never reads."""
     c = config_lib.load_config_file("configs/arith.py")
