@@ -580,7 +580,7 @@ def _why_not_found(path: str) -> str:
         return (f" ({path.rstrip('/')}.partial is an export of it being written, or interrupted: rerun the run "
                 "that exports it)")
     if HUB_ID.fullmatch(path) and not os.path.isdir(path.split("/")[0]):  # else a local folder's
-        return (" nor in the local Hugging Face cache (r3jax downloads nothing: `huggingface-cli download "
+        return (" nor in the local Hugging Face cache (r3jax downloads nothing: `hf download "
                 f"{path}` first, or give a local directory)")
     return ""
 

@@ -297,7 +297,7 @@ def test_a_missing_model_directory_is_called_a_hub_id_only_where_it_could_be_one
     (tmp_path / "runs").mkdir()
     c = config_lib.base_config()
     for path, hint in (("runs/best", ""), ("org/model", " nor in the local Hugging Face cache (r3jax downloads "
-                                                          "nothing: `huggingface-cli download org/model` first")):
+                                                          "nothing: `hf download org/model` first")):
         c.model.path = path
         with pytest.raises(config_lib.ConfigError) as refused:
             config_lib.validate(c, 1)

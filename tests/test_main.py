@@ -561,7 +561,7 @@ def test_a_hub_id_is_read_from_the_local_hugging_face_cache_and_nothing_is_downl
 
     import huggingface_hub.constants
 
-    repo = tmp_path / "hub" / "models--org--tiny-llama"  # as `huggingface-cli download org/tiny-llama` lays it out
+    repo = tmp_path / "hub" / "models--org--tiny-llama"  # as `hf download org/tiny-llama` lays it out
     shutil.copytree(hf_dir, repo / "snapshots" / "abc123")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
@@ -576,7 +576,7 @@ def test_a_hub_id_is_read_from_the_local_hugging_face_cache_and_nothing_is_downl
     code, _, err = run(model__path="org/not-cached")
     assert code == 2 and err.strip().splitlines()[-1] == (
         "error: config.model.path: model directory org/not-cached not found nor in the local Hugging Face cache "
-        "(r3jax downloads nothing: `huggingface-cli download org/not-cached` first, or give a local directory)")
+        "(r3jax downloads nothing: `hf download org/not-cached` first, or give a local directory)")
 
 
 def test_a_workdir_in_use_by_another_run_is_refused_until_that_run_ends(tmp_path, capsys):
