@@ -522,8 +522,9 @@ def broken_inputs(tmp_path, hf_dir):
     interrupted = tmp_path / "killed_run" / "sft" / "best"  # its export killed between its two renames
     interrupted.parent.mkdir(parents=True)
     (interrupted.parent / "best.partial").mkdir()
-    return {"interrupted": interrupted, "unsupported": unsupported, "big_tokenizer": big_tokenizer, "broken": broken, "other": other,
-            "truncated": truncated, "hf": hf_dir, "tmp": tmp_path, "a_file": a_file, "adapter": adapter}
+    return {"unsupported": unsupported, "big_tokenizer": big_tokenizer, "broken": broken, "other": other,
+            "truncated": truncated, "hf": hf_dir, "tmp": tmp_path, "a_file": a_file, "adapter": adapter,
+            "interrupted": interrupted}
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -544,7 +545,8 @@ def broken_inputs(tmp_path, hf_dir):
     ({"workdir": "{a_file}/run"}, "--workdir={a_file}/run: cannot write there (Not a directory)"),
     ({"task__options__max_stepz": 3}, "config.task.options.max_stepz: task arith takes no such option"),
 ], ids=["model_type", "vocab", "no-tokenizer", "max_length", "workdir", "truncated-config", "rl-without-sft",
-        "rl-init-not-a-model", "rl-init-an-adapter", "rl-init-interrupted", "eval-without-model", "workdir-a-file", "workdir-unwritable", "task-option"])
+        "rl-init-not-a-model", "rl-init-an-adapter", "rl-init-interrupted", "eval-without-model", "workdir-a-file",
+        "workdir-unwritable", "task-option"])
 def test_user_mistakes_end_in_one_line_exit_2(overrides, named, broken_inputs, capsys):
     overrides = {k: v.format(**broken_inputs) if isinstance(v, str) else v for k, v in overrides.items()}
     workdir = overrides.pop("workdir", broken_inputs["tmp"] / "run")
