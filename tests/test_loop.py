@@ -85,7 +85,10 @@ def test_finished_sft_is_skipped_and_more_steps_extend_it(tiny_setup, tmp_path, 
     shutil.copytree(best, str(best) + ".replaced")  # as an export killed between its renames leaves it
     (tmp_path / "sft" / "best.replaced" / "model.safetensors").write_bytes(b"the earlier export")
     os.rename(best, str(best) + ".partial")
-    assert "finished at step 2" in (run(), capsys.readouterr().out)[1]
+    run()
+    out, err = capsys.readouterr()
+    assert "finished at step 2" in out and (f"warning: {best}: an export was interrupted between its two renames; "
+                                            f"completed from {best}.partial\n") in err
     assert (best / "model.safetensors").read_bytes() == weights  # the interrupted export, completed
     config.sft.steps = 3
     run()

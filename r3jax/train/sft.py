@@ -82,8 +82,10 @@ def finish_interrupted_export(path: str) -> None:
     partial, replaced = _beside(path)
     if os.path.exists(path) or not os.path.exists(replaced):
         return
-    os.replace(partial if os.path.exists(partial) else replaced, path)
-    print(f"{path}: an export interrupted between its renames, completed", file=sys.stderr)
+    whole = partial if os.path.exists(partial) else replaced
+    os.replace(whole, path)
+    print(f"warning: {path}: an export was interrupted between its two renames; completed from {whole}",
+          file=sys.stderr)
 
 
 def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, np.ndarray]:
