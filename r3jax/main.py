@@ -145,7 +145,8 @@ def main(argv: list[str]) -> None:
     sharding.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
     overrides = [arg[len("--config."):] for arg in argv if arg.startswith("--config.")]
-    run(config, _WORKDIR.value or default_workdir(_config_file(argv), config), overrides, _config_file(argv) or "")
+    config_file = _config_file(argv)
+    run(config, _WORKDIR.value or default_workdir(config_file, config), overrides, config_file or "")
 
 
 def use_cached_hub_models(config) -> None:
