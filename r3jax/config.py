@@ -36,7 +36,8 @@ LORA_BASE_DTYPES = (*DTYPES, "int8", "nf4")
 REMAT_CHOICES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "splash", "auto")
 SCHEDULES = ("constant", "linear", "cosine")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the Hugging Face hub names a model
+# org/name, as the Hugging Face hub names a model, and optionally @revision (a branch, tag or commit)
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w.-]+(?:/[\w.-]+)*))?")
 # the keys naming a model or tokenizer directory, which may also be a hub id in the local HF cache
 MODEL_DIR_KEYS = ("model.path", "tokenizer.path", "rl.init", "model.lora.init_from")
 STRATEGIES = ("outcome", "staged", "mixed", "adaptive", "hint_on_failure")
@@ -85,9 +86,9 @@ SCHEMA: dict[str, Any] = {
         "vocab_size": (256, "the vocabulary of a SentencePiece model trained on the task's text"),
     },
     "model": {
-        "path": ("", "a local HF checkpoint dir (Llama, Mistral, Qwen2, Qwen3), or a hub id (org/name) already "
-                     "in the local Hugging Face cache (nothing is downloaded); '' = a from-scratch model of the "
-                     "shape below"),
+        "path": ("", "a local HF checkpoint dir (Llama, Mistral, Qwen2, Qwen3), or a hub id (org/name, or "
+                     "org/name@revision: a branch, tag or full commit hash) already in the local Hugging Face cache "
+                     "(nothing is downloaded); '' = a from-scratch model of the shape below"),
         "from_scratch": (True, "allow a from-scratch model; False makes model.path required"),
         "param_dtype": ("float32", "trainable weights and optimizer moments (master weights; bfloat16 ones "
                                    "lose updates smaller than their spacing)", DTYPES),
@@ -579,9 +580,10 @@ def _why_not_found(path: str) -> str:
     if os.path.isdir(path.rstrip("/") + ".partial"):
         return (f" ({path.rstrip('/')}.partial is an export of it being written, or interrupted: rerun the run "
                 "that exports it)")
-    if HUB_ID.fullmatch(path) and not os.path.isdir(path.split("/")[0]):  # else a local folder's
+    if (hub_id := HUB_ID.fullmatch(path)) and not os.path.isdir(path.split("/")[0]):  # else a local folder's
+        revision = f" --revision {hub_id['revision']}" if hub_id["revision"] else ""
         return (" nor in the local Hugging Face cache (r3jax downloads nothing: `hf download "
-                f"{path}` first, or give a local directory)")
+                f"{hub_id['repo']}{revision}` first, or give a local directory)")
     return ""
 
 

@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
 
 
 def use_cached_hub_models(config) -> None:
-    """Puts, for each hub id (org/name) under config_lib.MODEL_DIR_KEYS, its folder in the local
+    """Puts, for each hub id (org/name[@revision]) under config_lib.MODEL_DIR_KEYS, its folder in the local
     Hugging Face cache where one is cached, and says so."""
     from r3jax import config as config_lib, sharding
     from r3jax.models import hf

@@ -297,8 +297,10 @@ def test_a_missing_model_directory_is_called_a_hub_id_only_where_it_could_be_one
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     c = config_lib.base_config()
-    for path, hint in (("runs/best", ""), ("org/model", " nor in the local Hugging Face cache (r3jax downloads "
-                                                          "nothing: `hf download org/model` first")):
+    cache_hint = " nor in the local Hugging Face cache (r3jax downloads nothing: `hf download {}` first"
+    for path, hint in (("runs/best", ""), ("org/model", cache_hint.format("org/model")),
+                       ("org/model@v2", cache_hint.format("org/model --revision v2")),
+                       ("org/model@refs/pr/1", cache_hint.format("org/model --revision refs/pr/1"))):
         c.model.path = path
         with pytest.raises(config_lib.ConfigError) as refused:
             config_lib.validate(c, 1)

@@ -581,6 +581,31 @@ def test_a_hub_id_is_read_from_the_local_hugging_face_cache_and_nothing_is_downl
         "(r3jax downloads nothing: `hf download org/not-cached` first, or give a local directory)")
 
 
+def test_a_hub_id_at_a_revision_is_read_from_that_snapshot(tmp_path, monkeypatch):
+    """org/name@revision: a branch or tag through its ref, a commit by its full hash; nothing else."""
+    import huggingface_hub.constants
+
+    from r3jax.models import hf
+
+    repo = tmp_path / "models--org--model"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for snapshot, ref in (("abc123", "main"), ("def456", "v2"), (commit, None)):
+        (repo / "snapshots" / snapshot).mkdir(parents=True)
+        (repo / "snapshots" / snapshot / "config.json").write_text("{}")
+        if ref:
+            (repo / "refs").mkdir(exist_ok=True)
+            (repo / "refs" / ref).write_text(snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # any download would fail
+    snapshots = {name: hf.cached_snapshot(name) for name in
+                 ("org/model", "org/model@main", "org/model@v2", f"org/model@{commit}", "org/model@v3", "org/other@v2")}
+    assert snapshots == {"org/model": str(repo / "snapshots" / "abc123"),
+                         "org/model@main": str(repo / "snapshots" / "abc123"),
+                         "org/model@v2": str(repo / "snapshots" / "def456"),
+                         f"org/model@{commit}": str(repo / "snapshots" / commit),
+                         "org/model@v3": None, "org/other@v2": None}
+
+
 def test_a_workdir_in_use_by_another_run_is_refused_until_that_run_ends(tmp_path, capsys):
     """Two runs in one workdir wrote over each other's checkpoints; one crashed with a traceback."""
     from r3jax import workdir as workdir_lib

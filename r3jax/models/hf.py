@@ -172,15 +172,16 @@ def _tensor_files(path: str) -> dict[str, str]:
 
 
 def cached_snapshot(name: str) -> str | None:
-    """The folder of hub model `name` (org/name) in the local Hugging Face cache (HF_HUB_CACHE,
-    HF_HOME), when `name` is not a local path and a snapshot of it is cached. Nothing is downloaded."""
-    if os.path.exists(name) or not HUB_ID.fullmatch(name):
+    """The folder of hub model `name` (org/name, or org/name@revision) in the local Hugging Face
+    cache (HF_HUB_CACHE, HF_HOME), when `name` is not a local path and a snapshot of it is cached.
+    Nothing is downloaded."""
+    if os.path.exists(name) or not (hub_id := HUB_ID.fullmatch(name)):
         return None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(name, local_files_only=True)
+        return snapshot_download(hub_id["repo"], revision=hub_id["revision"], local_files_only=True)
     except (HFValidationError, LocalEntryNotFoundError):
         return None
 
