@@ -214,15 +214,18 @@ def mending_cache_entries(showwarning):
         if cache_error is None or (cache_dir := jax_cache_dir()) is None:
             return showwarning(message, category, filename, lineno, file, line)
         action, module, reason = cache_error.groups()
-        removed = remove_damaged_entries(cache_dir, module)
+        removed, not_removed = remove_damaged_entries(cache_dir, module)
         if action == "writing":
             print(f"warning: compile_cache {cache_dir}: '{module}' could not be cached ({reason}); the next run "
                   "compiles it again", file=sys.stderr)
         elif removed:
-            entries = "an entry" if removed == 1 else f"{removed} entries"
-            print(f"warning: compile_cache {cache_dir}: {entries} of '{module}' could not be read ({reason}), "
-                  "perhaps cut short by a crash or a full disk; removed, compiling again", file=sys.stderr)
-        else:  # none removed: an entry that decompresses but does not load, or not ours to remove
+            print(f"warning: compile_cache {cache_dir}: {_entries(removed)} of '{module}' could not be read "
+                  f"({reason}), perhaps cut short by a crash or a full disk; removed, compiling again", file=sys.stderr)
+        elif not_removed:
+            print(f"warning: compile_cache {cache_dir}: {_entries(len(not_removed))} of '{module}' could not be read "
+                  f"({reason}) nor removed ({not_removed[0]}); compiling it again in every run until that file is "
+                  "removed, or set compile_cache to a folder of your own", file=sys.stderr)
+        else:  # an entry that decompresses but does not load
             showwarning(message, category, filename, lineno, file, line)
 
     show.mends_cache = True
@@ -237,14 +240,19 @@ def jax_cache_dir() -> str | None:
     return cache_dir if cache_dir and "://" not in cache_dir else None
 
 
-def remove_damaged_entries(cache_dir: str, module: str) -> int:
+def _entries(count: int) -> str:
+    return "an entry" if count == 1 else f"{count} entries"
+
+
+def remove_damaged_entries(cache_dir: str, module: str) -> tuple[int, list[str]]:
     """Removes the entries of `module` (a module name, or a whole key) in JAX's cache folder
-    `cache_dir` that do not decompress; how many it removed."""
+    `cache_dir` that do not decompress: how many it removed, and why each other one stayed (another
+    user's entry in a shared folder, say)."""
     import glob
 
     from jax._src import compilation_cache  # JAX's own format: zstd or zlib, by what is installed
 
-    removed = 0
+    removed, not_removed = 0, []
     for path in glob.glob(os.path.join(glob.escape(cache_dir), f"{glob.escape(module)}*-cache")):
         try:
             with open(path, "rb") as entry:
@@ -254,10 +262,13 @@ def remove_damaged_entries(cache_dir: str, module: str) -> int:
         except Exception:  # zlib.error, or zstd's
             try:
                 os.remove(path)
-            except OSError:  # removed meanwhile, or another user's entry in a shared folder: JAX's own word
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                not_removed.append(f"{path}: {error.strerror or error}")
                 continue
             removed += 1
-    return removed
+    return removed, not_removed
 
 
 def date_unbounded_entries(cache_dir: str) -> None:

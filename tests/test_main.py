@@ -309,19 +309,32 @@ def test_an_entry_cut_short_is_removed_and_cached_again_with_one_line(tmp_path):
     assert rerun() == []
 
 
-def test_an_entry_that_cannot_be_removed_is_left_to_jaxs_own_warning(tmp_path, monkeypatch):
-    """Another user's entry in a shared folder (sticky, as /tmp): the warning hook runs inside
-    JAX's compile, where an error would end the run."""
+def test_an_entry_that_cannot_be_removed_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """Another user's entry in a shared folder (sticky, as /tmp): JAX's own warning, shown even
+    under -W ignore, named neither the file nor what to do. The warning hook runs inside JAX's
+    compile, where an error would end the run."""
     from r3jax import main
 
-    (tmp_path / "jit_f-0a1b-cache").write_bytes(b"cut short")
+    entry = tmp_path / "jit_f-0a1b-cache"
+    entry.write_bytes(b"cut short")
 
     def not_ours(path):
         raise PermissionError(1, "Operation not permitted", path)
 
     monkeypatch.setattr(main.os, "remove", not_ours)
-    assert main.remove_damaged_entries(str(tmp_path), "jit_f") == 0
-    assert os.path.exists(tmp_path / "jit_f-0a1b-cache")
+    monkeypatch.setattr(main, "jax_cache_dir", lambda: str(tmp_path))
+    assert main.remove_damaged_entries(str(tmp_path), "jit_f") == (0, [f"{entry}: Operation not permitted"])
+    jaxs_own = []
+    show = main.mending_cache_entries(lambda *args: jaxs_own.append(args))
+    show(UserWarning("Error reading persistent compilation cache entry for 'jit_f': error: Error -5 while "
+                     "decompressing data"), UserWarning, "compiler.py", 1)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: compile_cache {tmp_path}: an entry of 'jit_f' could not be read (error: Error -5 while decompressing "
+        f"data) nor removed ({entry}: Operation not permitted); compiling it again in every run until that file is "
+        "removed, or set compile_cache to a folder of your own"]
+    assert jaxs_own == [] and entry.exists()
+    show(UserWarning("some other warning"), UserWarning, "x.py", 1)
+    assert len(jaxs_own) == 1  # any other warning goes on to the hook it wraps
 
 
 def test_jaxs_own_bound_keeps_caching_beside_entries_written_without_it(tmp_path):
