@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
 def panels(records: list[dict], asked: list[str] | None, log: str) -> list[str]:
     """The metric prefixes to draw from `records`: those `asked` (InputError for one that `log`
     lacks, with the closest logged keys), else reward and accuracy where logged, else loss (an
-    SFT log)."""
+    SFT log). InputError where there is nothing to draw."""
+    if not records:
+        raise InputError(f"{log}: no step logged yet (a run writes one line per step; try again after its first)")
     logged = sorted({key for record in records for key in record})
     has = lambda prefix: any(key == prefix or key.startswith(prefix + "/") for key in logged)
     if asked:
@@ -254,7 +256,11 @@ def panels(records: list[dict], asked: list[str] | None, log: str) -> list[str]:
                 closest = ", ".join(difflib.get_close_matches(prefix, logged, n=3, cutoff=0.0))
                 raise InputError(f"--keys {prefix}: not logged in {log} (closest logged: {closest})")
         return asked
-    return [prefix for prefix in ("reward", "accuracy") if has(prefix)] or ["loss"]
+    drawn = [prefix for prefix in ("reward", "accuracy") if has(prefix)] or (["loss"] if has("loss") else [])
+    if not drawn:
+        raise InputError(f"{log}: logs none of reward, accuracy or loss: name what to draw with --keys "
+                         f"(logged: {', '.join(logged)})")
+    return drawn
 
 
 if __name__ == "__main__":

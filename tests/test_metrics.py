@@ -4,6 +4,7 @@ import os
 import pytest
 
 from r3jax import config as config_lib, metrics
+from r3jax.errors import InputError
 from r3jax.metrics import MetricsWriter, plot_curves, read_jsonl
 
 
@@ -49,6 +50,11 @@ def test_curves_on_demand_default_to_what_the_log_has():
     assert metrics.panels(rl_records, None, "rl.jsonl") == ["reward", "accuracy"]
     assert metrics.panels(sft_records, None, "sft.jsonl") == ["loss"]
     assert metrics.panels(sft_records, ["loss"], "sft.jsonl") == ["loss"]
+    with pytest.raises(InputError, match=r"^rl.jsonl: no step logged yet \(a run writes one line per step"):
+        metrics.panels([], None, "rl.jsonl")  # the file a run makes before its first step: an empty plot before
+    with pytest.raises(InputError, match=r"^other.jsonl: logs none of reward, accuracy or loss: name what to draw "
+                                         r"with --keys \(logged: kl, step\)$"):
+        metrics.panels([{"step": 1, "kl": 0.1}], None, "other.jsonl")
 
 
 def test_curves_on_demand_cli(tmp_path, capsys):
@@ -67,6 +73,11 @@ def test_curves_on_demand_cli(tmp_path, capsys):
         f.write('{"step": 4, "rew\n')
     assert metrics.main([log]) == 2
     assert "rl.jsonl:4: not valid JSON" in capsys.readouterr().err
+    empty = tmp_path / "sft.jsonl"
+    open(empty, "w").close()
+    assert metrics.main([str(empty)]) == 2 and not os.path.exists(tmp_path / "sft_curves_on_demand.png")
+    assert capsys.readouterr().err == (f"error: {empty}: no step logged yet (a run writes one line per step; try again "
+                                       "after its first)\n")
 
 
 def _tensorboard_summaries(directory) -> dict[str, list]:
