@@ -67,6 +67,9 @@ SCHEMA: dict[str, Any] = {
     "compile_cache_max_gb": (10.0, "the most disk compile_cache takes: JAX's entries and the kept programs each "
                                    "keep to half, the least recently used removed first; 0 = no bound; "
                                    "JAX_COMPILATION_CACHE_MAX_SIZE wins for JAX's entries"),
+    "stall_timeout_s": (0.0, "ends the run (exit status 124) when, past a loop's first step, no step nor evaluation "
+                             "batch finishes for this many seconds: a reward function or service that hangs, or a "
+                             "process stuck; longer than the slowest step, a new shape's compile included; 0 = never"),
     "resume": ("", "a workdir whose stored config differs: '' refuses, 'continue' keeps what is there and "
                    "runs under the new config, 'restart' moves the old workdir aside and starts afresh", RESUME_CHOICES),
     "task": {
@@ -508,7 +511,7 @@ NON_NEGATIVE = ("sft.steps", "rl.steps", "rl.token_budget", "sft.warmup_steps", 
                 "rl.missing_eos_penalty", "metrics.sample_completions", "sft.logits_chunk", "rl.logits_chunk",
                 "model.attention_chunk",
                 "eval.maj_k", "sft.data_epochs", "rl.data_epochs", "compare.samples", "compare.sample_problems",
-                "rl.pack_width", "compile_cache_max_gb")
+                "rl.pack_width", "compile_cache_max_gb", "stall_timeout_s")
 
 
 def _check_positive(c: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:

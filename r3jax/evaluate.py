@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from r3jax import sharding
+from r3jax import sharding, watchdog
 from r3jax.curriculum import StartState, start_states
 from r3jax.rollout import Policy, decode_completions, dispatch_sampling, sampling_config, to_host, tokenize_states
 from r3jax.sampling import Rollout
@@ -91,15 +91,17 @@ def evaluate(policy: Policy, problems: Problems, desc: str = "eval") -> tuple[di
         predictions.extend(sharding.computed_by_primary(lambda: task.answers(responses)))
 
     pending = None
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=not sharding.is_primary()):
-        chunk = rows[start:start + batch_size]
-        rollout = dispatch_sampling(model_cfg, params, chunk, settings,
-                                    jax.random.fold_in(jax.random.key(0), start), mesh, rows=batch_size)
-        if pending:  # the host scores the previous chunk while the device decodes this one
+    with watchdog.watching(desc):
+        for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=not sharding.is_primary()):
+            chunk = rows[start:start + batch_size]
+            rollout = dispatch_sampling(model_cfg, params, chunk, settings,
+                                        jax.random.fold_in(jax.random.key(0), start), mesh, rows=batch_size)
+            if pending:  # the host scores the previous chunk while the device decodes this one
+                read_chunk(*pending)
+                watchdog.progress(f"{desc} batch {start // batch_size}")
+            pending = (chunk, rollout)
+        if pending:
             read_chunk(*pending)
-        pending = (chunk, rollout)
-    if pending:
-        read_chunk(*pending)
 
     votes = [predictions[i * samples:(i + 1) * samples] for i in range(len(states))]
     scores, sample_scores = sharding.computed_by_primary(lambda: (

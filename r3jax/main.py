@@ -19,6 +19,8 @@ import warnings
 from absl import flags
 from ml_collections import config_flags
 
+from r3jax import watchdog
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and results go "
                                "(default: runs/<config name>)")
@@ -410,15 +412,12 @@ def run(config, workdir: str, overrides: list[str] = (), config_file: str = "") 
                          {**json.loads(config.to_json_best_effort()), "runtime": runtime})
     mesh = sharding.make_mesh(config.mesh)
     settings = settings_lib.of(config)
+    watchdog.start(config.stall_timeout_s)
     say(f"r3jax {config.mode}: task {task.name}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"mesh {dict(mesh.shape)}, workdir {workdir}" + (f"; overrides: {' '.join(overrides)}" if overrides else ""))
     try:
-        if config.mode == "compare":
-            from r3jax.train import compare
-            result = compare.run(settings, workdir, task, mesh)
-        else:
-            from r3jax.train import job
-            result = job.run(settings, workdir, task, mesh)
+        from r3jax.train import compare, job
+        result = (compare if config.mode == "compare" else job).run(settings, workdir, task, mesh)
     except (InputError, NonFiniteError, CheckpointWriteError, OSError, jax.errors.JaxRuntimeError) as error:
         exit_for(error)
     finally:

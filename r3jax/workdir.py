@@ -19,7 +19,8 @@ from r3jax.errors import ConfigError, UnreadableFileError
 
 # keys that change only what is evaluated, logged or kept: results are recomputed under them
 NOT_DEFINING = ("eval.", "metrics.", "checkpoint.keep", "resume", "compile_cache", "compare.output", "compare.samples",
-                "compare.sample_problems", "sft.checkpoint_every", "rl.checkpoint_every", "runtime.")
+                "compare.sample_problems", "sft.checkpoint_every", "rl.checkpoint_every", "runtime.",
+                "stall_timeout_s")
 # keys whose growth extends a finished phase, and the phase each extends
 EXTENDING = {"sft.steps": "sft", "sft.data_epochs": "sft", "rl.steps": "rl", "rl.token_budget": "rl",
              "rl.data_epochs": "rl", "compare.seeds": "compare", "compare.arms": "compare",

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny models built locally from random configs (r3jax and HF), the CLI's
 environment and its run logs."""
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -69,3 +70,12 @@ def process_dependent_reward(response: str, gold: str) -> float:
     between hosts, of which a multi-host run must use process 0's alone."""
     parity = length_parity_reward(response, gold)
     return parity if jax.process_index() == 0 else 1.0 - parity
+
+
+def hangs_once_told(response: str, gold: str) -> float:
+    """`length_parity_reward`, until the file R3JAX_TEST_HANG names exists: then it never returns,
+    as a reward function, or a service it calls, that stops answering."""
+    told = os.environ.get("R3JAX_TEST_HANG")
+    while told and os.path.exists(told):
+        time.sleep(1)
+    return length_parity_reward(response, gold)

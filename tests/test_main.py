@@ -133,6 +133,32 @@ def _wait_for_step(proc, workdir, step, timeout=300):
     raise TimeoutError(f"RL step {step} not reached")
 
 
+def test_a_run_whose_steps_stop_finishing_ends_past_its_stall_timeout(tmp_path):
+    """A reward function that stops answering held the run forever; with stall_timeout_s it ends
+    in one line (status 124), its last checkpoint kept for the rerun."""
+    hang = tmp_path / "hang"
+    proc = subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_RUN, f"--workdir={tmp_path / 'run'}",
+                             "--config.stall_timeout_s=4", "--config.rl.steps=40",
+                             "--config.task.options.reward_fn=helpers:hangs_once_told"], cwd=ROOT,
+                            env={**ENV, "PYTHONPATH": os.path.join(ROOT, "tests"), "R3JAX_TEST_HANG": str(hang)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(proc, str(tmp_path / "run"), 2)
+        hang.touch()
+        told = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    last_step = len(rl_log(str(tmp_path / "run")))
+    assert proc.returncode == 124, err[-3000:]
+    assert 3 < time.monotonic() - told < 30  # 4 s after the last step finished, which may precede `told`
+    assert re.fullmatch(r"error: nothing finished for 4 s since RL mixed step \d+ \(stall_timeout_s\): a reward function "
+                        r"or a service that hangs, or a stuck process of the run; ended so that a rerun of the same "
+                        r"command resumes from the last checkpoint \(exit status 124\)", err.strip().splitlines()[-1])
+    assert f"since RL mixed step {last_step} " in err
+    assert os.path.isdir(tmp_path / "run" / "rl" / "checkpoints" / str(last_step - last_step % 2))
+
+
 def test_killed_run_resumes_exactly(tmp_path):
     """The main job at toy scale, whole, then SIGTERM and SIGKILL through the CLI (GRPO with
     dynamic sampling resumes in-process: test_loop.py); then a damaged checkpoint, named in the

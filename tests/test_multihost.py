@@ -111,13 +111,15 @@ def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
     assert "warning: compile_cache" not in outputs[1][2]
 
 
-def _two_processes_at_rl_step_2(workdir, stderr) -> list[subprocess.Popen]:
-    """The tiny job as two processes with 60 RL steps, once their second RL step is logged."""
+def _two_processes_at_rl_step_2(workdir, stderr, overrides=(), env=None) -> list[subprocess.Popen]:
+    """The tiny job as two processes with 60 RL steps (and `overrides`, and `env` added to their
+    environment), once their second RL step is logged."""
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, "-m", "r3jax.main", *TINY_JOB, "--config.rl.steps=60",
-                               "--config.rl.eval_every=0", "--config.rl.checkpoint_every=1000", f"--workdir={workdir}",
-                               f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=ROOT, env={**xla_env(2), **WITH_HELPERS}, stdout=subprocess.DEVNULL,
+                               "--config.rl.eval_every=0", "--config.rl.checkpoint_every=1000", *overrides,
+                               f"--workdir={workdir}", f"--coordinator={coordinator}", "--num_processes=2",
+                               f"--process_id={i}"],
+                              cwd=ROOT, env={**xla_env(2), **WITH_HELPERS, **(env or {})}, stdout=subprocess.DEVNULL,
                               stderr=stderr, text=True)
              for i in range(2)]
     deadline = time.time() + 300
@@ -161,6 +163,25 @@ def test_a_process_that_dies_ends_the_others_at_once_in_one_line(tmp_path):
     assert re.fullmatch(r"error: process 0 of 2: a collective failed, since another process of this run is gone "
                         r"\(.*Connection (closed|reset) by peer.*\); see that process's log, then rerun every process with "
                         r"the same command to resume from the last checkpoint", last)
+
+
+def test_a_process_stuck_alive_ends_the_run_past_its_stall_timeout(tmp_path):
+    """Process 0 stuck in a reward function that never returns, process 1 waiting for its scores
+    in a collective: heartbeats go on, so JAX ends neither (jax#38503)."""
+    hang = tmp_path / "hang"
+    with open(tmp_path / "stderr", "w") as stderr:
+        procs = _two_processes_at_rl_step_2(tmp_path / "run", stderr, (
+            "--config.stall_timeout_s=4", "--config.task.options.reward_fn=helpers:hangs_once_told"),
+            {"R3JAX_TEST_HANG": str(hang)})
+        try:
+            hang.touch()
+            codes = [proc.wait(timeout=120) for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert codes[0] == 124 and codes[1] in (124, 76), (codes, err[-3000:])  # 1: its own watchdog, or process 0 gone
+    assert re.search(r"error: process 0 of 2: nothing finished for 4 s since RL mixed step \d+ \(stall_timeout_s\)", err)
 
 
 def test_two_processes_match_one_and_resume(tmp_path):

@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 from tqdm import tqdm
 
-from r3jax import sharding
+from r3jax import sharding, watchdog
 from r3jax.checkpoint import CheckpointWriteError, Checkpointer, NonFiniteError, StopSignal, check_finite
 from r3jax.metrics import MetricsWriter, plot_curves, plot_heatmap, read_jsonl
 from r3jax.settings import Settings
@@ -88,7 +88,7 @@ def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, 
                                    f"resuming at step {meta['step']} ({now:,} of {total:,} {UNIT_WORDS[unit]})"))
     writer = MetricsWriter(phase.workdir, phase.log, meta["step"], settings.metrics, settings.config.to_dict())
     with tqdm(total=total, initial=min(now, total), desc=phase.name, unit=unit,
-              disable=not sharding.is_primary()) as bar:
+              disable=not sharding.is_primary()) as bar, watchdog.watching(phase.name):
         stopping = _stop_agreed(stop)
         try:
             while not done(meta) and not stopping:
@@ -102,6 +102,7 @@ def run(phase: Phase, settings: Settings, state: Any, meta: Meta, hooks: Hooks, 
                     writer.write_samples(step, samples)
                 check_finite(record, phase.finite_keys, phase.name.split()[0], step, checkpointer)
                 writer.write(step, record)
+                watchdog.progress(f"{phase.name} step {step}")
                 state, meta = next_state, next_meta  # logged: a step a failure may save
                 later, _, _ = position(meta)
                 bar.update(later - now)
