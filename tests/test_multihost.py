@@ -165,6 +165,7 @@ def test_a_process_that_dies_ends_the_others_at_once_in_one_line(tmp_path):
                         r"the same command to resume from the last checkpoint", last)
 
 
+@pytest.mark.slow  # 22 s; in CI the watchdog ends a one-process run (test_main.py) and test_watchdog.py checks its bound
 def test_a_process_stuck_alive_ends_the_run_past_its_stall_timeout(tmp_path):
     """Process 0 stuck in a reward function that never returns, process 1 waiting for its scores
     in a collective: heartbeats go on, so JAX ends neither (jax#38503)."""
