@@ -371,9 +371,9 @@ def check_shared_folders(workdir: str) -> None:
 
 def run(config, workdir: str, overrides: list[str] = (), config_file: str = "") -> None:
     """A parsed config run in `workdir`; exits with the documented status on a user mistake (2), a
-    non-finite loss (3), a checkpoint or file it cannot write (74), a stop signal (75) or another
-    process of the run gone (76). `config_file` (`path[:argument]`) is where `config` came from, for
-    the line that set a bad value."""
+    non-finite loss (3), a file it cannot write (74), a stop signal (75), another process of the run
+    gone (76) or no progress for stall_timeout_s (124). `config_file` (`path[:argument]`) is where
+    `config` came from, for the line that set a bad value."""
     import jax
 
     from r3jax import config as config_lib, files, settings as settings_lib, sharding, tasks, workdir as workdir_lib
