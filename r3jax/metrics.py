@@ -16,8 +16,19 @@ from r3jax.errors import InputError, RecordError
 from r3jax.sharding import is_primary
 
 
+def cpu_model(cpuinfo: str) -> dict:
+    """The processor's name and widest x86 vector extension, from /proc/cpuinfo's text (its first
+    processor's block): CPU timings of one code differ between hosts of the same core count
+    (docs/experiments.md, run 23)."""
+    fields = dict(line.split(":", 1) for line in cpuinfo.split("\n\n", 1)[0].splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    vectors = next((name for name in ("avx512f", "avx2", "avx") if name in flags), None)
+    return {"cpu_model": fields.get("model name"), "cpu_vectors": vectors}
+
+
 def machine_info() -> dict:
-    """Where a result was measured: host, devices and library versions."""
+    """Where a result was measured: host, processor, devices and library versions."""
     import platform
     import sys
 
@@ -25,7 +36,12 @@ def machine_info() -> dict:
     import jax
     import optax
 
-    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+    try:
+        with open("/proc/cpuinfo") as f:
+            processor = cpu_model(f.read())
+    except OSError:  # not Linux
+        processor = {}
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(), **processor,
             "cpu_count": os.cpu_count(), "device": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "process_count": jax.process_count(),
             "python": sys.version.split()[0], "jax": jax.__version__, "flax": flax.__version__,

@@ -120,3 +120,16 @@ def test_samples_and_learning_rate_reach_tensorboard_and_offline_wandb(tmp_path,
     resumed.close()
     run_ids = {p.name.split("-")[3] for p in (tmp_path / "wandb").glob("offline-run-*")}  # offline-run-<time>-<id>[-n]
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1
+
+
+def test_the_processor_is_named_where_a_result_was_measured():
+    """Two 2-core hosts ran one code's PPO update at 0.61x and 0.47x their matmul rates: a result
+    needs its processor's name and vector width, which `cpu` (x86_64) did not give."""
+    epyc = ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f\n\n"
+            "processor\t: 1\nmodel name\t: another\n")
+    xeon = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\nflags\t\t: fpu avx avx2 fma\n"
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n"
+    assert metrics.cpu_model(epyc) == {"cpu_model": "AMD EPYC", "cpu_vectors": "avx512f"}
+    assert metrics.cpu_model(xeon) == {"cpu_model": "Intel(R) Xeon(R) CPU @ 2.20GHz", "cpu_vectors": "avx2"}
+    assert metrics.cpu_model(arm) == {"cpu_model": None, "cpu_vectors": None}
+    assert {"cpu_model", "cpu_vectors"} <= set(metrics.machine_info())
