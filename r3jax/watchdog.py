@@ -55,12 +55,14 @@ _active: Watchdog | None = None
 
 
 def start(timeout_s: float) -> None:
-    """Watches this process from now on: past `timeout_s` seconds without progress in an open
-    loop, prints one line and exits with EXIT_STALLED. 0: no watch."""
+    """Watches this process from now on, in place of an earlier run's watch (`main.run` in-process):
+    past `timeout_s` seconds without progress in an open loop, prints one line and exits with
+    EXIT_STALLED. 0: no watch."""
     import jax
 
     global _active
-    if timeout_s <= 0 or _active is not None:
+    _active = None
+    if timeout_s <= 0:
         return
     watchdog = _active = Watchdog(timeout_s)
     prefix = f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
@@ -68,6 +70,8 @@ def start(timeout_s: float) -> None:
     def watch() -> None:
         while (last := watchdog.stalled()) is None:
             time.sleep(min(5.0, timeout_s / 4))
+            if _active is not watchdog:  # a later run's watch replaced it
+                return
         print(f"\nerror: {prefix}nothing finished for {timeout_s:g} s since {last} (stall_timeout_s): a reward function "
               "or a service that hangs, or a stuck process of the run; ended so that a rerun of the same command "
               f"resumes from the last checkpoint (exit status {EXIT_STALLED})", file=sys.stderr, flush=True)

@@ -1,4 +1,7 @@
 """The stall watchdog's clock arithmetic (a run it ends: test_main.py)."""
+import threading
+
+from r3jax import watchdog
 from r3jax.watchdog import Watchdog
 
 
@@ -38,3 +41,25 @@ def test_only_a_loop_past_its_first_step_is_bounded_and_each_mark_restarts_the_b
     watchdog.closed("RL mixed")
     clock.now = 1000  # export, the next phase's set-up: no loop open
     assert watchdog.stalled() is None
+
+
+def test_a_later_run_in_the_same_process_replaces_the_watch(monkeypatch):
+    """`main.run` called again in-process (a notebook) with another timeout, or none, kept the
+    first run's watch, which would then end a process whose steps are slow by design."""
+    monkeypatch.setattr(watchdog, "_active", None)
+    watchdog.start(60)
+    first = watchdog._active
+    assert first is not None and first.timeout_s == 60
+    watchdog.start(0)
+    assert watchdog._active is None
+    with watchdog.watching("RL mixed"):
+        watchdog.progress("RL mixed step 1")
+    assert first.loops_stepped == [] and first.what == "start-up"  # no longer told anything
+    watchdog.start(30)
+    assert watchdog._active is not first and watchdog._active.timeout_s == 30
+    before = set(threading.enumerate())
+    watchdog.start(0.4)  # polls every 0.1 s
+    [thread] = set(threading.enumerate()) - before
+    watchdog.start(0)
+    thread.join(timeout=2)
+    assert not thread.is_alive()  # a replaced watch's thread ends at its next poll
