@@ -73,7 +73,7 @@ def process_dependent_reward(response: str, gold: str) -> float:
 
 
 def hangs_once_told(response: str, gold: str) -> float:
-    """`length_parity_reward`, until the file R3JAX_TEST_HANG names exists: then it never returns,
+    """`length_parity_reward`, but while the file R3JAX_TEST_HANG names exists it does not return,
     as a reward function, or a service it calls, that stops answering."""
     told = os.environ.get("R3JAX_TEST_HANG")
     while told and os.path.exists(told):
